@@ -1,0 +1,12 @@
+//! walsync keeps several PostgreSQL databases in sync in both directions.
+//!
+//! The pipeline, per link `A -> B`: [`stream`] reads A's logical slot (pgoutput),
+//! [`pgoutput`] decodes the bytes into messages, [`merge`] decides per transaction what
+//! B must do (origin filter, walsync's own tables dropped) and [`apply`] runs it in one
+//! B transaction tagged with the author's replication origin, with the link's progress
+//! recorded in that same transaction. [`runtime`] supervises the links of one sidecar.
+//!
+//! Pure modules (no I/O): [`pgoutput`], [`merge`], [`lsn`], [`config`] (parsing).
+
+pub mod lsn;
+pub mod pgoutput;
