@@ -10,3 +10,5 @@
 
 pub mod lsn;
 pub mod pgoutput;
+pub mod config;
+pub mod node;

@@ -1,0 +1,473 @@
+//! The sidecar's configuration: one TOML file, every key overridable by a `WALSYNC_...`
+//! environment variable (for containers).
+//!
+//! Guarantees: unknown keys and missing fields are errors that name the key; a value that
+//! parses is also checked against the cluster rules (ids in `1..=step`, names unique and
+//! usable in slot names, star peers point at the hub) before anything connects. Passwords
+//! never leave this module in clear text through `Debug` or `Display` ([`Dsn`]).
+//!
+//! Environment variables: `WALSYNC_<SECTION>_<KEY>` for `[cluster]`, `[node]` and
+//! `[apply]` (`WALSYNC_NODE_DSN`), `WALSYNC_PEER_<NAME>_<KEY>` for the peer called NAME
+//! (`WALSYNC_PEER_MAIN_DSN`); a peer named in the environment only is added.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::node::names::{NodeName, NameError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("config: {0}")]
+    Invalid(String),
+    #[error("config: {0}")]
+    Name(#[from] NameError),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Topology {
+    /// Every branch links to the hub only; the hub forwards every origin.
+    Star,
+    /// Every node links to every other; a link forwards only its upstream's own writes.
+    Mesh,
+}
+
+/// Which of the two links with a peer this sidecar runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkRun {
+    /// `peer -> self`: stream the peer's slot, apply here. The peer runs the other one.
+    #[default]
+    Pull,
+    /// `self -> peer`: stream our slot, apply on the peer.
+    Push,
+    /// Both: for a node behind NAT that the peer cannot reach.
+    Both,
+    /// Neither: the peer runs both links with us.
+    None,
+}
+
+impl LinkRun {
+    pub fn pulls(self) -> bool {
+        matches!(self, LinkRun::Pull | LinkRun::Both)
+    }
+    pub fn pushes(self) -> bool {
+        matches!(self, LinkRun::Push | LinkRun::Both)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub cluster: ClusterConfig,
+    pub node: NodeConfig,
+    #[serde(default)]
+    pub peers: Vec<PeerConfig>,
+    #[serde(default)]
+    pub apply: ApplyConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    pub topology: Topology,
+    #[serde(default)]
+    pub hub: Option<String>,
+    #[serde(default = "default_step")]
+    pub step: u32,
+}
+
+fn default_step() -> u32 {
+    16
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub name: String,
+    pub id: u32,
+    pub dsn: Dsn,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerConfig {
+    pub name: String,
+    pub id: u32,
+    pub dsn: Dsn,
+    #[serde(default)]
+    pub links: LinkRun,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyConfig {
+    /// First wait before reconnecting a failed link; doubles up to `reconnect_max_ms`.
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+impl Default for ApplyConfig {
+    fn default() -> Self {
+        ApplyConfig {
+            reconnect_min_ms: default_reconnect_min_ms(),
+            reconnect_max_ms: default_reconnect_max_ms(),
+        }
+    }
+}
+
+fn default_reconnect_min_ms() -> u64 {
+    200
+}
+fn default_reconnect_max_ms() -> u64 {
+    10_000
+}
+
+/// A libpq connection string (URL or `key=value` form). Shown with its password masked.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Dsn(String);
+
+impl Dsn {
+    pub fn new(s: impl Into<String>) -> Self {
+        Dsn(s.into())
+    }
+
+    /// The connection string itself, password included: for connecting only, never logging.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn parse(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        self.0
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("dsn {self} does not parse: {e}")))
+    }
+}
+
+impl fmt::Display for Dsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&redact_password(&self.0))
+    }
+}
+
+impl fmt::Debug for Dsn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Dsn({self})")
+    }
+}
+
+/// Masks the password of a URL (`postgres://u:secret@h`) or key/value (`password=secret`)
+/// connection string.
+pub fn redact_password(dsn: &str) -> String {
+    if let Some(rest) = dsn.split_once("://").map(|(_, r)| r) {
+        let scheme_len = dsn.len() - rest.len();
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        if let Some(at) = rest[..authority_end].rfind('@') {
+            if let Some(colon) = rest[..at].find(':') {
+                return format!(
+                    "{}{}:***{}",
+                    &dsn[..scheme_len],
+                    &rest[..colon],
+                    redact_password(&rest[at..])
+                );
+            }
+        }
+        // query parameters may carry password=...
+        if let Some(q) = rest.find('?') {
+            return format!("{}{}", &dsn[..scheme_len + q], redact_kv(&rest[q..]));
+        }
+        return dsn.to_string();
+    }
+    redact_kv(dsn)
+}
+
+fn redact_kv(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find("password=") {
+        out.push_str(&rest[..pos + "password=".len()]);
+        out.push_str("***");
+        let after = &rest[pos + "password=".len()..];
+        let end = if let Some(quoted) = after.strip_prefix('\'') {
+            quoted.find('\'').map(|i| i + 2).unwrap_or(after.len())
+        } else {
+            after.find([' ', '&']).unwrap_or(after.len())
+        };
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// One node of the cluster as this sidecar knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRef {
+    pub name: NodeName,
+    pub id: u32,
+    pub dsn: Dsn,
+}
+
+/// A directed flow of changes `from -> to`, run by this sidecar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkSpec {
+    pub from: NodeRef,
+    pub to: NodeRef,
+    /// Whether `from` forwards transactions authored by third nodes (the hub of a star).
+    pub from_forwards_others: bool,
+}
+
+impl LinkSpec {
+    pub fn name(&self) -> String {
+        format!("{}->{}", self.from.name, self.to.name)
+    }
+}
+
+impl Config {
+    /// Reads `path`, applies `WALSYNC_*` overrides from `env`, and checks the result.
+    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_toml(&text, path, env)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let parse_err = |source| ConfigError::Parse { path: path.to_path_buf(), source };
+        let mut table: toml::Table = toml::from_str(text).map_err(parse_err)?;
+        let overridden = apply_env(&mut table, env)?;
+        let config: Config = if overridden {
+            // Re-rendering keeps toml's messages (which name the key) for overridden values.
+            let rendered = toml::to_string(&table).expect("a toml table always renders");
+            toml::from_str(&rendered).map_err(parse_err)?
+        } else {
+            toml::from_str(text).map_err(parse_err)?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let step = self.cluster.step;
+        if !(2..=1024).contains(&step) {
+            return Err(ConfigError::Invalid(format!(
+                "cluster.step = {step}: must be between 2 and 1024 (it is fixed when the cluster is created; 16 is the default)"
+            )));
+        }
+        let mut seen_names = BTreeMap::new();
+        let mut seen_ids = BTreeMap::new();
+        let all = std::iter::once(("node", &self.node.name, self.node.id))
+            .chain(self.peers.iter().map(|p| ("peers", &p.name, p.id)));
+        for (section, name, id) in all {
+            NodeName::parse(name)?;
+            if id == 0 || id > step {
+                return Err(ConfigError::Invalid(format!(
+                    "{section}: node {name:?} has id {id}; ids go from 1 to cluster.step ({step})"
+                )));
+            }
+            if let Some(other) = seen_names.insert(name.clone(), id) {
+                return Err(ConfigError::Invalid(format!(
+                    "node name {name:?} appears twice (ids {other} and {id})"
+                )));
+            }
+            if let Some(other) = seen_ids.insert(id, name.clone()) {
+                return Err(ConfigError::Invalid(format!(
+                    "nodes {other:?} and {name:?} both have id {id}; ids are unique in the cluster"
+                )));
+            }
+        }
+        match (self.cluster.topology, &self.cluster.hub) {
+            (Topology::Mesh, Some(hub)) => {
+                return Err(ConfigError::Invalid(format!(
+                    "cluster.hub = {hub:?} is for topology = \"star\"; remove it for a mesh"
+                )))
+            }
+            (Topology::Star, None) => {
+                return Err(ConfigError::Invalid(
+                    "cluster.hub is missing: a star needs the name of its hub node (e.g. hub = \"main\")"
+                        .into(),
+                ))
+            }
+            (Topology::Star, Some(hub)) => {
+                if *hub != self.node.name {
+                    if !self.peers.iter().any(|p| &p.name == hub) {
+                        return Err(ConfigError::Invalid(format!(
+                            "cluster.hub = {hub:?} is neither this node nor one of its peers"
+                        )));
+                    }
+                    if let Some(p) = self.peers.iter().find(|p| &p.name != hub) {
+                        return Err(ConfigError::Invalid(format!(
+                            "peer {:?}: in a star a branch links to the hub {hub:?} only",
+                            p.name
+                        )));
+                    }
+                }
+            }
+            (Topology::Mesh, None) => {}
+        }
+        if self.apply.reconnect_min_ms == 0 || self.apply.reconnect_min_ms > self.apply.reconnect_max_ms {
+            return Err(ConfigError::Invalid(
+                "apply.reconnect_min_ms must be at least 1 and at most apply.reconnect_max_ms".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn this_node(&self) -> NodeRef {
+        NodeRef {
+            name: NodeName::parse(&self.node.name).expect("validated in Config::validate"),
+            id: self.node.id,
+            dsn: self.node.dsn.clone(),
+        }
+    }
+
+    pub fn peer_nodes(&self) -> Vec<(NodeRef, LinkRun)> {
+        self.peers
+            .iter()
+            .map(|p| {
+                let node = NodeRef {
+                    name: NodeName::parse(&p.name).expect("validated in Config::validate"),
+                    id: p.id,
+                    dsn: p.dsn.clone(),
+                };
+                (node, p.links)
+            })
+            .collect()
+    }
+
+    fn is_hub(&self, name: &str) -> bool {
+        self.cluster.topology == Topology::Star && self.cluster.hub.as_deref() == Some(name)
+    }
+
+    /// The links this sidecar runs, in config order.
+    pub fn links(&self) -> Vec<LinkSpec> {
+        let me = self.this_node();
+        let mut links = Vec::new();
+        for (peer, run) in self.peer_nodes() {
+            if run.pulls() {
+                links.push(LinkSpec {
+                    from_forwards_others: self.is_hub(peer.name.as_str()),
+                    from: peer.clone(),
+                    to: me.clone(),
+                });
+            }
+            if run.pushes() {
+                links.push(LinkSpec {
+                    from_forwards_others: self.is_hub(me.name.as_str()),
+                    from: me.clone(),
+                    to: peer,
+                });
+            }
+        }
+        links
+    }
+}
+
+/// Known keys per section, for naming a mistyped environment variable.
+const SECTION_KEYS: &[(&str, &[&str])] = &[
+    ("cluster", &["topology", "hub", "step"]),
+    ("node", &["name", "id", "dsn"]),
+    ("apply", &["reconnect_min_ms", "reconnect_max_ms"]),
+];
+const PEER_KEYS: &[&str] = &["name", "id", "dsn", "links"];
+
+/// Applies `WALSYNC_*` variables to the parsed table. Returns whether anything changed.
+fn apply_env(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<bool, ConfigError> {
+    let mut vars: Vec<(String, String)> =
+        env.into_iter().filter(|(k, _)| k.starts_with("WALSYNC_")).collect();
+    vars.sort();
+    let mut changed = false;
+    for (var, raw) in vars {
+        let rest = &var["WALSYNC_".len()..];
+        let lower = rest.to_ascii_lowercase();
+        // Variables that are not config keys but belong to the binary itself.
+        if matches!(lower.as_str(), "config" | "log") || lower.starts_with("chaos_") || lower.starts_with("test_") || lower.starts_with("fuzz_") {
+            continue;
+        }
+        let env_err = |reason: String| ConfigError::Env { var: var.clone(), reason };
+        if let Some(peer_rest) = lower.strip_prefix("peer_") {
+            let (name, key) = PEER_KEYS
+                .iter()
+                .filter_map(|k| peer_rest.strip_suffix(k).and_then(|n| n.strip_suffix('_')).map(|n| (n, *k)))
+                .next()
+                .ok_or_else(|| env_err(format!("expected WALSYNC_PEER_<NAME>_<KEY> with KEY one of {}", PEER_KEYS.join(", ").to_uppercase())))?;
+            let peers = table
+                .entry("peers")
+                .or_insert_with(|| toml::Value::Array(Vec::new()))
+                .as_array_mut()
+                .ok_or_else(|| env_err("`peers` in the file is not an array of tables ([[peers]])".into()))?;
+            let pos = peers.iter().position(|p| p.get("name").and_then(|n| n.as_str()) == Some(name));
+            let peer = match pos {
+                Some(i) => &mut peers[i],
+                None => {
+                    let mut t = toml::Table::new();
+                    t.insert("name".into(), toml::Value::String(name.to_string()));
+                    peers.push(toml::Value::Table(t));
+                    peers.last_mut().expect("just pushed")
+                }
+            };
+            let t = peer.as_table_mut().ok_or_else(|| env_err("peer entry is not a table".into()))?;
+            t.insert(key.to_string(), env_value(key, &raw));
+            changed = true;
+            continue;
+        }
+        let (section, key) = SECTION_KEYS
+            .iter()
+            .find_map(|(s, keys)| {
+                let k = lower.strip_prefix(s)?.strip_prefix('_')?;
+                keys.contains(&k).then_some((*s, k))
+            })
+            .ok_or_else(|| {
+                env_err(
+                    "not a walsync setting; known: WALSYNC_CLUSTER_{TOPOLOGY,HUB,STEP}, WALSYNC_NODE_{NAME,ID,DSN}, WALSYNC_APPLY_{RECONNECT_MIN_MS,RECONNECT_MAX_MS}, WALSYNC_PEER_<NAME>_{ID,DSN,LINKS}".into(),
+                )
+            })?;
+        let sect = table
+            .entry(section)
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+            .as_table_mut()
+            .ok_or_else(|| env_err(format!("`{section}` in the file is not a table")))?;
+        sect.insert(key.to_string(), env_value(key, &raw));
+        changed = true;
+    }
+    Ok(changed)
+}
+
+/// Environment values are strings; numeric keys become integers so that types match the file.
+fn env_value(key: &str, raw: &str) -> toml::Value {
+    let numeric = matches!(key, "id" | "step" | "reconnect_min_ms" | "reconnect_max_ms");
+    match raw.parse::<i64>() {
+        Ok(n) if numeric => toml::Value::Integer(n),
+        _ => toml::Value::String(raw.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

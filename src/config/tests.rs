@@ -1,0 +1,121 @@
+use super::*;
+
+const BRANCH: &str = r#"
+[cluster]
+topology = "star"
+hub = "main"
+step = 16
+
+[node]
+name = "branch1"
+id = 2
+dsn = "postgres://walsync:s3cret@127.0.0.1:5433/odoo"
+
+[[peers]]
+name = "main"
+id = 1
+dsn = "postgres://walsync:s3cret@main.example:5432/odoo"
+links = "both"
+"#;
+
+fn load(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    Config::from_toml(text, Path::new("walsync.toml"), env)
+}
+
+#[test]
+fn branch_behind_nat_runs_both_links_with_main() {
+    let c = load(BRANCH, &[]).unwrap();
+    let names: Vec<_> = c.links().iter().map(|l| l.name()).collect();
+    assert_eq!(names, ["main->branch1", "branch1->main"]);
+    let links = c.links();
+    assert!(links[0].from_forwards_others, "the hub forwards other branches' writes");
+    assert!(!links[1].from_forwards_others);
+}
+
+#[test]
+fn unknown_key_is_an_error_that_names_it() {
+    let text = BRANCH.replace("step = 16", "step = 16\ntpology = \"mesh\"");
+    let err = load(&text, &[]).unwrap_err().to_string();
+    assert!(err.contains("tpology"), "{err}");
+}
+
+#[test]
+fn missing_field_is_an_error_that_names_it() {
+    let text = BRANCH.replace("id = 2\n", "");
+    let err = load(&text, &[]).unwrap_err().to_string();
+    assert!(err.contains("missing field `id`"), "{err}");
+}
+
+#[test]
+fn environment_overrides_file_and_adds_peers() {
+    let c = load(
+        BRANCH,
+        &[
+            ("WALSYNC_NODE_DSN", "postgres://walsync:other@10.0.0.2/odoo"),
+            ("WALSYNC_PEER_MAIN_LINKS", "pull"),
+            ("WALSYNC_CLUSTER_STEP", "32"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.node.dsn.expose(), "postgres://walsync:other@10.0.0.2/odoo");
+    assert_eq!(c.cluster.step, 32);
+    assert_eq!(c.peers[0].links, LinkRun::Pull);
+}
+
+#[test]
+fn unknown_environment_variable_is_named() {
+    let err = load(BRANCH, &[("WALSYNC_NODE_DNS", "x")]).unwrap_err().to_string();
+    assert!(err.contains("WALSYNC_NODE_DNS"), "{err}");
+}
+
+#[test]
+fn passwords_are_masked_in_display_and_debug() {
+    let c = load(BRANCH, &[]).unwrap();
+    let shown = format!("{} {:?} {:?}", c.node.dsn, c.node.dsn, c);
+    assert!(!shown.contains("s3cret"), "{shown}");
+    assert_eq!(
+        redact_password("host=h user=u password='a b' dbname=d"),
+        "host=h user=u password=*** dbname=d"
+    );
+    assert_eq!(redact_password("postgres://u@h/d?password=x&sslmode=off"), "postgres://u@h/d?password=***&sslmode=off");
+}
+
+#[test]
+fn ids_must_be_unique_and_within_step() {
+    let dup = BRANCH.replace("id = 2", "id = 1");
+    assert!(load(&dup, &[]).unwrap_err().to_string().contains("both have id 1"));
+    let big = BRANCH.replace("id = 2", "id = 17");
+    assert!(load(&big, &[]).unwrap_err().to_string().contains("ids go from 1 to cluster.step"));
+}
+
+#[test]
+fn star_branch_may_only_peer_with_the_hub() {
+    let text = format!(
+        "{BRANCH}\n[[peers]]\nname = \"branch2\"\nid = 3\ndsn = \"postgres://x@h/d\"\n"
+    );
+    let err = load(&text, &[]).unwrap_err().to_string();
+    assert!(err.contains("links to the hub"), "{err}");
+}
+
+#[test]
+fn mesh_has_no_hub_and_pulls_by_default() {
+    let text = r#"
+[cluster]
+topology = "mesh"
+[node]
+name = "a"
+id = 1
+dsn = "host=127.0.0.1"
+[[peers]]
+name = "b"
+id = 2
+dsn = "host=127.0.0.1"
+"#;
+    let c = load(text, &[]).unwrap();
+    let links = c.links();
+    assert_eq!(links.len(), 1);
+    assert_eq!(links[0].name(), "b->a");
+    assert!(!links[0].from_forwards_others);
+    assert!(load(&text.replace("mesh\"", "mesh\"\nhub = \"a\""), &[]).is_err());
+}

@@ -1,0 +1,3 @@
+//! A node: its names, connections and preparation (`walsync init`).
+
+pub mod names;
