@@ -12,3 +12,4 @@ pub mod lsn;
 pub mod pgoutput;
 pub mod config;
 pub mod node;
+pub mod merge;

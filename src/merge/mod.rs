@@ -1,0 +1,98 @@
+//! Merge: decides, without any I/O, what a source transaction means for the target.
+//!
+//! It owns the origin filter (loop prevention), the choice of which relations travel, and
+//! the translation of a decoded row change into the statement and parameters that write it
+//! on the target ([`statements`]). Conflict decisions will live here too, for the same
+//! reason: every node must reach the same answer from the same inputs.
+
+pub mod statements;
+
+use crate::node::names::{NameError, NodeName, PgName};
+
+/// The loop-prevention rule of one link `upstream -> downstream`.
+///
+/// A transaction's author is its `Origin` message if present, else the upstream itself.
+/// A link never carries a transaction back to its author; it carries third nodes' writes
+/// only when the upstream is the hub of a star (DESIGN.md, "Data flow", step 2).
+#[derive(Debug, Clone)]
+pub struct OriginFilter {
+    pub upstream: NodeName,
+    pub downstream: NodeName,
+    pub upstream_forwards_others: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum MergeError {
+    #[error("transaction carries replication origin {0:?}, which walsync did not create; something other than walsync applies changes on the upstream with origins")]
+    ForeignOrigin(String, #[source] NameError),
+}
+
+impl OriginFilter {
+    /// The node that first wrote a transaction, from its `Origin` message name if any.
+    pub fn author(&self, origin: Option<&str>) -> Result<NodeName, MergeError> {
+        match origin {
+            None => Ok(self.upstream.clone()),
+            Some(name) => PgName::parse_origin(name).map_err(|e| MergeError::ForeignOrigin(name.to_string(), e)),
+        }
+    }
+
+    pub fn forwards(&self, author: &NodeName) -> bool {
+        if *author == self.downstream {
+            return false;
+        }
+        *author == self.upstream || self.upstream_forwards_others
+    }
+}
+
+/// Whether rows of this relation travel between nodes. walsync's own bookkeeping
+/// (progress, conflicts, identity) is per node; only the DDL log travels with the data.
+pub fn replicates_relation(namespace: &str, name: &str) -> bool {
+    namespace != "walsync" || name == "ddl_log"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(s: &str) -> NodeName {
+        NodeName::parse(s).unwrap()
+    }
+
+    fn filter(up: &str, down: &str, hub: bool) -> OriginFilter {
+        OriginFilter { upstream: n(up), downstream: n(down), upstream_forwards_others: hub }
+    }
+
+    #[test]
+    fn star_hub_forwards_a_branch_write_to_the_other_branch_only() {
+        let to_b2 = filter("main", "branch2", true);
+        let to_b1 = filter("main", "branch1", true);
+        let author = to_b2.author(Some("walsync_branch1")).unwrap();
+        assert_eq!(author, n("branch1"));
+        assert!(to_b2.forwards(&author));
+        assert!(!to_b1.forwards(&author), "never back to its author");
+        assert!(to_b1.forwards(&to_b1.author(None).unwrap()), "main's own writes go everywhere");
+    }
+
+    #[test]
+    fn branch_and_mesh_links_carry_only_the_upstreams_own_writes() {
+        let b1_to_main = filter("branch1", "main", false);
+        assert!(b1_to_main.forwards(&b1_to_main.author(None).unwrap()));
+        assert!(!b1_to_main.forwards(&n("main")));
+        let mesh = filter("a", "b", false);
+        assert!(!mesh.forwards(&mesh.author(Some("walsync_c")).unwrap()), "c's writes reach b on c -> b");
+        assert!(!mesh.forwards(&mesh.author(Some("walsync_b")).unwrap()));
+    }
+
+    #[test]
+    fn an_origin_walsync_did_not_make_is_an_error() {
+        assert!(filter("a", "b", false).author(Some("pg_16400")).is_err());
+    }
+
+    #[test]
+    fn only_the_ddl_log_of_walsyncs_schema_travels() {
+        assert!(replicates_relation("public", "pos_order"));
+        assert!(replicates_relation("walsync", "ddl_log"));
+        assert!(!replicates_relation("walsync", "link_progress"));
+        assert!(!replicates_relation("walsync", "conflicts"));
+    }
+}

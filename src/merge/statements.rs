@@ -1,0 +1,285 @@
+//! Row changes to statements: which SQL writes a decoded change on the target, and with
+//! which parameters. Pure; the applier prepares each distinct [`Shape`] once per session.
+//!
+//! Rows are found on the target by its primary key (or replica identity index), taken
+//! from the old tuple when the source sent one (the key may have changed) and from the
+//! new tuple otherwise. Columns are matched by name, so column order may differ between
+//! nodes. Unchanged TOAST values (`u`) are left out of an UPDATE's SET list: the target
+//! keeps what it has (PostgreSQL docs, "Logical Replication Message Formats", TupleData).
+
+use crate::pgoutput::{OldTuple, Relation, Tuple, Value};
+
+/// A table on the target as its catalog describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetTable {
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<String>,
+    /// Indexes into `columns` of the primary key (or replica identity index).
+    pub key: Vec<usize>,
+}
+
+impl TargetTable {
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+    }
+}
+
+/// How a source relation's columns land in a target table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RelationMap {
+    pub target: TargetTable,
+    /// For each source column, its index in `target.columns`.
+    source_to_target: Vec<usize>,
+    /// For each target key column, its index in the source relation.
+    key_in_source: Vec<usize>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum StatementError {
+    #[error("column {column:?} of {table} exists on the upstream but not here; the schemas differ (apply the missing DDL here, then the link resumes)")]
+    MissingColumn { table: String, column: String },
+    #[error("table {table} has no primary key or replica identity index here, so rows cannot be found; add one")]
+    NoKey { table: String },
+    #[error("key column {column:?} of {table} is not sent by the upstream; give both tables the same primary key")]
+    KeyNotSent { table: String, column: String },
+    #[error("{table}: tuple has {got} values, relation has {want} columns")]
+    TupleWidth { table: String, got: usize, want: usize },
+    #[error("{table}: the upstream sent no value for key column {column:?} (unchanged TOAST or missing old tuple)")]
+    KeyValueMissing { table: String, column: String },
+    #[error("{table}: an insert carried an unchanged-TOAST marker for column {column:?}")]
+    ToastInInsert { table: String, column: String },
+}
+
+/// The statement a change needs; together with the relation it names one prepared statement.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Shape {
+    /// Target column indexes, in parameter order.
+    Insert { columns: Vec<usize> },
+    /// Target columns set, in parameter order; key parameters follow.
+    Update { set: Vec<usize> },
+    Delete,
+}
+
+/// A change ready to execute: the statement's shape and its parameters, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowWrite {
+    pub shape: Shape,
+    pub params: Vec<Value>,
+}
+
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+impl RelationMap {
+    pub fn new(source: &Relation, target: TargetTable) -> Result<RelationMap, StatementError> {
+        let table = target.qualified();
+        if target.key.is_empty() {
+            return Err(StatementError::NoKey { table });
+        }
+        let source_to_target = source
+            .columns
+            .iter()
+            .map(|c| {
+                target.columns.iter().position(|t| *t == c.name).ok_or_else(|| StatementError::MissingColumn {
+                    table: table.clone(),
+                    column: c.name.clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let key_in_source = target
+            .key
+            .iter()
+            .map(|&k| {
+                source_to_target.iter().position(|&t| t == k).ok_or_else(|| StatementError::KeyNotSent {
+                    table: table.clone(),
+                    column: target.columns[k].clone(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RelationMap { target, source_to_target, key_in_source })
+    }
+
+    fn check_width(&self, t: &Tuple) -> Result<(), StatementError> {
+        if t.0.len() != self.source_to_target.len() {
+            return Err(StatementError::TupleWidth {
+                table: self.target.qualified(),
+                got: t.0.len(),
+                want: self.source_to_target.len(),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn insert(&self, new: &Tuple) -> Result<RowWrite, StatementError> {
+        self.check_width(new)?;
+        let mut columns = Vec::with_capacity(new.0.len());
+        let mut params = Vec::with_capacity(new.0.len());
+        for (i, v) in new.0.iter().enumerate() {
+            let t = self.source_to_target[i];
+            if matches!(v, Value::UnchangedToast) {
+                return Err(StatementError::ToastInInsert {
+                    table: self.target.qualified(),
+                    column: self.target.columns[t].clone(),
+                });
+            }
+            columns.push(t);
+            params.push(v.clone());
+        }
+        Ok(RowWrite { shape: Shape::Insert { columns }, params })
+    }
+
+    /// `None` when the update changes nothing that can be written (every column unchanged TOAST).
+    pub fn update(&self, old: Option<&OldTuple>, new: &Tuple) -> Result<Option<RowWrite>, StatementError> {
+        self.check_width(new)?;
+        let mut set = Vec::with_capacity(new.0.len());
+        let mut params = Vec::with_capacity(new.0.len() + self.key_in_source.len());
+        for (i, v) in new.0.iter().enumerate() {
+            if !matches!(v, Value::UnchangedToast) {
+                set.push(self.source_to_target[i]);
+                params.push(v.clone());
+            }
+        }
+        if set.is_empty() {
+            return Ok(None);
+        }
+        params.extend(self.key_values(old, Some(new))?);
+        Ok(Some(RowWrite { shape: Shape::Update { set }, params }))
+    }
+
+    pub fn delete(&self, old: &OldTuple) -> Result<RowWrite, StatementError> {
+        let params = self.key_values(Some(old), None)?;
+        Ok(RowWrite { shape: Shape::Delete, params })
+    }
+
+    /// The key that finds the row: the old tuple's value where sent, else the new tuple's.
+    pub fn key_values(&self, old: Option<&OldTuple>, new: Option<&Tuple>) -> Result<Vec<Value>, StatementError> {
+        let old = old.map(|o| match o {
+            OldTuple::Key(t) | OldTuple::Full(t) => t,
+        });
+        if let Some(o) = old {
+            self.check_width(o)?;
+        }
+        self.key_in_source
+            .iter()
+            .map(|&s| {
+                let from_old = old.map(|o| &o.0[s]).filter(|v| matches!(v, Value::Text(_) | Value::Binary(_)));
+                let from_new = new.map(|n| &n.0[s]).filter(|v| matches!(v, Value::Text(_) | Value::Binary(_)));
+                from_old.or(from_new).cloned().ok_or_else(|| StatementError::KeyValueMissing {
+                    table: self.target.qualified(),
+                    column: self.target.columns[self.target.key[self.key_in_source.iter().position(|&x| x == s).unwrap_or(0)]].clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// SQL text of a shape on this table; parameters are `$1..$n` in [`RowWrite::params`] order.
+    pub fn sql(&self, shape: &Shape) -> String {
+        let t = &self.target;
+        let col = |i: usize| quote_ident(&t.columns[i]);
+        let key_clause = |first: usize| {
+            t.key
+                .iter()
+                .enumerate()
+                .map(|(n, &k)| format!("{} = ${}", col(k), first + n))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        match shape {
+            Shape::Insert { columns } => format!(
+                "INSERT INTO {} ({}) VALUES ({})",
+                t.qualified(),
+                columns.iter().map(|&c| col(c)).collect::<Vec<_>>().join(", "),
+                (1..=columns.len()).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
+            ),
+            Shape::Update { set } => format!(
+                "UPDATE {} SET {} WHERE {}",
+                t.qualified(),
+                set.iter().enumerate().map(|(n, &c)| format!("{} = ${}", col(c), n + 1)).collect::<Vec<_>>().join(", "),
+                key_clause(set.len() + 1)
+            ),
+            Shape::Delete => format!("DELETE FROM {} WHERE {}", t.qualified(), key_clause(1)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pgoutput::{Column, ReplicaIdentity};
+    use bytes::Bytes;
+
+    fn relation(cols: &[(&str, bool)]) -> Relation {
+        Relation {
+            id: 16384,
+            namespace: "public".into(),
+            name: "pos_order".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: cols
+                .iter()
+                .map(|(n, k)| Column { is_key: *k, name: n.to_string(), type_oid: 23, type_modifier: -1 })
+                .collect(),
+        }
+    }
+
+    fn target(cols: &[&str], key: &[usize]) -> TargetTable {
+        TargetTable {
+            schema: "public".into(),
+            name: "pos_order".into(),
+            columns: cols.iter().map(|c| c.to_string()).collect(),
+            key: key.to_vec(),
+        }
+    }
+
+    fn t(s: &str) -> Value {
+        Value::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn columns_are_matched_by_name_whatever_their_order() {
+        let map = RelationMap::new(&relation(&[("id", true), ("name", false)]), target(&["name", "note", "id"], &[2])).unwrap();
+        let w = map.insert(&Tuple(vec![t("7"), t("Shop/0007")])).unwrap();
+        assert_eq!(map.sql(&w.shape), r#"INSERT INTO "public"."pos_order" ("id", "name") VALUES ($1, $2)"#);
+        assert_eq!(w.params, vec![t("7"), t("Shop/0007")]);
+    }
+
+    #[test]
+    fn update_leaves_unchanged_toast_out_and_finds_the_row_by_its_old_key() {
+        let map = RelationMap::new(&relation(&[("id", true), ("body", false), ("n", false)]), target(&["id", "body", "n"], &[0])).unwrap();
+        let old = OldTuple::Key(Tuple(vec![t("1"), Value::Null, Value::Null]));
+        let w = map.update(Some(&old), &Tuple(vec![t("2"), Value::UnchangedToast, Value::Null])).unwrap().unwrap();
+        assert_eq!(map.sql(&w.shape), r#"UPDATE "public"."pos_order" SET "id" = $1, "n" = $2 WHERE "id" = $3"#);
+        assert_eq!(w.params, vec![t("2"), Value::Null, t("1")]);
+    }
+
+    #[test]
+    fn update_without_old_tuple_uses_the_new_key() {
+        let map = RelationMap::new(&relation(&[("id", true), ("n", false)]), target(&["id", "n"], &[0])).unwrap();
+        let w = map.update(None, &Tuple(vec![t("5"), t("x")])).unwrap().unwrap();
+        assert_eq!(w.params, vec![t("5"), t("x"), t("5")]);
+    }
+
+    #[test]
+    fn delete_with_full_old_tuple_uses_the_target_primary_key_only() {
+        let map = RelationMap::new(&relation(&[("a", true), ("b", true)]), target(&["a", "b"], &[1])).unwrap();
+        let w = map.delete(&OldTuple::Full(Tuple(vec![t("1"), t("2")]))).unwrap();
+        assert_eq!(map.sql(&w.shape), r#"DELETE FROM "public"."pos_order" WHERE "b" = $1"#);
+        assert_eq!(w.params, vec![t("2")]);
+    }
+
+    #[test]
+    fn schema_differences_are_named() {
+        let err = RelationMap::new(&relation(&[("id", true), ("extra", false)]), target(&["id"], &[0])).unwrap_err();
+        assert!(err.to_string().contains("\"extra\""), "{err}");
+        let err = RelationMap::new(&relation(&[("id", true)]), target(&["id"], &[])).unwrap_err();
+        assert!(matches!(err, StatementError::NoKey { .. }));
+        let map = RelationMap::new(&relation(&[("id", true)]), target(&["id"], &[0])).unwrap();
+        assert!(map.insert(&Tuple(vec![t("1"), t("2")])).is_err(), "wider tuple than relation");
+    }
+
+    #[test]
+    fn identifiers_are_quoted() {
+        assert_eq!(quote_ident(r#"we"ird"#), r#""we""ird""#);
+    }
+}

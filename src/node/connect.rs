@@ -1,0 +1,72 @@
+//! Opening SQL connections to a node, with errors that say what to check.
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+use tracing::warn;
+
+use crate::config::Dsn;
+
+/// Session settings pinned on every walsync connection, so that values travel as text
+/// that reads back to the same value on the other side: ISO dates, hex bytea, floats with
+/// full precision (PostgreSQL docs, "Client Connection Defaults").
+pub const SESSION_OPTIONS: &str =
+    "-c datestyle=ISO,YMD -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c client_encoding=UTF8";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("{dsn}: {reason}")]
+    Config { dsn: String, reason: String },
+    #[error("cannot connect to {dsn}: {hint}")]
+    Connect {
+        dsn: String,
+        hint: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl ConnectError {
+    /// A wrong password or a missing database will not fix itself by retrying.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ConnectError::Config { .. } => true,
+            ConnectError::Connect { source, .. } => matches!(
+                source.code(),
+                Some(c) if *c == SqlState::INVALID_PASSWORD
+                    || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                    || *c == SqlState::INVALID_CATALOG_NAME
+            ),
+        }
+    }
+}
+
+/// Connects with the pinned session settings and spawns the connection task.
+pub async fn connect(dsn: &Dsn, application_name: &str) -> Result<Client, ConnectError> {
+    let mut cfg: tokio_postgres::Config = dsn.expose().parse().map_err(|e| ConnectError::Config {
+        dsn: dsn.to_string(),
+        reason: format!("connection string does not parse: {e}"),
+    })?;
+    cfg.application_name(application_name);
+    cfg.options(SESSION_OPTIONS);
+    if cfg.get_connect_timeout().is_none() {
+        cfg.connect_timeout(std::time::Duration::from_secs(10));
+    }
+    cfg.keepalives_idle(std::time::Duration::from_secs(30));
+    let (client, connection) = cfg.connect(NoTls).await.map_err(|source| {
+        let hint = match source.code() {
+            Some(c) if *c == SqlState::INVALID_PASSWORD => "password authentication failed: check the user and password in the dsn",
+            Some(c) if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => "the server refused this user (pg_hba.conf or role): check the user in the dsn and pg_hba.conf",
+            Some(c) if *c == SqlState::INVALID_CATALOG_NAME => "the database does not exist: check the database name in the dsn",
+            Some(_) => "the server refused the connection",
+            None => "the server is unreachable: check host, port and that PostgreSQL is running",
+        };
+        ConnectError::Connect { dsn: dsn.to_string(), hint, source }
+    })?;
+    let app = application_name.to_string();
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            warn!(application = %app, error = %e, "connection closed");
+        }
+    });
+    Ok(client)
+}

@@ -1,0 +1,301 @@
+//! `walsync init`: prepares one node, idempotently.
+//!
+//! Order matters: every check runs before anything is created, so a refused init leaves the
+//! node untouched. Then migrations, the node's identity, the publication, one slot per
+//! outgoing link and one replication origin per peer. Each step creates only what is missing
+//! and says so in the returned report; a second run reports nothing created.
+
+use tokio_postgres::error::SqlState;
+use tokio_postgres::Client;
+
+use crate::config::{Config, NodeRef};
+use crate::node::connect::{connect, ConnectError};
+use crate::node::names::{PgName, PUBLICATION};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error("node {node} is not ready for walsync:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+    NotReady { node: String, problems: Vec<String> },
+    #[error("node {node}: this database was initialised as node {found_name:?} (id {found_id}, step {found_step}), but the config says {want_name:?} (id {want_id}, step {want_step}); check the dsn or the [node] section")]
+    IdentityMismatch {
+        node: String,
+        found_name: String,
+        found_id: i32,
+        found_step: i32,
+        want_name: String,
+        want_id: u32,
+        want_step: u32,
+    },
+    #[error("node {node}: {what}")]
+    Sql {
+        node: String,
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+/// One migration of the `walsync` schema.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "walsync_schema",
+    sql: include_str!("../../migrations/0001_walsync_schema.sql"),
+}];
+
+/// What init did, one line per action, for the operator.
+#[derive(Debug, Default)]
+pub struct SetupReport {
+    pub actions: Vec<String>,
+}
+
+fn sql_err(node: &NodeRef, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
+    let node = node.name.to_string();
+    let what = what.into();
+    move |source| SetupError::Sql { node, what, source }
+}
+
+pub async fn init_node(config: &Config) -> Result<SetupReport, SetupError> {
+    let me = config.this_node();
+    let client = connect(&me.dsn, "walsync init").await?;
+    check_server(&client, &me, config.peers.len()).await?;
+    check_tables(&client, &me).await?;
+
+    let mut report = SetupReport::default();
+    run_migrations(&client, &me, &mut report).await?;
+    record_identity(&client, config, &me, &mut report).await?;
+
+    let exists: bool = client
+        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&PUBLICATION])
+        .await
+        .map_err(sql_err(&me, "reading pg_publication"))?
+        .get(0);
+    if !exists {
+        client
+            .batch_execute(&format!("CREATE PUBLICATION {PUBLICATION} FOR ALL TABLES"))
+            .await
+            .map_err(sql_err(&me, "creating the publication"))?;
+        report.actions.push(format!("created publication {PUBLICATION} (FOR ALL TABLES)"));
+    }
+
+    for (peer, _) in config.peer_nodes() {
+        let slot = PgName::slot_to(&peer.name);
+        let created = client
+            .query_opt(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput') \
+                 WHERE NOT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+                &[&slot],
+            )
+            .await;
+        match created {
+            Ok(Some(_)) => report.actions.push(format!("created slot {slot} (changes for {})", peer.name)),
+            Ok(None) => {}
+            Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
+            Err(e) => return Err(sql_err(&me, format!("creating slot {slot}"))(e)),
+        }
+        let origin = PgName::origin_of(&peer.name);
+        if ensure_origin(&client, &origin).await.map_err(sql_err(&me, format!("creating origin {origin}")))? {
+            report.actions.push(format!("created replication origin {origin}"));
+        }
+    }
+    Ok(report)
+}
+
+/// Creates replication origin `name` if missing; true when it was created.
+pub async fn ensure_origin(client: &Client, name: &str) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_opt(
+            "SELECT pg_replication_origin_create($1) \
+             WHERE NOT EXISTS (SELECT 1 FROM pg_replication_origin WHERE roname = $1)",
+            &[&name],
+        )
+        .await;
+    match row {
+        Ok(r) => Ok(r.is_some()),
+        Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Refuses, with every problem listed and its fix, a server walsync cannot work with.
+async fn check_server(client: &Client, me: &NodeRef, peers: usize) -> Result<(), SetupError> {
+    let row = client
+        .query_one(
+            "SELECT current_setting('wal_level'), current_setting('track_commit_timestamp'), \
+                    current_setting('max_replication_slots')::int, current_setting('max_wal_senders')::int, \
+                    (SELECT count(*)::int FROM pg_replication_slots WHERE slot_name NOT LIKE 'walsync\\_%'), \
+                    r.rolsuper, r.rolreplication, \
+                    has_function_privilege('pg_replication_origin_session_setup(text)', 'EXECUTE'), \
+                    current_setting('server_version_num')::int, current_user \
+             FROM pg_roles r WHERE r.rolname = current_user",
+            &[],
+        )
+        .await
+        .map_err(sql_err(me, "reading server settings"))?;
+    let wal_level: String = row.get(0);
+    let track: String = row.get(1);
+    let max_slots: i32 = row.get(2);
+    let max_senders: i32 = row.get(3);
+    let other_slots: i32 = row.get(4);
+    let superuser: bool = row.get(5);
+    let replication: bool = row.get(6);
+    let origin_grant: bool = row.get(7);
+    let version: i32 = row.get(8);
+    let user: String = row.get(9);
+
+    let mut problems = Vec::new();
+    if version < 150000 {
+        problems.push(format!("server_version_num is {version}: walsync needs PostgreSQL 15 or later"));
+    }
+    if wal_level != "logical" {
+        problems.push(format!(
+            "wal_level is {wal_level:?}: set wal_level = logical in postgresql.conf (or ALTER SYSTEM SET wal_level = logical) and restart PostgreSQL"
+        ));
+    }
+    if track != "on" {
+        problems.push(format!(
+            "track_commit_timestamp is {track:?}: set track_commit_timestamp = on (ALTER SYSTEM SET track_commit_timestamp = on) and restart PostgreSQL; conflicts are decided on commit times"
+        ));
+    }
+    let needed = peers as i32 + other_slots;
+    if max_slots < needed {
+        problems.push(format!(
+            "max_replication_slots is {max_slots}: walsync needs one slot per peer ({peers}) besides the {other_slots} already in use; set max_replication_slots = {} or more and restart PostgreSQL",
+            needed + 2
+        ));
+    }
+    if max_senders < peers as i32 {
+        problems.push(format!(
+            "max_wal_senders is {max_senders}: walsync needs one per peer ({peers}); set max_wal_senders = {} or more and restart PostgreSQL",
+            peers + 2
+        ));
+    }
+    if !superuser {
+        if !replication {
+            problems.push(format!("role {user:?} lacks REPLICATION: ALTER ROLE {user} REPLICATION"));
+        }
+        if !origin_grant {
+            problems.push(format!(
+                "role {user:?} may not use replication origins: run as a superuser, or GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text), pg_replication_origin_session_reset(), pg_replication_origin_xact_setup(pg_lsn, timestamptz), pg_replication_origin_create(text) TO {user}"
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(SetupError::NotReady { node: me.name.to_string(), problems })
+    }
+}
+
+/// A table that logical replication cannot identify rows of would break the stream at its
+/// first UPDATE or DELETE; refuse it here instead, naming the tables and the fix.
+async fn check_tables(client: &Client, me: &NodeRef) -> Result<(), SetupError> {
+    let rows = client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walsync') \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+               AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)) \
+             ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(sql_err(me, "listing tables"))?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let tables: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    Err(SetupError::NotReady {
+        node: me.name.to_string(),
+        problems: vec![format!(
+            "{} table(s) have no primary key or replica identity index, so their updates and deletes cannot be replicated: {}; add a primary key (ALTER TABLE ... ADD PRIMARY KEY) or ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>",
+            tables.len(),
+            tables.join(", ")
+        )],
+    })
+}
+
+async fn run_migrations(client: &Client, me: &NodeRef, report: &mut SetupReport) -> Result<(), SetupError> {
+    client
+        .batch_execute(
+            "CREATE SCHEMA IF NOT EXISTS walsync; \
+             CREATE TABLE IF NOT EXISTS walsync.schema_migrations ( \
+                version integer PRIMARY KEY, name text NOT NULL, \
+                applied_at timestamptz NOT NULL DEFAULT now())",
+        )
+        .await
+        .map_err(sql_err(me, "creating schema walsync"))?;
+    for m in MIGRATIONS {
+        // One transaction per migration; the advisory lock keeps two inits from racing.
+        let sql = format!(
+            "BEGIN; SELECT pg_advisory_xact_lock(hashtext('walsync migrations')); \
+             DO $walsync$ BEGIN IF EXISTS (SELECT 1 FROM walsync.schema_migrations WHERE version = {v}) \
+             THEN RAISE EXCEPTION USING ERRCODE = 'WS001', MESSAGE = 'already applied'; END IF; END $walsync$; \
+             {sql} \
+             ; INSERT INTO walsync.schema_migrations (version, name) VALUES ({v}, '{name}'); COMMIT;",
+            v = m.version,
+            name = m.name,
+            sql = m.sql
+        );
+        match client.batch_execute(&sql).await {
+            Ok(()) => report.actions.push(format!("applied migration {:04}_{}", m.version, m.name)),
+            Err(e) if e.code().map(|c| c.code()) == Some("WS001") => {
+                client.batch_execute("ROLLBACK").await.map_err(sql_err(me, "rolling back"))?;
+            }
+            Err(e) => {
+                let _ = client.batch_execute("ROLLBACK").await;
+                return Err(sql_err(me, format!("migration {:04}_{}", m.version, m.name))(e));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn record_identity(
+    client: &Client,
+    config: &Config,
+    me: &NodeRef,
+    report: &mut SetupReport,
+) -> Result<(), SetupError> {
+    let row = client
+        .query_opt("SELECT name, id, step FROM walsync.node", &[])
+        .await
+        .map_err(sql_err(me, "reading walsync.node"))?;
+    let step = config.cluster.step;
+    match row {
+        Some(r) => {
+            let (name, id, found_step): (String, i32, i32) = (r.get(0), r.get(1), r.get(2));
+            if name != me.name.as_str() || id as u32 != me.id || found_step as u32 != step {
+                return Err(SetupError::IdentityMismatch {
+                    node: me.name.to_string(),
+                    found_name: name,
+                    found_id: id,
+                    found_step,
+                    want_name: me.name.to_string(),
+                    want_id: me.id,
+                    want_step: step,
+                });
+            }
+        }
+        None => {
+            client
+                .execute(
+                    "INSERT INTO walsync.node (name, id, step) VALUES ($1, $2, $3)",
+                    &[&me.name.as_str(), &(me.id as i32), &(step as i32)],
+                )
+                .await
+                .map_err(sql_err(me, "recording the node identity"))?;
+            report.actions.push(format!("recorded node identity {} (id {}, step {step})", me.name, me.id));
+        }
+    }
+    Ok(())
+}
