@@ -13,3 +13,8 @@ pub mod pgoutput;
 pub mod config;
 pub mod node;
 pub mod merge;
+pub mod stream;
+pub mod apply;
+pub mod runtime;
+pub mod cli;
+pub mod observability;

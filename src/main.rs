@@ -1,1 +1,7 @@
-fn main() {}
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = walsync::cli::Cli::parse();
+    walsync::observability::init_tracing();
+    walsync::cli::run(cli)
+}

@@ -1,0 +1,307 @@
+//! Apply: one target transaction per source transaction.
+//!
+//! Guarantees, for each source transaction that the merge step lets through:
+//! - it runs in exactly one target transaction, in source commit order, rows written as
+//!   they arrive (nothing collected first, so memory does not grow with its size);
+//! - that transaction carries the author's replication origin and the author's commit LSN
+//!   and time (`pg_replication_origin_session_setup` + `pg_replication_origin_xact_setup`),
+//!   so the row keeps its first author and the change is never sent back to it;
+//! - it also moves `walsync.link_progress` to the source commit's end LSN, so rows and
+//!   progress commit together and a crash at any point neither loses nor doubles it.
+//!
+//! The session runs with `session_replication_role = replica`, as PostgreSQL's own apply
+//! worker does: user triggers, foreign-key triggers and event triggers stay quiet for
+//! changes that were already checked on their author.
+
+pub mod catalog;
+mod param;
+
+use std::collections::HashMap;
+
+use tokio_postgres::{Client, Statement};
+use tracing::{debug, warn};
+
+use crate::lsn::Lsn;
+use crate::merge::replicates_relation;
+use crate::merge::statements::{RelationMap, RowWrite, Shape, StatementError};
+use crate::node::setup::ensure_origin;
+use crate::pgoutput::{Delete, Insert, Relation, Truncate, Update};
+use param::Param;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("{what}")]
+    Sql {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error(transparent)]
+    Statement(#[from] StatementError),
+    #[error("table {table} does not exist on this node; the schemas differ (create it, or apply the missing DDL), then the link resumes")]
+    MissingTable { table: String },
+    #[error("a change names relation id {0} that the upstream never described (no Relation message)")]
+    UnknownRelation(u32),
+    #[error("{table}: {kind}: {detail}")]
+    Conflict { table: String, kind: &'static str, detail: String },
+}
+
+impl ApplyError {
+    fn sql(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
+        let what = what.into();
+        move |source| ApplyError::Sql { what, source }
+    }
+
+    /// SQLSTATE of the underlying server error, if any.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            ApplyError::Sql { source, .. } => source.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+}
+
+/// What the applier knows about one source relation.
+struct RelationEntry {
+    source: Relation,
+    /// `None` until the first change needs it (the target catalog is read then).
+    map: Option<RelationMap>,
+}
+
+/// The remote transaction being applied: what its commit needs.
+#[derive(Debug, Clone)]
+pub struct RemoteTxn {
+    /// Replication origin name of the author on every node (`walsync_<node>`).
+    pub origin: String,
+    /// The author's LSN for this transaction (its commit LSN on the author).
+    pub origin_lsn: Lsn,
+    /// The author's commit time, microseconds since 2000-01-01 UTC.
+    pub commit_time_us: i64,
+}
+
+pub struct ApplyWorker {
+    client: Client,
+    link: String,
+    relations: HashMap<u32, RelationEntry>,
+    statements: HashMap<(u32, Shape), Statement>,
+    session_origin: Option<String>,
+    open: Option<RemoteTxn>,
+    rows_in_txn: u64,
+}
+
+impl ApplyWorker {
+    pub async fn new(client: Client, link: String) -> Result<ApplyWorker, ApplyError> {
+        client
+            .batch_execute("SET session_replication_role = replica")
+            .await
+            .map_err(ApplyError::sql("setting session_replication_role = replica (walsync's role must be a superuser)"))?;
+        Ok(ApplyWorker {
+            client,
+            link,
+            relations: HashMap::new(),
+            statements: HashMap::new(),
+            session_origin: None,
+            open: None,
+            rows_in_txn: 0,
+        })
+    }
+
+    /// End LSN (on the upstream) of the last source transaction applied here, 0/0 if none.
+    pub async fn progress(&self) -> Result<Lsn, ApplyError> {
+        let row = self
+            .client
+            .query_opt("SELECT source_lsn::text FROM walsync.link_progress WHERE link = $1", &[&self.link])
+            .await
+            .map_err(ApplyError::sql("reading walsync.link_progress (has walsync init run on this node?)"))?;
+        Ok(match row {
+            Some(r) => r.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO),
+            None => Lsn::ZERO,
+        })
+    }
+
+    /// A Relation message: (re)describes a source relation. Anything cached for it goes.
+    pub fn on_relation(&mut self, rel: Relation) {
+        self.statements.retain(|(id, _), _| *id != rel.id);
+        self.relations.insert(rel.id, RelationEntry { source: rel, map: None });
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.is_some()
+    }
+
+    /// Whether changes to this relation are applied at all.
+    pub fn replicates(&self, relation_id: u32) -> Result<bool, ApplyError> {
+        let e = self.relations.get(&relation_id).ok_or(ApplyError::UnknownRelation(relation_id))?;
+        Ok(replicates_relation(&e.source.namespace, &e.source.name))
+    }
+
+    /// Opens the target transaction for `txn` (idempotent within one transaction).
+    pub async fn begin(&mut self, txn: &RemoteTxn) -> Result<(), ApplyError> {
+        if self.open.is_some() {
+            return Ok(());
+        }
+        if self.session_origin.as_deref() != Some(txn.origin.as_str()) {
+            if self.session_origin.take().is_some() {
+                self.client
+                    .batch_execute("SELECT pg_replication_origin_session_reset()")
+                    .await
+                    .map_err(ApplyError::sql("resetting the session's replication origin"))?;
+            }
+            ensure_origin(&self.client, &txn.origin)
+                .await
+                .map_err(ApplyError::sql(format!("creating replication origin {}", txn.origin)))?;
+            self.client
+                .execute("SELECT pg_replication_origin_session_setup($1)", &[&txn.origin])
+                .await
+                .map_err(ApplyError::sql(format!("setting up replication origin {}", txn.origin)))?;
+            self.session_origin = Some(txn.origin.clone());
+        }
+        // One round trip; the values are numbers we format ourselves.
+        let sql = format!(
+            "BEGIN; SELECT pg_replication_origin_xact_setup('{}', {})",
+            txn.origin_lsn,
+            timestamp_sql(txn.commit_time_us)
+        );
+        self.client.batch_execute(&sql).await.map_err(ApplyError::sql("opening the target transaction"))?;
+        self.open = Some(txn.clone());
+        self.rows_in_txn = 0;
+        Ok(())
+    }
+
+    fn map_for(&self, relation_id: u32) -> Option<&RelationMap> {
+        self.relations.get(&relation_id).and_then(|e| e.map.as_ref())
+    }
+
+    async fn ensure_map(&mut self, relation_id: u32) -> Result<(), ApplyError> {
+        let entry = self.relations.get(&relation_id).ok_or(ApplyError::UnknownRelation(relation_id))?;
+        if entry.map.is_some() {
+            return Ok(());
+        }
+        let target = catalog::target_table(&self.client, &entry.source.namespace, &entry.source.name)
+            .await?
+            .ok_or_else(|| ApplyError::MissingTable {
+                table: format!("{}.{}", entry.source.namespace, entry.source.name),
+            })?;
+        let map = RelationMap::new(&entry.source, target)?;
+        if let Some(e) = self.relations.get_mut(&relation_id) {
+            e.map = Some(map);
+        }
+        Ok(())
+    }
+
+    async fn execute(&mut self, relation_id: u32, write: RowWrite) -> Result<u64, ApplyError> {
+        let key = (relation_id, write.shape);
+        if !self.statements.contains_key(&key) {
+            let map = self.map_for(relation_id).expect("ensure_map ran before execute");
+            let sql = map.sql(&key.1);
+            let stmt = self.client.prepare(&sql).await.map_err(ApplyError::sql(format!("preparing {sql}")))?;
+            self.statements.insert(key.clone(), stmt);
+        }
+        let stmt = &self.statements[&key];
+        self.rows_in_txn += 1;
+        self.client
+            .execute_raw(stmt, write.params.iter().map(Param))
+            .await
+            .map_err(|source| {
+                let table = self.map_for(relation_id).map(|m| m.target.qualified()).unwrap_or_default();
+                ApplyError::Sql { what: format!("applying a change to {table}"), source }
+            })
+    }
+
+    pub async fn insert(&mut self, ins: &Insert) -> Result<(), ApplyError> {
+        self.ensure_map(ins.relation_id).await?;
+        let write = self.map_for(ins.relation_id).expect("mapped").insert(&ins.new)?;
+        self.execute(ins.relation_id, write).await.map_err(|e| match e.sqlstate() {
+            Some("23505") => ApplyError::Conflict {
+                table: self.table_name(ins.relation_id),
+                kind: "insert_exists",
+                detail: format!("{e:#}; a row with this key already exists here (conflict resolution comes with partitioned sequences)"),
+            },
+            _ => e,
+        })?;
+        Ok(())
+    }
+
+    pub async fn update(&mut self, upd: &Update) -> Result<(), ApplyError> {
+        self.ensure_map(upd.relation_id).await?;
+        let Some(write) = self.map_for(upd.relation_id).expect("mapped").update(upd.old.as_ref(), &upd.new)? else {
+            return Ok(());
+        };
+        if self.execute(upd.relation_id, write).await? == 0 {
+            warn!(link = %self.link, table = %self.table_name(upd.relation_id), conflict = "update_missing", "row to update not found here; change skipped");
+        }
+        Ok(())
+    }
+
+    pub async fn delete(&mut self, del: &Delete) -> Result<(), ApplyError> {
+        self.ensure_map(del.relation_id).await?;
+        let write = self.map_for(del.relation_id).expect("mapped").delete(&del.old)?;
+        if self.execute(del.relation_id, write).await? == 0 {
+            debug!(link = %self.link, table = %self.table_name(del.relation_id), conflict = "delete_missing", "row to delete not found here");
+        }
+        Ok(())
+    }
+
+    pub async fn truncate(&mut self, t: &Truncate) -> Result<(), ApplyError> {
+        let mut tables = Vec::new();
+        for &id in &t.relation_ids {
+            if self.replicates(id)? {
+                self.ensure_map(id).await?;
+                tables.push(self.map_for(id).expect("mapped").target.qualified());
+            }
+        }
+        if tables.is_empty() {
+            return Ok(());
+        }
+        let sql = format!(
+            "TRUNCATE ONLY {}{}{}",
+            tables.join(", "),
+            if t.restart_identity { " RESTART IDENTITY" } else { "" },
+            if t.cascade { " CASCADE" } else { "" }
+        );
+        self.rows_in_txn += 1;
+        self.client.batch_execute(&sql).await.map_err(ApplyError::sql(format!("applying {sql}")))
+    }
+
+    fn table_name(&self, relation_id: u32) -> String {
+        self.relations
+            .get(&relation_id)
+            .map(|e| format!("{}.{}", e.source.namespace, e.source.name))
+            .unwrap_or_else(|| format!("relation {relation_id}"))
+    }
+
+    /// Commits the open target transaction with the link's progress at `end_lsn`.
+    /// Returns the number of changes applied in it.
+    pub async fn commit(&mut self, end_lsn: Lsn) -> Result<u64, ApplyError> {
+        let Some(txn) = self.open.take() else {
+            return Ok(0);
+        };
+        let sql = format!(
+            "INSERT INTO walsync.link_progress AS p (link, source_lsn, source_commit_time, transactions, applied_at) \
+             VALUES ({link}, '{end_lsn}', {ts}, 1, now()) \
+             ON CONFLICT (link) DO UPDATE SET source_lsn = excluded.source_lsn, \
+               source_commit_time = excluded.source_commit_time, \
+               transactions = p.transactions + 1, applied_at = now(); COMMIT",
+            link = quote_literal(&self.link),
+            ts = timestamp_sql(txn.commit_time_us)
+        );
+        self.client.batch_execute(&sql).await.map_err(ApplyError::sql("committing the target transaction"))?;
+        Ok(self.rows_in_txn)
+    }
+
+    /// Drops the open target transaction, if any (the source will send it again).
+    pub async fn rollback(&mut self) {
+        if self.open.take().is_some() {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+    }
+}
+
+/// A PostgreSQL timestamp (µs since 2000-01-01 UTC) as an exact SQL expression.
+fn timestamp_sql(us_since_2000: i64) -> String {
+    format!("('2000-01-01 00:00:00+00'::timestamptz + {us_since_2000} * interval '1 microsecond')")
+}
+
+fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}

@@ -1,0 +1,68 @@
+//! The command line: one file per subcommand.
+
+pub mod demo;
+pub mod init;
+pub mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, ConfigError};
+
+#[derive(Debug, Parser)]
+#[command(name = "walsync", version, about = "Two-way PostgreSQL replication for stores that lose their link")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ConfigArg {
+    /// The sidecar's TOML config (every key can be overridden by WALSYNC_<SECTION>_<KEY>).
+    #[arg(long, short = 'c', env = "WALSYNC_CONFIG")]
+    pub config: PathBuf,
+}
+
+impl ConfigArg {
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        Config::load(&self.config, std::env::vars())
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Prepare this node: check settings, create schema walsync, publication, slots, origins.
+    Init(ConfigArg),
+    /// Run the sidecar: stream and apply this node's links until stopped (Ctrl-C / SIGTERM).
+    Run(ConfigArg),
+    /// Show walsync on three throwaway local PostgreSQL clusters: write, cut, heal, converge.
+    Demo(demo::DemoArgs),
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Init(c) => init::run(&c).await,
+            Command::Run(c) => run::run(&c).await,
+            Command::Demo(a) => demo::run(a).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {}", crate::runtime::link::error_chain(e.as_ref()));
+            ExitCode::from(2)
+        }
+    }
+}
+
+pub type CliResult = Result<ExitCode, Box<dyn std::error::Error + Send + Sync>>;

@@ -1,0 +1,41 @@
+//! `walsync run --config FILE`: the sidecar, until SIGINT or SIGTERM.
+
+use std::process::ExitCode;
+
+use tracing::info;
+
+use super::{CliResult, ConfigArg};
+use crate::runtime::{run_sidecar, shutdown_channel};
+
+pub async fn run(arg: &ConfigArg) -> CliResult {
+    let config = arg.load()?;
+    let (tx, rx) = shutdown_channel();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        info!("shutting down");
+        let _ = tx.send(true);
+    });
+    info!(node = %config.node.name, id = config.node.id, "sidecar starting");
+    run_sidecar(&config, rx).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

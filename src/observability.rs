@@ -1,0 +1,17 @@
+//! Logging: lowercase fragments with fields, to stderr. `WALSYNC_LOG` (or `RUST_LOG`) sets
+//! the filter, e.g. `WALSYNC_LOG=walsync=debug`.
+
+use tracing_subscriber::EnvFilter;
+
+pub fn init_tracing() {
+    let filter = std::env::var("WALSYNC_LOG")
+        .ok()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .map(EnvFilter::new)
+        .unwrap_or_else(|| EnvFilter::new("walsync=info,warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,301 @@
+//! One link `A -> B`, run until shutdown: connect, resume from B's recorded progress,
+//! stream, filter, apply, acknowledge; on any error roll back, wait, and start over.
+//!
+//! Invariant: A's slot is acknowledged only up to the end LSN of a source transaction
+//! that B has committed (or that B never needs: filtered out, or already applied), and
+//! progress is read back from B at every (re)start, so a link can fail anywhere and
+//! resume with nothing skipped and nothing applied twice.
+
+use std::time::Duration;
+
+use pgwire_replication::ReplicationEvent;
+use tokio::sync::watch;
+use tracing::{debug, error, info, warn};
+
+use crate::apply::{ApplyError, ApplyWorker, RemoteTxn};
+use crate::config::{ApplyConfig, LinkSpec};
+use crate::lsn::Lsn;
+use crate::merge::{MergeError, OriginFilter};
+use crate::node::connect::{connect, ConnectError};
+use crate::node::names::PgName;
+use crate::pgoutput::{self, DecodeError, Message};
+use crate::runtime::backoff::Backoff;
+use crate::stream::{NodeStream, StreamError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("undecodable message from the upstream")]
+    Decode(#[from] DecodeError),
+    #[error(transparent)]
+    Merge(#[from] MergeError),
+    #[error(transparent)]
+    Apply(#[from] ApplyError),
+    #[error("a change arrived outside a transaction")]
+    OutsideTransaction,
+    #[error("slot {slot} does not exist on {node}: run walsync init on {node}")]
+    NoSlot { slot: String, node: String },
+}
+
+/// What an error means for the link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Likely to pass by itself (network, restart): retry soon.
+    Retry,
+    /// Needs a human (schema difference, credentials, setup): the link waits at the
+    /// longest backoff, retrying so that it resumes by itself once fixed.
+    HaltPeer,
+}
+
+impl LinkError {
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            LinkError::Connect(e) if e.is_permanent() => Disposition::HaltPeer,
+            LinkError::Stream(e) if e.is_auth() => Disposition::HaltPeer,
+            LinkError::Apply(ApplyError::MissingTable { .. } | ApplyError::Statement(_) | ApplyError::Conflict { .. }) => {
+                Disposition::HaltPeer
+            }
+            LinkError::Decode(_) | LinkError::Merge(_) | LinkError::NoSlot { .. } => Disposition::HaltPeer,
+            _ => Disposition::Retry,
+        }
+    }
+}
+
+/// The full cause chain of an error, on one line, for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+pub async fn run_link(spec: LinkSpec, cfg: ApplyConfig, mut shutdown: watch::Receiver<bool>) {
+    let name = spec.name();
+    let mut backoff = Backoff::new(Duration::from_millis(cfg.reconnect_min_ms), Duration::from_millis(cfg.reconnect_max_ms));
+    loop {
+        let mut healthy = false;
+        let result = run_session(&spec, &mut shutdown, &mut healthy).await;
+        if *shutdown.borrow() {
+            info!(link = %name, "stopped");
+            return;
+        }
+        if healthy {
+            backoff.reset();
+        }
+        let wait = match result {
+            Ok(()) => backoff.next(),
+            Err(e) => {
+                let d = e.disposition();
+                let wait = if d == Disposition::HaltPeer { backoff.max() } else { backoff.next() };
+                match d {
+                    Disposition::Retry => warn!(link = %name, error = %error_chain(&e), retry_in_ms = wait.as_millis() as u64, "link interrupted"),
+                    Disposition::HaltPeer => error!(link = %name, error = %error_chain(&e), retry_in_ms = wait.as_millis() as u64, "link stopped: needs an operator"),
+                }
+                wait
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// The transaction being read from the stream.
+struct SourceTxn {
+    final_lsn: Lsn,
+    commit_time_us: i64,
+    origin: Option<(String, Lsn)>,
+    /// Decided at the first change: apply it (`Some(txn)`) or let it pass (`None`).
+    decision: Option<Option<RemoteTxn>>,
+}
+
+async fn run_session(spec: &LinkSpec, shutdown: &mut watch::Receiver<bool>, healthy: &mut bool) -> Result<(), LinkError> {
+    let link = spec.name();
+    let app = format!("walsync {link}");
+    let slot = PgName::slot_to(&spec.to.name);
+    let filter = OriginFilter {
+        upstream: spec.from.name.clone(),
+        downstream: spec.to.name.clone(),
+        upstream_forwards_others: spec.from_forwards_others,
+    };
+
+    let target = connect(&spec.to.dsn, &format!("{app} apply")).await?;
+    let mut apply = ApplyWorker::new(target, link.clone()).await?;
+    let mut progress = apply.progress().await?;
+    release_slot(spec, &slot, &app).await?;
+    let mut stream = NodeStream::open(&spec.from.dsn, &slot, progress, &app).await?;
+    info!(link = %link, from_lsn = %progress, "streaming");
+    *healthy = true;
+
+    let mut txn: Option<SourceTxn> = None;
+    let result = loop {
+        let event = tokio::select! {
+            biased;
+            // 1. shutdown: roll back the open target transaction, nothing is acknowledged past it
+            _ = shutdown.changed() => break Ok(()),
+            // 2. the next event of the stream
+            ev = stream.recv() => ev,
+        };
+        let event = match event {
+            Ok(Some(ev)) => ev,
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(LinkError::from(e)),
+        };
+        if let Err(e) = handle_event(event, &filter, &mut apply, &stream, &mut txn, &mut progress, &link).await {
+            break Err(e);
+        }
+    };
+    apply.rollback().await;
+    stream.close().await;
+    result
+}
+
+async fn handle_event(
+    event: ReplicationEvent,
+    filter: &OriginFilter,
+    apply: &mut ApplyWorker,
+    stream: &NodeStream,
+    txn: &mut Option<SourceTxn>,
+    progress: &mut Lsn,
+    link: &str,
+) -> Result<(), LinkError> {
+    match event {
+        ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
+            *txn = Some(SourceTxn {
+                final_lsn: final_lsn.into(),
+                commit_time_us: commit_time_micros,
+                origin: None,
+                decision: None,
+            });
+        }
+        ReplicationEvent::XLogData { data, .. } => match pgoutput::decode(&data)? {
+            Message::Origin(o) => {
+                let t = txn.as_mut().ok_or(LinkError::OutsideTransaction)?;
+                t.origin = Some((o.name, o.commit_lsn));
+            }
+            Message::Relation(r) => apply.on_relation(r),
+            Message::Type(_) | Message::Begin(_) | Message::Commit(_) | Message::LogicalMessage(_) => {}
+            Message::Insert(ins) => {
+                if decide(txn, filter, apply, ins.relation_id, *progress).await? {
+                    apply.insert(&ins).await?;
+                }
+            }
+            Message::Update(upd) => {
+                if decide(txn, filter, apply, upd.relation_id, *progress).await? {
+                    apply.update(&upd).await?;
+                }
+            }
+            Message::Delete(del) => {
+                if decide(txn, filter, apply, del.relation_id, *progress).await? {
+                    apply.delete(&del).await?;
+                }
+            }
+            Message::Truncate(t) => {
+                let first = t.relation_ids.first().copied().unwrap_or(0);
+                if !t.relation_ids.is_empty() && decide(txn, filter, apply, first, *progress).await? {
+                    apply.truncate(&t).await?;
+                }
+            }
+        },
+        ReplicationEvent::Commit { end_lsn, .. } => {
+            let end: Lsn = end_lsn.into();
+            let applied = apply.is_open();
+            let changes = apply.commit(end).await?;
+            if applied {
+                debug!(link = %link, lsn = %end, changes, "applied");
+            }
+            *txn = None;
+            if end > *progress {
+                *progress = end;
+            }
+            stream.ack(end);
+        }
+        ReplicationEvent::Message { .. } | ReplicationEvent::KeepAlive { .. } | ReplicationEvent::StoppedAt { .. } => {}
+    }
+    Ok(())
+}
+
+/// Whether this change is applied; opens the target transaction on the first applied change.
+async fn decide(
+    txn: &mut Option<SourceTxn>,
+    filter: &OriginFilter,
+    apply: &mut ApplyWorker,
+    relation_id: u32,
+    progress: Lsn,
+) -> Result<bool, LinkError> {
+    let t = txn.as_mut().ok_or(LinkError::OutsideTransaction)?;
+    if t.decision.is_none() {
+        // Commit records are ordered: a transaction whose commit starts before the end of
+        // the last one applied here was applied already (resume after a crash).
+        let already = t.final_lsn < progress;
+        let author = filter.author(t.origin.as_ref().map(|(n, _)| n.as_str()))?;
+        t.decision = Some((!already && filter.forwards(&author)).then(|| RemoteTxn {
+            origin: PgName::origin_of(&author),
+            origin_lsn: t.origin.as_ref().map(|(_, l)| *l).unwrap_or(t.final_lsn),
+            commit_time_us: t.commit_time_us,
+        }));
+    }
+    let Some(Some(remote)) = &t.decision else {
+        return Ok(false);
+    };
+    if !apply.replicates(relation_id)? {
+        return Ok(false);
+    }
+    apply.begin(remote).await?;
+    Ok(true)
+}
+
+/// A sidecar killed without closing its connection leaves a walsender holding the slot
+/// until `wal_sender_timeout`; end it so this link can resume now. Only walsenders that
+/// carry this link's application name are touched: another tool's stays, and the start
+/// then fails with the server's "slot is active" error, which names the pid.
+async fn release_slot(spec: &LinkSpec, slot: &str, app: &str) -> Result<(), LinkError> {
+    let client = connect(&spec.from.dsn, &format!("{app} control")).await?;
+    let row = client
+        .query_opt(
+            "SELECT s.active_pid, a.application_name FROM pg_replication_slots s \
+             LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(|source| ApplyError::Sql { what: format!("reading slot {slot}"), source })?;
+    let Some(row) = row else {
+        return Err(LinkError::NoSlot { slot: slot.to_string(), node: spec.from.name.to_string() });
+    };
+    let pid: Option<i32> = row.get(0);
+    let holder: Option<String> = row.get(1);
+    if let Some(pid) = pid {
+        if holder.as_deref() == Some(app) {
+            warn!(link = %spec.name(), slot, pid, "terminating a stale walsender of this link (its sidecar went away without closing)");
+            client
+                .execute("SELECT pg_terminate_backend($1)", &[&pid])
+                .await
+                .map_err(|source| ApplyError::Sql { what: format!("terminating walsender {pid}"), source })?;
+            // Wait (bounded) until the slot is released.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let active: Option<i32> = client
+                    .query_one("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+                    .await
+                    .map_err(|source| ApplyError::Sql { what: format!("reading slot {slot}"), source })?
+                    .get(0);
+                if active.is_none() || tokio::time::Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    Ok(())
+}

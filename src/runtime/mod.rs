@@ -1,0 +1,40 @@
+//! The sidecar's tasks: one per link, each named, all stopped through one shutdown channel.
+
+pub mod backoff;
+pub mod link;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::info;
+
+use crate::config::Config;
+
+/// Sends `true` once to stop every task.
+pub type ShutdownTx = watch::Sender<bool>;
+pub type ShutdownRx = watch::Receiver<bool>;
+
+pub fn shutdown_channel() -> (ShutdownTx, ShutdownRx) {
+    watch::channel(false)
+}
+
+/// Runs every link of this sidecar until `shutdown` fires; returns when all have stopped.
+pub async fn run_sidecar(config: &Config, shutdown: ShutdownRx) {
+    let mut tasks = JoinSet::new();
+    let links = config.links();
+    if links.is_empty() {
+        info!(node = %config.node.name, "no links to run here (every peer runs its links with this node)");
+    }
+    for spec in links {
+        info!(link = %spec.name(), from = %spec.from.dsn, to = %spec.to.dsn, "starting link");
+        tasks.spawn(link::run_link(spec, config.apply.clone(), shutdown.clone()));
+    }
+    let mut shutdown = shutdown;
+    if config.links().is_empty() {
+        let _ = shutdown.wait_for(|s| *s).await;
+    }
+    while let Some(res) = tasks.join_next().await {
+        if let Err(e) = res {
+            tracing::error!(error = %e, "link task failed");
+        }
+    }
+}

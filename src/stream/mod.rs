@@ -1,0 +1,97 @@
+//! The replication connection of one link: `START_REPLICATION` on the upstream's slot with
+//! pgoutput (protocol v1, through pgwire-replication), events out, acknowledgements in.
+//!
+//! Guarantee: the slot is acknowledged only up to what the caller passes to [`NodeStream::ack`],
+//! which the applier calls with a source commit's end LSN once that transaction is
+//! committed on the target. Until the first ack the worker reports the start LSN, which
+//! is itself a committed position (the target's recorded progress), so nothing is skipped.
+
+use std::time::Duration;
+
+use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
+
+use crate::config::Dsn;
+use crate::lsn::Lsn;
+use crate::node::connect::SESSION_OPTIONS;
+use crate::node::names::PUBLICATION;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("{dsn}: {reason}")]
+    Config { dsn: String, reason: String },
+    #[error("replication stream from {dsn}")]
+    Wire {
+        dsn: String,
+        #[source]
+        source: PgWireError,
+    },
+}
+
+impl StreamError {
+    pub fn is_auth(&self) -> bool {
+        matches!(self, StreamError::Wire { source: PgWireError::Auth(_), .. })
+    }
+}
+
+/// Events buffered between the wire worker and the applier. Each is one pgoutput message
+/// (one row at most, bounded by `max_message_size`), so the buffer holds at most
+/// 1024 x (largest row) bytes: with Odoo's rows (< 8 kB each, TOAST aside) about 8 MiB.
+const BUFFER_EVENTS: usize = 1024;
+/// Largest single message accepted (one row, its TOASTed values included).
+const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+pub struct NodeStream {
+    client: ReplicationClient,
+    dsn: String,
+}
+
+impl NodeStream {
+    /// Starts streaming `slot` at `start` (0/0 means the slot's confirmed position).
+    pub async fn open(dsn: &Dsn, slot: &str, start: Lsn, application_name: &str) -> Result<NodeStream, StreamError> {
+        let shown = dsn.to_string();
+        let cfg: tokio_postgres::Config = dsn.expose().parse().map_err(|e| StreamError::Config {
+            dsn: shown.clone(),
+            reason: format!("connection string does not parse: {e}"),
+        })?;
+        let host = match cfg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".to_string(),
+        };
+        let port = cfg.get_ports().first().copied().unwrap_or(5432);
+        let user = cfg.get_user().unwrap_or("postgres").to_string();
+        let password = cfg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+        let database = cfg.get_dbname().unwrap_or(&user).to_string();
+        let rcfg = ReplicationConfig::new(host, user, password, database, slot, PUBLICATION)
+            .with_port(port)
+            .with_start_lsn(start.into())
+            .with_status_interval(Duration::from_millis(500))
+            .with_wakeup_interval(Duration::from_secs(5))
+            .with_buffer_size(BUFFER_EVENTS)
+            .with_max_message_size(MAX_MESSAGE_BYTES)
+            .with_options(SESSION_OPTIONS.replace(" -c client_encoding=UTF8", ""))
+            .with_application_name(application_name);
+        let wire = |source| StreamError::Wire { dsn: shown.clone(), source };
+        let client = ReplicationClient::connect(rcfg).await.map_err(wire)?;
+        client_started(client, shown).await
+    }
+
+    pub async fn recv(&mut self) -> Result<Option<ReplicationEvent>, StreamError> {
+        self.client.recv().await.map_err(|source| StreamError::Wire { dsn: self.dsn.clone(), source })
+    }
+
+    /// Everything up to `lsn` is committed downstream; the slot may let it go.
+    pub fn ack(&self, lsn: Lsn) {
+        self.client.update_applied_lsn(lsn.into());
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.client.shutdown().await;
+    }
+}
+
+async fn client_started(mut client: ReplicationClient, dsn: String) -> Result<NodeStream, StreamError> {
+    client.wait_started().await.map_err(|source| StreamError::Wire { dsn: dsn.clone(), source })?;
+    Ok(NodeStream { client, dsn })
+}
