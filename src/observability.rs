@@ -1,6 +1,8 @@
 //! Logging: lowercase fragments with fields, to stderr. `WALSYNC_LOG` (or `RUST_LOG`) sets
 //! the filter, e.g. `WALSYNC_LOG=walsync=debug`.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 pub fn init_tracing() {
@@ -12,6 +14,7 @@ pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }
