@@ -18,3 +18,5 @@ pub mod apply;
 pub mod runtime;
 pub mod cli;
 pub mod observability;
+pub mod sequences;
+pub mod localpg;

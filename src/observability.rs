@@ -5,12 +5,13 @@ use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
-pub fn init_tracing() {
+/// `default` applies when neither variable is set.
+pub fn init_tracing(default: &str) {
     let filter = std::env::var("WALSYNC_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .map(EnvFilter::new)
-        .unwrap_or_else(|| EnvFilter::new("walsync=info,warn"));
+        .unwrap_or_else(|| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -41,6 +41,16 @@ pub enum Command {
     Demo(demo::DemoArgs),
 }
 
+impl Cli {
+    /// The demo narrates on stdout; its sidecars only speak up about problems.
+    pub fn default_log_filter(&self) -> &'static str {
+        match self.command {
+            Command::Demo(_) => "error",
+            _ => "walsync=info,warn",
+        }
+    }
+}
+
 pub fn run(cli: Cli) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

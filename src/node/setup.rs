@@ -28,6 +28,12 @@ pub enum SetupError {
         want_id: u32,
         want_step: u32,
     },
+    #[error("node {node}")]
+    Sequence {
+        node: String,
+        #[source]
+        source: crate::sequences::SequenceError,
+    },
     #[error("node {node}: {what}")]
     Sql {
         node: String,
@@ -83,6 +89,17 @@ pub async fn init_node(config: &Config) -> Result<SetupReport, SetupError> {
             .await
             .map_err(sql_err(&me, "creating the publication"))?;
         report.actions.push(format!("created publication {PUBLICATION} (FOR ALL TABLES)"));
+    }
+
+    let step = config.cluster.step;
+    let changed = crate::sequences::partition_all(&client, me.id, step)
+        .await
+        .map_err(|e| SetupError::Sequence { node: me.name.to_string(), source: e })?;
+    if changed > 0 {
+        report.actions.push(format!(
+            "partitioned {changed} sequence(s): this node now hands out ids \u{2261} {} (mod {step})",
+            me.id % step
+        ));
     }
 
     for (peer, _) in config.peer_nodes() {

@@ -1,0 +1,242 @@
+//! End-to-end: real PostgreSQL clusters, the real `walsync` binary, data in both directions.
+//!
+//! Ids are chosen per node (node k writes ids k*100000 + n) until sequence partitioning
+//! makes that automatic.
+
+mod support;
+
+use support::*;
+
+#[test]
+fn two_nodes_write_both_ways() {
+    let mut c = TestCluster::new("two-nodes", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    c.start();
+    c.node("a").sql("INSERT INTO partner (id, name) VALUES (100001, 'Ana'), (100002, 'Ben')");
+    c.node("b").sql("INSERT INTO partner (id, name) VALUES (200001, 'Cleo')");
+    c.wait_rows("a", "partner", 3);
+    c.wait_rows("b", "partner", 3);
+    c.node("b").sql("UPDATE partner SET email = 'ana@example.com' WHERE id = 100001");
+    c.node("a").sql("DELETE FROM partner WHERE id = 200001");
+    c.wait_converged("partner");
+    assert_eq!(c.node("a").sql("SELECT email FROM partner WHERE id = 100001"), "ana@example.com");
+    assert_eq!(c.node("b").count("partner"), 2);
+
+    // The row keeps its author: b's copy of a's row carries origin walsync_a and a's commit time.
+    let author = c.node("b").sql(
+        "SELECT o.roname FROM partner p, pg_replication_origin o \
+         WHERE p.id = 100002 AND o.roident = (pg_xact_commit_timestamp_origin(p.xmin)).roident",
+    );
+    assert_eq!(author, "walsync_a");
+    let t_a = c.node("a").sql("SELECT pg_xact_commit_timestamp(xmin) FROM partner WHERE id = 100002");
+    let t_b = c.node("b").sql("SELECT pg_xact_commit_timestamp(xmin) FROM partner WHERE id = 100002");
+    assert_eq!(t_a, t_b, "the applied row keeps the author's commit time");
+}
+
+#[test]
+fn star_forwards_a_branch_write_to_the_other_branch_and_nothing_loops() {
+    let mut c = TestCluster::new("star", Topology::Star, &["main", "branch1", "branch2"], RETAIL_SCHEMA);
+    c.start();
+    c.node("branch1").sql("INSERT INTO product (id, name, price) VALUES (200001, 'Soap', 2.50)");
+    c.wait_rows("branch2", "product", 1);
+    c.node("main").sql("INSERT INTO product (id, name, price) VALUES (100001, 'Tea', 4.00)");
+    c.node("branch2").sql("INSERT INTO product (id, name, price) VALUES (300001, 'Rice', 1.10)");
+    c.wait_converged("product");
+    for n in ["main", "branch1", "branch2"] {
+        assert_eq!(c.node(n).count("product"), 3, "{n}");
+    }
+    // Each node applied exactly the transactions written elsewhere: no echo, no loop.
+    wait_for(
+        "applied transaction counts to settle",
+        DEADLINE,
+        || {
+            c.node("main").applied_transactions() == 2
+                && c.node("branch1").applied_transactions() == 2
+                && c.node("branch2").applied_transactions() == 2
+        },
+        || {
+            format!(
+                "main {} branch1 {} branch2 {}\n{}",
+                c.node("main").applied_transactions(),
+                c.node("branch1").applied_transactions(),
+                c.node("branch2").applied_transactions(),
+                c.logs()
+            )
+        },
+    );
+    // The forwarded row names its real author on branch2, not the hub.
+    let author = c.node("branch2").sql(
+        "SELECT o.roname FROM product p, pg_replication_origin o \
+         WHERE p.id = 200001 AND o.roident = (pg_xact_commit_timestamp_origin(p.xmin)).roident",
+    );
+    assert_eq!(author, "walsync_branch1");
+}
+
+#[test]
+fn mesh_of_three_converges() {
+    let mut c = TestCluster::new("mesh3", Topology::Mesh, &["a", "b", "c"], RETAIL_SCHEMA);
+    c.start();
+    for (i, n) in ["a", "b", "c"].iter().enumerate() {
+        let base = (i + 1) * 100000;
+        c.node(n).sql(&format!(
+            "INSERT INTO partner (id, name) SELECT {base} + g, 'p' || g FROM generate_series(1, 50) g"
+        ));
+    }
+    c.wait_converged("partner");
+    assert_eq!(c.node("c").count("partner"), 150);
+    c.node("c").sql("UPDATE partner SET active = false WHERE id % 2 = 0");
+    c.wait_converged("partner");
+    assert_eq!(c.node("a").sql("SELECT count(*) FROM partner WHERE NOT active"), "75");
+    wait_for(
+        "every node applied the 2 transactions of each of the other nodes",
+        DEADLINE,
+        || c.nodes.iter().map(|n| n.applied_transactions()).collect::<Vec<_>>() == [3, 3, 4],
+        || format!("{:?}", c.nodes.iter().map(|n| n.applied_transactions()).collect::<Vec<_>>()),
+    );
+}
+
+#[test]
+fn every_odoo_column_type_round_trips() {
+    let schema = "CREATE TABLE typed (
+        id serial PRIMARY KEY, i4 int4, i8 int8, num numeric(20,6), txt text, vc varchar(20), js jsonb,
+        flag bool, d date, ts timestamp, tstz timestamptz, raw bytea, ints int4[], texts text[],
+        f8 double precision, big text)";
+    let mut c = TestCluster::new("types", Topology::Mesh, &["a", "b"], schema);
+    c.node("a").sql("ALTER TABLE typed REPLICA IDENTITY FULL");
+    c.node("b").sql("ALTER TABLE typed REPLICA IDENTITY FULL");
+    c.start();
+    c.node("a").sql(
+        "INSERT INTO typed VALUES
+          (1, -2147483648, 9223372036854775807, 12345678901234.123456, E'multi\\nline ''quoted'' \\\\ tab\\t', 'varchar',
+           '{\"k\": [1, 2.5, null, \"é\"]}', true, '2026-11-25', '2026-11-25 13:14:15.123456', '2026-11-25 13:14:15.654321+05:30',
+           '\\x00ff10', '{1,NULL,-3}', '{\"a b\",NULL,\"c,d\"}', 0.1, repeat(md5('x'), 1000)),
+          (2, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL)",
+    );
+    c.wait_converged("typed");
+    // An update that leaves the large (TOASTed) column untouched keeps it on the target.
+    c.node("a").sql("UPDATE typed SET i4 = 7 WHERE id = 1");
+    c.wait_converged("typed");
+    assert_eq!(c.node("b").sql("SELECT length(big) FROM typed WHERE id = 1"), "32000");
+    assert_eq!(c.node("b").sql("SELECT f8 = 0.1 AND num = 12345678901234.123456 AND i8 = 9223372036854775807 FROM typed WHERE id = 1"), "t");
+    // TRUNCATE travels too.
+    c.node("b").sql("TRUNCATE typed");
+    c.wait_rows("a", "typed", 0);
+}
+
+#[test]
+fn sidecar_killed_mid_transaction_resumes_with_nothing_lost_or_doubled() {
+    let mut c = TestCluster::new("kill9", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    c.start();
+    c.node("a").sql("INSERT INTO product (id, name, price) VALUES (1, 'Soap', 1)");
+    c.wait_rows("b", "product", 1);
+    // One large source transaction; kill b's sidecar while it is being applied.
+    c.node("a").sql(
+        "INSERT INTO pos_order (id, name) SELECT g, 'Shop/' || g FROM generate_series(1, 200000) g",
+    );
+    let b = c.node("b");
+    wait_for(
+        "b to be inside the large transaction",
+        DEADLINE,
+        || {
+            b.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'walsync a->b apply' AND state <> 'idle' AND xact_start IS NOT NULL")
+                != "0"
+        },
+        || c.logs(),
+    );
+    c.node_mut("b").kill_sidecar();
+    assert_eq!(c.node("b").count("pos_order"), 0, "the interrupted transaction is not visible");
+    c.node_mut("b").start_sidecar();
+    c.wait_rows("b", "pos_order", 200000);
+    c.node("a").sql("INSERT INTO pos_order (id, name) VALUES (200001, 'after')");
+    c.wait_rows("b", "pos_order", 200001);
+    assert_eq!(c.node("b").sql("SELECT count(DISTINCT id) FROM pos_order"), "200001");
+    c.wait_converged("pos_order");
+}
+
+#[test]
+fn peer_down_for_a_while_then_back_converges() {
+    let mut c = TestCluster::new("peer-down", Topology::Star, &["main", "branch1"], RETAIL_SCHEMA);
+    c.start();
+    c.node("main").sql("INSERT INTO partner (id, name) VALUES (100001, 'before')");
+    c.wait_rows("branch1", "partner", 1);
+    // main's PostgreSQL goes away; both sides keep writing.
+    c.node_mut("main").pg.stop().unwrap();
+    c.node("branch1").sql("INSERT INTO partner (id, name) SELECT 200000 + g, 'cut ' || g FROM generate_series(1, 100) g");
+    let b1 = c.node("branch1");
+    wait_for(
+        "branch1's sidecar to notice main is gone",
+        DEADLINE,
+        || b1.sidecar_log().contains("link interrupted"),
+        || c.logs(),
+    );
+    c.node_mut("main").pg.restart().unwrap();
+    c.node("main").sql("INSERT INTO partner (id, name) SELECT 100001 + g, 'main ' || g FROM generate_series(1, 100) g");
+    c.wait_converged("partner");
+    assert_eq!(c.node("main").count("partner"), 201);
+}
+
+#[test]
+fn init_is_idempotent_and_refuses_bad_setups() {
+    let c = TestCluster::new("init", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    let cfg = c.node("a").config.to_str().unwrap().to_string();
+    let (ok, out) = walsync(&["init", "--config", &cfg]);
+    assert!(ok, "{out}");
+    assert!(out.contains("nothing to do"), "{out}");
+
+    // A table without a key is refused by name, before anything else changes.
+    c.node("a").sql("CREATE TABLE nokey (a int)");
+    let (ok, out) = walsync(&["init", "--config", &cfg]);
+    assert!(!ok);
+    assert!(out.contains("public.nokey") && out.contains("PRIMARY KEY"), "{out}");
+    c.node("a").sql("DROP TABLE nokey");
+
+    // A config pointed at the wrong database is refused.
+    let wrong = std::fs::read_to_string(&cfg).unwrap().replacen("id = 1", "id = 3", 1);
+    let wrong_path = c.dir.join("wrong.toml");
+    std::fs::write(&wrong_path, wrong).unwrap();
+    let (ok, out) = walsync(&["init", "--config", wrong_path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("was initialised as node \"a\""), "{out}");
+
+    // Unreachable server: a clear message, no panic.
+    let unreachable = std::fs::read_to_string(&cfg).unwrap().replacen(&format!("port={}", c.node("a").pg.port()), "port=1", 1);
+    std::fs::write(&wrong_path, unreachable).unwrap();
+    let (ok, out) = walsync(&["init", "--config", wrong_path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("unreachable"), "{out}");
+
+    // Settings missing: wal_level and track_commit_timestamp named with their fix.
+    let mut a = c.nodes.into_iter().next().unwrap();
+    a.sql("ALTER SYSTEM SET wal_level = replica");
+    a.sql("ALTER SYSTEM SET track_commit_timestamp = off");
+    a.pg.stop().unwrap();
+    a.pg.restart().unwrap();
+    let (ok, out) = walsync(&["init", "--config", &cfg]);
+    assert!(!ok);
+    assert!(out.contains("wal_level") && out.contains("track_commit_timestamp") && out.contains("restart"), "{out}");
+}
+
+#[test]
+fn wrong_password_and_bad_config_get_clear_errors() {
+    let c = TestCluster::new("auth", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    let a = c.node("a");
+    a.sql("CREATE ROLE sync LOGIN SUPERUSER PASSWORD 'right'");
+    // Password authentication for TCP connections of role sync.
+    let hba = a.pg.dir().join("data/pg_hba.conf");
+    let text = std::fs::read_to_string(&hba).unwrap();
+    std::fs::write(&hba, format!("host all sync 127.0.0.1/32 scram-sha-256\n{text}")).unwrap();
+    a.sql("SELECT pg_reload_conf()");
+    let cfg = std::fs::read_to_string(&a.config)
+        .unwrap()
+        .replacen("user=postgres", "user=sync password=wrong", 1);
+    let path = c.dir.join("badpw.toml");
+    std::fs::write(&path, &cfg).unwrap();
+    let (ok, out) = walsync(&["init", "--config", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("password authentication failed"), "{out}");
+    assert!(!out.contains("wrong"), "the password is never printed: {out}");
+
+    std::fs::write(&path, cfg.replace("[node]", "[node]\ncolour = \"blue\"")).unwrap();
+    let (ok, out) = walsync(&["init", "--config", path.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("colour"), "{out}");
+}

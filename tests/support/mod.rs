@@ -1,0 +1,277 @@
+//! Test support: real local PostgreSQL clusters on 127.0.0.1 and the real `walsync` binary.
+//!
+//! Waits are conditions with a deadline ([`wait_for`]), never fixed sleeps.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use walsync::localpg::LocalCluster;
+
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A fresh directory under /tmp that the postgres user can traverse.
+pub fn scratch_dir(test: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let dir = std::env::temp_dir().join(format!(
+        "walsync-test-{test}-{}-{}-{nanos}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Polls `cond` until it holds or `deadline` passes; panics with `what` and `diag()` then.
+pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool, diag: impl Fn() -> String) {
+    let start = Instant::now();
+    while !cond() {
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}\n{}", diag());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub struct Node {
+    pub name: String,
+    pub id: u32,
+    pub pg: LocalCluster,
+    pub config: PathBuf,
+    pub sidecar: Option<Sidecar>,
+}
+
+impl Node {
+    pub fn sql(&self, sql: &str) -> String {
+        self.pg.psql(sql).unwrap_or_else(|e| panic!("on {}: {e}", self.name))
+    }
+
+    pub fn try_sql(&self, sql: &str) -> Result<String, String> {
+        self.pg.psql(sql).map_err(|e| e.to_string())
+    }
+
+    pub fn count(&self, table: &str) -> i64 {
+        self.sql(&format!("SELECT count(*) FROM {table}")).parse().unwrap()
+    }
+
+    /// Order-independent content checksum of a table.
+    pub fn checksum(&self, table: &str) -> String {
+        self.sql(&format!(
+            "SELECT count(*) || ':' || coalesce(md5(string_agg(md5(t::text), '' ORDER BY md5(t::text))), '-') FROM {table} t"
+        ))
+    }
+
+    pub fn start_sidecar(&mut self) {
+        assert!(self.sidecar.is_none(), "sidecar of {} already running", self.name);
+        self.sidecar = Some(Sidecar::start(&self.config, &self.pg.dir().join(format!("sidecar-{}.log", self.name))));
+    }
+
+    pub fn kill_sidecar(&mut self) {
+        if let Some(mut s) = self.sidecar.take() {
+            s.kill9();
+        }
+    }
+
+    /// SIGTERM and wait: the clean way a sidecar stops.
+    pub fn stop_sidecar(&mut self) {
+        if let Some(mut s) = self.sidecar.take() {
+            s.terminate();
+        }
+    }
+
+    pub fn sidecar_log(&self) -> String {
+        std::fs::read_to_string(self.pg.dir().join(format!("sidecar-{}.log", self.name))).unwrap_or_default()
+    }
+
+    /// Source transactions this node applied from all its incoming links.
+    pub fn applied_transactions(&self) -> i64 {
+        self.sql("SELECT coalesce(sum(transactions), 0) FROM walsync.link_progress").parse().unwrap()
+    }
+}
+
+pub struct Sidecar {
+    child: Child,
+}
+
+impl Sidecar {
+    pub fn start(config: &Path, log: &Path) -> Sidecar {
+        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let child = Command::new(walsync_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("WALSYNC_LOG", "walsync=debug")
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .expect("spawn walsync run");
+        Sidecar { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn terminate(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                panic!("sidecar did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn walsync_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_walsync"))
+}
+
+/// Runs `walsync <args>` to completion; returns (success, stdout + stderr).
+pub fn walsync(args: &[&str]) -> (bool, String) {
+    let out = Command::new(walsync_bin()).args(args).output().expect("run walsync");
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.success(), text)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Topology {
+    /// First node is the hub.
+    Star,
+    Mesh,
+}
+
+/// A set of nodes with the same schema, initialised and (after `start`) replicating.
+pub struct TestCluster {
+    pub nodes: Vec<Node>,
+    pub topology: Topology,
+    pub dir: PathBuf,
+}
+
+impl TestCluster {
+    /// Starts one PostgreSQL per name, runs `schema` on each, writes the configs and runs
+    /// `walsync init` on every node. Sidecars are not started yet.
+    pub fn new(test: &str, topology: Topology, names: &[&str], schema: &str) -> TestCluster {
+        let dir = scratch_dir(test);
+        let mut nodes = Vec::new();
+        for (i, name) in names.iter().enumerate() {
+            let pg = LocalCluster::start(&dir.join(name), name).expect("start local PostgreSQL");
+            pg.psql(schema).unwrap_or_else(|e| panic!("schema on {name}: {e}"));
+            nodes.push(Node { name: name.to_string(), id: i as u32 + 1, pg, config: PathBuf::new(), sidecar: None });
+        }
+        let mut cluster = TestCluster { nodes, topology, dir };
+        for i in 0..cluster.nodes.len() {
+            let text = cluster.config_text(i);
+            let path = cluster.dir.join(format!("{}.toml", cluster.nodes[i].name));
+            std::fs::write(&path, text).unwrap();
+            cluster.nodes[i].config = path;
+        }
+        for n in &cluster.nodes {
+            let (ok, out) = walsync(&["init", "--config", n.config.to_str().unwrap()]);
+            assert!(ok, "walsync init on {} failed:\n{out}", n.name);
+        }
+        cluster
+    }
+
+    pub fn config_text(&self, i: usize) -> String {
+        let me = &self.nodes[i];
+        let mut s = String::new();
+        match self.topology {
+            Topology::Star => s.push_str(&format!("[cluster]\ntopology = \"star\"\nhub = \"{}\"\n", self.nodes[0].name)),
+            Topology::Mesh => s.push_str("[cluster]\ntopology = \"mesh\"\n"),
+        }
+        s.push_str(&format!("\n[node]\nname = \"{}\"\nid = {}\ndsn = \"{}\"\n", me.name, me.id, me.pg.dsn()));
+        s.push_str("\n[apply]\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n");
+        for (j, p) in self.nodes.iter().enumerate() {
+            let peer = match self.topology {
+                Topology::Star => j != i && (i == 0 || j == 0),
+                Topology::Mesh => j != i,
+            };
+            if peer {
+                s.push_str(&format!("\n[[peers]]\nname = \"{}\"\nid = {}\ndsn = \"{}\"\n", p.name, p.id, p.pg.dsn()));
+            }
+        }
+        s
+    }
+
+    pub fn start(&mut self) {
+        for n in &mut self.nodes {
+            n.start_sidecar();
+        }
+    }
+
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    pub fn node_mut(&mut self, name: &str) -> &mut Node {
+        self.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// Every node's sidecar log, for failure messages.
+    pub fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("===== sidecar {} =====\n{}", n.name, tail(&n.sidecar_log(), 40)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits until `table` has the same checksum on every node and `cond` holds for it.
+    pub fn wait_converged(&self, table: &str) {
+        wait_for(
+            &format!("{table} equal on every node"),
+            DEADLINE,
+            || {
+                let sums: Vec<String> = self.nodes.iter().map(|n| n.checksum(table)).collect();
+                sums.windows(2).all(|w| w[0] == w[1])
+            },
+            || {
+                let sums: Vec<String> = self.nodes.iter().map(|n| format!("{}: {}", n.name, n.checksum(table))).collect();
+                format!("{}\n{}", sums.join("\n"), self.logs())
+            },
+        );
+    }
+
+    pub fn wait_rows(&self, node: &str, table: &str, rows: i64) {
+        let n = self.node(node);
+        wait_for(
+            &format!("{rows} rows in {table} on {node}"),
+            DEADLINE,
+            || n.count(table) == rows,
+            || format!("{node} has {} rows\n{}", n.count(table), self.logs()),
+        );
+    }
+}
+
+pub fn tail(s: &str, lines: usize) -> String {
+    let v: Vec<&str> = s.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The small retail schema the tests write into.
+pub const RETAIL_SCHEMA: &str = "
+CREATE TABLE partner (id serial PRIMARY KEY, name text NOT NULL, email varchar(120), active boolean NOT NULL DEFAULT true, write_date timestamp);
+CREATE TABLE product (id serial PRIMARY KEY, name text NOT NULL, price numeric(12,2) NOT NULL, qty_available integer NOT NULL DEFAULT 0);
+CREATE TABLE pos_order (id serial PRIMARY KEY, name text NOT NULL, partner_id integer REFERENCES partner(id), amount_total numeric(12,2), note jsonb, date_order timestamptz NOT NULL DEFAULT now());
+CREATE TABLE pos_order_line (id serial PRIMARY KEY, order_id integer NOT NULL REFERENCES pos_order(id) ON DELETE CASCADE, product_id integer NOT NULL REFERENCES product(id), qty numeric NOT NULL, price_unit numeric(12,2) NOT NULL);
+";
