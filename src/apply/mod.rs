@@ -15,9 +15,12 @@
 
 pub mod catalog;
 mod param;
+pub mod pipeline;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Statement};
 use tracing::{debug, warn};
 
@@ -27,6 +30,7 @@ use crate::merge::statements::{RelationMap, RowWrite, Shape, StatementError};
 use crate::node::setup::ensure_origin;
 use crate::pgoutput::{Delete, Insert, Relation, Truncate, Update};
 use param::Param;
+use pipeline::{Answer, Pipeline, Tag};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -80,13 +84,16 @@ pub struct RemoteTxn {
 }
 
 pub struct ApplyWorker {
-    client: Client,
+    client: Arc<Client>,
     link: String,
     relations: HashMap<u32, RelationEntry>,
     statements: HashMap<(u32, Shape), Statement>,
     session_origin: Option<String>,
     open: Option<RemoteTxn>,
     rows_in_txn: u64,
+    pipeline: Pipeline,
+    /// End LSN of the newest source transaction whose target commit has been confirmed.
+    committed: Option<Lsn>,
 }
 
 impl ApplyWorker {
@@ -96,13 +103,15 @@ impl ApplyWorker {
             .await
             .map_err(ApplyError::sql("setting session_replication_role = replica (walsync's role must be a superuser)"))?;
         Ok(ApplyWorker {
-            client,
+            client: Arc::new(client),
             link,
             relations: HashMap::new(),
             statements: HashMap::new(),
             session_origin: None,
             open: None,
             rows_in_txn: 0,
+            pipeline: Pipeline::default(),
+            committed: None,
         })
     }
 
@@ -141,31 +150,97 @@ impl ApplyWorker {
             return Ok(());
         }
         if self.session_origin.as_deref() != Some(txn.origin.as_str()) {
+            let mut sql = String::new();
             if self.session_origin.take().is_some() {
-                self.client
-                    .batch_execute("SELECT pg_replication_origin_session_reset()")
-                    .await
-                    .map_err(ApplyError::sql("resetting the session's replication origin"))?;
+                sql.push_str("SELECT pg_replication_origin_session_reset(); ");
             }
             ensure_origin(&self.client, &txn.origin)
                 .await
                 .map_err(ApplyError::sql(format!("creating replication origin {}", txn.origin)))?;
-            self.client
-                .execute("SELECT pg_replication_origin_session_setup($1)", &[&txn.origin])
-                .await
-                .map_err(ApplyError::sql(format!("setting up replication origin {}", txn.origin)))?;
+            sql.push_str(&format!("SELECT pg_replication_origin_session_setup({})", quote_literal(&txn.origin)));
+            self.send_batch(sql, "setting up the replication origin").await?;
             self.session_origin = Some(txn.origin.clone());
         }
-        // One round trip; the values are numbers we format ourselves.
+        // The values are numbers we format ourselves.
         let sql = format!(
             "BEGIN; SELECT pg_replication_origin_xact_setup('{}', {})",
             txn.origin_lsn,
             timestamp_sql(txn.commit_time_us)
         );
-        self.client.batch_execute(&sql).await.map_err(ApplyError::sql("opening the target transaction"))?;
+        self.send_batch(sql, "opening the target transaction").await?;
         self.open = Some(txn.clone());
         self.rows_in_txn = 0;
         Ok(())
+    }
+
+    async fn send_batch(&mut self, sql: String, what: &'static str) -> Result<(), ApplyError> {
+        let client = self.client.clone();
+        let answers = self.pipeline.push(Tag::Other { what }, async move { client.batch_execute(&sql).await.map(|_| 0) }).await;
+        self.settle(answers)
+    }
+
+    /// Interprets answers: errors become [`ApplyError`]s, confirmed commits move `committed`.
+    fn settle(&mut self, answers: Vec<Answer>) -> Result<(), ApplyError> {
+        for answer in answers {
+            self.settle_one(answer)?;
+        }
+        Ok(())
+    }
+
+    fn settle_one(&mut self, (tag, result): Answer) -> Result<(), ApplyError> {
+        match (tag, result) {
+            (Tag::Commit { end_lsn }, Ok(_)) => self.committed = Some(end_lsn),
+            (Tag::Row { relation_id, when_no_row: Some(kind) }, Ok(0)) => {
+                let table = self.table_name(relation_id);
+                if kind == "update_missing" {
+                    warn!(link = %self.link, table = %table, conflict = kind, "row to update not found here; change skipped");
+                } else {
+                    debug!(link = %self.link, table = %table, conflict = kind, "row to delete not found here");
+                }
+            }
+            (_, Ok(_)) => {}
+            (Tag::Insert { relation_id }, Err(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                return Err(ApplyError::Conflict {
+                    table: self.table_name(relation_id),
+                    kind: "insert_exists",
+                    detail: format!(
+                        "{}; a row with this key already exists here",
+                        e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
+                    ),
+                });
+            }
+            (Tag::Insert { relation_id } | Tag::Row { relation_id, .. }, Err(source)) => {
+                return Err(ApplyError::Sql { what: format!("applying a change to {}", self.table_name(relation_id)), source })
+            }
+            (Tag::Commit { .. }, Err(source)) => {
+                return Err(ApplyError::Sql { what: "committing the target transaction".into(), source })
+            }
+            (Tag::Other { what }, Err(source)) => return Err(ApplyError::Sql { what: what.into(), source }),
+        }
+        Ok(())
+    }
+
+    /// The newest source end LSN whose target commit is confirmed, once.
+    pub fn take_committed(&mut self) -> Option<Lsn> {
+        self.committed.take()
+    }
+
+    pub fn has_in_flight(&self) -> bool {
+        !self.pipeline.is_empty()
+    }
+
+    /// Waits for the oldest outstanding answer and interprets it.
+    pub async fn settle_next(&mut self) -> Result<(), ApplyError> {
+        match self.pipeline.next().await {
+            Some(a) => self.settle_one(a),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for every outstanding answer.
+    pub async fn flush(&mut self) -> Result<(), ApplyError> {
+        let answers = self.pipeline.drain().await;
+        self.settle(answers)
     }
 
     fn map_for(&self, relation_id: u32) -> Option<&RelationMap> {
@@ -189,7 +264,7 @@ impl ApplyWorker {
         Ok(())
     }
 
-    async fn execute(&mut self, relation_id: u32, write: RowWrite) -> Result<u64, ApplyError> {
+    async fn execute(&mut self, relation_id: u32, write: RowWrite, tag: Tag) -> Result<(), ApplyError> {
         let key = (relation_id, write.shape);
         if !self.statements.contains_key(&key) {
             let map = self.map_for(relation_id).expect("ensure_map ran before execute");
@@ -197,29 +272,21 @@ impl ApplyWorker {
             let stmt = self.client.prepare(&sql).await.map_err(ApplyError::sql(format!("preparing {sql}")))?;
             self.statements.insert(key.clone(), stmt);
         }
-        let stmt = &self.statements[&key];
+        let stmt = self.statements[&key].clone();
         self.rows_in_txn += 1;
-        self.client
-            .execute_raw(stmt, write.params.iter().map(Param))
-            .await
-            .map_err(|source| {
-                let table = self.map_for(relation_id).map(|m| m.target.qualified()).unwrap_or_default();
-                ApplyError::Sql { what: format!("applying a change to {table}"), source }
-            })
+        let client = self.client.clone();
+        let params = write.params;
+        let answers = self
+            .pipeline
+            .push(tag, async move { client.execute_raw(&stmt, params.iter().map(Param)).await })
+            .await;
+        self.settle(answers)
     }
 
     pub async fn insert(&mut self, ins: &Insert) -> Result<(), ApplyError> {
         self.ensure_map(ins.relation_id).await?;
         let write = self.map_for(ins.relation_id).expect("mapped").insert(&ins.new)?;
-        self.execute(ins.relation_id, write).await.map_err(|e| match e.sqlstate() {
-            Some("23505") => ApplyError::Conflict {
-                table: self.table_name(ins.relation_id),
-                kind: "insert_exists",
-                detail: format!("{e:#}; a row with this key already exists here (conflict resolution comes with partitioned sequences)"),
-            },
-            _ => e,
-        })?;
-        Ok(())
+        self.execute(ins.relation_id, write, Tag::Insert { relation_id: ins.relation_id }).await
     }
 
     pub async fn update(&mut self, upd: &Update) -> Result<(), ApplyError> {
@@ -227,19 +294,15 @@ impl ApplyWorker {
         let Some(write) = self.map_for(upd.relation_id).expect("mapped").update(upd.old.as_ref(), &upd.new)? else {
             return Ok(());
         };
-        if self.execute(upd.relation_id, write).await? == 0 {
-            warn!(link = %self.link, table = %self.table_name(upd.relation_id), conflict = "update_missing", "row to update not found here; change skipped");
-        }
-        Ok(())
+        let tag = Tag::Row { relation_id: upd.relation_id, when_no_row: Some("update_missing") };
+        self.execute(upd.relation_id, write, tag).await
     }
 
     pub async fn delete(&mut self, del: &Delete) -> Result<(), ApplyError> {
         self.ensure_map(del.relation_id).await?;
         let write = self.map_for(del.relation_id).expect("mapped").delete(&del.old)?;
-        if self.execute(del.relation_id, write).await? == 0 {
-            debug!(link = %self.link, table = %self.table_name(del.relation_id), conflict = "delete_missing", "row to delete not found here");
-        }
-        Ok(())
+        let tag = Tag::Row { relation_id: del.relation_id, when_no_row: Some("delete_missing") };
+        self.execute(del.relation_id, write, tag).await
     }
 
     pub async fn truncate(&mut self, t: &Truncate) -> Result<(), ApplyError> {
@@ -260,7 +323,7 @@ impl ApplyWorker {
             if t.cascade { " CASCADE" } else { "" }
         );
         self.rows_in_txn += 1;
-        self.client.batch_execute(&sql).await.map_err(ApplyError::sql(format!("applying {sql}")))
+        self.send_batch(sql, "applying a TRUNCATE").await
     }
 
     fn table_name(&self, relation_id: u32) -> String {
@@ -270,8 +333,9 @@ impl ApplyWorker {
             .unwrap_or_else(|| format!("relation {relation_id}"))
     }
 
-    /// Commits the open target transaction with the link's progress at `end_lsn`.
-    /// Returns the number of changes applied in it.
+    /// Sends the commit of the open target transaction with the link's progress at
+    /// `end_lsn`; [`ApplyWorker::take_committed`] reports it once confirmed. Returns the
+    /// number of changes in it (0: nothing was open, nothing sent).
     pub async fn commit(&mut self, end_lsn: Lsn) -> Result<u64, ApplyError> {
         let Some(txn) = self.open.take() else {
             return Ok(0);
@@ -285,15 +349,13 @@ impl ApplyWorker {
             link = quote_literal(&self.link),
             ts = timestamp_sql(txn.commit_time_us)
         );
-        self.client.batch_execute(&sql).await.map_err(ApplyError::sql("committing the target transaction"))?;
+        let client = self.client.clone();
+        let answers = self
+            .pipeline
+            .push(Tag::Commit { end_lsn }, async move { client.batch_execute(&sql).await.map(|_| 0) })
+            .await;
+        self.settle(answers)?;
         Ok(self.rows_in_txn)
-    }
-
-    /// Drops the open target transaction, if any (the source will send it again).
-    pub async fn rollback(&mut self) {
-        if self.open.take().is_some() {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-        }
     }
 }
 

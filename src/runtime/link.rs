@@ -139,24 +139,37 @@ async fn run_session(spec: &LinkSpec, shutdown: &mut watch::Receiver<bool>, heal
     *healthy = true;
 
     let mut txn: Option<SourceTxn> = None;
+    // End LSN of a let-through (not applied) transaction, acknowledged once every commit
+    // sent before it is confirmed.
+    let mut skipped: Option<Lsn> = None;
     let result = loop {
-        let event = tokio::select! {
+        let step = tokio::select! {
             biased;
-            // 1. shutdown: roll back the open target transaction, nothing is acknowledged past it
+            // 1. shutdown: the open target transaction is abandoned, nothing acknowledged past it
             _ = shutdown.changed() => break Ok(()),
-            // 2. the next event of the stream
-            ev = stream.recv() => ev,
+            // 2. answers from the target: confirmed commits get acknowledged
+            r = apply.settle_next(), if apply.has_in_flight() => r.map_err(LinkError::from),
+            // 3. the next event of the stream
+            ev = stream.recv() => match ev {
+                Ok(Some(ev)) => handle_event(ev, &filter, &mut apply, &mut txn, &mut skipped, &mut progress, &link).await,
+                Ok(None) => break Ok(()),
+                Err(e) => Err(LinkError::from(e)),
+            },
         };
-        let event = match event {
-            Ok(Some(ev)) => ev,
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(LinkError::from(e)),
-        };
-        if let Err(e) = handle_event(event, &filter, &mut apply, &stream, &mut txn, &mut progress, &link).await {
+        if let Err(e) = step {
             break Err(e);
         }
+        if let Some(end) = apply.take_committed() {
+            stream.ack(end);
+        }
+        if !apply.has_in_flight() {
+            if let Some(end) = skipped.take() {
+                stream.ack(end);
+            }
+        }
     };
-    apply.rollback().await;
+    // Dropping the target connection rolls back a transaction left open.
+    drop(apply);
     stream.close().await;
     result
 }
@@ -165,8 +178,8 @@ async fn handle_event(
     event: ReplicationEvent,
     filter: &OriginFilter,
     apply: &mut ApplyWorker,
-    stream: &NodeStream,
     txn: &mut Option<SourceTxn>,
+    skipped: &mut Option<Lsn>,
     progress: &mut Lsn,
     link: &str,
 ) -> Result<(), LinkError> {
@@ -210,16 +223,16 @@ async fn handle_event(
         },
         ReplicationEvent::Commit { end_lsn, .. } => {
             let end: Lsn = end_lsn.into();
-            let applied = apply.is_open();
-            let changes = apply.commit(end).await?;
-            if applied {
+            if apply.is_open() {
+                let changes = apply.commit(end).await?;
                 debug!(link = %link, lsn = %end, changes, "applied");
+            } else {
+                *skipped = Some(end);
             }
             *txn = None;
             if end > *progress {
                 *progress = end;
             }
-            stream.ack(end);
         }
         ReplicationEvent::Message { .. } | ReplicationEvent::KeepAlive { .. } | ReplicationEvent::StoppedAt { .. } => {}
     }
