@@ -395,6 +395,9 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
 ];
 const PEER_KEYS: &[&str] = &["name", "id", "dsn", "links"];
 
+/// `WALSYNC_<PREFIX>...` variables read by tests and tools, not by the config.
+const NOT_CONFIG_PREFIXES: &[&str] = &["chaos_", "test_", "fuzz_", "localpg_", "bench_"];
+
 /// Applies `WALSYNC_*` variables to the parsed table. Returns whether anything changed.
 fn apply_env(
     table: &mut toml::Table,
@@ -408,7 +411,7 @@ fn apply_env(
         let rest = &var["WALSYNC_".len()..];
         let lower = rest.to_ascii_lowercase();
         // Variables that are not config keys but belong to the binary itself.
-        if matches!(lower.as_str(), "config" | "log") || lower.starts_with("chaos_") || lower.starts_with("test_") || lower.starts_with("fuzz_") {
+        if matches!(lower.as_str(), "config" | "log") || NOT_CONFIG_PREFIXES.iter().any(|p| lower.starts_with(p)) {
             continue;
         }
         let env_err = |reason: String| ConfigError::Env { var: var.clone(), reason };

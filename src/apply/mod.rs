@@ -17,16 +17,19 @@ pub mod catalog;
 mod param;
 pub mod pipeline;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use bytes::BytesMut;
+use futures_util::SinkExt;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 use tracing::{debug, warn};
 
 use crate::lsn::Lsn;
 use crate::merge::replicates_relation;
-use crate::merge::statements::{RelationMap, RowWrite, Shape, StatementError};
+use crate::merge::statements::{copy_text_row, RelationMap, RowWrite, Shape, StatementError};
 use crate::node::setup::ensure_origin;
 use crate::pgoutput::{Delete, Insert, Relation, Truncate, Update};
 use param::Param;
@@ -44,6 +47,8 @@ pub enum ApplyError {
     Statement(#[from] StatementError),
     #[error("table {table} does not exist on this node; the schemas differ (create it, or apply the missing DDL), then the link resumes")]
     MissingTable { table: String },
+    #[error("{0}")]
+    Protocol(String),
     #[error("a change names relation id {0} that the upstream never described (no Relation message)")]
     UnknownRelation(u32),
     #[error("{table}: {kind}: {detail}")]
@@ -83,6 +88,18 @@ pub struct RemoteTxn {
     pub commit_time_us: i64,
 }
 
+/// Consecutive inserts into one relation with the same columns, sent as one COPY: the
+/// server then writes them in batches, which is what lets catch-up keep pace with
+/// PostgreSQL's own apply worker. Bounded by [`COPY_RUN_BYTES`].
+struct CopyRun {
+    relation_id: u32,
+    columns: Vec<usize>,
+    data: BytesMut,
+}
+
+/// A COPY run is sent once it holds this much (4 MiB), or at the next other change.
+const COPY_RUN_BYTES: usize = 4 * 1024 * 1024;
+
 pub struct ApplyWorker {
     client: Arc<Client>,
     link: String,
@@ -92,8 +109,17 @@ pub struct ApplyWorker {
     open: Option<RemoteTxn>,
     rows_in_txn: u64,
     pipeline: Pipeline,
-    /// End LSN of the newest source transaction whose target commit has been confirmed.
+    /// End LSN of the newest source transaction whose target commit is durable.
     committed: Option<Lsn>,
+    /// Source end LSNs of commits confirmed by the target but maybe not yet flushed
+    /// (`synchronous_commit = off`), whose WAL position is not known yet, oldest first.
+    unbounded: VecDeque<Lsn>,
+    /// The same, with a target WAL position known to be at or past their commit records.
+    bounded: VecDeque<(u64, Lsn)>,
+    flush_check_in_flight: bool,
+    copy: Option<CopyRun>,
+    xact_setup: Statement,
+    record_progress: Statement,
 }
 
 impl ApplyWorker {
@@ -102,6 +128,37 @@ impl ApplyWorker {
             .batch_execute("SET session_replication_role = replica")
             .await
             .map_err(ApplyError::sql("setting session_replication_role = replica (walsync's role must be a superuser)"))?;
+        // Commits need not wait for their flush: the upstream is acknowledged only up to
+        // what pg_current_wal_flush_lsn() shows durable (DESIGN.md, "Apply").
+        client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .map_err(ApplyError::sql("setting synchronous_commit = off"))?;
+        let xact_setup = client
+            .prepare_typed(
+                &format!("SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, {})", timestamp_sql("$2::int8")),
+                &[Type::TEXT, Type::INT8],
+            )
+            .await
+            .map_err(ApplyError::sql("preparing pg_replication_origin_xact_setup"))?;
+        client
+            .execute(
+                "INSERT INTO walsync.link_progress (link, source_lsn) VALUES ($1, '0/0') ON CONFLICT (link) DO NOTHING",
+                &[&link],
+            )
+            .await
+            .map_err(ApplyError::sql("creating the link's progress row (has walsync init run on this node?)"))?;
+        let record_progress = client
+            .prepare_typed(
+                &format!(
+                    "UPDATE walsync.link_progress SET source_lsn = $2::text::pg_lsn, source_commit_time = {}, \
+                       transactions = transactions + 1, applied_at = now() WHERE link = $1",
+                    timestamp_sql("$3::int8")
+                ),
+                &[Type::TEXT, Type::TEXT, Type::INT8],
+            )
+            .await
+            .map_err(ApplyError::sql("preparing the progress update"))?;
         Ok(ApplyWorker {
             client: Arc::new(client),
             link,
@@ -112,6 +169,12 @@ impl ApplyWorker {
             rows_in_txn: 0,
             pipeline: Pipeline::default(),
             committed: None,
+            unbounded: VecDeque::new(),
+            bounded: VecDeque::new(),
+            flush_check_in_flight: false,
+            copy: None,
+            xact_setup,
+            record_progress,
         })
     }
 
@@ -154,6 +217,9 @@ impl ApplyWorker {
             if self.session_origin.take().is_some() {
                 sql.push_str("SELECT pg_replication_origin_session_reset(); ");
             }
+            // A direct request must not queue behind a COPY whose data only a poll of the
+            // pipeline would send: settle everything first (rare: once per origin switch).
+            self.flush().await?;
             ensure_origin(&self.client, &txn.origin)
                 .await
                 .map_err(ApplyError::sql(format!("creating replication origin {}", txn.origin)))?;
@@ -161,13 +227,16 @@ impl ApplyWorker {
             self.send_batch(sql, "setting up the replication origin").await?;
             self.session_origin = Some(txn.origin.clone());
         }
-        // The values are numbers we format ourselves.
-        let sql = format!(
-            "BEGIN; SELECT pg_replication_origin_xact_setup('{}', {})",
-            txn.origin_lsn,
-            timestamp_sql(txn.commit_time_us)
-        );
-        self.send_batch(sql, "opening the target transaction").await?;
+        self.send_batch("BEGIN".into(), "opening the target transaction").await?;
+        let (client, stmt) = (self.client.clone(), self.xact_setup.clone());
+        let (lsn, time) = (txn.origin_lsn.to_string(), txn.commit_time_us);
+        let answers = self
+            .pipeline
+            .push(Tag::Other { what: "setting the origin's lsn and commit time" }, 64, async move {
+                client.execute(&stmt, &[&lsn, &time]).await
+            })
+            .await;
+        self.settle(answers)?;
         self.open = Some(txn.clone());
         self.rows_in_txn = 0;
         Ok(())
@@ -175,7 +244,11 @@ impl ApplyWorker {
 
     async fn send_batch(&mut self, sql: String, what: &'static str) -> Result<(), ApplyError> {
         let client = self.client.clone();
-        let answers = self.pipeline.push(Tag::Other { what }, async move { client.batch_execute(&sql).await.map(|_| 0) }).await;
+        let bytes = sql.len();
+        let answers = self
+            .pipeline
+            .push(Tag::Other { what }, bytes, async move { client.batch_execute(&sql).await.map(|_| 0) })
+            .await;
         self.settle(answers)
     }
 
@@ -189,7 +262,25 @@ impl ApplyWorker {
 
     fn settle_one(&mut self, (tag, result): Answer) -> Result<(), ApplyError> {
         match (tag, result) {
-            (Tag::Commit { end_lsn }, Ok(_)) => self.committed = Some(end_lsn),
+            (Tag::InsertPosition | Tag::FlushPosition, Ok(UNREADABLE_LSN)) => {
+                return Err(ApplyError::Protocol("the target answered a WAL position that does not parse".into()))
+            }
+            (Tag::Commit { end_lsn }, Ok(_)) => self.unbounded.push_back(end_lsn),
+            // Every commit answered before this read was executed before it: its commit
+            // record lies at or before this position.
+            (Tag::InsertPosition, Ok(position)) => {
+                self.bounded.extend(self.unbounded.drain(..).map(|end| (position, end)));
+            }
+            (Tag::FlushPosition, Ok(flushed)) => {
+                self.flush_check_in_flight = false;
+                while let Some(&(bound, end)) = self.bounded.front() {
+                    if bound > flushed {
+                        break;
+                    }
+                    self.committed = Some(end);
+                    self.bounded.pop_front();
+                }
+            }
             (Tag::Row { relation_id, when_no_row: Some(kind) }, Ok(0)) => {
                 let table = self.table_name(relation_id);
                 if kind == "update_missing" {
@@ -199,7 +290,7 @@ impl ApplyWorker {
                 }
             }
             (_, Ok(_)) => {}
-            (Tag::Insert { relation_id }, Err(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            (Tag::Insert { relation_id } | Tag::Copy { relation_id }, Err(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                 return Err(ApplyError::Conflict {
                     table: self.table_name(relation_id),
                     kind: "insert_exists",
@@ -209,11 +300,14 @@ impl ApplyWorker {
                     ),
                 });
             }
-            (Tag::Insert { relation_id } | Tag::Row { relation_id, .. }, Err(source)) => {
+            (Tag::Insert { relation_id } | Tag::Copy { relation_id } | Tag::Row { relation_id, .. }, Err(source)) => {
                 return Err(ApplyError::Sql { what: format!("applying a change to {}", self.table_name(relation_id)), source })
             }
             (Tag::Commit { .. }, Err(source)) => {
                 return Err(ApplyError::Sql { what: "committing the target transaction".into(), source })
+            }
+            (Tag::InsertPosition | Tag::FlushPosition, Err(source)) => {
+                return Err(ApplyError::Sql { what: "reading the target's WAL positions".into(), source })
             }
             (Tag::Other { what }, Err(source)) => return Err(ApplyError::Sql { what: what.into(), source }),
         }
@@ -227,6 +321,33 @@ impl ApplyWorker {
 
     pub fn has_in_flight(&self) -> bool {
         !self.pipeline.is_empty()
+    }
+
+    /// Nothing in flight and every commit durable: a later position may be acknowledged.
+    pub fn is_settled(&self) -> bool {
+        self.pipeline.is_empty() && self.unbounded.is_empty() && self.bounded.is_empty()
+    }
+
+    /// Commits wait for their flush and no check of it is under way.
+    pub fn needs_flush_check(&self) -> bool {
+        !(self.unbounded.is_empty() && self.bounded.is_empty()) && !self.flush_check_in_flight
+    }
+
+    /// Asks the target how far its WAL is flushed; the answer releases durable commits.
+    pub async fn check_flush(&mut self) -> Result<(), ApplyError> {
+        self.flush_check_in_flight = true;
+        let client = self.client.clone();
+        let mut answers = self
+            .pipeline
+            .push(Tag::InsertPosition, 64, async move { read_lsn(&client, "SELECT pg_current_wal_insert_lsn()::text").await })
+            .await;
+        let client = self.client.clone();
+        answers.extend(
+            self.pipeline
+                .push(Tag::FlushPosition, 64, async move { read_lsn(&client, "SELECT pg_current_wal_flush_lsn()::text").await })
+                .await,
+        );
+        self.settle(answers)
     }
 
     /// Waits for the oldest outstanding answer and interprets it.
@@ -252,6 +373,9 @@ impl ApplyWorker {
         if entry.map.is_some() {
             return Ok(());
         }
+        // Direct requests wait for everything in flight (see `begin`); once per relation.
+        self.flush().await?;
+        let entry = self.relations.get(&relation_id).ok_or(ApplyError::UnknownRelation(relation_id))?;
         let target = catalog::target_table(&self.client, &entry.source.namespace, &entry.source.name)
             .await?
             .ok_or_else(|| ApplyError::MissingTable {
@@ -264,29 +388,82 @@ impl ApplyWorker {
         Ok(())
     }
 
-    async fn execute(&mut self, relation_id: u32, write: RowWrite, tag: Tag) -> Result<(), ApplyError> {
-        let key = (relation_id, write.shape);
-        if !self.statements.contains_key(&key) {
-            let map = self.map_for(relation_id).expect("ensure_map ran before execute");
-            let sql = map.sql(&key.1);
-            let stmt = self.client.prepare(&sql).await.map_err(ApplyError::sql(format!("preparing {sql}")))?;
-            self.statements.insert(key.clone(), stmt);
+    /// The prepared statement of `shape` on this relation. Prepared before it is pushed,
+    /// so that pushing sends the request itself (a statement prepared inside the
+    /// pushed future would let later requests overtake it).
+    async fn statement(&mut self, relation_id: u32, shape: Shape) -> Result<Statement, ApplyError> {
+        let key = (relation_id, shape);
+        if let Some(stmt) = self.statements.get(&key) {
+            return Ok(stmt.clone());
         }
-        let stmt = self.statements[&key].clone();
+        // Direct requests wait for everything in flight (see `begin`); once per shape.
+        self.flush().await?;
+        let map = self.map_for(relation_id).expect("ensure_map ran before statement");
+        let sql = map.sql(&key.1);
+        let stmt = self.client.prepare(&sql).await.map_err(ApplyError::sql(format!("preparing {sql}")))?;
+        self.statements.insert(key, stmt.clone());
+        Ok(stmt)
+    }
+
+    async fn execute(&mut self, relation_id: u32, write: RowWrite, tag: Tag) -> Result<(), ApplyError> {
+        self.flush_copy().await?;
+        let stmt = self.statement(relation_id, write.shape).await?;
         self.rows_in_txn += 1;
         let client = self.client.clone();
         let params = write.params;
+        let bytes = params.iter().map(|v| v.as_bytes_len()).sum::<usize>() + 64;
         let answers = self
             .pipeline
-            .push(tag, async move { client.execute_raw(&stmt, params.iter().map(Param)).await })
+            .push(tag, bytes, async move { client.execute_raw(&stmt, params.iter().map(Param)).await })
             .await;
         self.settle(answers)
     }
 
     pub async fn insert(&mut self, ins: &Insert) -> Result<(), ApplyError> {
-        self.ensure_map(ins.relation_id).await?;
-        let write = self.map_for(ins.relation_id).expect("mapped").insert(&ins.new)?;
-        self.execute(ins.relation_id, write, Tag::Insert { relation_id: ins.relation_id }).await
+        let id = ins.relation_id;
+        self.ensure_map(id).await?;
+        let write = self.map_for(id).expect("mapped").insert(&ins.new)?;
+        let Shape::Insert { columns } = &write.shape else {
+            unreachable!("RelationMap::insert makes Shape::Insert");
+        };
+        let same_run = matches!(&self.copy, Some(run) if run.relation_id == id && run.columns == *columns);
+        if !same_run {
+            self.flush_copy().await?;
+            self.copy = Some(CopyRun { relation_id: id, columns: columns.clone(), data: BytesMut::new() });
+        }
+        let run = self.copy.as_mut().expect("a run was just ensured");
+        if !copy_text_row(&write.params, &mut run.data) {
+            // A binary value cannot travel in a text COPY: this row goes on its own.
+            return self.execute(id, write, Tag::Insert { relation_id: id }).await;
+        }
+        self.rows_in_txn += 1;
+        if run.data.len() >= COPY_RUN_BYTES {
+            self.flush_copy().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the pending COPY run, if any.
+    async fn flush_copy(&mut self) -> Result<(), ApplyError> {
+        let Some(run) = self.copy.take() else {
+            return Ok(());
+        };
+        if run.data.is_empty() {
+            return Ok(());
+        }
+        let stmt = self.statement(run.relation_id, Shape::Copy { columns: run.columns }).await?;
+        let client = self.client.clone();
+        let data = run.data.freeze();
+        let answers = self
+            .pipeline
+            .push(Tag::Copy { relation_id: run.relation_id }, data.len(), async move {
+                let sink = client.copy_in::<_, bytes::Bytes>(&stmt).await?;
+                futures_util::pin_mut!(sink);
+                sink.send(data).await?;
+                sink.finish().await
+            })
+            .await;
+        self.settle(answers)
     }
 
     pub async fn update(&mut self, upd: &Update) -> Result<(), ApplyError> {
@@ -306,6 +483,7 @@ impl ApplyWorker {
     }
 
     pub async fn truncate(&mut self, t: &Truncate) -> Result<(), ApplyError> {
+        self.flush_copy().await?;
         let mut tables = Vec::new();
         for &id in &t.relation_ids {
             if self.replicates(id)? {
@@ -337,31 +515,45 @@ impl ApplyWorker {
     /// `end_lsn`; [`ApplyWorker::take_committed`] reports it once confirmed. Returns the
     /// number of changes in it (0: nothing was open, nothing sent).
     pub async fn commit(&mut self, end_lsn: Lsn) -> Result<u64, ApplyError> {
+        self.flush_copy().await?;
         let Some(txn) = self.open.take() else {
             return Ok(0);
         };
-        let sql = format!(
-            "INSERT INTO walsync.link_progress AS p (link, source_lsn, source_commit_time, transactions, applied_at) \
-             VALUES ({link}, '{end_lsn}', {ts}, 1, now()) \
-             ON CONFLICT (link) DO UPDATE SET source_lsn = excluded.source_lsn, \
-               source_commit_time = excluded.source_commit_time, \
-               transactions = p.transactions + 1, applied_at = now(); COMMIT",
-            link = quote_literal(&self.link),
-            ts = timestamp_sql(txn.commit_time_us)
-        );
+        let (client, stmt) = (self.client.clone(), self.record_progress.clone());
+        let (link, end, time) = (self.link.clone(), end_lsn.to_string(), txn.commit_time_us);
+        let answers = self
+            .pipeline
+            .push(Tag::Other { what: "recording the link's progress" }, 128, async move {
+                client.execute(&stmt, &[&link, &end, &time]).await
+            })
+            .await;
+        self.settle(answers)?;
         let client = self.client.clone();
         let answers = self
             .pipeline
-            .push(Tag::Commit { end_lsn }, async move { client.batch_execute(&sql).await.map(|_| 0) })
+            .push(Tag::Commit { end_lsn }, 64, async move { client.batch_execute("COMMIT").await.map(|_| 0) })
             .await;
         self.settle(answers)?;
         Ok(self.rows_in_txn)
     }
 }
 
-/// A PostgreSQL timestamp (µs since 2000-01-01 UTC) as an exact SQL expression.
-fn timestamp_sql(us_since_2000: i64) -> String {
+/// A PostgreSQL timestamp (µs since 2000-01-01 UTC, an int8 SQL expression) as an exact
+/// timestamptz expression.
+fn timestamp_sql(us_since_2000: &str) -> String {
     format!("('2000-01-01 00:00:00+00'::timestamptz + {us_since_2000} * interval '1 microsecond')")
+}
+
+/// Answer of a request whose last result is one pg_lsn as text.
+const UNREADABLE_LSN: u64 = u64::MAX;
+
+async fn read_lsn(client: &Client, sql: &str) -> Result<u64, tokio_postgres::Error> {
+    let messages = client.simple_query(sql).await?;
+    let lsn = messages.iter().rev().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|s| s.parse::<Lsn>().ok()),
+        _ => None,
+    });
+    Ok(lsn.map(|l| l.0).unwrap_or(UNREADABLE_LSN))
 }
 
 fn quote_literal(s: &str) -> String {

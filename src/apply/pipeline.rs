@@ -8,6 +8,7 @@
 //! of 100 rows thus costs about one round trip instead of a hundred.
 
 use std::future::Future;
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
@@ -16,9 +17,11 @@ use futures_util::stream::{FuturesOrdered, StreamExt};
 
 use crate::lsn::Lsn;
 
-/// Outstanding requests. Each holds its parameters (one row) until answered, so the
-/// bound is 1024 x (largest row) bytes, the same order as the stream's event buffer.
+/// Outstanding requests at most. Each holds its data until answered.
 pub const MAX_IN_FLIGHT: usize = 1024;
+/// Outstanding request data at most: 32 MiB = 8 full COPY runs of 4 MiB, or the rows of
+/// about 300,000 typical order lines; a push beyond it waits for answers.
+pub const MAX_IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
 
 /// What a request was, so that its answer can be interpreted.
 #[derive(Debug, Clone)]
@@ -27,8 +30,14 @@ pub enum Tag {
     Row { relation_id: u32, when_no_row: Option<&'static str> },
     /// An insert: a unique violation is `insert_exists`.
     Insert { relation_id: u32 },
+    /// A COPY of consecutive inserts into one relation (a unique violation is `insert_exists`).
+    Copy { relation_id: u32 },
     /// The commit of the target transaction for the source commit ending at `end_lsn`.
     Commit { end_lsn: Lsn },
+    /// A read of the target's WAL insert position (answers it as a u64).
+    InsertPosition,
+    /// A read of the target's flushed WAL position (answers it as a u64).
+    FlushPosition,
     /// Anything else (BEGIN, origin setup, TRUNCATE).
     Other { what: &'static str },
 }
@@ -58,11 +67,14 @@ pub struct Pipeline {
     /// there to make the pipeline `Sync`, so the applier can be borrowed across awaits in
     /// a task that moves between threads.
     in_flight: Mutex<FuturesOrdered<Sent>>,
+    /// Data size of each outstanding request, oldest first (answers come in this order).
+    sizes: VecDeque<usize>,
+    bytes: usize,
 }
 
 impl Pipeline {
     pub fn len(&self) -> usize {
-        self.in_flight.lock().map(|q| q.len()).unwrap_or(0)
+        self.sizes.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -74,20 +86,28 @@ impl Pipeline {
         self.in_flight.get_mut().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends `request` now. Returns the answers that had to be awaited to stay in bound.
-    pub async fn push(&mut self, tag: Tag, request: impl Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'static) -> Vec<Answer> {
+    /// Sends `request`, which holds `bytes` of data, now. Returns the answers that had to
+    /// be awaited to stay within [`MAX_IN_FLIGHT`] and [`MAX_IN_FLIGHT_BYTES`].
+    pub async fn push(
+        &mut self,
+        tag: Tag,
+        bytes: usize,
+        request: impl Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'static,
+    ) -> Vec<Answer> {
         let mut fut: Pending = Box::pin(async move { (tag, request.await) });
         // First poll: this is when tokio-postgres hands the request to the connection.
         let sent = match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(a) => Sent::Done(Some(a)),
             Poll::Pending => Sent::Waiting(fut),
         };
-        let queue = self.queue();
-        queue.push_back(sent);
+        self.queue().push_back(sent);
+        self.sizes.push_back(bytes);
+        self.bytes += bytes;
         let mut answers = Vec::new();
-        while queue.len() > MAX_IN_FLIGHT {
-            if let Some(a) = queue.next().await {
-                answers.push(a);
+        while self.sizes.len() > MAX_IN_FLIGHT || (self.bytes > MAX_IN_FLIGHT_BYTES && self.sizes.len() > 1) {
+            match self.next().await {
+                Some(a) => answers.push(a),
+                None => break,
             }
         }
         answers
@@ -95,14 +115,16 @@ impl Pipeline {
 
     /// The next answer, waiting for it; `None` when nothing is in flight.
     pub async fn next(&mut self) -> Option<Answer> {
-        self.queue().next().await
+        let answer = self.queue().next().await?;
+        let size = self.sizes.pop_front().unwrap_or(0);
+        self.bytes -= size;
+        Some(answer)
     }
 
     /// Every outstanding answer, in order.
     pub async fn drain(&mut self) -> Vec<Answer> {
-        let queue = self.queue();
-        let mut answers = Vec::with_capacity(queue.len());
-        while let Some(a) = queue.next().await {
+        let mut answers = Vec::with_capacity(self.sizes.len());
+        while let Some(a) = self.next().await {
             answers.push(a);
         }
         answers

@@ -1,5 +1,6 @@
 //! The command line: one file per subcommand.
 
+pub mod bench;
 pub mod demo;
 pub mod init;
 pub mod run;
@@ -39,20 +40,22 @@ pub enum Command {
     Run(ConfigArg),
     /// Show walsync on three throwaway local PostgreSQL clusters: write, cut, heal, converge.
     Demo(demo::DemoArgs),
+    /// Measure catch-up speed against native logical replication (and peak memory on one huge transaction).
+    Bench(bench::BenchArgs),
 }
 
 impl Cli {
     /// The demo narrates on stdout; its sidecars only speak up about problems.
     pub fn default_log_filter(&self) -> &'static str {
         match self.command {
-            Command::Demo(_) => "error",
+            Command::Demo(_) | Command::Bench(_) => "error",
             _ => "walsync=info,warn",
         }
     }
 }
 
 pub fn run(cli: Cli) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -64,6 +67,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Init(c) => init::run(&c).await,
             Command::Run(c) => run::run(&c).await,
             Command::Demo(a) => demo::run(a).await,
+            Command::Bench(a) => bench::run(a).await,
         }
     });
     match result {

@@ -59,6 +59,8 @@ pub enum Shape {
     /// Target columns set, in parameter order; key parameters follow.
     Update { set: Vec<usize> },
     Delete,
+    /// `COPY ... FROM STDIN` of rows with these target columns (consecutive inserts).
+    Copy { columns: Vec<usize> },
 }
 
 /// A change ready to execute: the statement's shape and its parameters, in order.
@@ -200,8 +202,43 @@ impl RelationMap {
                 key_clause(set.len() + 1)
             ),
             Shape::Delete => format!("DELETE FROM {} WHERE {}", t.qualified(), key_clause(1)),
+            Shape::Copy { columns } => format!(
+                "COPY {} ({}) FROM STDIN",
+                t.qualified(),
+                columns.iter().map(|&c| col(c)).collect::<Vec<_>>().join(", ")
+            ),
         }
     }
+}
+
+/// Appends one row in COPY text format: tab-separated, `\N` for NULL, with backslash,
+/// tab, newline and carriage return escaped (PostgreSQL docs, COPY, "Text Format").
+/// Returns false (and appends nothing) if a value cannot travel as text (binary, TOAST).
+pub fn copy_text_row(params: &[Value], out: &mut bytes::BytesMut) -> bool {
+    if params.iter().any(|v| matches!(v, Value::Binary(_) | Value::UnchangedToast)) {
+        return false;
+    }
+    for (i, v) in params.iter().enumerate() {
+        if i > 0 {
+            out.extend_from_slice(b"\t");
+        }
+        match v {
+            Value::Text(b) => {
+                for &c in b.iter() {
+                    match c {
+                        b'\\' => out.extend_from_slice(b"\\\\"),
+                        b'\t' => out.extend_from_slice(b"\\t"),
+                        b'\n' => out.extend_from_slice(b"\\n"),
+                        b'\r' => out.extend_from_slice(b"\\r"),
+                        _ => out.extend_from_slice(&[c]),
+                    }
+                }
+            }
+            _ => out.extend_from_slice(b"\\N"),
+        }
+    }
+    out.extend_from_slice(b"\n");
+    true
 }
 
 #[cfg(test)]
@@ -276,6 +313,16 @@ mod tests {
         assert!(matches!(err, StatementError::NoKey { .. }));
         let map = RelationMap::new(&relation(&[("id", true)]), target(&["id"], &[0])).unwrap();
         assert!(map.insert(&Tuple(vec![t("1"), t("2")])).is_err(), "wider tuple than relation");
+    }
+
+    #[test]
+    fn copy_rows_escape_what_copy_text_format_needs() {
+        let mut out = bytes::BytesMut::new();
+        assert!(copy_text_row(&[t("a\tb\\c\nd\re"), Value::Null, t("\\N")], &mut out));
+        assert_eq!(&out[..], b"a\\tb\\\\c\\nd\\re\t\\N\t\\\\N\n");
+        let before = out.len();
+        assert!(!copy_text_row(&[Value::Binary(Bytes::from_static(b"\x01"))], &mut out));
+        assert_eq!(out.len(), before, "nothing appended for a binary value");
     }
 
     #[test]

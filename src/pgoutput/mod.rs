@@ -164,6 +164,14 @@ pub enum Value {
 }
 
 impl Value {
+    /// Bytes the value holds (0 for NULL and unchanged TOAST).
+    pub fn as_bytes_len(&self) -> usize {
+        match self {
+            Value::Text(b) | Value::Binary(b) => b.len(),
+            Value::Null | Value::UnchangedToast => 0,
+        }
+    }
+
     /// The value as `&str` when it is [`Value::Text`] and valid UTF-8.
     pub fn as_text(&self) -> Option<&str> {
         match self {

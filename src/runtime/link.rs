@@ -22,6 +22,8 @@ use crate::pgoutput::{self, DecodeError, Message};
 use crate::runtime::backoff::Backoff;
 use crate::stream::{NodeStream, StreamError};
 
+const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(100);
+
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error(transparent)]
@@ -142,14 +144,20 @@ async fn run_session(spec: &LinkSpec, shutdown: &mut watch::Receiver<bool>, heal
     // End LSN of a let-through (not applied) transaction, acknowledged once every commit
     // sent before it is confirmed.
     let mut skipped: Option<Lsn> = None;
+    // The target flushes its WAL every wal_writer_delay (200 ms by default); asking every
+    // 100 ms keeps acknowledgements at most a few hundred ms behind.
+    let mut flush_tick = tokio::time::interval(FLUSH_CHECK_EVERY);
+    flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         let step = tokio::select! {
             biased;
             // 1. shutdown: the open target transaction is abandoned, nothing acknowledged past it
             _ = shutdown.changed() => break Ok(()),
-            // 2. answers from the target: confirmed commits get acknowledged
+            // 2. answers from the target: confirmed commits wait for their flush
             r = apply.settle_next(), if apply.has_in_flight() => r.map_err(LinkError::from),
-            // 3. the next event of the stream
+            // 3. how far the target has flushed: durable commits get acknowledged
+            _ = flush_tick.tick(), if apply.needs_flush_check() => apply.check_flush().await.map_err(LinkError::from),
+            // 4. the next event of the stream
             ev = stream.recv() => match ev {
                 Ok(Some(ev)) => handle_event(ev, &filter, &mut apply, &mut txn, &mut skipped, &mut progress, &link).await,
                 Ok(None) => break Ok(()),
@@ -162,7 +170,7 @@ async fn run_session(spec: &LinkSpec, shutdown: &mut watch::Receiver<bool>, heal
         if let Some(end) = apply.take_committed() {
             stream.ack(end);
         }
-        if !apply.has_in_flight() {
+        if apply.is_settled() {
             if let Some(end) = skipped.take() {
                 stream.ack(end);
             }
