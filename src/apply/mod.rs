@@ -29,9 +29,9 @@ use tracing::{debug, warn};
 
 use crate::lsn::Lsn;
 use crate::merge::replicates_relation;
-use crate::merge::statements::{copy_text_row, RelationMap, RowWrite, Shape, StatementError};
+use crate::merge::statements::{batch_sizes, copy_text_row, RelationMap, RowWrite, Shape, StatementError};
 use crate::node::setup::ensure_origin;
-use crate::pgoutput::{Delete, Insert, Relation, Truncate, Update};
+use crate::pgoutput::{Delete, Insert, Relation, Truncate, Update, Value};
 use param::Param;
 use pipeline::{Answer, Pipeline, Tag};
 
@@ -88,16 +88,22 @@ pub struct RemoteTxn {
     pub commit_time_us: i64,
 }
 
-/// Consecutive inserts into one relation with the same columns, sent as one COPY: the
-/// server then writes them in batches, which is what lets catch-up keep pace with
-/// PostgreSQL's own apply worker. Bounded by [`COPY_RUN_BYTES`].
-struct CopyRun {
+/// Consecutive inserts into one relation with the same columns. Up to [`SMALL_RUN_ROWS`]
+/// they are kept as rows and sent as multi-row INSERTs: one request each, nothing to wait
+/// for. A longer run switches to COPY, whose server-side batching wins once the round trip
+/// it must wait for (CopyInResponse, during which nothing else can be sent) is spread over
+/// enough rows. Either way a run ends at the next other change; a COPY run also when it
+/// holds [`COPY_RUN_BYTES`].
+struct InsertRun {
     relation_id: u32,
     columns: Vec<usize>,
-    data: BytesMut,
+    rows: Vec<Vec<Value>>,
+    /// COPY text of the run once it is long enough; empty before.
+    copy: BytesMut,
 }
 
-/// A COPY run is sent once it holds this much (4 MiB), or at the next other change.
+const SMALL_RUN_ROWS: usize = 256;
+/// A COPY run is sent once it holds this much (4 MiB).
 const COPY_RUN_BYTES: usize = 4 * 1024 * 1024;
 
 pub struct ApplyWorker {
@@ -117,7 +123,7 @@ pub struct ApplyWorker {
     /// The same, with a target WAL position known to be at or past their commit records.
     bounded: VecDeque<(u64, Lsn)>,
     flush_check_in_flight: bool,
-    copy: Option<CopyRun>,
+    run: Option<InsertRun>,
     xact_setup: Statement,
     record_progress: Statement,
 }
@@ -172,7 +178,7 @@ impl ApplyWorker {
             unbounded: VecDeque::new(),
             bounded: VecDeque::new(),
             flush_check_in_flight: false,
-            copy: None,
+            run: None,
             xact_setup,
             record_progress,
         })
@@ -405,10 +411,15 @@ impl ApplyWorker {
         Ok(stmt)
     }
 
+    /// Sends one change after any pending inserts (which come before it in the source).
     async fn execute(&mut self, relation_id: u32, write: RowWrite, tag: Tag) -> Result<(), ApplyError> {
-        self.flush_copy().await?;
-        let stmt = self.statement(relation_id, write.shape).await?;
+        self.flush_inserts().await?;
         self.rows_in_txn += 1;
+        self.send_write(relation_id, write, tag).await
+    }
+
+    async fn send_write(&mut self, relation_id: u32, write: RowWrite, tag: Tag) -> Result<(), ApplyError> {
+        let stmt = self.statement(relation_id, write.shape).await?;
         let client = self.client.clone();
         let params = write.params;
         let bytes = params.iter().map(|v| v.as_bytes_len()).sum::<usize>() + 64;
@@ -423,40 +434,61 @@ impl ApplyWorker {
         let id = ins.relation_id;
         self.ensure_map(id).await?;
         let write = self.map_for(id).expect("mapped").insert(&ins.new)?;
-        let Shape::Insert { columns } = &write.shape else {
+        let Shape::Insert { columns, .. } = &write.shape else {
             unreachable!("RelationMap::insert makes Shape::Insert");
         };
-        let same_run = matches!(&self.copy, Some(run) if run.relation_id == id && run.columns == *columns);
+        let same_run = matches!(&self.run, Some(run) if run.relation_id == id && run.columns == *columns);
         if !same_run {
-            self.flush_copy().await?;
-            self.copy = Some(CopyRun { relation_id: id, columns: columns.clone(), data: BytesMut::new() });
+            self.flush_inserts().await?;
+            self.run = Some(InsertRun { relation_id: id, columns: columns.clone(), rows: Vec::new(), copy: BytesMut::new() });
         }
-        let run = self.copy.as_mut().expect("a run was just ensured");
-        if !copy_text_row(&write.params, &mut run.data) {
-            // A binary value cannot travel in a text COPY: this row goes on its own.
+        let run = self.run.as_mut().expect("a run was just ensured");
+        self.rows_in_txn += 1;
+        if run.copy.is_empty() {
+            run.rows.push(write.params);
+            if run.rows.len() >= SMALL_RUN_ROWS {
+                let mut copy = BytesMut::new();
+                if run.rows.iter().all(|r| copy_text_row(r, &mut copy)) {
+                    run.rows.clear();
+                    run.copy = copy;
+                } else {
+                    // A binary value cannot travel in a text COPY: INSERTs then.
+                    self.flush_inserts().await?;
+                }
+            }
+            return Ok(());
+        }
+        if !copy_text_row(&write.params, &mut run.copy) {
+            self.rows_in_txn -= 1;
             return self.execute(id, write, Tag::Insert { relation_id: id }).await;
         }
-        self.rows_in_txn += 1;
-        if run.data.len() >= COPY_RUN_BYTES {
-            self.flush_copy().await?;
+        if run.copy.len() >= COPY_RUN_BYTES {
+            self.flush_inserts().await?;
         }
         Ok(())
     }
 
-    /// Sends the pending COPY run, if any.
-    async fn flush_copy(&mut self) -> Result<(), ApplyError> {
-        let Some(run) = self.copy.take() else {
+    /// Sends the pending run of inserts, if any: as multi-row INSERTs or as one COPY.
+    async fn flush_inserts(&mut self) -> Result<(), ApplyError> {
+        let Some(run) = self.run.take() else {
             return Ok(());
         };
-        if run.data.is_empty() {
+        let relation_id = run.relation_id;
+        if run.copy.is_empty() {
+            let mut rows = run.rows.into_iter();
+            for n in batch_sizes(rows.len(), run.columns.len()) {
+                let params: Vec<Value> = rows.by_ref().take(n).flatten().collect();
+                let shape = Shape::Insert { columns: run.columns.clone(), rows: n };
+                self.send_write(relation_id, RowWrite { shape, params }, Tag::Insert { relation_id }).await?;
+            }
             return Ok(());
         }
-        let stmt = self.statement(run.relation_id, Shape::Copy { columns: run.columns }).await?;
+        let stmt = self.statement(relation_id, Shape::Copy { columns: run.columns }).await?;
         let client = self.client.clone();
-        let data = run.data.freeze();
+        let data = run.copy.freeze();
         let answers = self
             .pipeline
-            .push(Tag::Copy { relation_id: run.relation_id }, data.len(), async move {
+            .push(Tag::Copy { relation_id }, data.len(), async move {
                 let sink = client.copy_in::<_, bytes::Bytes>(&stmt).await?;
                 futures_util::pin_mut!(sink);
                 sink.send(data).await?;
@@ -483,7 +515,7 @@ impl ApplyWorker {
     }
 
     pub async fn truncate(&mut self, t: &Truncate) -> Result<(), ApplyError> {
-        self.flush_copy().await?;
+        self.flush_inserts().await?;
         let mut tables = Vec::new();
         for &id in &t.relation_ids {
             if self.replicates(id)? {
@@ -515,7 +547,7 @@ impl ApplyWorker {
     /// `end_lsn`; [`ApplyWorker::take_committed`] reports it once confirmed. Returns the
     /// number of changes in it (0: nothing was open, nothing sent).
     pub async fn commit(&mut self, end_lsn: Lsn) -> Result<u64, ApplyError> {
-        self.flush_copy().await?;
+        self.flush_inserts().await?;
         let Some(txn) = self.open.take() else {
             return Ok(0);
         };

@@ -54,8 +54,8 @@ pub enum StatementError {
 /// The statement a change needs; together with the relation it names one prepared statement.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Shape {
-    /// Target column indexes, in parameter order.
-    Insert { columns: Vec<usize> },
+    /// `rows` rows of these target columns in one statement; parameters row by row.
+    Insert { columns: Vec<usize>, rows: usize },
     /// Target columns set, in parameter order; key parameters follow.
     Update { set: Vec<usize> },
     Delete,
@@ -129,7 +129,7 @@ impl RelationMap {
             columns.push(t);
             params.push(v.clone());
         }
-        Ok(RowWrite { shape: Shape::Insert { columns }, params })
+        Ok(RowWrite { shape: Shape::Insert { columns, rows: 1 }, params })
     }
 
     /// `None` when the update changes nothing that can be written (every column unchanged TOAST).
@@ -189,11 +189,17 @@ impl RelationMap {
                 .join(" AND ")
         };
         match shape {
-            Shape::Insert { columns } => format!(
-                "INSERT INTO {} ({}) VALUES ({})",
+            Shape::Insert { columns, rows } => format!(
+                "INSERT INTO {} ({}) VALUES {}",
                 t.qualified(),
                 columns.iter().map(|&c| col(c)).collect::<Vec<_>>().join(", "),
-                (1..=columns.len()).map(|n| format!("${n}")).collect::<Vec<_>>().join(", ")
+                (0..*rows)
+                    .map(|r| {
+                        let row = (1..=columns.len()).map(|n| format!("${}", r * columns.len() + n));
+                        format!("({})", row.collect::<Vec<_>>().join(", "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             Shape::Update { set } => format!(
                 "UPDATE {} SET {} WHERE {}",
@@ -210,6 +216,29 @@ impl RelationMap {
         }
     }
 }
+
+/// PostgreSQL's limit on parameters in one statement (the protocol's Int16 count).
+pub const MAX_PARAMS: usize = 65535;
+
+/// How a run of `rows` inserts of `columns` columns is split into multi-row INSERTs: a
+/// run of up to [`EXACT_BATCH_ROWS`] rows in one statement (the common point-of-sale
+/// transaction), longer runs in powers of two, largest first, so that each relation needs
+/// a bounded number of prepared statements; each within PostgreSQL's 65,535 parameters.
+pub fn batch_sizes(rows: usize, columns: usize) -> Vec<usize> {
+    let floor_pow2 = |n: usize| 1usize << (usize::BITS - 1 - n.leading_zeros());
+    let max_rows = (MAX_PARAMS / columns.max(1)).max(1);
+    let mut sizes = Vec::new();
+    let mut left = rows;
+    while left > 0 {
+        let n = if left <= EXACT_BATCH_ROWS.min(max_rows) { left } else { floor_pow2(left).min(floor_pow2(max_rows)) };
+        sizes.push(n);
+        left -= n;
+    }
+    sizes
+}
+
+/// Runs up to this many rows go in one statement of exactly their size.
+pub const EXACT_BATCH_ROWS: usize = 16;
 
 /// Appends one row in COPY text format: tab-separated, `\N` for NULL, with backslash,
 /// tab, newline and carriage return escaped (PostgreSQL docs, COPY, "Text Format").
@@ -279,6 +308,26 @@ mod tests {
         let w = map.insert(&Tuple(vec![t("7"), t("Shop/0007")])).unwrap();
         assert_eq!(map.sql(&w.shape), r#"INSERT INTO "public"."pos_order" ("id", "name") VALUES ($1, $2)"#);
         assert_eq!(w.params, vec![t("7"), t("Shop/0007")]);
+    }
+
+    #[test]
+    fn several_rows_go_in_one_insert() {
+        let map = RelationMap::new(&relation(&[("id", true), ("name", false)]), target(&["id", "name"], &[0])).unwrap();
+        let sql = map.sql(&Shape::Insert { columns: vec![0, 1], rows: 3 });
+        assert_eq!(sql, r#"INSERT INTO "public"."pos_order" ("id", "name") VALUES ($1, $2), ($3, $4), ($5, $6)"#);
+    }
+
+    #[test]
+    fn batch_sizes_cover_a_run_and_respect_the_parameter_limit() {
+        for run in 1..600 {
+            for cols in [1, 7, 300] {
+                let sizes = batch_sizes(run, cols);
+                assert_eq!(sizes.iter().sum::<usize>(), run);
+                assert!(sizes.iter().all(|&n| (n <= EXACT_BATCH_ROWS || n.is_power_of_two()) && n * cols <= MAX_PARAMS));
+            }
+        }
+        assert_eq!(batch_sizes(10, 7), [10]);
+        assert_eq!(batch_sizes(100, 7), [64, 32, 4]);
     }
 
     #[test]
