@@ -263,6 +263,20 @@ impl TestCluster {
     }
 }
 
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        // Sidecars first (they would log errors against stopped servers), then the servers
+        // (each removes its own directory), then what is left: configs and logs.
+        for n in &mut self.nodes {
+            n.kill_sidecar();
+        }
+        self.nodes.clear();
+        if std::env::var_os("WALSYNC_LOCALPG_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 pub fn tail(s: &str, lines: usize) -> String {
     let v: Vec<&str> = s.lines().collect();
     v[v.len().saturating_sub(lines)..].join("\n")
