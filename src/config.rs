@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::node::names::{NodeName, NameError};
+use crate::node::names::{NameError, NodeName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -244,7 +244,10 @@ impl LinkSpec {
 
 impl Config {
     /// Reads `path`, applies `WALSYNC_*` overrides from `env`, and checks the result.
-    pub fn load(path: &Path, env: impl IntoIterator<Item = (String, String)>) -> Result<Config, ConfigError> {
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
@@ -257,7 +260,10 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let parse_err = |source| ConfigError::Parse { path: path.to_path_buf(), source };
+        let parse_err = |source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        };
         let mut table: toml::Table = toml::from_str(text).map_err(parse_err)?;
         let overridden = apply_env(&mut table, env)?;
         let config: Config = if overridden {
@@ -329,9 +335,12 @@ impl Config {
             }
             (Topology::Mesh, None) => {}
         }
-        if self.apply.reconnect_min_ms == 0 || self.apply.reconnect_min_ms > self.apply.reconnect_max_ms {
+        if self.apply.reconnect_min_ms == 0
+            || self.apply.reconnect_min_ms > self.apply.reconnect_max_ms
+        {
             return Err(ConfigError::Invalid(
-                "apply.reconnect_min_ms must be at least 1 and at most apply.reconnect_max_ms".into(),
+                "apply.reconnect_min_ms must be at least 1 and at most apply.reconnect_max_ms"
+                    .into(),
             ));
         }
         Ok(())
@@ -403,30 +412,51 @@ fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<bool, ConfigError> {
-    let mut vars: Vec<(String, String)> =
-        env.into_iter().filter(|(k, _)| k.starts_with("WALSYNC_")).collect();
+    let mut vars: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("WALSYNC_"))
+        .collect();
     vars.sort();
     let mut changed = false;
     for (var, raw) in vars {
         let rest = &var["WALSYNC_".len()..];
         let lower = rest.to_ascii_lowercase();
         // Variables that are not config keys but belong to the binary itself.
-        if matches!(lower.as_str(), "config" | "log") || NOT_CONFIG_PREFIXES.iter().any(|p| lower.starts_with(p)) {
+        if matches!(lower.as_str(), "config" | "log")
+            || NOT_CONFIG_PREFIXES.iter().any(|p| lower.starts_with(p))
+        {
             continue;
         }
-        let env_err = |reason: String| ConfigError::Env { var: var.clone(), reason };
+        let env_err = |reason: String| ConfigError::Env {
+            var: var.clone(),
+            reason,
+        };
         if let Some(peer_rest) = lower.strip_prefix("peer_") {
             let (name, key) = PEER_KEYS
                 .iter()
-                .filter_map(|k| peer_rest.strip_suffix(k).and_then(|n| n.strip_suffix('_')).map(|n| (n, *k)))
+                .filter_map(|k| {
+                    peer_rest
+                        .strip_suffix(k)
+                        .and_then(|n| n.strip_suffix('_'))
+                        .map(|n| (n, *k))
+                })
                 .next()
-                .ok_or_else(|| env_err(format!("expected WALSYNC_PEER_<NAME>_<KEY> with KEY one of {}", PEER_KEYS.join(", ").to_uppercase())))?;
+                .ok_or_else(|| {
+                    env_err(format!(
+                        "expected WALSYNC_PEER_<NAME>_<KEY> with KEY one of {}",
+                        PEER_KEYS.join(", ").to_uppercase()
+                    ))
+                })?;
             let peers = table
                 .entry("peers")
                 .or_insert_with(|| toml::Value::Array(Vec::new()))
                 .as_array_mut()
-                .ok_or_else(|| env_err("`peers` in the file is not an array of tables ([[peers]])".into()))?;
-            let pos = peers.iter().position(|p| p.get("name").and_then(|n| n.as_str()) == Some(name));
+                .ok_or_else(|| {
+                    env_err("`peers` in the file is not an array of tables ([[peers]])".into())
+                })?;
+            let pos = peers
+                .iter()
+                .position(|p| p.get("name").and_then(|n| n.as_str()) == Some(name));
             let peer = match pos {
                 Some(i) => &mut peers[i],
                 None => {
@@ -436,7 +466,9 @@ fn apply_env(
                     peers.last_mut().expect("just pushed")
                 }
             };
-            let t = peer.as_table_mut().ok_or_else(|| env_err("peer entry is not a table".into()))?;
+            let t = peer
+                .as_table_mut()
+                .ok_or_else(|| env_err("peer entry is not a table".into()))?;
             t.insert(key.to_string(), env_value(key, &raw));
             changed = true;
             continue;

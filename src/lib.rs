@@ -8,15 +8,15 @@
 //!
 //! Pure modules (no I/O): [`pgoutput`], [`merge`], [`lsn`], [`config`] (parsing).
 
-pub mod lsn;
-pub mod pgoutput;
-pub mod config;
-pub mod node;
-pub mod merge;
-pub mod stream;
 pub mod apply;
-pub mod runtime;
 pub mod cli;
-pub mod observability;
-pub mod sequences;
+pub mod config;
 pub mod localpg;
+pub mod lsn;
+pub mod merge;
+pub mod node;
+pub mod observability;
+pub mod pgoutput;
+pub mod runtime;
+pub mod sequences;
+pub mod stream;

@@ -11,14 +11,21 @@ use support::*;
 fn two_nodes_write_both_ways() {
     let mut c = TestCluster::new("two-nodes", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
     c.start();
-    c.node("a").sql("INSERT INTO partner (id, name) VALUES (100001, 'Ana'), (100002, 'Ben')");
-    c.node("b").sql("INSERT INTO partner (id, name) VALUES (200001, 'Cleo')");
+    c.node("a")
+        .sql("INSERT INTO partner (id, name) VALUES (100001, 'Ana'), (100002, 'Ben')");
+    c.node("b")
+        .sql("INSERT INTO partner (id, name) VALUES (200001, 'Cleo')");
     c.wait_rows("a", "partner", 3);
     c.wait_rows("b", "partner", 3);
-    c.node("b").sql("UPDATE partner SET email = 'ana@example.com' WHERE id = 100001");
+    c.node("b")
+        .sql("UPDATE partner SET email = 'ana@example.com' WHERE id = 100001");
     c.node("a").sql("DELETE FROM partner WHERE id = 200001");
     c.wait_converged("partner");
-    assert_eq!(c.node("a").sql("SELECT email FROM partner WHERE id = 100001"), "ana@example.com");
+    assert_eq!(
+        c.node("a")
+            .sql("SELECT email FROM partner WHERE id = 100001"),
+        "ana@example.com"
+    );
     assert_eq!(c.node("b").count("partner"), 2);
 
     // The row keeps its author: b's copy of a's row carries origin walsync_a and a's commit time.
@@ -27,19 +34,31 @@ fn two_nodes_write_both_ways() {
          WHERE p.id = 100002 AND o.roident = (pg_xact_commit_timestamp_origin(p.xmin)).roident",
     );
     assert_eq!(author, "walsync_a");
-    let t_a = c.node("a").sql("SELECT pg_xact_commit_timestamp(xmin) FROM partner WHERE id = 100002");
-    let t_b = c.node("b").sql("SELECT pg_xact_commit_timestamp(xmin) FROM partner WHERE id = 100002");
+    let t_a = c
+        .node("a")
+        .sql("SELECT pg_xact_commit_timestamp(xmin) FROM partner WHERE id = 100002");
+    let t_b = c
+        .node("b")
+        .sql("SELECT pg_xact_commit_timestamp(xmin) FROM partner WHERE id = 100002");
     assert_eq!(t_a, t_b, "the applied row keeps the author's commit time");
 }
 
 #[test]
 fn star_forwards_a_branch_write_to_the_other_branch_and_nothing_loops() {
-    let mut c = TestCluster::new("star", Topology::Star, &["main", "branch1", "branch2"], RETAIL_SCHEMA);
+    let mut c = TestCluster::new(
+        "star",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
     c.start();
-    c.node("branch1").sql("INSERT INTO product (id, name, price) VALUES (200001, 'Soap', 2.50)");
+    c.node("branch1")
+        .sql("INSERT INTO product (id, name, price) VALUES (200001, 'Soap', 2.50)");
     c.wait_rows("branch2", "product", 1);
-    c.node("main").sql("INSERT INTO product (id, name, price) VALUES (100001, 'Tea', 4.00)");
-    c.node("branch2").sql("INSERT INTO product (id, name, price) VALUES (300001, 'Rice', 1.10)");
+    c.node("main")
+        .sql("INSERT INTO product (id, name, price) VALUES (100001, 'Tea', 4.00)");
+    c.node("branch2")
+        .sql("INSERT INTO product (id, name, price) VALUES (300001, 'Rice', 1.10)");
     c.wait_converged("product");
     for n in ["main", "branch1", "branch2"] {
         assert_eq!(c.node(n).count("product"), 3, "{n}");
@@ -83,14 +102,33 @@ fn mesh_of_three_converges() {
     }
     c.wait_converged("partner");
     assert_eq!(c.node("c").count("partner"), 150);
-    c.node("c").sql("UPDATE partner SET active = false WHERE id % 2 = 0");
+    c.node("c")
+        .sql("UPDATE partner SET active = false WHERE id % 2 = 0");
     c.wait_converged("partner");
-    assert_eq!(c.node("a").sql("SELECT count(*) FROM partner WHERE NOT active"), "75");
+    assert_eq!(
+        c.node("a")
+            .sql("SELECT count(*) FROM partner WHERE NOT active"),
+        "75"
+    );
     wait_for(
         "every node applied each transaction written elsewhere exactly once (a: 1, b: 1, c: 2)",
         DEADLINE,
-        || c.nodes.iter().map(|n| n.applied_transactions()).collect::<Vec<_>>() == [3, 3, 2],
-        || format!("{:?}", c.nodes.iter().map(|n| n.applied_transactions()).collect::<Vec<_>>()),
+        || {
+            c.nodes
+                .iter()
+                .map(|n| n.applied_transactions())
+                .collect::<Vec<_>>()
+                == [3, 3, 2]
+        },
+        || {
+            format!(
+                "{:?}",
+                c.nodes
+                    .iter()
+                    .map(|n| n.applied_transactions())
+                    .collect::<Vec<_>>()
+            )
+        },
     );
 }
 
@@ -115,7 +153,11 @@ fn every_odoo_column_type_round_trips() {
     // An update that leaves the large (TOASTed) column untouched keeps it on the target.
     c.node("a").sql("UPDATE typed SET i4 = 7 WHERE id = 1");
     c.wait_converged("typed");
-    assert_eq!(c.node("b").sql("SELECT length(big) FROM typed WHERE id = 1"), "32000");
+    assert_eq!(
+        c.node("b")
+            .sql("SELECT length(big) FROM typed WHERE id = 1"),
+        "32000"
+    );
     assert_eq!(c.node("b").sql("SELECT f8 = 0.1 AND num = 12345678901234.123456 AND i8 = 9223372036854775807 FROM typed WHERE id = 1"), "t");
     // TRUNCATE travels too.
     c.node("b").sql("TRUNCATE typed");
@@ -126,7 +168,8 @@ fn every_odoo_column_type_round_trips() {
 fn sidecar_killed_mid_transaction_resumes_with_nothing_lost_or_doubled() {
     let mut c = TestCluster::new("kill9", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
     c.start();
-    c.node("a").sql("INSERT INTO product (id, name, price) VALUES (1, 'Soap', 1)");
+    c.node("a")
+        .sql("INSERT INTO product (id, name, price) VALUES (1, 'Soap', 1)");
     c.wait_rows("b", "product", 1);
     // One large source transaction; kill b's sidecar while it is being applied.
     c.node("a").sql(
@@ -143,20 +186,34 @@ fn sidecar_killed_mid_transaction_resumes_with_nothing_lost_or_doubled() {
         || c.logs(),
     );
     c.node_mut("b").kill_sidecar();
-    assert_eq!(c.node("b").count("pos_order"), 0, "the interrupted transaction is not visible");
+    assert_eq!(
+        c.node("b").count("pos_order"),
+        0,
+        "the interrupted transaction is not visible"
+    );
     c.node_mut("b").start_sidecar();
     c.wait_rows("b", "pos_order", 200000);
-    c.node("a").sql("INSERT INTO pos_order (id, name) VALUES (200001, 'after')");
+    c.node("a")
+        .sql("INSERT INTO pos_order (id, name) VALUES (200001, 'after')");
     c.wait_rows("b", "pos_order", 200001);
-    assert_eq!(c.node("b").sql("SELECT count(DISTINCT id) FROM pos_order"), "200001");
+    assert_eq!(
+        c.node("b").sql("SELECT count(DISTINCT id) FROM pos_order"),
+        "200001"
+    );
     c.wait_converged("pos_order");
 }
 
 #[test]
 fn peer_down_for_a_while_then_back_converges() {
-    let mut c = TestCluster::new("peer-down", Topology::Star, &["main", "branch1"], RETAIL_SCHEMA);
+    let mut c = TestCluster::new(
+        "peer-down",
+        Topology::Star,
+        &["main", "branch1"],
+        RETAIL_SCHEMA,
+    );
     c.start();
-    c.node("main").sql("INSERT INTO partner (id, name) VALUES (100001, 'before')");
+    c.node("main")
+        .sql("INSERT INTO partner (id, name) VALUES (100001, 'before')");
     c.wait_rows("branch1", "partner", 1);
     // main's PostgreSQL goes away; both sides keep writing.
     c.node_mut("main").pg.stop().unwrap();
@@ -186,11 +243,16 @@ fn init_is_idempotent_and_refuses_bad_setups() {
     c.node("a").sql("CREATE TABLE nokey (a int)");
     let (ok, out) = walsync(&["init", "--config", &cfg]);
     assert!(!ok);
-    assert!(out.contains("public.nokey") && out.contains("PRIMARY KEY"), "{out}");
+    assert!(
+        out.contains("public.nokey") && out.contains("PRIMARY KEY"),
+        "{out}"
+    );
     c.node("a").sql("DROP TABLE nokey");
 
     // A config pointed at the wrong database is refused.
-    let wrong = std::fs::read_to_string(&cfg).unwrap().replacen("id = 1", "id = 3", 1);
+    let wrong = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replacen("id = 1", "id = 3", 1);
     let wrong_path = c.dir.join("wrong.toml");
     std::fs::write(&wrong_path, wrong).unwrap();
     let (ok, out) = walsync(&["init", "--config", wrong_path.to_str().unwrap()]);
@@ -198,7 +260,11 @@ fn init_is_idempotent_and_refuses_bad_setups() {
     assert!(out.contains("was initialised as node \"a\""), "{out}");
 
     // Unreachable server: a clear message, no panic.
-    let unreachable = std::fs::read_to_string(&cfg).unwrap().replacen(&format!("port={}", c.node("a").pg.port()), "port=1", 1);
+    let unreachable = std::fs::read_to_string(&cfg).unwrap().replacen(
+        &format!("port={}", c.node("a").pg.port()),
+        "port=1",
+        1,
+    );
     std::fs::write(&wrong_path, unreachable).unwrap();
     let (ok, out) = walsync(&["init", "--config", wrong_path.to_str().unwrap()]);
     assert!(!ok);
@@ -207,14 +273,30 @@ fn init_is_idempotent_and_refuses_bad_setups() {
     // Settings missing: wal_level and track_commit_timestamp named with their fix.
     let mut plain = walsync::localpg::LocalCluster::start(&c.dir.join("plain"), "plain").unwrap();
     plain.psql("ALTER SYSTEM SET wal_level = replica").unwrap();
-    plain.psql("ALTER SYSTEM SET track_commit_timestamp = off").unwrap();
+    plain
+        .psql("ALTER SYSTEM SET track_commit_timestamp = off")
+        .unwrap();
     plain.restart().unwrap();
-    let text = std::fs::read_to_string(&cfg).unwrap().replacen(&c.node("a").pg.dsn(), &plain.dsn(), 1);
+    let text =
+        std::fs::read_to_string(&cfg)
+            .unwrap()
+            .replacen(&c.node("a").pg.dsn(), &plain.dsn(), 1);
     std::fs::write(&wrong_path, text).unwrap();
     let (ok, out) = walsync(&["init", "--config", wrong_path.to_str().unwrap()]);
     assert!(!ok);
-    assert!(out.contains("wal_level") && out.contains("track_commit_timestamp") && out.contains("restart"), "{out}");
-    assert_eq!(plain.psql("SELECT count(*) FROM pg_namespace WHERE nspname = 'walsync'").unwrap(), "0", "a refused init changes nothing");
+    assert!(
+        out.contains("wal_level")
+            && out.contains("track_commit_timestamp")
+            && out.contains("restart"),
+        "{out}"
+    );
+    assert_eq!(
+        plain
+            .psql("SELECT count(*) FROM pg_namespace WHERE nspname = 'walsync'")
+            .unwrap(),
+        "0",
+        "a refused init changes nothing"
+    );
 }
 
 #[test]
@@ -225,17 +307,26 @@ fn wrong_password_and_bad_config_get_clear_errors() {
     // Password authentication for TCP connections of role sync.
     let hba = a.pg.dir().join("data/pg_hba.conf");
     let text = std::fs::read_to_string(&hba).unwrap();
-    std::fs::write(&hba, format!("host all sync 127.0.0.1/32 scram-sha-256\n{text}")).unwrap();
+    std::fs::write(
+        &hba,
+        format!("host all sync 127.0.0.1/32 scram-sha-256\n{text}"),
+    )
+    .unwrap();
     a.sql("SELECT pg_reload_conf()");
-    let cfg = std::fs::read_to_string(&a.config)
-        .unwrap()
-        .replacen("user=postgres", "user=sync password=wrong", 1);
+    let cfg = std::fs::read_to_string(&a.config).unwrap().replacen(
+        "user=postgres",
+        "user=sync password=wrong",
+        1,
+    );
     let path = c.dir.join("badpw.toml");
     std::fs::write(&path, &cfg).unwrap();
     let (ok, out) = walsync(&["init", "--config", path.to_str().unwrap()]);
     assert!(!ok);
     assert!(out.contains("password authentication failed"), "{out}");
-    assert!(!out.contains("wrong"), "the password is never printed: {out}");
+    assert!(
+        !out.contains("wrong"),
+        "the password is never printed: {out}"
+    );
 
     std::fs::write(&path, cfg.replace("[node]", "[node]\ncolour = \"blue\"")).unwrap();
     let (ok, out) = walsync(&["init", "--config", path.to_str().unwrap()]);
@@ -267,6 +358,31 @@ fn a_large_transaction_applies_in_bounded_memory() {
     c.wait_rows("b", "pos_order", 500000);
     let pid = c.node("b").sidecar.as_ref().unwrap().pid();
     let peak = peak_rss_kib(pid);
-    eprintln!("sidecar peak RSS after a 500,000-row transaction: {} MiB", peak / 1024);
-    assert!(peak < SIDECAR_RSS_BOUND_KIB, "peak RSS {peak} KiB is over the bound {SIDECAR_RSS_BOUND_KIB} KiB");
+    eprintln!(
+        "sidecar peak RSS after a 500,000-row transaction: {} MiB",
+        peak / 1024
+    );
+    assert!(
+        peak < SIDECAR_RSS_BOUND_KIB,
+        "peak RSS {peak} KiB is over the bound {SIDECAR_RSS_BOUND_KIB} KiB"
+    );
+}
+
+#[test]
+fn run_on_a_node_that_was_never_initialised_says_so() {
+    let dir = scratch_dir("not-init");
+    let pg = walsync::localpg::LocalCluster::start(&dir.join("a"), "a").unwrap();
+    let peer = walsync::localpg::LocalCluster::start(&dir.join("b"), "b").unwrap();
+    let cfg = format!(
+        "[cluster]\ntopology = \"mesh\"\n[node]\nname = \"a\"\nid = 1\ndsn = \"{}\"\n[[peers]]\nname = \"b\"\nid = 2\ndsn = \"{}\"\n",
+        pg.dsn(),
+        peer.dsn()
+    );
+    let path = dir.join("a.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let (ok, out) = walsync(&["run", "--config", path.to_str().unwrap()]);
+    assert!(!ok, "run must refuse: {out}");
+    assert!(out.contains("run walsync init"), "{out}");
+    drop((pg, peer));
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,7 +8,11 @@ use crate::merge::statements::TargetTable;
 /// The table `schema.name` on the target: its writable columns (generated and dropped
 /// ones left out) and the columns of its primary key, or else its replica identity index.
 /// `None` if there is no such table.
-pub async fn target_table(client: &Client, schema: &str, name: &str) -> Result<Option<TargetTable>, ApplyError> {
+pub async fn target_table(
+    client: &Client,
+    schema: &str,
+    name: &str,
+) -> Result<Option<TargetTable>, ApplyError> {
     let what = || format!("reading the catalog entry of {schema}.{name}");
     let oid: Option<u32> = client
         .query_opt(
@@ -48,6 +52,14 @@ pub async fn target_table(client: &Client, schema: &str, name: &str) -> Result<O
         .iter()
         .map(|r| r.get(0))
         .collect();
-    let key = key_names.iter().filter_map(|k| columns.iter().position(|c| c == k)).collect();
-    Ok(Some(TargetTable { schema: schema.to_string(), name: name.to_string(), columns, key }))
+    let key = key_names
+        .iter()
+        .filter_map(|k| columns.iter().position(|c| c == k))
+        .collect();
+    Ok(Some(TargetTable {
+        schema: schema.to_string(),
+        name: name.to_string(),
+        columns,
+        key,
+    }))
 }

@@ -29,7 +29,9 @@ use tracing::{debug, warn};
 
 use crate::lsn::Lsn;
 use crate::merge::replicates_relation;
-use crate::merge::statements::{batch_sizes, copy_text_row, RelationMap, RowWrite, Shape, StatementError};
+use crate::merge::statements::{
+    batch_sizes, copy_text_row, RelationMap, RowWrite, Shape, StatementError,
+};
 use crate::node::setup::ensure_origin;
 use crate::pgoutput::{Delete, Insert, Relation, Truncate, Update, Value};
 use param::Param;
@@ -49,10 +51,16 @@ pub enum ApplyError {
     MissingTable { table: String },
     #[error("{0}")]
     Protocol(String),
-    #[error("a change names relation id {0} that the upstream never described (no Relation message)")]
+    #[error(
+        "a change names relation id {0} that the upstream never described (no Relation message)"
+    )]
     UnknownRelation(u32),
     #[error("{table}: {kind}: {detail}")]
-    Conflict { table: String, kind: &'static str, detail: String },
+    Conflict {
+        table: String,
+        kind: &'static str,
+        detail: String,
+    },
 }
 
 impl ApplyError {
@@ -133,7 +141,9 @@ impl ApplyWorker {
         client
             .batch_execute("SET session_replication_role = replica")
             .await
-            .map_err(ApplyError::sql("setting session_replication_role = replica (walsync's role must be a superuser)"))?;
+            .map_err(ApplyError::sql(
+                "setting session_replication_role = replica (walsync's role must be a superuser)",
+            ))?;
         // Commits need not wait for their flush: the upstream is acknowledged only up to
         // what pg_current_wal_flush_lsn() shows durable (DESIGN.md, "Apply").
         client
@@ -142,11 +152,16 @@ impl ApplyWorker {
             .map_err(ApplyError::sql("setting synchronous_commit = off"))?;
         let xact_setup = client
             .prepare_typed(
-                &format!("SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, {})", timestamp_sql("$2::int8")),
+                &format!(
+                    "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, {})",
+                    timestamp_sql("$2::int8")
+                ),
                 &[Type::TEXT, Type::INT8],
             )
             .await
-            .map_err(ApplyError::sql("preparing pg_replication_origin_xact_setup"))?;
+            .map_err(ApplyError::sql(
+                "preparing pg_replication_origin_xact_setup",
+            ))?;
         client
             .execute(
                 "INSERT INTO walsync.link_progress (link, source_lsn) VALUES ($1, '0/0') ON CONFLICT (link) DO NOTHING",
@@ -188,9 +203,14 @@ impl ApplyWorker {
     pub async fn progress(&self) -> Result<Lsn, ApplyError> {
         let row = self
             .client
-            .query_opt("SELECT source_lsn::text FROM walsync.link_progress WHERE link = $1", &[&self.link])
+            .query_opt(
+                "SELECT source_lsn::text FROM walsync.link_progress WHERE link = $1",
+                &[&self.link],
+            )
             .await
-            .map_err(ApplyError::sql("reading walsync.link_progress (has walsync init run on this node?)"))?;
+            .map_err(ApplyError::sql(
+                "reading walsync.link_progress (has walsync init run on this node?)",
+            ))?;
         Ok(match row {
             Some(r) => r.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO),
             None => Lsn::ZERO,
@@ -200,7 +220,13 @@ impl ApplyWorker {
     /// A Relation message: (re)describes a source relation. Anything cached for it goes.
     pub fn on_relation(&mut self, rel: Relation) {
         self.statements.retain(|(id, _), _| *id != rel.id);
-        self.relations.insert(rel.id, RelationEntry { source: rel, map: None });
+        self.relations.insert(
+            rel.id,
+            RelationEntry {
+                source: rel,
+                map: None,
+            },
+        );
     }
 
     pub fn is_open(&self) -> bool {
@@ -209,7 +235,10 @@ impl ApplyWorker {
 
     /// Whether changes to this relation are applied at all.
     pub fn replicates(&self, relation_id: u32) -> Result<bool, ApplyError> {
-        let e = self.relations.get(&relation_id).ok_or(ApplyError::UnknownRelation(relation_id))?;
+        let e = self
+            .relations
+            .get(&relation_id)
+            .ok_or(ApplyError::UnknownRelation(relation_id))?;
         Ok(replicates_relation(&e.source.namespace, &e.source.name))
     }
 
@@ -228,19 +257,31 @@ impl ApplyWorker {
             self.flush().await?;
             ensure_origin(&self.client, &txn.origin)
                 .await
-                .map_err(ApplyError::sql(format!("creating replication origin {}", txn.origin)))?;
-            sql.push_str(&format!("SELECT pg_replication_origin_session_setup({})", quote_literal(&txn.origin)));
-            self.send_batch(sql, "setting up the replication origin").await?;
+                .map_err(ApplyError::sql(format!(
+                    "creating replication origin {}",
+                    txn.origin
+                )))?;
+            sql.push_str(&format!(
+                "SELECT pg_replication_origin_session_setup({})",
+                quote_literal(&txn.origin)
+            ));
+            self.send_batch(sql, "setting up the replication origin")
+                .await?;
             self.session_origin = Some(txn.origin.clone());
         }
-        self.send_batch("BEGIN".into(), "opening the target transaction").await?;
+        self.send_batch("BEGIN".into(), "opening the target transaction")
+            .await?;
         let (client, stmt) = (self.client.clone(), self.xact_setup.clone());
         let (lsn, time) = (txn.origin_lsn.to_string(), txn.commit_time_us);
         let answers = self
             .pipeline
-            .push(Tag::Other { what: "setting the origin's lsn and commit time" }, 64, async move {
-                client.execute(&stmt, &[&lsn, &time]).await
-            })
+            .push(
+                Tag::Other {
+                    what: "setting the origin's lsn and commit time",
+                },
+                64,
+                async move { client.execute(&stmt, &[&lsn, &time]).await },
+            )
             .await;
         self.settle(answers)?;
         self.open = Some(txn.clone());
@@ -253,7 +294,9 @@ impl ApplyWorker {
         let bytes = sql.len();
         let answers = self
             .pipeline
-            .push(Tag::Other { what }, bytes, async move { client.batch_execute(&sql).await.map(|_| 0) })
+            .push(Tag::Other { what }, bytes, async move {
+                client.batch_execute(&sql).await.map(|_| 0)
+            })
             .await;
         self.settle(answers)
     }
@@ -269,13 +312,16 @@ impl ApplyWorker {
     fn settle_one(&mut self, (tag, result): Answer) -> Result<(), ApplyError> {
         match (tag, result) {
             (Tag::InsertPosition | Tag::FlushPosition, Ok(UNREADABLE_LSN)) => {
-                return Err(ApplyError::Protocol("the target answered a WAL position that does not parse".into()))
+                return Err(ApplyError::Protocol(
+                    "the target answered a WAL position that does not parse".into(),
+                ))
             }
             (Tag::Commit { end_lsn }, Ok(_)) => self.unbounded.push_back(end_lsn),
             // Every commit answered before this read was executed before it: its commit
             // record lies at or before this position.
             (Tag::InsertPosition, Ok(position)) => {
-                self.bounded.extend(self.unbounded.drain(..).map(|end| (position, end)));
+                self.bounded
+                    .extend(self.unbounded.drain(..).map(|end| (position, end)));
             }
             (Tag::FlushPosition, Ok(flushed)) => {
                 self.flush_check_in_flight = false;
@@ -287,7 +333,13 @@ impl ApplyWorker {
                     self.bounded.pop_front();
                 }
             }
-            (Tag::Row { relation_id, when_no_row: Some(kind) }, Ok(0)) => {
+            (
+                Tag::Row {
+                    relation_id,
+                    when_no_row: Some(kind),
+                },
+                Ok(0),
+            ) => {
                 let table = self.table_name(relation_id);
                 if kind == "update_missing" {
                     warn!(link = %self.link, table = %table, conflict = kind, "row to update not found here; change skipped");
@@ -296,26 +348,49 @@ impl ApplyWorker {
                 }
             }
             (_, Ok(_)) => {}
-            (Tag::Insert { relation_id } | Tag::Copy { relation_id }, Err(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            (Tag::Insert { relation_id } | Tag::Copy { relation_id }, Err(e))
+                if e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+            {
                 return Err(ApplyError::Conflict {
                     table: self.table_name(relation_id),
                     kind: "insert_exists",
                     detail: format!(
                         "{}; a row with this key already exists here",
-                        e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
+                        e.as_db_error()
+                            .map(|d| d.message().to_string())
+                            .unwrap_or_else(|| e.to_string())
                     ),
                 });
             }
-            (Tag::Insert { relation_id } | Tag::Copy { relation_id } | Tag::Row { relation_id, .. }, Err(source)) => {
-                return Err(ApplyError::Sql { what: format!("applying a change to {}", self.table_name(relation_id)), source })
+            (
+                Tag::Insert { relation_id }
+                | Tag::Copy { relation_id }
+                | Tag::Row { relation_id, .. },
+                Err(source),
+            ) => {
+                return Err(ApplyError::Sql {
+                    what: format!("applying a change to {}", self.table_name(relation_id)),
+                    source,
+                })
             }
             (Tag::Commit { .. }, Err(source)) => {
-                return Err(ApplyError::Sql { what: "committing the target transaction".into(), source })
+                return Err(ApplyError::Sql {
+                    what: "committing the target transaction".into(),
+                    source,
+                })
             }
             (Tag::InsertPosition | Tag::FlushPosition, Err(source)) => {
-                return Err(ApplyError::Sql { what: "reading the target's WAL positions".into(), source })
+                return Err(ApplyError::Sql {
+                    what: "reading the target's WAL positions".into(),
+                    source,
+                })
             }
-            (Tag::Other { what }, Err(source)) => return Err(ApplyError::Sql { what: what.into(), source }),
+            (Tag::Other { what }, Err(source)) => {
+                return Err(ApplyError::Sql {
+                    what: what.into(),
+                    source,
+                })
+            }
         }
         Ok(())
     }
@@ -336,7 +411,8 @@ impl ApplyWorker {
 
     /// Commits wait for their flush and no check of it is under way.
     pub fn needs_flush_check(&self) -> bool {
-        !(self.unbounded.is_empty() && self.bounded.is_empty()) && !self.flush_check_in_flight
+        let waiting = !self.unbounded.is_empty() || !self.bounded.is_empty();
+        waiting && !self.flush_check_in_flight
     }
 
     /// Asks the target how far its WAL is flushed; the answer releases durable commits.
@@ -345,12 +421,16 @@ impl ApplyWorker {
         let client = self.client.clone();
         let mut answers = self
             .pipeline
-            .push(Tag::InsertPosition, 64, async move { read_lsn(&client, "SELECT pg_current_wal_insert_lsn()::text").await })
+            .push(Tag::InsertPosition, 64, async move {
+                read_lsn(&client, "SELECT pg_current_wal_insert_lsn()::text").await
+            })
             .await;
         let client = self.client.clone();
         answers.extend(
             self.pipeline
-                .push(Tag::FlushPosition, 64, async move { read_lsn(&client, "SELECT pg_current_wal_flush_lsn()::text").await })
+                .push(Tag::FlushPosition, 64, async move {
+                    read_lsn(&client, "SELECT pg_current_wal_flush_lsn()::text").await
+                })
                 .await,
         );
         self.settle(answers)
@@ -371,22 +451,31 @@ impl ApplyWorker {
     }
 
     fn map_for(&self, relation_id: u32) -> Option<&RelationMap> {
-        self.relations.get(&relation_id).and_then(|e| e.map.as_ref())
+        self.relations
+            .get(&relation_id)
+            .and_then(|e| e.map.as_ref())
     }
 
     async fn ensure_map(&mut self, relation_id: u32) -> Result<(), ApplyError> {
-        let entry = self.relations.get(&relation_id).ok_or(ApplyError::UnknownRelation(relation_id))?;
+        let entry = self
+            .relations
+            .get(&relation_id)
+            .ok_or(ApplyError::UnknownRelation(relation_id))?;
         if entry.map.is_some() {
             return Ok(());
         }
         // Direct requests wait for everything in flight (see `begin`); once per relation.
         self.flush().await?;
-        let entry = self.relations.get(&relation_id).ok_or(ApplyError::UnknownRelation(relation_id))?;
-        let target = catalog::target_table(&self.client, &entry.source.namespace, &entry.source.name)
-            .await?
-            .ok_or_else(|| ApplyError::MissingTable {
-                table: format!("{}.{}", entry.source.namespace, entry.source.name),
-            })?;
+        let entry = self
+            .relations
+            .get(&relation_id)
+            .ok_or(ApplyError::UnknownRelation(relation_id))?;
+        let target =
+            catalog::target_table(&self.client, &entry.source.namespace, &entry.source.name)
+                .await?
+                .ok_or_else(|| ApplyError::MissingTable {
+                    table: format!("{}.{}", entry.source.namespace, entry.source.name),
+                })?;
         let map = RelationMap::new(&entry.source, target)?;
         if let Some(e) = self.relations.get_mut(&relation_id) {
             e.map = Some(map);
@@ -404,28 +493,46 @@ impl ApplyWorker {
         }
         // Direct requests wait for everything in flight (see `begin`); once per shape.
         self.flush().await?;
-        let map = self.map_for(relation_id).expect("ensure_map ran before statement");
+        let map = self
+            .map_for(relation_id)
+            .expect("ensure_map ran before statement");
         let sql = map.sql(&key.1);
-        let stmt = self.client.prepare(&sql).await.map_err(ApplyError::sql(format!("preparing {sql}")))?;
+        let stmt = self
+            .client
+            .prepare(&sql)
+            .await
+            .map_err(ApplyError::sql(format!("preparing {sql}")))?;
         self.statements.insert(key, stmt.clone());
         Ok(stmt)
     }
 
     /// Sends one change after any pending inserts (which come before it in the source).
-    async fn execute(&mut self, relation_id: u32, write: RowWrite, tag: Tag) -> Result<(), ApplyError> {
+    async fn execute(
+        &mut self,
+        relation_id: u32,
+        write: RowWrite,
+        tag: Tag,
+    ) -> Result<(), ApplyError> {
         self.flush_inserts().await?;
         self.rows_in_txn += 1;
         self.send_write(relation_id, write, tag).await
     }
 
-    async fn send_write(&mut self, relation_id: u32, write: RowWrite, tag: Tag) -> Result<(), ApplyError> {
+    async fn send_write(
+        &mut self,
+        relation_id: u32,
+        write: RowWrite,
+        tag: Tag,
+    ) -> Result<(), ApplyError> {
         let stmt = self.statement(relation_id, write.shape).await?;
         let client = self.client.clone();
         let params = write.params;
         let bytes = params.iter().map(|v| v.as_bytes_len()).sum::<usize>() + 64;
         let answers = self
             .pipeline
-            .push(tag, bytes, async move { client.execute_raw(&stmt, params.iter().map(Param)).await })
+            .push(tag, bytes, async move {
+                client.execute_raw(&stmt, params.iter().map(Param)).await
+            })
             .await;
         self.settle(answers)
     }
@@ -437,10 +544,16 @@ impl ApplyWorker {
         let Shape::Insert { columns, .. } = &write.shape else {
             unreachable!("RelationMap::insert makes Shape::Insert");
         };
-        let same_run = matches!(&self.run, Some(run) if run.relation_id == id && run.columns == *columns);
+        let same_run =
+            matches!(&self.run, Some(run) if run.relation_id == id && run.columns == *columns);
         if !same_run {
             self.flush_inserts().await?;
-            self.run = Some(InsertRun { relation_id: id, columns: columns.clone(), rows: Vec::new(), copy: BytesMut::new() });
+            self.run = Some(InsertRun {
+                relation_id: id,
+                columns: columns.clone(),
+                rows: Vec::new(),
+                copy: BytesMut::new(),
+            });
         }
         let run = self.run.as_mut().expect("a run was just ensured");
         self.rows_in_txn += 1;
@@ -460,7 +573,9 @@ impl ApplyWorker {
         }
         if !copy_text_row(&write.params, &mut run.copy) {
             self.rows_in_txn -= 1;
-            return self.execute(id, write, Tag::Insert { relation_id: id }).await;
+            return self
+                .execute(id, write, Tag::Insert { relation_id: id })
+                .await;
         }
         if run.copy.len() >= COPY_RUN_BYTES {
             self.flush_inserts().await?;
@@ -478,12 +593,27 @@ impl ApplyWorker {
             let mut rows = run.rows.into_iter();
             for n in batch_sizes(rows.len(), run.columns.len()) {
                 let params: Vec<Value> = rows.by_ref().take(n).flatten().collect();
-                let shape = Shape::Insert { columns: run.columns.clone(), rows: n };
-                self.send_write(relation_id, RowWrite { shape, params }, Tag::Insert { relation_id }).await?;
+                let shape = Shape::Insert {
+                    columns: run.columns.clone(),
+                    rows: n,
+                };
+                self.send_write(
+                    relation_id,
+                    RowWrite { shape, params },
+                    Tag::Insert { relation_id },
+                )
+                .await?;
             }
             return Ok(());
         }
-        let stmt = self.statement(relation_id, Shape::Copy { columns: run.columns }).await?;
+        let stmt = self
+            .statement(
+                relation_id,
+                Shape::Copy {
+                    columns: run.columns,
+                },
+            )
+            .await?;
         let client = self.client.clone();
         let data = run.copy.freeze();
         let answers = self
@@ -500,17 +630,30 @@ impl ApplyWorker {
 
     pub async fn update(&mut self, upd: &Update) -> Result<(), ApplyError> {
         self.ensure_map(upd.relation_id).await?;
-        let Some(write) = self.map_for(upd.relation_id).expect("mapped").update(upd.old.as_ref(), &upd.new)? else {
+        let Some(write) = self
+            .map_for(upd.relation_id)
+            .expect("mapped")
+            .update(upd.old.as_ref(), &upd.new)?
+        else {
             return Ok(());
         };
-        let tag = Tag::Row { relation_id: upd.relation_id, when_no_row: Some("update_missing") };
+        let tag = Tag::Row {
+            relation_id: upd.relation_id,
+            when_no_row: Some("update_missing"),
+        };
         self.execute(upd.relation_id, write, tag).await
     }
 
     pub async fn delete(&mut self, del: &Delete) -> Result<(), ApplyError> {
         self.ensure_map(del.relation_id).await?;
-        let write = self.map_for(del.relation_id).expect("mapped").delete(&del.old)?;
-        let tag = Tag::Row { relation_id: del.relation_id, when_no_row: Some("delete_missing") };
+        let write = self
+            .map_for(del.relation_id)
+            .expect("mapped")
+            .delete(&del.old)?;
+        let tag = Tag::Row {
+            relation_id: del.relation_id,
+            when_no_row: Some("delete_missing"),
+        };
         self.execute(del.relation_id, write, tag).await
     }
 
@@ -529,7 +672,11 @@ impl ApplyWorker {
         let sql = format!(
             "TRUNCATE ONLY {}{}{}",
             tables.join(", "),
-            if t.restart_identity { " RESTART IDENTITY" } else { "" },
+            if t.restart_identity {
+                " RESTART IDENTITY"
+            } else {
+                ""
+            },
             if t.cascade { " CASCADE" } else { "" }
         );
         self.rows_in_txn += 1;
@@ -555,15 +702,21 @@ impl ApplyWorker {
         let (link, end, time) = (self.link.clone(), end_lsn.to_string(), txn.commit_time_us);
         let answers = self
             .pipeline
-            .push(Tag::Other { what: "recording the link's progress" }, 128, async move {
-                client.execute(&stmt, &[&link, &end, &time]).await
-            })
+            .push(
+                Tag::Other {
+                    what: "recording the link's progress",
+                },
+                128,
+                async move { client.execute(&stmt, &[&link, &end, &time]).await },
+            )
             .await;
         self.settle(answers)?;
         let client = self.client.clone();
         let answers = self
             .pipeline
-            .push(Tag::Commit { end_lsn }, 64, async move { client.batch_execute("COMMIT").await.map(|_| 0) })
+            .push(Tag::Commit { end_lsn }, 64, async move {
+                client.batch_execute("COMMIT").await.map(|_| 0)
+            })
             .await;
         self.settle(answers)?;
         Ok(self.rows_in_txn)

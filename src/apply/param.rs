@@ -10,7 +10,11 @@ use crate::pgoutput::Value;
 pub struct Param<'a>(pub &'a Value);
 
 impl ToSql for Param<'_> {
-    fn to_sql(&self, _ty: &Type, out: &mut BytesMut) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
         match self.0 {
             Value::Null => Ok(IsNull::Yes),
             Value::Text(b) | Value::Binary(b) => {

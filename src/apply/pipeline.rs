@@ -7,8 +7,8 @@
 //! outstanding; a push beyond that waits for the oldest answer. A source transaction
 //! of 100 rows thus costs about one round trip instead of a hundred.
 
-use std::future::Future;
 use std::collections::VecDeque;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll, Waker};
@@ -27,7 +27,10 @@ pub const MAX_IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
 #[derive(Debug, Clone)]
 pub enum Tag {
     /// A row change: `(relation id, conflict kind if it affects no row)`.
-    Row { relation_id: u32, when_no_row: Option<&'static str> },
+    Row {
+        relation_id: u32,
+        when_no_row: Option<&'static str>,
+    },
     /// An insert: a unique violation is `insert_exists`.
     Insert { relation_id: u32 },
     /// A COPY of consecutive inserts into one relation (a unique violation is `insert_exists`).
@@ -104,7 +107,9 @@ impl Pipeline {
         self.sizes.push_back(bytes);
         self.bytes += bytes;
         let mut answers = Vec::new();
-        while self.sizes.len() > MAX_IN_FLIGHT || (self.bytes > MAX_IN_FLIGHT_BYTES && self.sizes.len() > 1) {
+        while self.sizes.len() > MAX_IN_FLIGHT
+            || (self.bytes > MAX_IN_FLIGHT_BYTES && self.sizes.len() > 1)
+        {
             match self.next().await {
                 Some(a) => answers.push(a),
                 None => break,

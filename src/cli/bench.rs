@@ -66,27 +66,44 @@ async fn start(dir: &Path, name: &'static str) -> Result<LocalCluster, BoxError>
 }
 
 async fn sql(pg: &LocalCluster, sql: &str) -> Result<(), BoxError> {
-    Ok(connect(&Dsn::new(pg.dsn()), "walsync bench").await?.batch_execute(sql).await?)
+    Ok(connect(&Dsn::new(pg.dsn()), "walsync bench")
+        .await?
+        .batch_execute(sql)
+        .await?)
 }
 
 async fn count(pg: &LocalCluster) -> Result<i64, BoxError> {
     let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
-    Ok(c.query_one("SELECT count(*) FROM pos_order_line", &[]).await?.get(0))
+    Ok(c.query_one("SELECT count(*) FROM pos_order_line", &[])
+        .await?
+        .get(0))
 }
 
 /// Polls until the target holds the row with id `last` (the backlog's last row: source
 /// transactions apply in commit order, so every earlier row is there too); returns the
 /// time taken from `since`. An index probe, so that polling costs the target nothing.
-async fn wait_row(pg: &LocalCluster, last: i32, since: Instant, deadline: Duration) -> Result<Duration, BoxError> {
+async fn wait_row(
+    pg: &LocalCluster,
+    last: i32,
+    since: Instant,
+    deadline: Duration,
+) -> Result<Duration, BoxError> {
     let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
-    let probe = c.prepare("SELECT EXISTS (SELECT 1 FROM pos_order_line WHERE id = $1)").await?;
+    let probe = c
+        .prepare("SELECT EXISTS (SELECT 1 FROM pos_order_line WHERE id = $1)")
+        .await?;
     loop {
         let there: bool = c.query_one(&probe, &[&last]).await?.get(0);
         if there {
             return Ok(since.elapsed());
         }
         if since.elapsed() > deadline {
-            return Err(format!("{} lacks row {last} after {} s", pg.name(), deadline.as_secs()).into());
+            return Err(format!(
+                "{} lacks row {last} after {} s",
+                pg.name(),
+                deadline.as_secs()
+            )
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -94,7 +111,11 @@ async fn wait_row(pg: &LocalCluster, last: i32, since: Instant, deadline: Durati
 
 async fn max_id(pg: &LocalCluster) -> Result<i32, BoxError> {
     let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
-    Ok(c.query_one("SELECT coalesce(max(id), 0) FROM pos_order_line", &[]).await?.get(0))
+    Ok(
+        c.query_one("SELECT coalesce(max(id), 0) FROM pos_order_line", &[])
+            .await?
+            .get(0),
+    )
 }
 
 async fn setup(dir: &Path) -> Result<Bench, BoxError> {
@@ -120,15 +141,28 @@ async fn setup(dir: &Path) -> Result<Bench, BoxError> {
         source.dsn(),
         walsync.dsn()
     );
-    init_node(&Config::from_toml(&source_text, &config_path, std::iter::empty())?).await?;
+    init_node(&Config::from_toml(
+        &source_text,
+        &config_path,
+        std::iter::empty(),
+    )?)
+    .await?;
     init_node(&config).await?;
     // The launcher starts a subscription's worker at most once per
     // wal_retrieve_retry_interval (5 s by default): without this, every round after the
     // first would charge native with that wait.
-    sql(&native, "ALTER SYSTEM SET wal_retrieve_retry_interval = '50ms'").await?;
+    sql(
+        &native,
+        "ALTER SYSTEM SET wal_retrieve_retry_interval = '50ms'",
+    )
+    .await?;
     sql(&native, "SELECT pg_reload_conf()").await?;
     // The native subscription gets its own publication and slot on the source.
-    sql(&source, "CREATE PUBLICATION bench_native FOR TABLE pos_order_line").await?;
+    sql(
+        &source,
+        "CREATE PUBLICATION bench_native FOR TABLE pos_order_line",
+    )
+    .await?;
     sql(
         &native,
         &format!(
@@ -137,7 +171,14 @@ async fn setup(dir: &Path) -> Result<Bench, BoxError> {
         ),
     )
     .await?;
-    Ok(Bench { dir: dir.to_path_buf(), source, native, walsync, config, config_path })
+    Ok(Bench {
+        dir: dir.to_path_buf(),
+        source,
+        native,
+        walsync,
+        config,
+        config_path,
+    })
 }
 
 async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
@@ -159,13 +200,21 @@ async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
         println!(
             "\nratio walsync/native over {} rounds: median {median:.2} (all: {})",
             ratios.len(),
-            ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>().join(", ")
+            ratios
+                .iter()
+                .map(|r| format!("{r:.2}"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     if args.big_txn > 0 {
         big_transaction(&b, args.big_txn).await?;
     }
-    Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// One round: returns whether both targets hold every row, and the ratio.
@@ -208,13 +257,26 @@ async fn catch_up(b: &Bench, args: &BenchArgs) -> Result<(bool, f64), BoxError> 
     let native_rate = new_rows as f64 / native.as_secs_f64();
     let walsync_rate = new_rows as f64 / walsync.as_secs_f64();
     println!("{:<28}{:>12}{:>14}", "consumer", "seconds", "rows/s");
-    println!("{:<28}{:>12.2}{:>14.0}", "native (subscription)", native.as_secs_f64(), native_rate);
-    println!("{:<28}{:>12.2}{:>14.0}", "walsync", walsync.as_secs_f64(), walsync_rate);
+    println!(
+        "{:<28}{:>12.2}{:>14.0}",
+        "native (subscription)",
+        native.as_secs_f64(),
+        native_rate
+    );
+    println!(
+        "{:<28}{:>12.2}{:>14.0}",
+        "walsync",
+        walsync.as_secs_f64(),
+        walsync_rate
+    );
     let ratio = walsync_rate / native_rate;
     println!("ratio walsync/native: {ratio:.2}");
     let (n, w) = (count(&b.native).await?, count(&b.walsync).await?);
     let equal = n == rows && w == rows;
-    println!("both targets hold all {rows} rows: {} (native {n}, walsync {w})", if equal { "yes" } else { "NO" });
+    println!(
+        "both targets hold all {rows} rows: {} (native {n}, walsync {w})",
+        if equal { "yes" } else { "NO" }
+    );
     Ok((equal, ratio))
 }
 
@@ -243,7 +305,10 @@ async fn big_transaction(b: &Bench, rows: u64) -> Result<(), BoxError> {
     loop {
         peak_kb = peak_kb.max(vm_hwm_kb(pid).unwrap_or(0));
         let there: bool = c
-            .query_one("SELECT EXISTS (SELECT 1 FROM pos_order_line WHERE id = $1)", &[&last])
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pos_order_line WHERE id = $1)",
+                &[&last],
+            )
             .await?
             .get(0);
         if there {
@@ -256,7 +321,9 @@ async fn big_transaction(b: &Bench, rows: u64) -> Result<(), BoxError> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     peak_kb = peak_kb.max(vm_hwm_kb(pid).unwrap_or(0));
-    let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
     let _ = child.wait();
     println!(
         "applied in {:.1} s ({:.0} rows/s); sidecar peak RSS {:.1} MiB",

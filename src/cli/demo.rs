@@ -6,7 +6,7 @@
 //! convergence and prints a per-table report. Exit 0 only if every node converged. Every
 //! cluster it made is removed at the end, on failure and on Ctrl-C too.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,13 @@ pub struct DemoArgs {
 }
 
 const NODES: [&str; 3] = ["main", "branch1", "branch2"];
-const TABLES: [&str; 5] = ["res_partner", "product", "pos_order", "pos_order_line", "pos_payment"];
+const TABLES: [&str; 5] = [
+    "res_partner",
+    "product",
+    "pos_order",
+    "pos_order_line",
+    "pos_payment",
+];
 
 /// The retail schema of the demo: Odoo-like tables with integer serial ids.
 pub const DEMO_SCHEMA: &str = "
@@ -90,11 +96,17 @@ pub async fn run(args: DemoArgs) -> CliResult {
     outcome
 }
 
-async fn demo(args: &DemoArgs, dir: &PathBuf, nodes: &mut Vec<DemoNode>) -> CliResult {
+async fn demo(args: &DemoArgs, dir: &Path, nodes: &mut Vec<DemoNode>) -> CliResult {
     println!("walsync demo: a main store server and two branches, each with its own PostgreSQL.");
-    println!("Working directory {} (removed at the end).\n", dir.display());
+    println!(
+        "Working directory {} (removed at the end).\n",
+        dir.display()
+    );
 
-    println!("[1/6] starting three PostgreSQL clusters from {}", crate::localpg::bindir()?.display());
+    println!(
+        "[1/6] starting three PostgreSQL clusters from {}",
+        crate::localpg::bindir()?.display()
+    );
     let mut clusters = Vec::new();
     for name in NODES {
         let path = dir.join(name);
@@ -104,8 +116,17 @@ async fn demo(args: &DemoArgs, dir: &PathBuf, nodes: &mut Vec<DemoNode>) -> CliR
     }
     let ports: Vec<u16> = clusters.iter().map(|c| c.port()).collect();
     for (i, pg) in clusters.into_iter().enumerate() {
-        let config = Config::from_toml(&demo_config(i, &ports), &dir.join("demo.toml"), std::iter::empty())?;
-        nodes.push(DemoNode { name: NODES[i], pg, config, sidecar: None });
+        let config = Config::from_toml(
+            &demo_config(i, &ports),
+            &dir.join("demo.toml"),
+            std::iter::empty(),
+        )?;
+        nodes.push(DemoNode {
+            name: NODES[i],
+            pg,
+            config,
+            sidecar: None,
+        });
     }
 
     println!("\n[2/6] same retail schema on every node (users, partners, 40 products, orders, lines, payments); walsync init");
@@ -116,7 +137,10 @@ async fn demo(args: &DemoArgs, dir: &PathBuf, nodes: &mut Vec<DemoNode>) -> CliR
     }
     println!("      (star topology: main is the hub; branch2 runs both of its links with main, as a store behind NAT would)");
 
-    println!("\n[3/6] sidecars running; every node sells {} orders", args.orders);
+    println!(
+        "\n[3/6] sidecars running; every node sells {} orders",
+        args.orders
+    );
     for n in nodes.iter_mut() {
         n.start_sidecar();
     }
@@ -180,7 +204,12 @@ fn demo_config(i: usize, ports: &[u16]) -> String {
         dsn(ports[i])
     );
     let peer = |j: usize, links: &str| {
-        format!("[[peers]]\nname = \"{}\"\nid = {}\ndsn = \"{}\"\nlinks = \"{links}\"\n", NODES[j], j + 1, dsn(ports[j]))
+        format!(
+            "[[peers]]\nname = \"{}\"\nid = {}\ndsn = \"{}\"\nlinks = \"{links}\"\n",
+            NODES[j],
+            j + 1,
+            dsn(ports[j])
+        )
     };
     match i {
         0 => {
@@ -196,7 +225,11 @@ fn demo_config(i: usize, ports: &[u16]) -> String {
 /// One PoS-like transaction per order: a partner now and then, the order, 1-3 lines, a payment.
 async fn sell(client: &Client, node: &str, orders: u32) -> Result<(), tokio_postgres::Error> {
     for i in 0..orders {
-        let partner = if i % 5 == 0 { "(SELECT id FROM ins_partner)" } else { "NULL" };
+        let partner = if i % 5 == 0 {
+            "(SELECT id FROM ins_partner)"
+        } else {
+            "NULL"
+        };
         let sql = format!(
             "BEGIN;
              WITH ins_partner AS (INSERT INTO res_partner (name) SELECT 'Customer of {node} ' || {i} WHERE {i} % 5 = 0 RETURNING id),
@@ -223,7 +256,9 @@ async fn table_state(client: &Client, table: &str) -> Result<(i64, String), toki
     Ok((row.get(0), row.get(1)))
 }
 
-async fn states(nodes: &[DemoNode]) -> Result<Vec<Vec<(i64, String)>>, Box<dyn std::error::Error + Send + Sync>> {
+async fn states(
+    nodes: &[DemoNode],
+) -> Result<Vec<Vec<(i64, String)>>, Box<dyn std::error::Error + Send + Sync>> {
     let mut out = Vec::new();
     for n in nodes {
         let c = n.client().await?;
@@ -236,7 +271,10 @@ async fn states(nodes: &[DemoNode]) -> Result<Vec<Vec<(i64, String)>>, Box<dyn s
     Ok(out)
 }
 
-async fn wait_converged(nodes: &[DemoNode], deadline: Duration) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+async fn wait_converged(
+    nodes: &[DemoNode],
+    deadline: Duration,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let start = Instant::now();
     loop {
         let s = states(nodes).await?;
@@ -252,17 +290,28 @@ async fn wait_converged(nodes: &[DemoNode], deadline: Duration) -> Result<(), Bo
 
 async fn print_counts(nodes: &[DemoNode]) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let s = states(nodes).await?;
-    println!("      {:<16}{:>9}{:>9}{:>9}", "table", "main", "branch1", "branch2");
+    println!(
+        "      {:<16}{:>9}{:>9}{:>9}",
+        "table", "main", "branch1", "branch2"
+    );
     for (i, t) in TABLES.iter().enumerate() {
-        println!("      {:<16}{:>9}{:>9}{:>9}", t, s[0][i].0, s[1][i].0, s[2][i].0);
+        println!(
+            "      {:<16}{:>9}{:>9}{:>9}",
+            t, s[0][i].0, s[1][i].0, s[2][i].0
+        );
     }
     Ok(())
 }
 
 /// Prints rows and checksum per node and table; true if every table is equal everywhere.
-async fn print_report(nodes: &[DemoNode]) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
+async fn print_report(
+    nodes: &[DemoNode],
+) -> Result<bool, Box<dyn std::error::Error + Send + Sync>> {
     let s = states(nodes).await?;
-    println!("      {:<16}{:>9}{:>9}{:>9}   {:<10}{:<10}{:<10} equal", "table", "main", "branch1", "branch2", "md5 main", "branch1", "branch2");
+    println!(
+        "      {:<16}{:>9}{:>9}{:>9}   {:<10}{:<10}{:<10} equal",
+        "table", "main", "branch1", "branch2", "md5 main", "branch1", "branch2"
+    );
     let mut all = true;
     for (i, t) in TABLES.iter().enumerate() {
         let equal = s[0][i] == s[1][i] && s[1][i] == s[2][i];

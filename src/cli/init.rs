@@ -9,7 +9,10 @@ pub async fn run(arg: &ConfigArg) -> CliResult {
     let config = arg.load()?;
     let report = init_node(&config).await?;
     if report.actions.is_empty() {
-        println!("node {}: already initialised, nothing to do", config.node.name);
+        println!(
+            "node {}: already initialised, nothing to do",
+            config.node.name
+        );
     } else {
         println!("node {}: initialised", config.node.name);
         for a in &report.actions {

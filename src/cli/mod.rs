@@ -13,7 +13,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{Config, ConfigError};
 
 #[derive(Debug, Parser)]
-#[command(name = "walsync", version, about = "Two-way PostgreSQL replication for stores that lose their link")]
+#[command(
+    name = "walsync",
+    version,
+    about = "Two-way PostgreSQL replication for stores that lose their link"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -55,7 +59,10 @@ impl Cli {
 }
 
 pub fn run(cli: Cli) -> ExitCode {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -5,10 +5,12 @@ use std::process::ExitCode;
 use tracing::info;
 
 use super::{CliResult, ConfigArg};
+use crate::node::setup::check_initialised;
 use crate::runtime::{run_sidecar, shutdown_channel};
 
 pub async fn run(arg: &ConfigArg) -> CliResult {
     let config = arg.load()?;
+    check_initialised(&config).await?;
     let (tx, rx) = shutdown_channel();
     tokio::spawn(async move {
         wait_for_signal().await;
@@ -24,13 +26,14 @@ pub async fn wait_for_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

@@ -29,7 +29,10 @@ fn branch_behind_nat_runs_both_links_with_main() {
     let names: Vec<_> = c.links().iter().map(|l| l.name()).collect();
     assert_eq!(names, ["main->branch1", "branch1->main"]);
     let links = c.links();
-    assert!(links[0].from_forwards_others, "the hub forwards other branches' writes");
+    assert!(
+        links[0].from_forwards_others,
+        "the hub forwards other branches' writes"
+    );
     assert!(!links[1].from_forwards_others);
 }
 
@@ -58,14 +61,19 @@ fn environment_overrides_file_and_adds_peers() {
         ],
     )
     .unwrap();
-    assert_eq!(c.node.dsn.expose(), "postgres://walsync:other@10.0.0.2/odoo");
+    assert_eq!(
+        c.node.dsn.expose(),
+        "postgres://walsync:other@10.0.0.2/odoo"
+    );
     assert_eq!(c.cluster.step, 32);
     assert_eq!(c.peers[0].links, LinkRun::Pull);
 }
 
 #[test]
 fn unknown_environment_variable_is_named() {
-    let err = load(BRANCH, &[("WALSYNC_NODE_DNS", "x")]).unwrap_err().to_string();
+    let err = load(BRANCH, &[("WALSYNC_NODE_DNS", "x")])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("WALSYNC_NODE_DNS"), "{err}");
 }
 
@@ -78,22 +86,30 @@ fn passwords_are_masked_in_display_and_debug() {
         redact_password("host=h user=u password='a b' dbname=d"),
         "host=h user=u password=*** dbname=d"
     );
-    assert_eq!(redact_password("postgres://u@h/d?password=x&sslmode=off"), "postgres://u@h/d?password=***&sslmode=off");
+    assert_eq!(
+        redact_password("postgres://u@h/d?password=x&sslmode=off"),
+        "postgres://u@h/d?password=***&sslmode=off"
+    );
 }
 
 #[test]
 fn ids_must_be_unique_and_within_step() {
     let dup = BRANCH.replace("id = 2", "id = 1");
-    assert!(load(&dup, &[]).unwrap_err().to_string().contains("both have id 1"));
+    assert!(load(&dup, &[])
+        .unwrap_err()
+        .to_string()
+        .contains("both have id 1"));
     let big = BRANCH.replace("id = 2", "id = 17");
-    assert!(load(&big, &[]).unwrap_err().to_string().contains("ids go from 1 to cluster.step"));
+    assert!(load(&big, &[])
+        .unwrap_err()
+        .to_string()
+        .contains("ids go from 1 to cluster.step"));
 }
 
 #[test]
 fn star_branch_may_only_peer_with_the_hub() {
-    let text = format!(
-        "{BRANCH}\n[[peers]]\nname = \"branch2\"\nid = 3\ndsn = \"postgres://x@h/d\"\n"
-    );
+    let text =
+        format!("{BRANCH}\n[[peers]]\nname = \"branch2\"\nid = 3\ndsn = \"postgres://x@h/d\"\n");
     let err = load(&text, &[]).unwrap_err().to_string();
     assert!(err.contains("links to the hub"), "{err}");
 }

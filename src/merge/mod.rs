@@ -32,7 +32,8 @@ impl OriginFilter {
     pub fn author(&self, origin: Option<&str>) -> Result<NodeName, MergeError> {
         match origin {
             None => Ok(self.upstream.clone()),
-            Some(name) => PgName::parse_origin(name).map_err(|e| MergeError::ForeignOrigin(name.to_string(), e)),
+            Some(name) => PgName::parse_origin(name)
+                .map_err(|e| MergeError::ForeignOrigin(name.to_string(), e)),
         }
     }
 
@@ -59,7 +60,11 @@ mod tests {
     }
 
     fn filter(up: &str, down: &str, hub: bool) -> OriginFilter {
-        OriginFilter { upstream: n(up), downstream: n(down), upstream_forwards_others: hub }
+        OriginFilter {
+            upstream: n(up),
+            downstream: n(down),
+            upstream_forwards_others: hub,
+        }
     }
 
     #[test]
@@ -70,7 +75,10 @@ mod tests {
         assert_eq!(author, n("branch1"));
         assert!(to_b2.forwards(&author));
         assert!(!to_b1.forwards(&author), "never back to its author");
-        assert!(to_b1.forwards(&to_b1.author(None).unwrap()), "main's own writes go everywhere");
+        assert!(
+            to_b1.forwards(&to_b1.author(None).unwrap()),
+            "main's own writes go everywhere"
+        );
     }
 
     #[test]
@@ -79,7 +87,10 @@ mod tests {
         assert!(b1_to_main.forwards(&b1_to_main.author(None).unwrap()));
         assert!(!b1_to_main.forwards(&n("main")));
         let mesh = filter("a", "b", false);
-        assert!(!mesh.forwards(&mesh.author(Some("walsync_c")).unwrap()), "c's writes reach b on c -> b");
+        assert!(
+            !mesh.forwards(&mesh.author(Some("walsync_c")).unwrap()),
+            "c's writes reach b on c -> b"
+        );
         assert!(!mesh.forwards(&mesh.author(Some("walsync_b")).unwrap()));
     }
 

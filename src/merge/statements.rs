@@ -44,7 +44,11 @@ pub enum StatementError {
     #[error("key column {column:?} of {table} is not sent by the upstream; give both tables the same primary key")]
     KeyNotSent { table: String, column: String },
     #[error("{table}: tuple has {got} values, relation has {want} columns")]
-    TupleWidth { table: String, got: usize, want: usize },
+    TupleWidth {
+        table: String,
+        got: usize,
+        want: usize,
+    },
     #[error("{table}: the upstream sent no value for key column {column:?} (unchanged TOAST or missing old tuple)")]
     KeyValueMissing { table: String, column: String },
     #[error("{table}: an insert carried an unchanged-TOAST marker for column {column:?}")]
@@ -55,12 +59,19 @@ pub enum StatementError {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Shape {
     /// `rows` rows of these target columns in one statement; parameters row by row.
-    Insert { columns: Vec<usize>, rows: usize },
+    Insert {
+        columns: Vec<usize>,
+        rows: usize,
+    },
     /// Target columns set, in parameter order; key parameters follow.
-    Update { set: Vec<usize> },
+    Update {
+        set: Vec<usize>,
+    },
     Delete,
     /// `COPY ... FROM STDIN` of rows with these target columns (consecutive inserts).
-    Copy { columns: Vec<usize> },
+    Copy {
+        columns: Vec<usize>,
+    },
 }
 
 /// A change ready to execute: the statement's shape and its parameters, in order.
@@ -84,23 +95,34 @@ impl RelationMap {
             .columns
             .iter()
             .map(|c| {
-                target.columns.iter().position(|t| *t == c.name).ok_or_else(|| StatementError::MissingColumn {
-                    table: table.clone(),
-                    column: c.name.clone(),
-                })
+                target
+                    .columns
+                    .iter()
+                    .position(|t| *t == c.name)
+                    .ok_or_else(|| StatementError::MissingColumn {
+                        table: table.clone(),
+                        column: c.name.clone(),
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let key_in_source = target
             .key
             .iter()
             .map(|&k| {
-                source_to_target.iter().position(|&t| t == k).ok_or_else(|| StatementError::KeyNotSent {
-                    table: table.clone(),
-                    column: target.columns[k].clone(),
-                })
+                source_to_target
+                    .iter()
+                    .position(|&t| t == k)
+                    .ok_or_else(|| StatementError::KeyNotSent {
+                        table: table.clone(),
+                        column: target.columns[k].clone(),
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(RelationMap { target, source_to_target, key_in_source })
+        Ok(RelationMap {
+            target,
+            source_to_target,
+            key_in_source,
+        })
     }
 
     fn check_width(&self, t: &Tuple) -> Result<(), StatementError> {
@@ -129,11 +151,18 @@ impl RelationMap {
             columns.push(t);
             params.push(v.clone());
         }
-        Ok(RowWrite { shape: Shape::Insert { columns, rows: 1 }, params })
+        Ok(RowWrite {
+            shape: Shape::Insert { columns, rows: 1 },
+            params,
+        })
     }
 
     /// `None` when the update changes nothing that can be written (every column unchanged TOAST).
-    pub fn update(&self, old: Option<&OldTuple>, new: &Tuple) -> Result<Option<RowWrite>, StatementError> {
+    pub fn update(
+        &self,
+        old: Option<&OldTuple>,
+        new: &Tuple,
+    ) -> Result<Option<RowWrite>, StatementError> {
         self.check_width(new)?;
         let mut set = Vec::with_capacity(new.0.len());
         let mut params = Vec::with_capacity(new.0.len() + self.key_in_source.len());
@@ -147,16 +176,26 @@ impl RelationMap {
             return Ok(None);
         }
         params.extend(self.key_values(old, Some(new))?);
-        Ok(Some(RowWrite { shape: Shape::Update { set }, params }))
+        Ok(Some(RowWrite {
+            shape: Shape::Update { set },
+            params,
+        }))
     }
 
     pub fn delete(&self, old: &OldTuple) -> Result<RowWrite, StatementError> {
         let params = self.key_values(Some(old), None)?;
-        Ok(RowWrite { shape: Shape::Delete, params })
+        Ok(RowWrite {
+            shape: Shape::Delete,
+            params,
+        })
     }
 
     /// The key that finds the row: the old tuple's value where sent, else the new tuple's.
-    pub fn key_values(&self, old: Option<&OldTuple>, new: Option<&Tuple>) -> Result<Vec<Value>, StatementError> {
+    pub fn key_values(
+        &self,
+        old: Option<&OldTuple>,
+        new: Option<&Tuple>,
+    ) -> Result<Vec<Value>, StatementError> {
         let old = old.map(|o| match o {
             OldTuple::Key(t) | OldTuple::Full(t) => t,
         });
@@ -166,12 +205,21 @@ impl RelationMap {
         self.key_in_source
             .iter()
             .map(|&s| {
-                let from_old = old.map(|o| &o.0[s]).filter(|v| matches!(v, Value::Text(_) | Value::Binary(_)));
-                let from_new = new.map(|n| &n.0[s]).filter(|v| matches!(v, Value::Text(_) | Value::Binary(_)));
-                from_old.or(from_new).cloned().ok_or_else(|| StatementError::KeyValueMissing {
-                    table: self.target.qualified(),
-                    column: self.target.columns[self.target.key[self.key_in_source.iter().position(|&x| x == s).unwrap_or(0)]].clone(),
-                })
+                let from_old = old
+                    .map(|o| &o.0[s])
+                    .filter(|v| matches!(v, Value::Text(_) | Value::Binary(_)));
+                let from_new = new
+                    .map(|n| &n.0[s])
+                    .filter(|v| matches!(v, Value::Text(_) | Value::Binary(_)));
+                from_old
+                    .or(from_new)
+                    .cloned()
+                    .ok_or_else(|| StatementError::KeyValueMissing {
+                        table: self.target.qualified(),
+                        column: self.target.columns[self.target.key
+                            [self.key_in_source.iter().position(|&x| x == s).unwrap_or(0)]]
+                        .clone(),
+                    })
             })
             .collect()
     }
@@ -192,10 +240,15 @@ impl RelationMap {
             Shape::Insert { columns, rows } => format!(
                 "INSERT INTO {} ({}) VALUES {}",
                 t.qualified(),
-                columns.iter().map(|&c| col(c)).collect::<Vec<_>>().join(", "),
+                columns
+                    .iter()
+                    .map(|&c| col(c))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 (0..*rows)
                     .map(|r| {
-                        let row = (1..=columns.len()).map(|n| format!("${}", r * columns.len() + n));
+                        let row =
+                            (1..=columns.len()).map(|n| format!("${}", r * columns.len() + n));
                         format!("({})", row.collect::<Vec<_>>().join(", "))
                     })
                     .collect::<Vec<_>>()
@@ -204,14 +257,22 @@ impl RelationMap {
             Shape::Update { set } => format!(
                 "UPDATE {} SET {} WHERE {}",
                 t.qualified(),
-                set.iter().enumerate().map(|(n, &c)| format!("{} = ${}", col(c), n + 1)).collect::<Vec<_>>().join(", "),
+                set.iter()
+                    .enumerate()
+                    .map(|(n, &c)| format!("{} = ${}", col(c), n + 1))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 key_clause(set.len() + 1)
             ),
             Shape::Delete => format!("DELETE FROM {} WHERE {}", t.qualified(), key_clause(1)),
             Shape::Copy { columns } => format!(
                 "COPY {} ({}) FROM STDIN",
                 t.qualified(),
-                columns.iter().map(|&c| col(c)).collect::<Vec<_>>().join(", ")
+                columns
+                    .iter()
+                    .map(|&c| col(c))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
         }
     }
@@ -230,7 +291,11 @@ pub fn batch_sizes(rows: usize, columns: usize) -> Vec<usize> {
     let mut sizes = Vec::new();
     let mut left = rows;
     while left > 0 {
-        let n = if left <= EXACT_BATCH_ROWS.min(max_rows) { left } else { floor_pow2(left).min(floor_pow2(max_rows)) };
+        let n = if left <= EXACT_BATCH_ROWS.min(max_rows) {
+            left
+        } else {
+            floor_pow2(left).min(floor_pow2(max_rows))
+        };
         sizes.push(n);
         left -= n;
     }
@@ -244,7 +309,10 @@ pub const EXACT_BATCH_ROWS: usize = 16;
 /// tab, newline and carriage return escaped (PostgreSQL docs, COPY, "Text Format").
 /// Returns false (and appends nothing) if a value cannot travel as text (binary, TOAST).
 pub fn copy_text_row(params: &[Value], out: &mut bytes::BytesMut) -> bool {
-    if params.iter().any(|v| matches!(v, Value::Binary(_) | Value::UnchangedToast)) {
+    if params
+        .iter()
+        .any(|v| matches!(v, Value::Binary(_) | Value::UnchangedToast))
+    {
         return false;
     }
     for (i, v) in params.iter().enumerate() {
@@ -284,7 +352,12 @@ mod tests {
             replica_identity: ReplicaIdentity::Default,
             columns: cols
                 .iter()
-                .map(|(n, k)| Column { is_key: *k, name: n.to_string(), type_oid: 23, type_modifier: -1 })
+                .map(|(n, k)| Column {
+                    is_key: *k,
+                    name: n.to_string(),
+                    type_oid: 23,
+                    type_modifier: -1,
+                })
                 .collect(),
         }
     }
@@ -304,17 +377,34 @@ mod tests {
 
     #[test]
     fn columns_are_matched_by_name_whatever_their_order() {
-        let map = RelationMap::new(&relation(&[("id", true), ("name", false)]), target(&["name", "note", "id"], &[2])).unwrap();
+        let map = RelationMap::new(
+            &relation(&[("id", true), ("name", false)]),
+            target(&["name", "note", "id"], &[2]),
+        )
+        .unwrap();
         let w = map.insert(&Tuple(vec![t("7"), t("Shop/0007")])).unwrap();
-        assert_eq!(map.sql(&w.shape), r#"INSERT INTO "public"."pos_order" ("id", "name") VALUES ($1, $2)"#);
+        assert_eq!(
+            map.sql(&w.shape),
+            r#"INSERT INTO "public"."pos_order" ("id", "name") VALUES ($1, $2)"#
+        );
         assert_eq!(w.params, vec![t("7"), t("Shop/0007")]);
     }
 
     #[test]
     fn several_rows_go_in_one_insert() {
-        let map = RelationMap::new(&relation(&[("id", true), ("name", false)]), target(&["id", "name"], &[0])).unwrap();
-        let sql = map.sql(&Shape::Insert { columns: vec![0, 1], rows: 3 });
-        assert_eq!(sql, r#"INSERT INTO "public"."pos_order" ("id", "name") VALUES ($1, $2), ($3, $4), ($5, $6)"#);
+        let map = RelationMap::new(
+            &relation(&[("id", true), ("name", false)]),
+            target(&["id", "name"], &[0]),
+        )
+        .unwrap();
+        let sql = map.sql(&Shape::Insert {
+            columns: vec![0, 1],
+            rows: 3,
+        });
+        assert_eq!(
+            sql,
+            r#"INSERT INTO "public"."pos_order" ("id", "name") VALUES ($1, $2), ($3, $4), ($5, $6)"#
+        );
     }
 
     #[test]
@@ -323,7 +413,10 @@ mod tests {
             for cols in [1, 7, 300] {
                 let sizes = batch_sizes(run, cols);
                 assert_eq!(sizes.iter().sum::<usize>(), run);
-                assert!(sizes.iter().all(|&n| (n <= EXACT_BATCH_ROWS || n.is_power_of_two()) && n * cols <= MAX_PARAMS));
+                assert!(sizes
+                    .iter()
+                    .all(|&n| (n <= EXACT_BATCH_ROWS || n.is_power_of_two())
+                        && n * cols <= MAX_PARAMS));
             }
         }
         assert_eq!(batch_sizes(10, 7), [10]);
@@ -332,45 +425,87 @@ mod tests {
 
     #[test]
     fn update_leaves_unchanged_toast_out_and_finds_the_row_by_its_old_key() {
-        let map = RelationMap::new(&relation(&[("id", true), ("body", false), ("n", false)]), target(&["id", "body", "n"], &[0])).unwrap();
+        let map = RelationMap::new(
+            &relation(&[("id", true), ("body", false), ("n", false)]),
+            target(&["id", "body", "n"], &[0]),
+        )
+        .unwrap();
         let old = OldTuple::Key(Tuple(vec![t("1"), Value::Null, Value::Null]));
-        let w = map.update(Some(&old), &Tuple(vec![t("2"), Value::UnchangedToast, Value::Null])).unwrap().unwrap();
-        assert_eq!(map.sql(&w.shape), r#"UPDATE "public"."pos_order" SET "id" = $1, "n" = $2 WHERE "id" = $3"#);
+        let w = map
+            .update(
+                Some(&old),
+                &Tuple(vec![t("2"), Value::UnchangedToast, Value::Null]),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            map.sql(&w.shape),
+            r#"UPDATE "public"."pos_order" SET "id" = $1, "n" = $2 WHERE "id" = $3"#
+        );
         assert_eq!(w.params, vec![t("2"), Value::Null, t("1")]);
     }
 
     #[test]
     fn update_without_old_tuple_uses_the_new_key() {
-        let map = RelationMap::new(&relation(&[("id", true), ("n", false)]), target(&["id", "n"], &[0])).unwrap();
-        let w = map.update(None, &Tuple(vec![t("5"), t("x")])).unwrap().unwrap();
+        let map = RelationMap::new(
+            &relation(&[("id", true), ("n", false)]),
+            target(&["id", "n"], &[0]),
+        )
+        .unwrap();
+        let w = map
+            .update(None, &Tuple(vec![t("5"), t("x")]))
+            .unwrap()
+            .unwrap();
         assert_eq!(w.params, vec![t("5"), t("x"), t("5")]);
     }
 
     #[test]
     fn delete_with_full_old_tuple_uses_the_target_primary_key_only() {
-        let map = RelationMap::new(&relation(&[("a", true), ("b", true)]), target(&["a", "b"], &[1])).unwrap();
-        let w = map.delete(&OldTuple::Full(Tuple(vec![t("1"), t("2")]))).unwrap();
-        assert_eq!(map.sql(&w.shape), r#"DELETE FROM "public"."pos_order" WHERE "b" = $1"#);
+        let map = RelationMap::new(
+            &relation(&[("a", true), ("b", true)]),
+            target(&["a", "b"], &[1]),
+        )
+        .unwrap();
+        let w = map
+            .delete(&OldTuple::Full(Tuple(vec![t("1"), t("2")])))
+            .unwrap();
+        assert_eq!(
+            map.sql(&w.shape),
+            r#"DELETE FROM "public"."pos_order" WHERE "b" = $1"#
+        );
         assert_eq!(w.params, vec![t("2")]);
     }
 
     #[test]
     fn schema_differences_are_named() {
-        let err = RelationMap::new(&relation(&[("id", true), ("extra", false)]), target(&["id"], &[0])).unwrap_err();
+        let err = RelationMap::new(
+            &relation(&[("id", true), ("extra", false)]),
+            target(&["id"], &[0]),
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("\"extra\""), "{err}");
         let err = RelationMap::new(&relation(&[("id", true)]), target(&["id"], &[])).unwrap_err();
         assert!(matches!(err, StatementError::NoKey { .. }));
         let map = RelationMap::new(&relation(&[("id", true)]), target(&["id"], &[0])).unwrap();
-        assert!(map.insert(&Tuple(vec![t("1"), t("2")])).is_err(), "wider tuple than relation");
+        assert!(
+            map.insert(&Tuple(vec![t("1"), t("2")])).is_err(),
+            "wider tuple than relation"
+        );
     }
 
     #[test]
     fn copy_rows_escape_what_copy_text_format_needs() {
         let mut out = bytes::BytesMut::new();
-        assert!(copy_text_row(&[t("a\tb\\c\nd\re"), Value::Null, t("\\N")], &mut out));
+        assert!(copy_text_row(
+            &[t("a\tb\\c\nd\re"), Value::Null, t("\\N")],
+            &mut out
+        ));
         assert_eq!(&out[..], b"a\\tb\\\\c\\nd\\re\t\\N\t\\\\N\n");
         let before = out.len();
-        assert!(!copy_text_row(&[Value::Binary(Bytes::from_static(b"\x01"))], &mut out));
+        assert!(!copy_text_row(
+            &[Value::Binary(Bytes::from_static(b"\x01"))],
+            &mut out
+        ));
         assert_eq!(out.len(), before, "nothing appended for a binary value");
     }
 

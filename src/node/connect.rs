@@ -42,10 +42,11 @@ impl ConnectError {
 
 /// Connects with the pinned session settings and spawns the connection task.
 pub async fn connect(dsn: &Dsn, application_name: &str) -> Result<Client, ConnectError> {
-    let mut cfg: tokio_postgres::Config = dsn.expose().parse().map_err(|e| ConnectError::Config {
-        dsn: dsn.to_string(),
-        reason: format!("connection string does not parse: {e}"),
-    })?;
+    let mut cfg: tokio_postgres::Config =
+        dsn.expose().parse().map_err(|e| ConnectError::Config {
+            dsn: dsn.to_string(),
+            reason: format!("connection string does not parse: {e}"),
+        })?;
     cfg.application_name(application_name);
     cfg.options(SESSION_OPTIONS);
     if cfg.get_connect_timeout().is_none() {

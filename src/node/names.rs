@@ -26,7 +26,8 @@ impl NodeName {
         let ok = !s.is_empty()
             && s.len() <= Self::MAX_LEN
             && s.as_bytes()[0].is_ascii_lowercase()
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if ok {
             Ok(NodeName(s.to_string()))
         } else {
@@ -71,7 +72,9 @@ impl PgName {
 
     /// Parses a replication origin name back to the node that authored the change.
     pub fn parse_origin(s: &str) -> Result<NodeName, NameError> {
-        let rest = s.strip_prefix(ORIGIN_PREFIX).ok_or_else(|| NameError::NotOurs(s.into(), "origin"))?;
+        let rest = s
+            .strip_prefix(ORIGIN_PREFIX)
+            .ok_or_else(|| NameError::NotOurs(s.into(), "origin"))?;
         NodeName::parse(rest).map_err(|_| NameError::NotOurs(s.into(), "origin"))
     }
 }
@@ -82,7 +85,10 @@ impl fmt::Display for PgName {
             PgName::Slot { to } => format!("{SLOT_PREFIX}{to}"),
             PgName::Origin { node } => format!("{ORIGIN_PREFIX}{node}"),
         };
-        debug_assert!(s.len() <= 63, "NodeName::MAX_LEN keeps derived names within 63 bytes");
+        debug_assert!(
+            s.len() <= 63,
+            "NodeName::MAX_LEN keeps derived names within 63 bytes"
+        );
         f.write_str(&s)
     }
 }

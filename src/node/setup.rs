@@ -62,7 +62,10 @@ pub struct SetupReport {
     pub actions: Vec<String>,
 }
 
-fn sql_err(node: &NodeRef, what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
+fn sql_err(
+    node: &NodeRef,
+    what: impl Into<String>,
+) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
     let node = node.name.to_string();
     let what = what.into();
     move |source| SetupError::Sql { node, what, source }
@@ -79,7 +82,10 @@ pub async fn init_node(config: &Config) -> Result<SetupReport, SetupError> {
     record_identity(&client, config, &me, &mut report).await?;
 
     let exists: bool = client
-        .query_one("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)", &[&PUBLICATION])
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&PUBLICATION],
+        )
         .await
         .map_err(sql_err(&me, "reading pg_publication"))?
         .get(0);
@@ -88,13 +94,18 @@ pub async fn init_node(config: &Config) -> Result<SetupReport, SetupError> {
             .batch_execute(&format!("CREATE PUBLICATION {PUBLICATION} FOR ALL TABLES"))
             .await
             .map_err(sql_err(&me, "creating the publication"))?;
-        report.actions.push(format!("created publication {PUBLICATION} (FOR ALL TABLES)"));
+        report.actions.push(format!(
+            "created publication {PUBLICATION} (FOR ALL TABLES)"
+        ));
     }
 
     let step = config.cluster.step;
     let changed = crate::sequences::partition_all(&client, me.id, step)
         .await
-        .map_err(|e| SetupError::Sequence { node: me.name.to_string(), source: e })?;
+        .map_err(|e| SetupError::Sequence {
+            node: me.name.to_string(),
+            source: e,
+        })?;
     if changed > 0 {
         report.actions.push(format!(
             "partitioned {changed} sequence(s): this node now hands out ids \u{2261} {} (mod {step})",
@@ -112,17 +123,58 @@ pub async fn init_node(config: &Config) -> Result<SetupReport, SetupError> {
             )
             .await;
         match created {
-            Ok(Some(_)) => report.actions.push(format!("created slot {slot} (changes for {})", peer.name)),
+            Ok(Some(_)) => report
+                .actions
+                .push(format!("created slot {slot} (changes for {})", peer.name)),
             Ok(None) => {}
             Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => {}
             Err(e) => return Err(sql_err(&me, format!("creating slot {slot}"))(e)),
         }
         let origin = PgName::origin_of(&peer.name);
-        if ensure_origin(&client, &origin).await.map_err(sql_err(&me, format!("creating origin {origin}")))? {
-            report.actions.push(format!("created replication origin {origin}"));
+        if ensure_origin(&client, &origin)
+            .await
+            .map_err(sql_err(&me, format!("creating origin {origin}")))?
+        {
+            report
+                .actions
+                .push(format!("created replication origin {origin}"));
         }
     }
     Ok(report)
+}
+
+/// Checks, before a sidecar starts, that its node was initialised as the node its config
+/// names. A node that cannot be reached is not an error here: its links retry.
+pub async fn check_initialised(config: &Config) -> Result<(), SetupError> {
+    let me = config.this_node();
+    let client = match connect(&me.dsn, "walsync run check").await {
+        Ok(c) => c,
+        Err(e) if !e.is_permanent() => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let initialised: bool = client
+        .query_one("SELECT to_regclass('walsync.node') IS NOT NULL", &[])
+        .await
+        .map_err(sql_err(&me, "checking for schema walsync"))?
+        .get(0);
+    if !initialised {
+        return Err(SetupError::NotReady {
+            node: me.name.to_string(),
+            problems: vec![format!(
+                "the database at {} has no walsync schema: run walsync init with this config first",
+                me.dsn
+            )],
+        });
+    }
+    let mut report = SetupReport::default();
+    record_identity(&client, config, &me, &mut report).await?;
+    if !report.actions.is_empty() {
+        return Err(SetupError::NotReady {
+            node: me.name.to_string(),
+            problems: vec!["walsync init did not finish on this node: run it again".into()],
+        });
+    }
+    Ok(())
 }
 
 /// Creates replication origin `name` if missing; true when it was created.
@@ -169,7 +221,9 @@ async fn check_server(client: &Client, me: &NodeRef, peers: usize) -> Result<(),
 
     let mut problems = Vec::new();
     if version < 150000 {
-        problems.push(format!("server_version_num is {version}: walsync needs PostgreSQL 15 or later"));
+        problems.push(format!(
+            "server_version_num is {version}: walsync needs PostgreSQL 15 or later"
+        ));
     }
     if wal_level != "logical" {
         problems.push(format!(
@@ -196,7 +250,9 @@ async fn check_server(client: &Client, me: &NodeRef, peers: usize) -> Result<(),
     }
     if !superuser {
         if !replication {
-            problems.push(format!("role {user:?} lacks REPLICATION: ALTER ROLE {user} REPLICATION"));
+            problems.push(format!(
+                "role {user:?} lacks REPLICATION: ALTER ROLE {user} REPLICATION"
+            ));
         }
         if !origin_grant {
             problems.push(format!(
@@ -207,7 +263,10 @@ async fn check_server(client: &Client, me: &NodeRef, peers: usize) -> Result<(),
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(SetupError::NotReady { node: me.name.to_string(), problems })
+        Err(SetupError::NotReady {
+            node: me.name.to_string(),
+            problems,
+        })
     }
 }
 
@@ -241,7 +300,11 @@ async fn check_tables(client: &Client, me: &NodeRef) -> Result<(), SetupError> {
     })
 }
 
-async fn run_migrations(client: &Client, me: &NodeRef, report: &mut SetupReport) -> Result<(), SetupError> {
+async fn run_migrations(
+    client: &Client,
+    me: &NodeRef,
+    report: &mut SetupReport,
+) -> Result<(), SetupError> {
     client
         .batch_execute(
             "CREATE SCHEMA IF NOT EXISTS walsync; \
@@ -264,13 +327,21 @@ async fn run_migrations(client: &Client, me: &NodeRef, report: &mut SetupReport)
             sql = m.sql
         );
         match client.batch_execute(&sql).await {
-            Ok(()) => report.actions.push(format!("applied migration {:04}_{}", m.version, m.name)),
+            Ok(()) => report
+                .actions
+                .push(format!("applied migration {:04}_{}", m.version, m.name)),
             Err(e) if e.code().map(|c| c.code()) == Some("WS001") => {
-                client.batch_execute("ROLLBACK").await.map_err(sql_err(me, "rolling back"))?;
+                client
+                    .batch_execute("ROLLBACK")
+                    .await
+                    .map_err(sql_err(me, "rolling back"))?;
             }
             Err(e) => {
                 let _ = client.batch_execute("ROLLBACK").await;
-                return Err(sql_err(me, format!("migration {:04}_{}", m.version, m.name))(e));
+                return Err(sql_err(
+                    me,
+                    format!("migration {:04}_{}", m.version, m.name),
+                )(e));
             }
         }
     }
@@ -311,7 +382,10 @@ async fn record_identity(
                 )
                 .await
                 .map_err(sql_err(me, "recording the node identity"))?;
-            report.actions.push(format!("recorded node identity {} (id {}, step {step})", me.name, me.id));
+            report.actions.push(format!(
+                "recorded node identity {} (id {}, step {step})",
+                me.name, me.id
+            ));
         }
     }
     Ok(())

@@ -12,10 +12,14 @@ pub struct Backoff {
 
 impl Backoff {
     pub fn new(min: Duration, max: Duration) -> Backoff {
-        Backoff { min, max, next: min }
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
     }
 
-    pub fn next(&mut self) -> Duration {
+    pub fn next_wait(&mut self) -> Duration {
         let now = self.next;
         self.next = (self.next * 2).min(self.max);
         now
@@ -37,9 +41,9 @@ mod tests {
     #[test]
     fn doubles_up_to_max_and_resets() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-        let waits: Vec<_> = (0..4).map(|_| b.next().as_millis()).collect();
+        let waits: Vec<_> = (0..4).map(|_| b.next_wait().as_millis()).collect();
         assert_eq!(waits, [100, 200, 350, 350]);
         b.reset();
-        assert_eq!(b.next().as_millis(), 100);
+        assert_eq!(b.next_wait().as_millis(), 100);
     }
 }

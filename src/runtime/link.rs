@@ -57,10 +57,14 @@ impl LinkError {
         match self {
             LinkError::Connect(e) if e.is_permanent() => Disposition::HaltPeer,
             LinkError::Stream(e) if e.is_auth() => Disposition::HaltPeer,
-            LinkError::Apply(ApplyError::MissingTable { .. } | ApplyError::Statement(_) | ApplyError::Conflict { .. }) => {
+            LinkError::Apply(
+                ApplyError::MissingTable { .. }
+                | ApplyError::Statement(_)
+                | ApplyError::Conflict { .. },
+            ) => Disposition::HaltPeer,
+            LinkError::Decode(_) | LinkError::Merge(_) | LinkError::NoSlot { .. } => {
                 Disposition::HaltPeer
             }
-            LinkError::Decode(_) | LinkError::Merge(_) | LinkError::NoSlot { .. } => Disposition::HaltPeer,
             _ => Disposition::Retry,
         }
     }
@@ -83,7 +87,10 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 
 pub async fn run_link(spec: LinkSpec, cfg: ApplyConfig, mut shutdown: watch::Receiver<bool>) {
     let name = spec.name();
-    let mut backoff = Backoff::new(Duration::from_millis(cfg.reconnect_min_ms), Duration::from_millis(cfg.reconnect_max_ms));
+    let mut backoff = Backoff::new(
+        Duration::from_millis(cfg.reconnect_min_ms),
+        Duration::from_millis(cfg.reconnect_max_ms),
+    );
     loop {
         let mut healthy = false;
         let result = run_session(&spec, &mut shutdown, &mut healthy).await;
@@ -95,13 +102,21 @@ pub async fn run_link(spec: LinkSpec, cfg: ApplyConfig, mut shutdown: watch::Rec
             backoff.reset();
         }
         let wait = match result {
-            Ok(()) => backoff.next(),
+            Ok(()) => backoff.next_wait(),
             Err(e) => {
                 let d = e.disposition();
-                let wait = if d == Disposition::HaltPeer { backoff.max() } else { backoff.next() };
+                let wait = if d == Disposition::HaltPeer {
+                    backoff.max()
+                } else {
+                    backoff.next_wait()
+                };
                 match d {
-                    Disposition::Retry => warn!(link = %name, error = %error_chain(&e), retry_in_ms = wait.as_millis() as u64, "link interrupted"),
-                    Disposition::HaltPeer => error!(link = %name, error = %error_chain(&e), retry_in_ms = wait.as_millis() as u64, "link stopped: needs an operator"),
+                    Disposition::Retry => {
+                        warn!(link = %name, error = %error_chain(&e), retry_in_ms = wait.as_millis() as u64, "link interrupted")
+                    }
+                    Disposition::HaltPeer => {
+                        error!(link = %name, error = %error_chain(&e), retry_in_ms = wait.as_millis() as u64, "link stopped: needs an operator")
+                    }
                 }
                 wait
             }
@@ -122,7 +137,11 @@ struct SourceTxn {
     decision: Option<Option<RemoteTxn>>,
 }
 
-async fn run_session(spec: &LinkSpec, shutdown: &mut watch::Receiver<bool>, healthy: &mut bool) -> Result<(), LinkError> {
+async fn run_session(
+    spec: &LinkSpec,
+    shutdown: &mut watch::Receiver<bool>,
+    healthy: &mut bool,
+) -> Result<(), LinkError> {
     let link = spec.name();
     let app = format!("walsync {link}");
     let slot = PgName::slot_to(&spec.to.name);
@@ -192,7 +211,11 @@ async fn handle_event(
     link: &str,
 ) -> Result<(), LinkError> {
     match event {
-        ReplicationEvent::Begin { final_lsn, commit_time_micros, .. } => {
+        ReplicationEvent::Begin {
+            final_lsn,
+            commit_time_micros,
+            ..
+        } => {
             *txn = Some(SourceTxn {
                 final_lsn: final_lsn.into(),
                 commit_time_us: commit_time_micros,
@@ -206,7 +229,10 @@ async fn handle_event(
                 t.origin = Some((o.name, o.commit_lsn));
             }
             Message::Relation(r) => apply.on_relation(r),
-            Message::Type(_) | Message::Begin(_) | Message::Commit(_) | Message::LogicalMessage(_) => {}
+            Message::Type(_)
+            | Message::Begin(_)
+            | Message::Commit(_)
+            | Message::LogicalMessage(_) => {}
             Message::Insert(ins) => {
                 if decide(txn, filter, apply, ins.relation_id, *progress).await? {
                     apply.insert(&ins).await?;
@@ -224,7 +250,9 @@ async fn handle_event(
             }
             Message::Truncate(t) => {
                 let first = t.relation_ids.first().copied().unwrap_or(0);
-                if !t.relation_ids.is_empty() && decide(txn, filter, apply, first, *progress).await? {
+                if !t.relation_ids.is_empty()
+                    && decide(txn, filter, apply, first, *progress).await?
+                {
                     apply.truncate(&t).await?;
                 }
             }
@@ -242,7 +270,9 @@ async fn handle_event(
                 *progress = end;
             }
         }
-        ReplicationEvent::Message { .. } | ReplicationEvent::KeepAlive { .. } | ReplicationEvent::StoppedAt { .. } => {}
+        ReplicationEvent::Message { .. }
+        | ReplicationEvent::KeepAlive { .. }
+        | ReplicationEvent::StoppedAt { .. } => {}
     }
     Ok(())
 }
@@ -290,9 +320,15 @@ async fn release_slot(spec: &LinkSpec, slot: &str, app: &str) -> Result<(), Link
             &[&slot],
         )
         .await
-        .map_err(|source| ApplyError::Sql { what: format!("reading slot {slot}"), source })?;
+        .map_err(|source| ApplyError::Sql {
+            what: format!("reading slot {slot}"),
+            source,
+        })?;
     let Some(row) = row else {
-        return Err(LinkError::NoSlot { slot: slot.to_string(), node: spec.from.name.to_string() });
+        return Err(LinkError::NoSlot {
+            slot: slot.to_string(),
+            node: spec.from.name.to_string(),
+        });
     };
     let pid: Option<i32> = row.get(0);
     let holder: Option<String> = row.get(1);
@@ -302,14 +338,23 @@ async fn release_slot(spec: &LinkSpec, slot: &str, app: &str) -> Result<(), Link
             client
                 .execute("SELECT pg_terminate_backend($1)", &[&pid])
                 .await
-                .map_err(|source| ApplyError::Sql { what: format!("terminating walsender {pid}"), source })?;
+                .map_err(|source| ApplyError::Sql {
+                    what: format!("terminating walsender {pid}"),
+                    source,
+                })?;
             // Wait (bounded) until the slot is released.
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
                 let active: Option<i32> = client
-                    .query_one("SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
+                    .query_one(
+                        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
+                        &[&slot],
+                    )
                     .await
-                    .map_err(|source| ApplyError::Sql { what: format!("reading slot {slot}"), source })?
+                    .map_err(|source| ApplyError::Sql {
+                        what: format!("reading slot {slot}"),
+                        source,
+                    })?
                     .get(0);
                 if active.is_none() || tokio::time::Instant::now() > deadline {
                     break;

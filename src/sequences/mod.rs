@@ -53,15 +53,28 @@ pub async fn partition_all(client: &Client, id: u32, step: u32) -> Result<usize,
         let increment: i64 = r.get(1);
         let max_value: i64 = r.get(2);
         let column_max_sql: Option<String> = r.get(3);
-        let err = |source| SequenceError { sequence: name.clone(), source };
+        let err = |source| SequenceError {
+            sequence: name.clone(),
+            source,
+        };
         // The sequence relation itself tells the next value, also after a RESTART.
-        let state = client.query_one(&format!("SELECT last_value, is_called FROM {name}"), &[]).await.map_err(err)?;
+        let state = client
+            .query_one(&format!("SELECT last_value, is_called FROM {name}"), &[])
+            .await
+            .map_err(err)?;
         let (last_value, is_called): (i64, bool) = (state.get(0), state.get(1));
-        let next = if is_called { last_value + increment } else { last_value };
+        let next = if is_called {
+            last_value + increment
+        } else {
+            last_value
+        };
         if is_partitioned(increment, next, id, step) {
             continue;
         }
-        let err = |source| SequenceError { sequence: name.clone(), source };
+        let err = |source| SequenceError {
+            sequence: name.clone(),
+            source,
+        };
         let mut above = next - 1;
         if let Some(sql) = column_max_sql {
             let col_max: Option<i64> = client.query_one(&sql, &[]).await.map_err(err)?.get(0);
@@ -86,7 +99,11 @@ mod tests {
         assert_eq!(next_partitioned(0, 1, 16), 1);
         assert_eq!(next_partitioned(1, 1, 16), 17);
         assert_eq!(next_partitioned(40, 2, 16), 50);
-        assert_eq!(next_partitioned(40, 16, 16), 48, "id == step takes the values divisible by step");
+        assert_eq!(
+            next_partitioned(40, 16, 16),
+            48,
+            "id == step takes the values divisible by step"
+        );
         for above in 0..200 {
             for id in 1..=16 {
                 let v = next_partitioned(above, id, 16);
@@ -100,7 +117,10 @@ mod tests {
     fn partitioned_sequences_are_recognised() {
         assert!(is_partitioned(16, 33, 1, 16));
         assert!(!is_partitioned(16, 34, 1, 16));
-        assert!(!is_partitioned(1, 33, 1, 16), "right class by chance, wrong increment");
+        assert!(
+            !is_partitioned(1, 33, 1, 16),
+            "right class by chance, wrong increment"
+        );
         assert!(is_partitioned(16, 32, 16, 16));
     }
 }

@@ -29,7 +29,13 @@ pub enum StreamError {
 
 impl StreamError {
     pub fn is_auth(&self) -> bool {
-        matches!(self, StreamError::Wire { source: PgWireError::Auth(_), .. })
+        matches!(
+            self,
+            StreamError::Wire {
+                source: PgWireError::Auth(_),
+                ..
+            }
+        )
     }
 }
 
@@ -47,12 +53,18 @@ pub struct NodeStream {
 
 impl NodeStream {
     /// Starts streaming `slot` at `start` (0/0 means the slot's confirmed position).
-    pub async fn open(dsn: &Dsn, slot: &str, start: Lsn, application_name: &str) -> Result<NodeStream, StreamError> {
+    pub async fn open(
+        dsn: &Dsn,
+        slot: &str,
+        start: Lsn,
+        application_name: &str,
+    ) -> Result<NodeStream, StreamError> {
         let shown = dsn.to_string();
-        let cfg: tokio_postgres::Config = dsn.expose().parse().map_err(|e| StreamError::Config {
-            dsn: shown.clone(),
-            reason: format!("connection string does not parse: {e}"),
-        })?;
+        let cfg: tokio_postgres::Config =
+            dsn.expose().parse().map_err(|e| StreamError::Config {
+                dsn: shown.clone(),
+                reason: format!("connection string does not parse: {e}"),
+            })?;
         let host = match cfg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             #[cfg(unix)]
@@ -61,7 +73,10 @@ impl NodeStream {
         };
         let port = cfg.get_ports().first().copied().unwrap_or(5432);
         let user = cfg.get_user().unwrap_or("postgres").to_string();
-        let password = cfg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()).unwrap_or_default();
+        let password = cfg
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .unwrap_or_default();
         let database = cfg.get_dbname().unwrap_or(&user).to_string();
         let rcfg = ReplicationConfig::new(host, user, password, database, slot, PUBLICATION)
             .with_port(port)
@@ -72,13 +87,22 @@ impl NodeStream {
             .with_max_message_size(MAX_MESSAGE_BYTES)
             .with_options(SESSION_OPTIONS.replace(" -c client_encoding=UTF8", ""))
             .with_application_name(application_name);
-        let wire = |source| StreamError::Wire { dsn: shown.clone(), source };
+        let wire = |source| StreamError::Wire {
+            dsn: shown.clone(),
+            source,
+        };
         let client = ReplicationClient::connect(rcfg).await.map_err(wire)?;
         client_started(client, shown).await
     }
 
     pub async fn recv(&mut self) -> Result<Option<ReplicationEvent>, StreamError> {
-        self.client.recv().await.map_err(|source| StreamError::Wire { dsn: self.dsn.clone(), source })
+        self.client
+            .recv()
+            .await
+            .map_err(|source| StreamError::Wire {
+                dsn: self.dsn.clone(),
+                source,
+            })
     }
 
     /// Everything up to `lsn` is committed downstream; the slot may let it go.
@@ -91,7 +115,16 @@ impl NodeStream {
     }
 }
 
-async fn client_started(mut client: ReplicationClient, dsn: String) -> Result<NodeStream, StreamError> {
-    client.wait_started().await.map_err(|source| StreamError::Wire { dsn: dsn.clone(), source })?;
+async fn client_started(
+    mut client: ReplicationClient,
+    dsn: String,
+) -> Result<NodeStream, StreamError> {
+    client
+        .wait_started()
+        .await
+        .map_err(|source| StreamError::Wire {
+            dsn: dsn.clone(),
+            source,
+        })?;
     Ok(NodeStream { client, dsn })
 }

@@ -16,7 +16,10 @@ pub const DEADLINE: Duration = Duration::from_secs(60);
 /// A fresh directory under /tmp that the postgres user can traverse.
 pub fn scratch_dir(test: &str) -> PathBuf {
     static N: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
     let dir = std::env::temp_dir().join(format!(
         "walsync-test-{test}-{}-{}-{nanos}",
         std::process::id(),
@@ -27,11 +30,19 @@ pub fn scratch_dir(test: &str) -> PathBuf {
 }
 
 /// Polls `cond` until it holds or `deadline` passes; panics with `what` and `diag()` then.
-pub fn wait_for(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool, diag: impl Fn() -> String) {
+pub fn wait_for(
+    what: &str,
+    deadline: Duration,
+    mut cond: impl FnMut() -> bool,
+    diag: impl Fn() -> String,
+) {
     let start = Instant::now();
     while !cond() {
         if start.elapsed() > deadline {
-            panic!("timed out after {deadline:?} waiting for {what}\n{}", diag());
+            panic!(
+                "timed out after {deadline:?} waiting for {what}\n{}",
+                diag()
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -47,7 +58,9 @@ pub struct Node {
 
 impl Node {
     pub fn sql(&self, sql: &str) -> String {
-        self.pg.psql(sql).unwrap_or_else(|e| panic!("on {}: {e}", self.name))
+        self.pg
+            .psql(sql)
+            .unwrap_or_else(|e| panic!("on {}: {e}", self.name))
     }
 
     pub fn try_sql(&self, sql: &str) -> Result<String, String> {
@@ -55,7 +68,9 @@ impl Node {
     }
 
     pub fn count(&self, table: &str) -> i64 {
-        self.sql(&format!("SELECT count(*) FROM {table}")).parse().unwrap()
+        self.sql(&format!("SELECT count(*) FROM {table}"))
+            .parse()
+            .unwrap()
     }
 
     /// Order-independent content checksum of a table.
@@ -66,8 +81,15 @@ impl Node {
     }
 
     pub fn start_sidecar(&mut self) {
-        assert!(self.sidecar.is_none(), "sidecar of {} already running", self.name);
-        self.sidecar = Some(Sidecar::start(&self.config, &self.pg.dir().join(format!("sidecar-{}.log", self.name))));
+        assert!(
+            self.sidecar.is_none(),
+            "sidecar of {} already running",
+            self.name
+        );
+        self.sidecar = Some(Sidecar::start(
+            &self.config,
+            &self.pg.dir().join(format!("sidecar-{}.log", self.name)),
+        ));
     }
 
     pub fn kill_sidecar(&mut self) {
@@ -84,12 +106,15 @@ impl Node {
     }
 
     pub fn sidecar_log(&self) -> String {
-        std::fs::read_to_string(self.pg.dir().join(format!("sidecar-{}.log", self.name))).unwrap_or_default()
+        std::fs::read_to_string(self.pg.dir().join(format!("sidecar-{}.log", self.name)))
+            .unwrap_or_default()
     }
 
     /// Source transactions this node applied from all its incoming links.
     pub fn applied_transactions(&self) -> i64 {
-        self.sql("SELECT coalesce(sum(transactions), 0) FROM walsync.link_progress").parse().unwrap()
+        self.sql("SELECT coalesce(sum(transactions), 0) FROM walsync.link_progress")
+            .parse()
+            .unwrap()
     }
 }
 
@@ -99,7 +124,11 @@ pub struct Sidecar {
 
 impl Sidecar {
     pub fn start(config: &Path, log: &Path) -> Sidecar {
-        let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
         let child = Command::new(walsync_bin())
             .args(["run", "--config"])
             .arg(config)
@@ -121,7 +150,9 @@ impl Sidecar {
     }
 
     pub fn terminate(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let start = Instant::now();
         loop {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -148,8 +179,15 @@ pub fn walsync_bin() -> PathBuf {
 
 /// Runs `walsync <args>` to completion; returns (success, stdout + stderr).
 pub fn walsync(args: &[&str]) -> (bool, String) {
-    let out = Command::new(walsync_bin()).args(args).output().expect("run walsync");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(walsync_bin())
+        .args(args)
+        .output()
+        .expect("run walsync");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.success(), text)
 }
 
@@ -175,10 +213,21 @@ impl TestCluster {
         let mut nodes = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let pg = LocalCluster::start(&dir.join(name), name).expect("start local PostgreSQL");
-            pg.psql(schema).unwrap_or_else(|e| panic!("schema on {name}: {e}"));
-            nodes.push(Node { name: name.to_string(), id: i as u32 + 1, pg, config: PathBuf::new(), sidecar: None });
+            pg.psql(schema)
+                .unwrap_or_else(|e| panic!("schema on {name}: {e}"));
+            nodes.push(Node {
+                name: name.to_string(),
+                id: i as u32 + 1,
+                pg,
+                config: PathBuf::new(),
+                sidecar: None,
+            });
         }
-        let mut cluster = TestCluster { nodes, topology, dir };
+        let mut cluster = TestCluster {
+            nodes,
+            topology,
+            dir,
+        };
         for i in 0..cluster.nodes.len() {
             let text = cluster.config_text(i);
             let path = cluster.dir.join(format!("{}.toml", cluster.nodes[i].name));
@@ -196,10 +245,18 @@ impl TestCluster {
         let me = &self.nodes[i];
         let mut s = String::new();
         match self.topology {
-            Topology::Star => s.push_str(&format!("[cluster]\ntopology = \"star\"\nhub = \"{}\"\n", self.nodes[0].name)),
+            Topology::Star => s.push_str(&format!(
+                "[cluster]\ntopology = \"star\"\nhub = \"{}\"\n",
+                self.nodes[0].name
+            )),
             Topology::Mesh => s.push_str("[cluster]\ntopology = \"mesh\"\n"),
         }
-        s.push_str(&format!("\n[node]\nname = \"{}\"\nid = {}\ndsn = \"{}\"\n", me.name, me.id, me.pg.dsn()));
+        s.push_str(&format!(
+            "\n[node]\nname = \"{}\"\nid = {}\ndsn = \"{}\"\n",
+            me.name,
+            me.id,
+            me.pg.dsn()
+        ));
         s.push_str("\n[apply]\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n");
         for (j, p) in self.nodes.iter().enumerate() {
             let peer = match self.topology {
@@ -207,7 +264,12 @@ impl TestCluster {
                 Topology::Mesh => j != i,
             };
             if peer {
-                s.push_str(&format!("\n[[peers]]\nname = \"{}\"\nid = {}\ndsn = \"{}\"\n", p.name, p.id, p.pg.dsn()));
+                s.push_str(&format!(
+                    "\n[[peers]]\nname = \"{}\"\nid = {}\ndsn = \"{}\"\n",
+                    p.name,
+                    p.id,
+                    p.pg.dsn()
+                ));
             }
         }
         s
@@ -220,18 +282,30 @@ impl TestCluster {
     }
 
     pub fn node(&self, name: &str) -> &Node {
-        self.nodes.iter().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
     }
 
     pub fn node_mut(&mut self, name: &str) -> &mut Node {
-        self.nodes.iter_mut().find(|n| n.name == name).unwrap_or_else(|| panic!("no node {name}"))
+        self.nodes
+            .iter_mut()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
     }
 
     /// Every node's sidecar log, for failure messages.
     pub fn logs(&self) -> String {
         self.nodes
             .iter()
-            .map(|n| format!("===== sidecar {} =====\n{}", n.name, tail(&n.sidecar_log(), 40)))
+            .map(|n| {
+                format!(
+                    "===== sidecar {} =====\n{}",
+                    n.name,
+                    tail(&n.sidecar_log(), 40)
+                )
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -246,7 +320,11 @@ impl TestCluster {
                 sums.windows(2).all(|w| w[0] == w[1])
             },
             || {
-                let sums: Vec<String> = self.nodes.iter().map(|n| format!("{}: {}", n.name, n.checksum(table))).collect();
+                let sums: Vec<String> = self
+                    .nodes
+                    .iter()
+                    .map(|n| format!("{}: {}", n.name, n.checksum(table)))
+                    .collect();
                 format!("{}\n{}", sums.join("\n"), self.logs())
             },
         );
