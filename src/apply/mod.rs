@@ -14,6 +14,7 @@
 //! changes that were already checked on their author.
 
 pub mod catalog;
+mod conflict;
 mod param;
 pub mod pipeline;
 
@@ -33,7 +34,7 @@ use crate::merge::statements::{
     batch_sizes, copy_text_row, RelationMap, RowWrite, Shape, StatementError,
 };
 use crate::node::setup::ensure_origin;
-use crate::pgoutput::{Delete, Insert, Relation, Truncate, Update, Value};
+use crate::pgoutput::{Insert, Relation, Truncate, Value};
 use param::Param;
 use pipeline::{Answer, Pipeline, Tag};
 
@@ -51,6 +52,12 @@ pub enum ApplyError {
     MissingTable { table: String },
     #[error("{0}")]
     Protocol(String),
+    /// An insert on the fast path met an existing key: its transaction is applied again
+    /// in careful mode, where the conflict is decided and recorded.
+    #[error(
+        "{table}: an insert met an existing key ({detail}); re-applying its transaction row by row"
+    )]
+    FastPathHitUniqueKey { table: String, detail: String },
     #[error(
         "a change names relation id {0} that the upstream never described (no Relation message)"
     )]
@@ -134,10 +141,21 @@ pub struct ApplyWorker {
     run: Option<InsertRun>,
     xact_setup: Statement,
     record_progress: Statement,
+    record_conflict: Option<Statement>,
+    /// Origin name of writes made on the target itself (`walsync_<target node>`).
+    local_origin: String,
+    /// Transactions still to apply in careful mode (inserts checked one by one).
+    careful_txns: u32,
+    /// The progress the next applied transaction builds on (see `record_progress`).
+    last_progress: Lsn,
 }
 
 impl ApplyWorker {
-    pub async fn new(client: Client, link: String) -> Result<ApplyWorker, ApplyError> {
+    pub async fn new(
+        client: Client,
+        link: String,
+        local_origin: String,
+    ) -> Result<ApplyWorker, ApplyError> {
         client
             .batch_execute("SET session_replication_role = replica")
             .await
@@ -171,12 +189,18 @@ impl ApplyWorker {
             .map_err(ApplyError::sql("creating the link's progress row (has walsync init run on this node?)"))?;
         let record_progress = client
             .prepare_typed(
+                // The update only succeeds on top of the previous transaction's progress;
+                // otherwise it fails (division by zero), so that after a failed source
+                // transaction no later one commits: requests are pipelined, and PostgreSQL
+                // turns the failed one's COMMIT into a ROLLBACK and would run the next.
                 &format!(
-                    "UPDATE walsync.link_progress SET source_lsn = $2::text::pg_lsn, source_commit_time = {}, \
-                       transactions = transactions + 1, applied_at = now() WHERE link = $1",
+                    "WITH u AS (UPDATE walsync.link_progress SET source_lsn = $2::text::pg_lsn, \
+                       source_commit_time = {}, transactions = transactions + 1, applied_at = now() \
+                       WHERE link = $1 AND source_lsn = $4::text::pg_lsn RETURNING 1) \
+                     SELECT 1 / count(*)::int FROM u",
                     timestamp_sql("$3::int8")
                 ),
-                &[Type::TEXT, Type::TEXT, Type::INT8],
+                &[Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT],
             )
             .await
             .map_err(ApplyError::sql("preparing the progress update"))?;
@@ -196,11 +220,16 @@ impl ApplyWorker {
             run: None,
             xact_setup,
             record_progress,
+            record_conflict: None,
+            local_origin,
+            careful_txns: 0,
+            last_progress: Lsn::ZERO,
         })
     }
 
     /// End LSN (on the upstream) of the last source transaction applied here, 0/0 if none.
-    pub async fn progress(&self) -> Result<Lsn, ApplyError> {
+    /// Read once per session, before anything is applied.
+    pub async fn progress(&mut self) -> Result<Lsn, ApplyError> {
         let row = self
             .client
             .query_opt(
@@ -211,10 +240,12 @@ impl ApplyWorker {
             .map_err(ApplyError::sql(
                 "reading walsync.link_progress (has walsync init run on this node?)",
             ))?;
-        Ok(match row {
+        let lsn = match row {
             Some(r) => r.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO),
             None => Lsn::ZERO,
-        })
+        };
+        self.last_progress = lsn;
+        Ok(lsn)
     }
 
     /// A Relation message: (re)describes a source relation. Anything cached for it goes.
@@ -348,18 +379,28 @@ impl ApplyWorker {
                 }
             }
             (_, Ok(_)) => {}
-            (Tag::Insert { relation_id } | Tag::Copy { relation_id }, Err(e))
+            (Tag::Row { relation_id, .. }, Err(e))
                 if e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
             {
                 return Err(ApplyError::Conflict {
                     table: self.table_name(relation_id),
-                    kind: "insert_exists",
+                    kind: "update_exists",
                     detail: format!(
-                        "{}; a row with this key already exists here",
-                        e.as_db_error()
-                            .map(|d| d.message().to_string())
-                            .unwrap_or_else(|| e.to_string())
+                        "{}; the update would give this row a unique key another row here already has. \
+                         Resolve it by hand (change one of the two rows), then the link resumes",
+                        e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
                     ),
+                });
+            }
+            (Tag::Insert { relation_id } | Tag::Copy { relation_id }, Err(e))
+                if e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+            {
+                return Err(ApplyError::FastPathHitUniqueKey {
+                    table: self.table_name(relation_id),
+                    detail: e
+                        .as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or_else(|| e.to_string()),
                 });
             }
             (
@@ -537,9 +578,18 @@ impl ApplyWorker {
         self.settle(answers)
     }
 
+    /// Applies the next `n` transactions in careful mode: after an insert hit a unique key
+    /// on the fast path, its transaction comes again and is checked row by row.
+    pub fn set_careful(&mut self, n: u32) {
+        self.careful_txns = n;
+    }
+
     pub async fn insert(&mut self, ins: &Insert) -> Result<(), ApplyError> {
         let id = ins.relation_id;
         self.ensure_map(id).await?;
+        if self.careful_txns > 0 {
+            return self.insert_carefully(ins).await;
+        }
         let write = self.map_for(id).expect("mapped").insert(&ins.new)?;
         let Shape::Insert { columns, .. } = &write.shape else {
             unreachable!("RelationMap::insert makes Shape::Insert");
@@ -628,35 +678,6 @@ impl ApplyWorker {
         self.settle(answers)
     }
 
-    pub async fn update(&mut self, upd: &Update) -> Result<(), ApplyError> {
-        self.ensure_map(upd.relation_id).await?;
-        let Some(write) = self
-            .map_for(upd.relation_id)
-            .expect("mapped")
-            .update(upd.old.as_ref(), &upd.new)?
-        else {
-            return Ok(());
-        };
-        let tag = Tag::Row {
-            relation_id: upd.relation_id,
-            when_no_row: Some("update_missing"),
-        };
-        self.execute(upd.relation_id, write, tag).await
-    }
-
-    pub async fn delete(&mut self, del: &Delete) -> Result<(), ApplyError> {
-        self.ensure_map(del.relation_id).await?;
-        let write = self
-            .map_for(del.relation_id)
-            .expect("mapped")
-            .delete(&del.old)?;
-        let tag = Tag::Row {
-            relation_id: del.relation_id,
-            when_no_row: Some("delete_missing"),
-        };
-        self.execute(del.relation_id, write, tag).await
-    }
-
     pub async fn truncate(&mut self, t: &Truncate) -> Result<(), ApplyError> {
         self.flush_inserts().await?;
         let mut tables = Vec::new();
@@ -698,8 +719,10 @@ impl ApplyWorker {
         let Some(txn) = self.open.take() else {
             return Ok(0);
         };
+        self.careful_txns = self.careful_txns.saturating_sub(1);
         let (client, stmt) = (self.client.clone(), self.record_progress.clone());
         let (link, end, time) = (self.link.clone(), end_lsn.to_string(), txn.commit_time_us);
+        let previous = std::mem::replace(&mut self.last_progress, end_lsn).to_string();
         let answers = self
             .pipeline
             .push(
@@ -707,7 +730,11 @@ impl ApplyWorker {
                     what: "recording the link's progress",
                 },
                 128,
-                async move { client.execute(&stmt, &[&link, &end, &time]).await },
+                async move {
+                    client
+                        .execute(&stmt, &[&link, &end, &time, &previous])
+                        .await
+                },
             )
             .await;
         self.settle(answers)?;

@@ -1,6 +1,7 @@
 //! The command line: one file per subcommand.
 
 pub mod bench;
+pub mod conflicts;
 pub mod demo;
 pub mod init;
 pub mod run;
@@ -44,6 +45,8 @@ pub enum Command {
     Run(ConfigArg),
     /// Show walsync on three throwaway local PostgreSQL clusters: write, cut, heal, converge.
     Demo(demo::DemoArgs),
+    /// List the conflicts this node decided, show one, or write a losing version again.
+    Conflicts(conflicts::ConflictsArgs),
     /// Measure catch-up speed against native logical replication (and peak memory on one huge transaction).
     Bench(bench::BenchArgs),
 }
@@ -75,6 +78,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Run(c) => run::run(&c).await,
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => bench::run(a).await,
+            Command::Conflicts(a) => conflicts::run(a).await,
         }
     });
     match result {

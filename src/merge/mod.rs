@@ -5,6 +5,7 @@
 //! on the target ([`statements`]). Conflict decisions will live here too, for the same
 //! reason: every node must reach the same answer from the same inputs.
 
+pub mod conflict;
 pub mod statements;
 
 use crate::node::names::{NameError, NodeName, PgName};

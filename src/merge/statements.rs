@@ -72,6 +72,13 @@ pub enum Shape {
     Copy {
         columns: Vec<usize>,
     },
+    /// One row of these columns, doing nothing if a unique key already holds it.
+    InsertOrNothing {
+        columns: Vec<usize>,
+    },
+    /// The local row by key, locked: every column as text, then its last writer's origin
+    /// name (NULL: written here) and commit time in µs since 2000-01-01 (NULL: unknown).
+    ReadLocal,
 }
 
 /// A change ready to execute: the statement's shape and its parameters, in order.
@@ -224,6 +231,34 @@ impl RelationMap {
             .collect()
     }
 
+    /// The write that replaces the whole local row with `new` (an insert that won
+    /// `insert_exists`): every column set, the row found by the new tuple's key.
+    pub fn overwrite(&self, new: &Tuple) -> Result<Option<RowWrite>, StatementError> {
+        self.update(None, new)
+    }
+
+    /// Target column names in source column order (for row images).
+    pub fn source_column_names(&self) -> Vec<String> {
+        self.source_to_target
+            .iter()
+            .map(|&t| self.target.columns[t].clone())
+            .collect()
+    }
+
+    /// Target key column names, in key order.
+    pub fn key_names(&self) -> Vec<String> {
+        self.target
+            .key
+            .iter()
+            .map(|&k| self.target.columns[k].clone())
+            .collect()
+    }
+
+    /// For each source column, its index in the target's columns (`ReadLocal` order).
+    pub fn target_index_of_source(&self, source_column: usize) -> usize {
+        self.source_to_target[source_column]
+    }
+
     /// SQL text of a shape on this table; parameters are `$1..$n` in [`RowWrite::params`] order.
     pub fn sql(&self, shape: &Shape) -> String {
         let t = &self.target;
@@ -265,6 +300,32 @@ impl RelationMap {
                 key_clause(set.len() + 1)
             ),
             Shape::Delete => format!("DELETE FROM {} WHERE {}", t.qualified(), key_clause(1)),
+            Shape::InsertOrNothing { columns } => format!(
+                "{} ON CONFLICT DO NOTHING",
+                self.sql(&Shape::Insert {
+                    columns: columns.clone(),
+                    rows: 1
+                })
+            ),
+            Shape::ReadLocal => format!(
+                "SELECT {}, r.roname::text, \
+                   (extract(epoch FROM o.timestamp) * 1000000)::int8 - 946684800000000 \
+                 FROM {} t LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) o ON true \
+                 LEFT JOIN pg_replication_origin r ON r.roident = o.roident \
+                 WHERE {} FOR UPDATE OF t",
+                t.columns
+                    .iter()
+                    .map(|c| format!("t.{}::text", quote_ident(c)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                t.qualified(),
+                t.key
+                    .iter()
+                    .enumerate()
+                    .map(|(n, &k)| format!("t.{} = ${}", quote_ident(&t.columns[k]), n + 1))
+                    .collect::<Vec<_>>()
+                    .join(" AND ")
+            ),
             Shape::Copy { columns } => format!(
                 "COPY {} ({}) FROM STDIN",
                 t.qualified(),

@@ -8,9 +8,11 @@ use crate::config::Dsn;
 
 /// Session settings pinned on every walsync connection, so that values travel as text
 /// that reads back to the same value on the other side: ISO dates, hex bytea, floats with
-/// full precision (PostgreSQL docs, "Client Connection Defaults").
+/// full precision, timestamps in UTC (PostgreSQL docs, "Client Connection Defaults").
+/// Conflict detection compares a change's old image, printed by the upstream's
+/// walsender, with the local row printed by the applier: both use these settings.
 pub const SESSION_OPTIONS: &str =
-    "-c datestyle=ISO,YMD -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c client_encoding=UTF8";
+    "-c datestyle=ISO,YMD -c intervalstyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c timezone=UTC -c client_encoding=UTF8";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

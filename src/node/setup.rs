@@ -50,11 +50,18 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "walsync_schema",
-    sql: include_str!("../../migrations/0001_walsync_schema.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "walsync_schema",
+        sql: include_str!("../../migrations/0001_walsync_schema.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "conflicts",
+        sql: include_str!("../../migrations/0002_conflicts.sql"),
+    },
+];
 
 /// What init did, one line per action, for the operator.
 #[derive(Debug, Default)]
@@ -96,6 +103,13 @@ pub async fn init_node(config: &Config) -> Result<SetupReport, SetupError> {
             .map_err(sql_err(&me, "creating the publication"))?;
         report.actions.push(format!(
             "created publication {PUBLICATION} (FOR ALL TABLES)"
+        ));
+    }
+
+    let full = set_replica_identity_full(&client, &me).await?;
+    if full > 0 {
+        report.actions.push(format!(
+            "set REPLICA IDENTITY FULL on {full} table(s): updates and deletes carry the row they were made on, so conflicts are told apart from edits made one after the other"
         ));
     }
 
@@ -298,6 +312,32 @@ async fn check_tables(client: &Client, me: &NodeRef) -> Result<(), SetupError> {
             tables.join(", ")
         )],
     })
+}
+
+/// Every replicated table sends its whole old row with updates and deletes.
+async fn set_replica_identity_full(client: &Client, me: &NodeRef) -> Result<usize, SetupError> {
+    let rows = client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind = 'r' AND c.relpersistence = 'p' AND c.relreplident <> 'f' \
+               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walsync') \
+               AND n.nspname NOT LIKE 'pg\\_%' ORDER BY 1",
+            &[],
+        )
+        .await
+        .map_err(sql_err(me, "listing tables"))?;
+    for r in &rows {
+        let table: String = r.get(0);
+        client
+            .batch_execute(&format!("ALTER TABLE {table} REPLICA IDENTITY FULL"))
+            .await
+            .map_err(sql_err(
+                me,
+                format!("setting REPLICA IDENTITY FULL on {table}"),
+            ))?;
+    }
+    Ok(rows.len())
 }
 
 async fn run_migrations(

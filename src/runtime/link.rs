@@ -23,6 +23,9 @@ use crate::runtime::backoff::Backoff;
 use crate::stream::{NodeStream, StreamError};
 
 const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(100);
+/// Transactions applied carefully after a fast-path conflict: a burst of conflicting
+/// inserts (ids written on two nodes during a cut) costs one restart, not one each.
+const CAREFUL_TXNS: u32 = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -47,6 +50,9 @@ pub enum LinkError {
 pub enum Disposition {
     /// Likely to pass by itself (network, restart): retry soon.
     Retry,
+    /// A conflict the fast path cannot decide: apply the same transactions again, at
+    /// once, checking each insert ([`ApplyWorker::set_careful`]).
+    RetryCarefully,
     /// Needs a human (schema difference, credentials, setup): the link waits at the
     /// longest backoff, retrying so that it resumes by itself once fixed.
     HaltPeer,
@@ -55,6 +61,9 @@ pub enum Disposition {
 impl LinkError {
     pub fn disposition(&self) -> Disposition {
         match self {
+            LinkError::Apply(ApplyError::FastPathHitUniqueKey { .. }) => {
+                Disposition::RetryCarefully
+            }
             LinkError::Connect(e) if e.is_permanent() => Disposition::HaltPeer,
             LinkError::Stream(e) if e.is_auth() => Disposition::HaltPeer,
             LinkError::Apply(
@@ -91,9 +100,12 @@ pub async fn run_link(spec: LinkSpec, cfg: ApplyConfig, mut shutdown: watch::Rec
         Duration::from_millis(cfg.reconnect_min_ms),
         Duration::from_millis(cfg.reconnect_max_ms),
     );
+    // After an insert met an existing key, the next transactions are applied carefully.
+    let mut careful_txns = 0;
     loop {
         let mut healthy = false;
-        let result = run_session(&spec, &mut shutdown, &mut healthy).await;
+        let result = run_session(&spec, &mut shutdown, &mut healthy, careful_txns).await;
+        careful_txns = 0;
         if *shutdown.borrow() {
             info!(link = %name, "stopped");
             return;
@@ -105,12 +117,16 @@ pub async fn run_link(spec: LinkSpec, cfg: ApplyConfig, mut shutdown: watch::Rec
             Ok(()) => backoff.next_wait(),
             Err(e) => {
                 let d = e.disposition();
-                let wait = if d == Disposition::HaltPeer {
-                    backoff.max()
-                } else {
-                    backoff.next_wait()
+                let wait = match d {
+                    Disposition::HaltPeer => backoff.max(),
+                    Disposition::Retry => backoff.next_wait(),
+                    Disposition::RetryCarefully => Duration::ZERO,
                 };
                 match d {
+                    Disposition::RetryCarefully => {
+                        info!(link = %name, error = %error_chain(&e), "conflict on the fast path");
+                        careful_txns = CAREFUL_TXNS;
+                    }
                     Disposition::Retry => {
                         warn!(link = %name, error = %error_chain(&e), retry_in_ms = wait.as_millis() as u64, "link interrupted")
                     }
@@ -141,6 +157,7 @@ async fn run_session(
     spec: &LinkSpec,
     shutdown: &mut watch::Receiver<bool>,
     healthy: &mut bool,
+    careful_txns: u32,
 ) -> Result<(), LinkError> {
     let link = spec.name();
     let app = format!("walsync {link}");
@@ -152,7 +169,9 @@ async fn run_session(
     };
 
     let target = connect(&spec.to.dsn, &format!("{app} apply")).await?;
-    let mut apply = ApplyWorker::new(target, link.clone()).await?;
+    let mut apply =
+        ApplyWorker::new(target, link.clone(), PgName::origin_of(&spec.to.name)).await?;
+    apply.set_careful(careful_txns);
     let mut progress = apply.progress().await?;
     release_slot(spec, &slot, &app).await?;
     let mut stream = NodeStream::open(&spec.from.dsn, &slot, progress, &app).await?;

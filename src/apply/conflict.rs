@@ -1,0 +1,353 @@
+//! The careful paths: changes that must look at the local row before they write.
+//!
+//! Updates and deletes always read the local row under a row lock (`FOR UPDATE`, so a
+//! concurrent local write cannot slip between the decision and the write), decide with
+//! [`crate::merge::conflict`] and record every conflict in `walsync.conflicts` in the same
+//! target transaction. Inserts take the fast path (pipelined, COPY) and come here only
+//! when the fast path hit a unique key: the link then re-applies that transaction in
+//! careful mode ([`ApplyWorker::set_careful`]).
+
+use serde_json::Value as Json;
+use tokio_postgres::types::Type;
+
+use super::param::Param;
+use super::pipeline::Tag;
+use super::{ApplyError, ApplyWorker, RemoteTxn};
+use crate::merge::conflict::{
+    decide_change, decide_insert_exists, old_image_matches, row_image, ConflictKind, Decision,
+    Version,
+};
+use crate::merge::statements::{RowWrite, Shape};
+use crate::pgoutput::{Delete, Insert, OldTuple, Tuple, Update, Value};
+
+/// The local version of a row, read under a row lock.
+pub(super) struct LocalRow {
+    /// Every target column as text, in target column order.
+    values: Vec<Option<String>>,
+    version: Version,
+}
+
+/// One row of `walsync.conflicts`, before it is written.
+struct Record {
+    kind: ConflictKind,
+    key: Json,
+    local: Option<(Json, Version)>,
+    remote: Json,
+    outcome: &'static str,
+}
+
+impl ApplyWorker {
+    fn open_txn(&self) -> RemoteTxn {
+        self.open
+            .clone()
+            .expect("a change is applied inside an open target transaction")
+    }
+
+    /// Reads the local row with this key (target key order), locked.
+    async fn read_local(
+        &mut self,
+        relation_id: u32,
+        key: &[Value],
+    ) -> Result<Option<LocalRow>, ApplyError> {
+        self.flush_inserts().await?;
+        let stmt = self.statement(relation_id, Shape::ReadLocal).await?;
+        // A direct request: everything in flight is settled first (see `begin`).
+        self.flush().await?;
+        let what = || format!("reading the local row of {}", self.table_name(relation_id));
+        let stream = self
+            .client
+            .query_raw(&stmt, key.iter().map(Param))
+            .await
+            .map_err(|source| ApplyError::Sql {
+                what: what(),
+                source,
+            })?;
+        futures_util::pin_mut!(stream);
+        let mut rows = Vec::with_capacity(1);
+        while let Some(row) = futures_util::StreamExt::next(&mut stream).await {
+            rows.push(row.map_err(|source| ApplyError::Sql {
+                what: what(),
+                source,
+            })?);
+        }
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let n = row.len() - 2;
+        let values = (0..n).map(|i| row.get::<_, Option<String>>(i)).collect();
+        let origin: Option<String> = row.get(n);
+        let commit_time_us: Option<i64> = row.get(n + 1);
+        Ok(Some(LocalRow {
+            values,
+            version: Version {
+                origin: origin.unwrap_or_else(|| self.local_origin.clone()),
+                commit_time_us,
+            },
+        }))
+    }
+
+    fn remote_version(&self) -> Version {
+        let txn = self.open_txn();
+        Version {
+            origin: txn.origin,
+            commit_time_us: Some(txn.commit_time_us),
+        }
+    }
+
+    /// The local row as a JSON image (target column names).
+    fn local_image(&self, relation_id: u32, local: &LocalRow) -> Json {
+        let map = self.map_for(relation_id).expect("mapped");
+        let values: Vec<Value> = local
+            .values
+            .iter()
+            .map(|v| match v {
+                Some(s) => Value::Text(bytes::Bytes::copy_from_slice(s.as_bytes())),
+                None => Value::Null,
+            })
+            .collect();
+        row_image(&map.target.columns, &values)
+    }
+
+    fn source_image(&self, relation_id: u32, tuple: &Tuple) -> Json {
+        let map = self.map_for(relation_id).expect("mapped");
+        row_image(&map.source_column_names(), &tuple.0)
+    }
+
+    fn key_image(&self, relation_id: u32, key: &[Value]) -> Json {
+        let map = self.map_for(relation_id).expect("mapped");
+        row_image(&map.key_names(), key)
+    }
+
+    /// Whether `old` (source column order) is exactly the local row.
+    fn made_on_local(
+        &self,
+        relation_id: u32,
+        old: Option<&OldTuple>,
+        local: Option<&LocalRow>,
+    ) -> bool {
+        let (Some(OldTuple::Full(old)), Some(local)) = (old, local) else {
+            return false;
+        };
+        let map = self.map_for(relation_id).expect("mapped");
+        let in_source_order: Vec<Option<String>> = (0..old.0.len())
+            .map(|i| local.values[map.target_index_of_source(i)].clone())
+            .collect();
+        old_image_matches(old, &in_source_order)
+    }
+
+    pub async fn update(&mut self, upd: &Update) -> Result<(), ApplyError> {
+        let id = upd.relation_id;
+        self.ensure_map(id).await?;
+        let map = self.map_for(id).expect("mapped");
+        let key = map.key_values(upd.old.as_ref(), Some(&upd.new))?;
+        let write = map.update(upd.old.as_ref(), &upd.new)?;
+        let local = self.read_local(id, &key).await?;
+        let remote = self.remote_version();
+        let decision = decide_change(
+            false,
+            &remote,
+            local.as_ref().map(|l| &l.version),
+            self.made_on_local(id, upd.old.as_ref(), local.as_ref()),
+        );
+        let remote_image = self.source_image(id, &upd.new);
+        self.carry_out(id, decision, write, &key, local, remote_image)
+            .await
+    }
+
+    pub async fn delete(&mut self, del: &Delete) -> Result<(), ApplyError> {
+        let id = del.relation_id;
+        self.ensure_map(id).await?;
+        let map = self.map_for(id).expect("mapped");
+        let key = map.key_values(Some(&del.old), None)?;
+        let write = map.delete(&del.old)?;
+        let local = self.read_local(id, &key).await?;
+        let remote = self.remote_version();
+        let decision = decide_change(
+            true,
+            &remote,
+            local.as_ref().map(|l| &l.version),
+            self.made_on_local(id, Some(&del.old), local.as_ref()),
+        );
+        let old = match &del.old {
+            OldTuple::Key(t) | OldTuple::Full(t) => t,
+        };
+        let remote_image = self.source_image(id, old);
+        self.carry_out(id, decision, Some(write), &key, local, remote_image)
+            .await
+    }
+
+    /// Careful insert: does nothing if a unique key holds the row already; then decides.
+    pub(super) async fn insert_carefully(&mut self, ins: &Insert) -> Result<(), ApplyError> {
+        let id = ins.relation_id;
+        self.flush_inserts().await?;
+        let map = self.map_for(id).expect("mapped");
+        let write = map.insert(&ins.new)?;
+        let key = map.key_values(None, Some(&ins.new))?;
+        let overwrite = map.overwrite(&ins.new)?;
+        let Shape::Insert { columns, .. } = write.shape else {
+            unreachable!("RelationMap::insert makes Shape::Insert");
+        };
+        let stmt = self
+            .statement(id, Shape::InsertOrNothing { columns })
+            .await?;
+        self.flush().await?;
+        let inserted = self
+            .client
+            .execute_raw(&stmt, write.params.iter().map(Param))
+            .await
+            .map_err(|source| ApplyError::Sql {
+                what: format!("applying an insert to {}", self.table_name(id)),
+                source,
+            })?;
+        self.rows_in_txn += 1;
+        if inserted == 1 {
+            return Ok(());
+        }
+        let Some(local) = self.read_local(id, &key).await? else {
+            return Err(ApplyError::Conflict {
+                table: self.table_name(id),
+                kind: "insert_exists",
+                detail: format!(
+                    "the row {} collides with a different row here on a unique key other than the primary key; \
+                     resolve it by hand (change or remove one of the two rows), then the link resumes",
+                    self.source_image(id, &ins.new)
+                ),
+            });
+        };
+        let decision = decide_insert_exists(&self.remote_version(), &local.version);
+        let remote_image = self.source_image(id, &ins.new);
+        self.carry_out(id, decision, overwrite, &key, Some(local), remote_image)
+            .await
+    }
+
+    /// Writes (or not) and records, as decided.
+    async fn carry_out(
+        &mut self,
+        relation_id: u32,
+        decision: Decision,
+        write: Option<RowWrite>,
+        key: &[Value],
+        local: Option<LocalRow>,
+        remote_image: Json,
+    ) -> Result<(), ApplyError> {
+        let (apply, record) = match decision {
+            Decision::Apply => (true, None),
+            Decision::ApplyAndRecord(kind) => (true, Some((kind, "remote_applied"))),
+            Decision::SkipAndRecord(kind) => {
+                let outcome = if local.is_some() {
+                    "local_kept"
+                } else {
+                    "skipped"
+                };
+                (false, Some((kind, outcome)))
+            }
+        };
+        if apply {
+            if let Some(write) = write {
+                let tag = Tag::Row {
+                    relation_id,
+                    when_no_row: None,
+                };
+                self.execute(relation_id, write, tag).await?;
+            }
+        }
+        if let Some((kind, outcome)) = record {
+            let record = Record {
+                kind,
+                key: self.key_image(relation_id, key),
+                local: local.map(|l| (self.local_image(relation_id, &l), l.version)),
+                remote: remote_image,
+                outcome,
+            };
+            self.record(relation_id, record).await?;
+        }
+        Ok(())
+    }
+
+    async fn record(&mut self, relation_id: u32, r: Record) -> Result<(), ApplyError> {
+        tracing::info!(
+            link = %self.link, table = %self.table_name(relation_id), conflict = r.kind.as_str(),
+            outcome = r.outcome, key = %r.key, "conflict decided"
+        );
+        if self.record_conflict.is_none() {
+            self.flush().await?;
+            let stmt = self
+                .client
+                .prepare_typed(
+                    &format!(
+                        "INSERT INTO walsync.conflicts (link, kind, table_schema, table_name, key, local_row, \
+                           local_origin, local_commit_time, remote_row, remote_origin, remote_commit_time, rule, outcome) \
+                         VALUES ($1, $2, $3, $4, $5::text::jsonb, $6::text::jsonb, $7, {}, $9::text::jsonb, $10, {}, \
+                           'last_writer_wins', $12)",
+                        super::timestamp_sql("$8::int8"),
+                        super::timestamp_sql("$11::int8")
+                    ),
+                    &[
+                        Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT, Type::TEXT,
+                        Type::INT8, Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT,
+                    ],
+                )
+                .await
+                .map_err(ApplyError::sql("preparing the conflict record (has walsync init run on this node?)"))?;
+            self.record_conflict = Some(stmt);
+        }
+        let stmt = self.record_conflict.clone().expect("prepared above");
+        let map = self.map_for(relation_id).expect("mapped");
+        let (schema, table) = (map.target.schema.clone(), map.target.name.clone());
+        let txn = self.open_txn();
+        let (local_row, local_origin, local_time) = match r.local {
+            Some((img, v)) => (Some(img.to_string()), Some(v.origin), v.commit_time_us),
+            None => (None, None, None),
+        };
+        let params: (
+            String,
+            String,
+            String,
+            String,
+            String,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+            String,
+            String,
+            i64,
+            String,
+        ) = (
+            self.link.clone(),
+            r.kind.as_str().to_string(),
+            schema,
+            table,
+            r.key.to_string(),
+            local_row,
+            local_origin,
+            local_time,
+            r.remote.to_string(),
+            txn.origin,
+            txn.commit_time_us,
+            r.outcome.to_string(),
+        );
+        let client = self.client.clone();
+        let answers = self
+            .pipeline
+            .push(
+                Tag::Other {
+                    what: "recording a conflict",
+                },
+                512,
+                async move {
+                    let p = &params;
+                    client
+                        .execute(
+                            &stmt,
+                            &[
+                                &p.0, &p.1, &p.2, &p.3, &p.4, &p.5, &p.6, &p.7, &p.8, &p.9, &p.10,
+                                &p.11,
+                            ],
+                        )
+                        .await
+                },
+            )
+            .await;
+        self.settle(answers)
+    }
+}

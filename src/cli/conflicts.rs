@@ -1,0 +1,234 @@
+//! `walsync conflicts`: the conflicts this node decided, and a way to bring a losing
+//! version back.
+//!
+//! `walsync conflicts --config F [list] [--table T] [--kind K] [--since TIME] [--json]`
+//! `walsync conflicts --config F show ID`
+//! `walsync conflicts --config F reapply ID` writes the losing version again as a new
+//! local write: it then wins everywhere (it is the latest) and replicates like any edit.
+
+use std::process::ExitCode;
+
+use serde_json::{json, Value as Json};
+
+use super::{CliResult, ConfigArg};
+use crate::merge::statements::quote_ident;
+use crate::node::connect::connect;
+
+#[derive(Debug, clap::Args)]
+pub struct ConflictsArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    #[command(subcommand)]
+    pub action: Option<ConflictsAction>,
+    /// Only conflicts on this table (`name` or `schema.name`).
+    #[arg(long, global = true)]
+    pub table: Option<String>,
+    /// Only this kind (insert_exists, update_origin_differs, update_missing, delete_origin_differs, delete_missing).
+    #[arg(long, global = true)]
+    pub kind: Option<String>,
+    /// Only conflicts detected at or after this time (e.g. "2026-11-25 14:00+00").
+    #[arg(long, global = true)]
+    pub since: Option<String>,
+    /// Print JSON (one array) instead of a table.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ConflictsAction {
+    /// List conflicts (the default).
+    List,
+    /// Show one conflict with both row images.
+    Show { id: i64 },
+    /// Write the losing version of a conflict again, as a new local write.
+    Reapply { id: i64 },
+}
+
+const COLUMNS: &str = "id, detected_at::text, link, kind, table_schema, table_name, key::text, \
+    local_row::text, local_origin, local_commit_time::text, remote_row::text, remote_origin, \
+    remote_commit_time::text, rule, outcome, reapplied_at::text";
+
+fn row_json(r: &tokio_postgres::Row) -> Json {
+    let parse = |i: usize| -> Json {
+        r.get::<_, Option<String>>(i)
+            .and_then(|s| serde_json::from_str(&s).ok())
+            .unwrap_or(Json::Null)
+    };
+    json!({
+        "id": r.get::<_, i64>(0),
+        "detected_at": r.get::<_, String>(1),
+        "link": r.get::<_, String>(2),
+        "kind": r.get::<_, String>(3),
+        "table": format!("{}.{}", r.get::<_, String>(4), r.get::<_, String>(5)),
+        "key": parse(6),
+        "local_row": parse(7),
+        "local_origin": r.get::<_, Option<String>>(8),
+        "local_commit_time": r.get::<_, Option<String>>(9),
+        "remote_row": parse(10),
+        "remote_origin": r.get::<_, String>(11),
+        "remote_commit_time": r.get::<_, String>(12),
+        "rule": r.get::<_, String>(13),
+        "outcome": r.get::<_, String>(14),
+        "reapplied_at": r.get::<_, Option<String>>(15),
+    })
+}
+
+pub async fn run(args: ConflictsArgs) -> CliResult {
+    let config = args.config.load()?;
+    let me = config.this_node();
+    let client = connect(&me.dsn, "walsync conflicts").await?;
+    match args.action.unwrap_or(ConflictsAction::List) {
+        ConflictsAction::List => {
+            let (schema, table) = match args.table.as_deref().map(|t| t.split_once('.')) {
+                Some(Some((s, t))) => (Some(s.to_string()), Some(t.to_string())),
+                Some(None) => (None, args.table.clone()),
+                None => (None, None),
+            };
+            let rows = client
+                .query(
+                    &format!(
+                        "SELECT {COLUMNS} FROM walsync.conflicts \
+                         WHERE ($1::text IS NULL OR table_schema = $1) AND ($2::text IS NULL OR table_name = $2) \
+                           AND ($3::text IS NULL OR kind = $3) AND ($4::text IS NULL OR detected_at >= $4::timestamptz) \
+                         ORDER BY id"
+                    ),
+                    &[&schema, &table, &args.kind, &args.since],
+                )
+                .await?;
+            if args.json {
+                let all: Vec<Json> = rows.iter().map(row_json).collect();
+                println!("{}", serde_json::to_string_pretty(&all)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if rows.is_empty() {
+                println!("no conflicts on node {}", me.name);
+                return Ok(ExitCode::SUCCESS);
+            }
+            println!(
+                "{:>6}  {:<26}  {:<22}  {:<24}  {:<14}  {:<16}  key",
+                "id", "detected", "kind", "table", "outcome", "winner"
+            );
+            for r in &rows {
+                let j = row_json(r);
+                let winner = match j["outcome"].as_str() {
+                    Some("remote_applied") => j["remote_origin"].as_str().unwrap_or("").to_string(),
+                    Some("local_kept") => j["local_origin"].as_str().unwrap_or("").to_string(),
+                    _ => "-".to_string(),
+                };
+                println!(
+                    "{:>6}  {:<26}  {:<22}  {:<24}  {:<14}  {:<16}  {}",
+                    j["id"],
+                    j["detected_at"].as_str().unwrap_or(""),
+                    j["kind"].as_str().unwrap_or(""),
+                    j["table"].as_str().unwrap_or(""),
+                    j["outcome"].as_str().unwrap_or(""),
+                    winner.trim_start_matches("walsync_"),
+                    j["key"]
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ConflictsAction::Show { id } => {
+            let row = client
+                .query_opt(
+                    &format!("SELECT {COLUMNS} FROM walsync.conflicts WHERE id = $1"),
+                    &[&id],
+                )
+                .await?
+                .ok_or_else(|| format!("no conflict {id} on node {}", me.name))?;
+            println!("{}", serde_json::to_string_pretty(&row_json(&row))?);
+            Ok(ExitCode::SUCCESS)
+        }
+        ConflictsAction::Reapply { id } => reapply(&client, id).await,
+    }
+}
+
+/// Writes the losing image of conflict `id` as a new local write (insert or update).
+async fn reapply(client: &tokio_postgres::Client, id: i64) -> CliResult {
+    let row = client
+        .query_opt(
+            &format!("SELECT {COLUMNS} FROM walsync.conflicts WHERE id = $1"),
+            &[&id],
+        )
+        .await?
+        .ok_or_else(|| format!("no conflict {id} on this node"))?;
+    let j = row_json(&row);
+    let schema: String = row.get(4);
+    let table: String = row.get(5);
+    let key = j["key"].as_object().cloned().unwrap_or_default();
+    let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
+    let kind = j["kind"].as_str().unwrap_or("");
+    if kind.starts_with("delete_") && j["outcome"] == "local_kept" {
+        // The losing version is the delete itself.
+        let cond: Vec<String> = key
+            .keys()
+            .enumerate()
+            .map(|(i, c)| format!("{}::text = ${}", quote_ident(c), i + 1))
+            .collect();
+        let values: Vec<String> = key
+            .values()
+            .map(|v| v.as_str().unwrap_or_default().to_string())
+            .collect();
+        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values
+            .iter()
+            .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+            .collect();
+        client
+            .execute(
+                &format!("DELETE FROM {qualified} WHERE {}", cond.join(" AND ")),
+                &params,
+            )
+            .await?;
+        client
+            .execute(
+                "UPDATE walsync.conflicts SET reapplied_at = now() WHERE id = $1",
+                &[&id],
+            )
+            .await?;
+        println!("conflict {id}: the losing delete of {schema}.{table} {} is done again; it replicates as a new edit", j["key"]);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let loser = match j["outcome"].as_str() {
+        Some("remote_applied") => &j["local_row"],
+        _ => &j["remote_row"],
+    };
+    let Some(image) = loser.as_object() else {
+        return Err(format!(
+            "conflict {id} has no losing row image to write (kind {})",
+            j["kind"]
+        )
+        .into());
+    };
+    let columns: Vec<&String> = image.keys().collect();
+    let set: Vec<String> = columns
+        .iter()
+        .filter(|c| !key.contains_key(c.as_str()))
+        .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
+        .collect();
+    let col_list = columns
+        .iter()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let key_list = key
+        .keys()
+        .map(|c| quote_ident(c))
+        .collect::<Vec<_>>()
+        .join(", ");
+    // jsonb_populate_record reads each text value with the column type's input function.
+    let sql = format!(
+        "INSERT INTO {qualified} ({col_list}) SELECT {col_list} FROM jsonb_populate_record(NULL::{qualified}, $1::text::jsonb) \
+         ON CONFLICT ({key_list}) DO {}",
+        if set.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", set.join(", ")) }
+    );
+    let image_text = Json::Object(image.clone()).to_string();
+    client.execute(&sql, &[&image_text]).await?;
+    client
+        .execute(
+            "UPDATE walsync.conflicts SET reapplied_at = now() WHERE id = $1",
+            &[&id],
+        )
+        .await?;
+    println!("conflict {id}: the losing version of {schema}.{table} {} is written again; it replicates as a new edit", j["key"]);
+    Ok(ExitCode::SUCCESS)
+}
