@@ -22,13 +22,22 @@ fn conflicts(n: &Node, kind: &str) -> Vec<String> {
         "SELECT outcome || '|' || coalesce(local_row->>'name', '-') || '|' || coalesce(remote_row->>'name', '-') \
          FROM walsync.conflicts WHERE kind = '{kind}' ORDER BY id"
     ));
-    out.lines().map(str::to_string).filter(|l| !l.is_empty()).collect()
+    out.lines()
+        .map(str::to_string)
+        .filter(|l| !l.is_empty())
+        .collect()
 }
 
 #[test]
 fn branches_cut_off_both_sell_and_every_row_arrives_without_collision() {
-    let mut c = TestCluster::new("bucardo", Topology::Star, &["main", "branch1", "branch2"], RETAIL_SCHEMA);
-    c.node("main").sql("INSERT INTO product (name, price) VALUES ('Soap', 2.5), ('Tea', 4)");
+    let mut c = TestCluster::new(
+        "bucardo",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    c.node("main")
+        .sql("INSERT INTO product (name, price) VALUES ('Soap', 2.5), ('Tea', 4)");
     c.start();
     c.wait_converged("product");
     cut(&mut c);
@@ -41,7 +50,9 @@ fn branches_cut_off_both_sell_and_every_row_arrives_without_collision() {
                SELECT o.id, (SELECT min(id) FROM product), 2, 5 FROM pos_order o WHERE o.name LIKE '{b}/%';"
         ));
     }
-    c.node("main").sql("INSERT INTO partner (name) SELECT 'main customer ' || g FROM generate_series(1, 5) g");
+    c.node("main").sql(
+        "INSERT INTO partner (name) SELECT 'main customer ' || g FROM generate_series(1, 5) g",
+    );
     heal(&mut c);
     for t in ["partner", "pos_order", "pos_order_line"] {
         c.wait_converged(t);
@@ -50,7 +61,12 @@ fn branches_cut_off_both_sell_and_every_row_arrives_without_collision() {
         assert_eq!(n.count("partner"), 45, "{}", n.name);
         assert_eq!(n.count("pos_order"), 60, "{}", n.name);
         assert_eq!(n.count("pos_order_line"), 60, "{}", n.name);
-        assert_eq!(n.count("walsync.conflicts"), 0, "no conflict was needed on {}", n.name);
+        assert_eq!(
+            n.count("walsync.conflicts"),
+            0,
+            "no conflict was needed on {}",
+            n.name
+        );
     }
     // Ids were handed out per node: main ≡ 1, branch1 ≡ 2, branch2 ≡ 3 (mod 16).
     assert_eq!(
@@ -63,25 +79,42 @@ fn branches_cut_off_both_sell_and_every_row_arrives_without_collision() {
 fn concurrent_updates_of_one_row_keep_the_latest_everywhere_and_record_the_other() {
     let mut c = TestCluster::new("lww", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
     c.start();
-    c.node("a").sql("INSERT INTO partner (id, name, email) VALUES (1, 'Ana', 'ana@shop')");
+    c.node("a")
+        .sql("INSERT INTO partner (id, name, email) VALUES (1, 'Ana', 'ana@shop')");
     c.wait_rows("b", "partner", 1);
     cut(&mut c);
-    c.node("a").sql("UPDATE partner SET name = 'Ana from a' WHERE id = 1");
-    c.node("b").sql("UPDATE partner SET name = 'Ana from b' WHERE id = 1"); // later commit: wins
+    c.node("a")
+        .sql("UPDATE partner SET name = 'Ana from a' WHERE id = 1");
+    c.node("b")
+        .sql("UPDATE partner SET name = 'Ana from b' WHERE id = 1"); // later commit: wins
     heal(&mut c);
     c.wait_converged("partner");
-    assert_eq!(c.node("a").sql("SELECT name FROM partner WHERE id = 1"), "Ana from b");
+    assert_eq!(
+        c.node("a").sql("SELECT name FROM partner WHERE id = 1"),
+        "Ana from b"
+    );
     wait_for(
         "both nodes to record the conflict",
         DEADLINE,
-        || !conflicts(c.node("a"), "update_origin_differs").is_empty() && !conflicts(c.node("b"), "update_origin_differs").is_empty(),
+        || {
+            !conflicts(c.node("a"), "update_origin_differs").is_empty()
+                && !conflicts(c.node("b"), "update_origin_differs").is_empty()
+        },
         || c.logs(),
     );
     // a applied b's newer version and kept its own as the loser; b kept its version and
     // recorded a's as the loser: the full losing image is on both nodes.
-    assert_eq!(conflicts(c.node("a"), "update_origin_differs"), ["remote_applied|Ana from a|Ana from b"]);
-    assert_eq!(conflicts(c.node("b"), "update_origin_differs"), ["local_kept|Ana from b|Ana from a"]);
-    let email = c.node("b").sql("SELECT remote_row->>'email' FROM walsync.conflicts WHERE kind = 'update_origin_differs'");
+    assert_eq!(
+        conflicts(c.node("a"), "update_origin_differs"),
+        ["remote_applied|Ana from a|Ana from b"]
+    );
+    assert_eq!(
+        conflicts(c.node("b"), "update_origin_differs"),
+        ["local_kept|Ana from b|Ana from a"]
+    );
+    let email = c.node("b").sql(
+        "SELECT remote_row->>'email' FROM walsync.conflicts WHERE kind = 'update_origin_differs'",
+    );
     assert_eq!(email, "ana@shop", "the recorded image is the whole row");
 }
 
@@ -89,14 +122,30 @@ fn concurrent_updates_of_one_row_keep_the_latest_everywhere_and_record_the_other
 fn an_edit_made_after_seeing_the_other_nodes_edit_is_no_conflict() {
     let mut c = TestCluster::new("sequential", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
     c.start();
-    c.node("a").sql("INSERT INTO product (id, name, price) VALUES (1, 'Soap', 2)");
+    c.node("a")
+        .sql("INSERT INTO product (id, name, price) VALUES (1, 'Soap', 2)");
     c.wait_rows("b", "product", 1);
     c.node("b").sql("UPDATE product SET price = 3 WHERE id = 1");
-    wait_for("a to see b's price", DEADLINE, || c.node("a").sql("SELECT price FROM product") == "3.00", || c.logs());
+    wait_for(
+        "a to see b's price",
+        DEADLINE,
+        || c.node("a").sql("SELECT price FROM product") == "3.00",
+        || c.logs(),
+    );
     c.node("a").sql("UPDATE product SET price = 4 WHERE id = 1");
-    wait_for("b to see a's price", DEADLINE, || c.node("b").sql("SELECT price FROM product") == "4.00", || c.logs());
+    wait_for(
+        "b to see a's price",
+        DEADLINE,
+        || c.node("b").sql("SELECT price FROM product") == "4.00",
+        || c.logs(),
+    );
     for n in &c.nodes {
-        assert_eq!(n.count("walsync.conflicts"), 0, "edits in sequence are not conflicts on {}", n.name);
+        assert_eq!(
+            n.count("walsync.conflicts"),
+            0,
+            "edits in sequence are not conflicts on {}",
+            n.name
+        );
     }
 }
 
@@ -105,31 +154,51 @@ fn the_same_explicit_id_inserted_on_two_nodes_keeps_the_latest_and_records_the_o
     let mut c = TestCluster::new("insert-exists", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
     c.start();
     cut(&mut c);
-    c.node("a").sql("INSERT INTO partner (id, name) VALUES (500, 'from a')");
-    c.node("b").sql("INSERT INTO partner (id, name) VALUES (500, 'from b'), (501, 'only b')");
+    c.node("a")
+        .sql("INSERT INTO partner (id, name) VALUES (500, 'from a')");
+    c.node("b")
+        .sql("INSERT INTO partner (id, name) VALUES (500, 'from b'), (501, 'only b')");
     heal(&mut c);
     c.wait_converged("partner");
-    assert_eq!(c.node("a").sql("SELECT name FROM partner WHERE id = 500"), "from b");
-    assert_eq!(c.node("a").count("partner"), 2, "the rest of b's transaction arrived too");
+    assert_eq!(
+        c.node("a").sql("SELECT name FROM partner WHERE id = 500"),
+        "from b"
+    );
+    assert_eq!(
+        c.node("a").count("partner"),
+        2,
+        "the rest of b's transaction arrived too"
+    );
     wait_for(
         "both nodes to record insert_exists",
         DEADLINE,
-        || !conflicts(c.node("a"), "insert_exists").is_empty() && !conflicts(c.node("b"), "insert_exists").is_empty(),
+        || {
+            !conflicts(c.node("a"), "insert_exists").is_empty()
+                && !conflicts(c.node("b"), "insert_exists").is_empty()
+        },
         || c.logs(),
     );
-    assert_eq!(conflicts(c.node("a"), "insert_exists"), ["remote_applied|from a|from b"]);
-    assert_eq!(conflicts(c.node("b"), "insert_exists"), ["local_kept|from b|from a"]);
+    assert_eq!(
+        conflicts(c.node("a"), "insert_exists"),
+        ["remote_applied|from a|from b"]
+    );
+    assert_eq!(
+        conflicts(c.node("b"), "insert_exists"),
+        ["local_kept|from b|from a"]
+    );
 }
 
 #[test]
 fn delete_against_update_and_delete_against_delete_converge() {
     let mut c = TestCluster::new("deletes", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
     c.start();
-    c.node("a").sql("INSERT INTO partner (id, name) VALUES (1, 'one'), (2, 'two')");
+    c.node("a")
+        .sql("INSERT INTO partner (id, name) VALUES (1, 'one'), (2, 'two')");
     c.wait_rows("b", "partner", 2);
     cut(&mut c);
     c.node("a").sql("DELETE FROM partner WHERE id = 1");
-    c.node("b").sql("UPDATE partner SET name = 'one, edited' WHERE id = 1"); // later, still loses to the delete
+    c.node("b")
+        .sql("UPDATE partner SET name = 'one, edited' WHERE id = 1"); // later, still loses to the delete
     c.node("a").sql("DELETE FROM partner WHERE id = 2");
     c.node("b").sql("DELETE FROM partner WHERE id = 2");
     heal(&mut c);
@@ -142,16 +211,27 @@ fn delete_against_update_and_delete_against_delete_converge() {
     wait_for(
         "the conflicts to be recorded",
         DEADLINE,
-        || c.node("b").count("walsync.conflicts") >= 2 && c.node("a").count("walsync.conflicts") >= 2,
+        || {
+            c.node("b").count("walsync.conflicts") >= 2
+                && c.node("a").count("walsync.conflicts") >= 2
+        },
         || c.logs(),
     );
-    assert_eq!(conflicts(c.node("a"), "update_missing"), ["skipped|-|one, edited"]);
-    assert_eq!(conflicts(c.node("b"), "delete_origin_differs"), ["remote_applied|one, edited|one"]);
+    assert_eq!(
+        conflicts(c.node("a"), "update_missing"),
+        ["skipped|-|one, edited"]
+    );
+    assert_eq!(
+        conflicts(c.node("b"), "delete_origin_differs"),
+        ["remote_applied|one, edited|one"]
+    );
     assert_eq!(conflicts(c.node("a"), "delete_missing").len(), 1);
     assert_eq!(conflicts(c.node("b"), "delete_missing").len(), 1);
 
     // The losing edit can be brought back by hand, and it then replicates.
-    let id = c.node("a").sql("SELECT id FROM walsync.conflicts WHERE kind = 'update_missing'");
+    let id = c
+        .node("a")
+        .sql("SELECT id FROM walsync.conflicts WHERE kind = 'update_missing'");
     let cfg = c.node("a").config.to_str().unwrap().to_string();
     let (ok, out) = walsync(&["conflicts", "--config", &cfg, "reapply", &id]);
     assert!(ok, "{out}");
@@ -160,5 +240,11 @@ fn delete_against_update_and_delete_against_delete_converge() {
     let (ok, out) = walsync(&["conflicts", "--config", &cfg, "--json"]);
     assert!(ok, "{out}");
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert!(list.as_array().unwrap().iter().any(|c| c["reapplied_at"].is_string()), "{out}");
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["reapplied_at"].is_string()),
+        "{out}"
+    );
 }

@@ -386,3 +386,64 @@ fn run_on_a_node_that_was_never_initialised_says_so() {
     drop((pg, peer));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn status_shows_links_and_a_stopped_link_needs_a_human() {
+    let mut c = TestCluster::new(
+        "status",
+        Topology::Star,
+        &["main", "branch1"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    c.node("main")
+        .sql("INSERT INTO partner (name) VALUES ('x')");
+    c.wait_rows("branch1", "partner", 1);
+    let cfg = c.node("branch1").config.to_str().unwrap().to_string();
+    wait_for(
+        "branch1's status to show its link streaming",
+        DEADLINE,
+        || {
+            walsync(&["status", "--config", &cfg])
+                .1
+                .contains("streaming")
+        },
+        || walsync(&["status", "--config", &cfg]).1,
+    );
+    let (ok, out) = walsync(&["status", "--config", &cfg]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("main->branch1") && out.contains("nothing needs attention"),
+        "{out}"
+    );
+    assert!(out.contains("(0 not partitioned for this node)"), "{out}");
+
+    // A table that exists on main only: the link stops, says why, and status exits 1.
+    c.node("main")
+        .sql("CREATE TABLE only_on_main (id int PRIMARY KEY); INSERT INTO only_on_main VALUES (1)");
+    wait_for(
+        "the link to stop",
+        DEADLINE,
+        || !walsync(&["status", "--config", &cfg]).0,
+        || walsync(&["status", "--config", &cfg]).1,
+    );
+    let (_, out) = walsync(&["status", "--config", &cfg]);
+    assert!(
+        out.contains("stopped") && out.contains("only_on_main") && out.contains("does not exist"),
+        "{out}"
+    );
+    // The operator creates the table: the link resumes by itself, nothing lost.
+    c.node("branch1")
+        .sql("CREATE TABLE only_on_main (id int PRIMARY KEY)");
+    c.wait_rows("branch1", "only_on_main", 1);
+    c.wait_rows("branch1", "partner", 1);
+    wait_for(
+        "status to be clean again",
+        DEADLINE,
+        || walsync(&["status", "--config", &cfg]).0,
+        || walsync(&["status", "--config", &cfg]).1,
+    );
+    let (_, out) = walsync(&["status", "--config", &cfg, "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&out).expect("status --json is JSON");
+    assert_eq!(report["links_in"][0]["state"], "streaming", "{out}");
+}

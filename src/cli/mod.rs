@@ -5,6 +5,7 @@ pub mod conflicts;
 pub mod demo;
 pub mod init;
 pub mod run;
+pub mod status;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -45,6 +46,8 @@ pub enum Command {
     Run(ConfigArg),
     /// Show walsync on three throwaway local PostgreSQL clusters: write, cut, heal, converge.
     Demo(demo::DemoArgs),
+    /// This node at a glance: links and their state, slots, conflicts, clock offsets, sequence headroom.
+    Status(status::StatusArgs),
     /// List the conflicts this node decided, show one, or write a losing version again.
     Conflicts(conflicts::ConflictsArgs),
     /// Measure catch-up speed against native logical replication (and peak memory on one huge transaction).
@@ -79,6 +82,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => bench::run(a).await,
             Command::Conflicts(a) => conflicts::run(a).await,
+            Command::Status(a) => status::run(a).await,
         }
     });
     match result {

@@ -61,6 +61,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "conflicts",
         sql: include_str!("../../migrations/0002_conflicts.sql"),
     },
+    Migration {
+        version: 3,
+        name: "link_status",
+        sql: include_str!("../../migrations/0003_link_status.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.

@@ -20,6 +20,7 @@ use crate::node::connect::{connect, ConnectError};
 use crate::node::names::PgName;
 use crate::pgoutput::{self, DecodeError, Message};
 use crate::runtime::backoff::Backoff;
+use crate::runtime::status::{LinkState, StatusReporter};
 use crate::stream::{NodeStream, StreamError};
 
 const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -102,9 +103,17 @@ pub async fn run_link(spec: LinkSpec, cfg: ApplyConfig, mut shutdown: watch::Rec
     );
     // After an insert met an existing key, the next transactions are applied carefully.
     let mut careful_txns = 0;
+    let mut status = StatusReporter::new(name.clone(), spec.to.dsn.clone());
     loop {
         let mut healthy = false;
-        let result = run_session(&spec, &mut shutdown, &mut healthy, careful_txns).await;
+        let result = run_session(
+            &spec,
+            &mut shutdown,
+            &mut healthy,
+            careful_txns,
+            &mut status,
+        )
+        .await;
         careful_txns = 0;
         if *shutdown.borrow() {
             info!(link = %name, "stopped");
@@ -122,6 +131,14 @@ pub async fn run_link(spec: LinkSpec, cfg: ApplyConfig, mut shutdown: watch::Rec
                     Disposition::Retry => backoff.next_wait(),
                     Disposition::RetryCarefully => Duration::ZERO,
                 };
+                let state = match d {
+                    Disposition::HaltPeer => Some(LinkState::Stopped),
+                    Disposition::Retry => Some(LinkState::Retrying),
+                    Disposition::RetryCarefully => None,
+                };
+                if let Some(state) = state {
+                    status.state(state, Some(&error_chain(&e))).await;
+                }
                 match d {
                     Disposition::RetryCarefully => {
                         info!(link = %name, error = %error_chain(&e), "conflict on the fast path");
@@ -158,6 +175,7 @@ async fn run_session(
     shutdown: &mut watch::Receiver<bool>,
     healthy: &mut bool,
     careful_txns: u32,
+    status: &mut StatusReporter,
 ) -> Result<(), LinkError> {
     let link = spec.name();
     let app = format!("walsync {link}");
@@ -177,6 +195,7 @@ async fn run_session(
     let mut stream = NodeStream::open(&spec.from.dsn, &slot, progress, &app).await?;
     info!(link = %link, from_lsn = %progress, "streaming");
     *healthy = true;
+    status.state(LinkState::Streaming, None).await;
 
     let mut txn: Option<SourceTxn> = None;
     // End LSN of a let-through (not applied) transaction, acknowledged once every commit
@@ -197,7 +216,14 @@ async fn run_session(
             _ = flush_tick.tick(), if apply.needs_flush_check() => apply.check_flush().await.map_err(LinkError::from),
             // 4. the next event of the stream
             ev = stream.recv() => match ev {
-                Ok(Some(ev)) => handle_event(ev, &filter, &mut apply, &mut txn, &mut skipped, &mut progress, &link).await,
+                Ok(Some(ev)) => {
+                    if let ReplicationEvent::XLogData { server_time_micros, .. }
+                    | ReplicationEvent::KeepAlive { server_time_micros, .. } = &ev
+                    {
+                        status.server_time(*server_time_micros).await;
+                    }
+                    handle_event(ev, &filter, &mut apply, &mut txn, &mut skipped, &mut progress, &link).await
+                }
                 Ok(None) => break Ok(()),
                 Err(e) => Err(LinkError::from(e)),
             },

@@ -2,6 +2,7 @@
 
 pub mod backoff;
 pub mod link;
+pub mod status;
 
 use tokio::sync::watch;
 use tokio::task::JoinSet;

@@ -14,6 +14,14 @@ pub fn next_partitioned(above: i64, id: u32, step: u32) -> i64 {
     base + (want - base).rem_euclid(step)
 }
 
+/// Values a sequence about to hand out `next` can still give before `max_value`.
+pub fn ids_left(next: i64, increment: i64, max_value: i64) -> i64 {
+    if increment <= 0 || next > max_value {
+        return 0;
+    }
+    (max_value - next) / increment + 1
+}
+
 /// Whether a sequence with this increment, about to hand out `next`, already serves node `id`.
 pub fn is_partitioned(increment: i64, next: i64, id: u32, step: u32) -> bool {
     increment == step as i64 && next.rem_euclid(step as i64) == (id as i64 % step as i64)
@@ -111,6 +119,13 @@ mod tests {
                 assert_eq!(v % 16, id as i64 % 16);
             }
         }
+    }
+
+    #[test]
+    fn ids_left_counts_this_nodes_values_up_to_the_maximum() {
+        assert_eq!(ids_left(1, 16, 2147483647), 134_217_728);
+        assert_eq!(ids_left(2147483647, 16, 2147483647), 1);
+        assert_eq!(ids_left(2147483648, 16, 2147483647), 0);
     }
 
     #[test]

@@ -1,0 +1,147 @@
+//! A link's state as the operator sees it (`walsync.link_status` on the link's target),
+//! and the upstream's clock offset, measured from the send times the walsender stamps on
+//! every message.
+//!
+//! Best effort: reporting never stops a link; a target that cannot be reached cannot
+//! show the report anyway.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio_postgres::Client;
+use tracing::{debug, warn};
+
+use crate::config::Dsn;
+use crate::node::connect::connect;
+
+/// An upstream clock this far from ours makes last-writer-wins pick by clock, not by
+/// order: warn (once per session) so that the operator fixes NTP.
+pub const CLOCK_OFFSET_WARN_MS: f64 = 1000.0;
+/// How often the offset is recomputed and stored.
+const OFFSET_EVERY: Duration = Duration::from_secs(10);
+
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_US: i64 = 946_684_800_000_000;
+
+/// Offset of a server time stamp (µs since 2000-01-01) from our clock now, in ms;
+/// positive when the upstream is ahead. Includes the one-way network delay.
+pub fn clock_offset_ms(server_time_us: i64, now: SystemTime) -> f64 {
+    let now_us = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0)
+        - PG_EPOCH_US;
+    (server_time_us - now_us) as f64 / 1000.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Streaming,
+    Retrying,
+    Stopped,
+}
+
+impl LinkState {
+    fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Streaming => "streaming",
+            LinkState::Retrying => "retrying",
+            LinkState::Stopped => "stopped",
+        }
+    }
+}
+
+pub struct StatusReporter {
+    link: String,
+    target: Dsn,
+    client: Option<Client>,
+    last_offset_at: Option<Instant>,
+    warned: bool,
+}
+
+impl StatusReporter {
+    pub fn new(link: String, target: Dsn) -> StatusReporter {
+        StatusReporter {
+            link,
+            target,
+            client: None,
+            last_offset_at: None,
+            warned: false,
+        }
+    }
+
+    async fn client(&mut self) -> Option<&Client> {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            self.client = connect(&self.target, &format!("walsync {} status", self.link))
+                .await
+                .ok();
+        }
+        self.client.as_ref()
+    }
+
+    pub async fn state(&mut self, state: LinkState, detail: Option<&str>) {
+        let link = self.link.clone();
+        let Some(client) = self.client().await else {
+            return;
+        };
+        let r = client
+            .execute(
+                "INSERT INTO walsync.link_status AS s (link, state, detail) VALUES ($1, $2, $3) \
+                 ON CONFLICT (link) DO UPDATE SET state = excluded.state, detail = excluded.detail, \
+                   since = CASE WHEN s.state = excluded.state THEN s.since ELSE now() END, updated_at = now()",
+                &[&link, &state.as_str(), &detail],
+            )
+            .await;
+        if let Err(e) = r {
+            debug!(link = %link, error = %e, "could not record the link state");
+            self.client = None;
+        }
+    }
+
+    /// Called with each message's send time; stores the offset every few seconds.
+    pub async fn server_time(&mut self, server_time_us: i64) {
+        if server_time_us == 0
+            || self
+                .last_offset_at
+                .is_some_and(|t| t.elapsed() < OFFSET_EVERY)
+        {
+            return;
+        }
+        self.last_offset_at = Some(Instant::now());
+        let offset = clock_offset_ms(server_time_us, SystemTime::now());
+        if offset.abs() > CLOCK_OFFSET_WARN_MS && !self.warned {
+            self.warned = true;
+            warn!(link = %self.link, clock_offset_ms = offset, "the upstream's clock differs from ours by more than 1 s: last-writer-wins decides by these clocks; synchronise them (NTP)");
+        }
+        let link = self.link.clone();
+        let Some(client) = self.client().await else {
+            return;
+        };
+        let r = client
+            .execute(
+                "UPDATE walsync.link_status SET clock_offset_ms = $2, updated_at = now() WHERE link = $1",
+                &[&link, &offset],
+            )
+            .await;
+        if let Err(e) = r {
+            debug!(link = %link, error = %e, "could not record the clock offset");
+            self.client = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offset_is_positive_when_the_upstream_is_ahead() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let server_now = 1_800_000_000_000_000 - PG_EPOCH_US;
+        assert_eq!(clock_offset_ms(server_now, now), 0.0);
+        assert_eq!(clock_offset_ms(server_now + 2_500_000, now), 2500.0);
+        assert_eq!(clock_offset_ms(server_now - 1_000, now), -1.0);
+    }
+}
