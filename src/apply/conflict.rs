@@ -299,33 +299,18 @@ impl ApplyWorker {
             Some((img, v)) => (Some(img.to_string()), Some(v.origin), v.commit_time_us),
             None => (None, None, None),
         };
-        let params: (
-            String,
-            String,
-            String,
-            String,
-            String,
-            Option<String>,
-            Option<String>,
-            Option<i64>,
-            String,
-            String,
-            i64,
-            String,
-        ) = (
+        // Owned, so that the request can outlive this call in the pipeline.
+        let text: [String; 6] = [
             self.link.clone(),
             r.kind.as_str().to_string(),
             schema,
             table,
             r.key.to_string(),
-            local_row,
-            local_origin,
-            local_time,
             r.remote.to_string(),
-            txn.origin,
-            txn.commit_time_us,
-            r.outcome.to_string(),
-        );
+        ];
+        let local: (Option<String>, Option<String>, Option<i64>) =
+            (local_row, local_origin, local_time);
+        let remote: (String, i64, String) = (txn.origin, txn.commit_time_us, r.outcome.to_string());
         let client = self.client.clone();
         let answers = self
             .pipeline
@@ -335,13 +320,25 @@ impl ApplyWorker {
                 },
                 512,
                 async move {
-                    let p = &params;
+                    let [link, kind, schema, table, key, remote_row] = &text;
+                    let (local_row, local_origin, local_time) = &local;
+                    let (remote_origin, remote_time, outcome) = &remote;
                     client
                         .execute(
                             &stmt,
                             &[
-                                &p.0, &p.1, &p.2, &p.3, &p.4, &p.5, &p.6, &p.7, &p.8, &p.9, &p.10,
-                                &p.11,
+                                link,
+                                kind,
+                                schema,
+                                table,
+                                key,
+                                local_row,
+                                local_origin,
+                                local_time,
+                                remote_row,
+                                remote_origin,
+                                remote_time,
+                                outcome,
                             ],
                         )
                         .await
