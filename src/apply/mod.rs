@@ -162,6 +162,13 @@ impl ApplyWorker {
             .map_err(ApplyError::sql(
                 "setting session_replication_role = replica (walsync's role must be a superuser)",
             ))?;
+        // The progress read next must be durable before the stream reports it as the
+        // acknowledged start: a synchronous commit of a transaction with an xid flushes
+        // all WAL before it, earlier asynchronous commits included.
+        client
+            .batch_execute("SET synchronous_commit = on; BEGIN; SELECT txid_current(); COMMIT")
+            .await
+            .map_err(ApplyError::sql("flushing the target's WAL"))?;
         // Commits need not wait for their flush: the upstream is acknowledged only up to
         // what pg_current_wal_flush_lsn() shows durable (DESIGN.md, "Apply").
         client
