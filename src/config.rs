@@ -82,6 +82,31 @@ pub struct Config {
     pub peers: Vec<PeerConfig>,
     #[serde(default)]
     pub apply: ApplyConfig,
+    /// Per-table conflict policies. Every node of the cluster must have the same ones.
+    #[serde(default)]
+    pub tables: Vec<TablePolicy>,
+}
+
+/// How conflicts on one table are decided, beyond last-writer-wins.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TablePolicy {
+    /// `schema.table`, or `table` for schema public.
+    pub name: String,
+    /// Columns whose changes add up (stock quantities): an update moves each by
+    /// (new - old) on every node, so concurrent changes are all kept.
+    #[serde(default)]
+    pub counters: Vec<String>,
+}
+
+impl TablePolicy {
+    /// `(schema, table)` this policy is for.
+    pub fn qualified(&self) -> (String, String) {
+        match self.name.split_once('.') {
+            Some((s, t)) => (s.to_string(), t.to_string()),
+            None => ("public".to_string(), self.name.clone()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -334,6 +359,21 @@ impl Config {
                 }
             }
             (Topology::Mesh, None) => {}
+        }
+        let mut seen_tables = std::collections::BTreeSet::new();
+        for t in &self.tables {
+            if !seen_tables.insert(t.qualified()) {
+                return Err(ConfigError::Invalid(format!(
+                    "[[tables]] {:?} appears twice",
+                    t.name
+                )));
+            }
+            if t.counters.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "[[tables]] {:?} sets no policy (counters = [\"column\", ...])",
+                    t.name
+                )));
+            }
         }
         if self.apply.reconnect_min_ms == 0
             || self.apply.reconnect_min_ms > self.apply.reconnect_max_ms

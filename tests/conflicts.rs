@@ -248,3 +248,60 @@ fn delete_against_update_and_delete_against_delete_converge() {
         "{out}"
     );
 }
+
+#[test]
+fn a_counter_changed_on_every_node_during_a_cut_ends_with_the_sum_of_the_changes() {
+    let policy = "[[tables]]\nname = \"public.product\"\ncounters = [\"qty_available\"]\n";
+    let mut c = TestCluster::new_with(
+        "counters",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+        policy,
+    );
+    c.start();
+    c.node("main")
+        .sql("INSERT INTO product (id, name, price, qty_available) VALUES (1, 'Soap', 2, 100)");
+    c.wait_converged("product");
+    cut(&mut c);
+    c.node("branch1")
+        .sql("UPDATE product SET qty_available = qty_available - 3 WHERE id = 1");
+    c.node("branch2")
+        .sql("UPDATE product SET qty_available = qty_available - 5 WHERE id = 1");
+    c.node("branch2")
+        .sql("UPDATE product SET qty_available = qty_available - 1 WHERE id = 1");
+    c.node("main")
+        .sql("UPDATE product SET qty_available = qty_available + 10 WHERE id = 1");
+    c.node("main")
+        .sql("UPDATE product SET price = 3 WHERE id = 1");
+    heal(&mut c);
+    for n in ["main", "branch1", "branch2"] {
+        let node = c.node(n);
+        wait_for(
+            &format!("{n} to hold 100 - 3 - 5 - 1 + 10"),
+            DEADLINE,
+            || node.sql("SELECT qty_available FROM product WHERE id = 1") == "101",
+            || {
+                format!(
+                    "{n}: {}\n{}",
+                    node.sql("SELECT qty_available FROM product"),
+                    c.logs()
+                )
+            },
+        );
+    }
+    c.wait_converged("product");
+    assert_eq!(
+        c.node("branch2")
+            .sql("SELECT price FROM product WHERE id = 1"),
+        "3.00"
+    );
+    for n in &c.nodes {
+        assert_eq!(
+            n.count("walsync.conflicts"),
+            0,
+            "stock moves are not conflicts on {}",
+            n.name
+        );
+    }
+}

@@ -138,6 +138,15 @@ impl ApplyWorker {
     pub async fn update(&mut self, upd: &Update) -> Result<(), ApplyError> {
         let id = upd.relation_id;
         self.ensure_map(id).await?;
+        let counters = self.counters_of(id);
+        if !counters.is_empty() {
+            if let Some(OldTuple::Full(old)) = &upd.old {
+                return self
+                    .update_with_counters(id, old, &upd.new, &counters)
+                    .await;
+            }
+            tracing::warn!(link = %self.link, table = %self.table_name(id), "counter columns need REPLICA IDENTITY FULL on the upstream (walsync init sets it); this update overwrites them");
+        }
         let map = self.map_for(id).expect("mapped");
         let key = map.key_values(upd.old.as_ref(), Some(&upd.new))?;
         let write = map.update(upd.old.as_ref(), &upd.new)?;
@@ -151,6 +160,66 @@ impl ApplyWorker {
         );
         let remote_image = self.source_image(id, &upd.new);
         self.carry_out(id, decision, write, &key, local, remote_image)
+            .await
+    }
+
+    /// An update of a table with counter columns: each counter moves by the change the
+    /// author made (new - old), on every node, whatever else happened to the row; the
+    /// other columns follow the usual decision.
+    async fn update_with_counters(
+        &mut self,
+        id: u32,
+        old: &Tuple,
+        new: &Tuple,
+        counters: &[usize],
+    ) -> Result<(), ApplyError> {
+        let map = self.map_for(id).expect("mapped");
+        let old_full = OldTuple::Full(old.clone());
+        let key = map.key_values(Some(&old_full), Some(new))?;
+        let local = self.read_local(id, &key).await?;
+        let remote = self.remote_version();
+        let others_changed = new.0.iter().zip(&old.0).enumerate().any(|(i, (n, o))| {
+            !counters.contains(&i) && !matches!(n, Value::UnchangedToast) && n != o
+        });
+        // Counters are compared by their change, not their value: leave them out.
+        let without_counters = OldTuple::Full(Tuple(
+            old.0
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    if counters.contains(&i) {
+                        Value::UnchangedToast
+                    } else {
+                        v.clone()
+                    }
+                })
+                .collect(),
+        ));
+        let decision = match &local {
+            Some(_) if !others_changed => Decision::Apply,
+            _ => decide_change(
+                false,
+                &remote,
+                local.as_ref().map(|l| &l.version),
+                self.made_on_local(id, Some(&without_counters), local.as_ref()),
+            ),
+        };
+        if local.is_some() {
+            // The other columns follow the row's decision, as a whole (last writer wins),
+            // and only when this update changed any of them.
+            let set_others = others_changed && !matches!(decision, Decision::SkipAndRecord(_));
+            let map = self.map_for(id).expect("mapped");
+            if let Some(write) = map.update_counters(old, new, counters, set_others)? {
+                let tag = Tag::Row {
+                    relation_id: id,
+                    when_no_row: None,
+                };
+                self.execute(id, write, tag).await?;
+            }
+        }
+        let remote_image = self.source_image(id, new);
+        // The write (if any) is done; what is left is recording the decision.
+        self.carry_out(id, decision, None, &key, local, remote_image)
             .await
     }
 

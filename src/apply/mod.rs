@@ -90,6 +90,8 @@ struct RelationEntry {
     source: Relation,
     /// `None` until the first change needs it (the target catalog is read then).
     map: Option<RelationMap>,
+    /// Source column indexes of the relation's counter columns (from the table policy).
+    counters: Vec<usize>,
 }
 
 /// The remote transaction being applied: what its commit needs.
@@ -148,6 +150,8 @@ pub struct ApplyWorker {
     careful_txns: u32,
     /// The progress the next applied transaction builds on (see `record_progress`).
     last_progress: Lsn,
+    /// Counter columns per `(schema, table)`, from the config's table policies.
+    counter_columns: HashMap<(String, String), Vec<String>>,
 }
 
 impl ApplyWorker {
@@ -231,6 +235,7 @@ impl ApplyWorker {
             local_origin,
             careful_txns: 0,
             last_progress: Lsn::ZERO,
+            counter_columns: HashMap::new(),
         })
     }
 
@@ -261,6 +266,7 @@ impl ApplyWorker {
         self.relations.insert(
             rel.id,
             RelationEntry {
+                counters: Vec::new(),
                 source: rel,
                 map: None,
             },
@@ -525,8 +531,15 @@ impl ApplyWorker {
                     table: format!("{}.{}", entry.source.namespace, entry.source.name),
                 })?;
         let map = RelationMap::new(&entry.source, target)?;
+        let key = (entry.source.namespace.clone(), entry.source.name.clone());
+        let counters = self
+            .counter_columns
+            .get(&key)
+            .map(|names| map.source_indexes_of(names))
+            .unwrap_or_default();
         if let Some(e) = self.relations.get_mut(&relation_id) {
             e.map = Some(map);
+            e.counters = counters;
         }
         Ok(())
     }
@@ -583,6 +596,21 @@ impl ApplyWorker {
             })
             .await;
         self.settle(answers)
+    }
+
+    /// The table policies this link applies with (the same on every node).
+    pub fn set_policies(&mut self, tables: &[crate::config::TablePolicy]) {
+        self.counter_columns = tables
+            .iter()
+            .map(|t| (t.qualified(), t.counters.clone()))
+            .collect();
+    }
+
+    fn counters_of(&self, relation_id: u32) -> Vec<usize> {
+        self.relations
+            .get(&relation_id)
+            .map(|e| e.counters.clone())
+            .unwrap_or_default()
     }
 
     /// Applies the next `n` transactions in careful mode: after an insert hit a unique key

@@ -135,3 +135,26 @@ dsn = "host=127.0.0.1"
     assert!(!links[0].from_forwards_others);
     assert!(load(&text.replace("mesh\"", "mesh\"\nhub = \"a\""), &[]).is_err());
 }
+
+#[test]
+fn counter_columns_are_declared_per_table() {
+    let text =
+        format!("{BRANCH}\n[[tables]]\nname = \"product\"\ncounters = [\"qty_available\"]\n");
+    let c = load(&text, &[]).unwrap();
+    assert_eq!(
+        c.tables[0].qualified(),
+        ("public".to_string(), "product".to_string())
+    );
+    assert_eq!(c.tables[0].counters, ["qty_available"]);
+    let err = load(
+        &format!("{text}\n[[tables]]\nname = \"public.product\"\ncounters = [\"x\"]\n"),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("appears twice"), "{err}");
+    let err = load(&text.replace("counters", "countres"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("countres"), "{err}");
+}

@@ -67,6 +67,12 @@ pub enum Shape {
     Update {
         set: Vec<usize>,
     },
+    /// Like `Update`, then each counter column moved by (new - old): parameters are the
+    /// set values, then per counter its new and old value, then the key.
+    UpdateCounters {
+        set: Vec<usize>,
+        counters: Vec<usize>,
+    },
     Delete,
     /// `COPY ... FROM STDIN` of rows with these target columns (consecutive inserts).
     Copy {
@@ -189,6 +195,60 @@ impl RelationMap {
         }))
     }
 
+    /// An update of a table with counter columns (`counters`: source column indexes),
+    /// made on the old image `old`: each counter moves by (new - old) whatever its local
+    /// value, so concurrent changes add up; the other columns are set from `new` when
+    /// `set_others` (the caller's decision: the update changed them and won). `None` if
+    /// nothing is left to write.
+    pub fn update_counters(
+        &self,
+        old: &Tuple,
+        new: &Tuple,
+        counters: &[usize],
+        set_others: bool,
+    ) -> Result<Option<RowWrite>, StatementError> {
+        self.check_width(new)?;
+        self.check_width(old)?;
+        let mut set = Vec::new();
+        let mut params = Vec::new();
+        if set_others {
+            for (i, v) in new.0.iter().enumerate() {
+                if !counters.contains(&i) && !matches!(v, Value::UnchangedToast) {
+                    set.push(self.source_to_target[i]);
+                    params.push(v.clone());
+                }
+            }
+        }
+        let mut moved = Vec::new();
+        for &i in counters {
+            if let (Value::Text(n), Value::Text(o)) = (&new.0[i], &old.0[i]) {
+                if n != o {
+                    moved.push(self.source_to_target[i]);
+                    params.push(new.0[i].clone());
+                    params.push(old.0[i].clone());
+                }
+            }
+        }
+        if set.is_empty() && moved.is_empty() {
+            return Ok(None);
+        }
+        params.extend(self.key_values(Some(&OldTuple::Full(old.clone())), Some(new))?);
+        Ok(Some(RowWrite {
+            shape: Shape::UpdateCounters {
+                set,
+                counters: moved,
+            },
+            params,
+        }))
+    }
+
+    /// Source column indexes of these target column names (for counter policies).
+    pub fn source_indexes_of(&self, names: &[String]) -> Vec<usize> {
+        (0..self.source_to_target.len())
+            .filter(|&i| names.contains(&self.target.columns[self.source_to_target[i]]))
+            .collect()
+    }
+
     pub fn delete(&self, old: &OldTuple) -> Result<RowWrite, StatementError> {
         let params = self.key_values(Some(old), None)?;
         Ok(RowWrite {
@@ -299,6 +359,29 @@ impl RelationMap {
                     .join(", "),
                 key_clause(set.len() + 1)
             ),
+            Shape::UpdateCounters { set, counters } => {
+                let plain = set
+                    .iter()
+                    .enumerate()
+                    .map(|(n, &c)| format!("{} = ${}", col(c), n + 1));
+                // text -> numeric keeps every integer and decimal exact; the sum is cast
+                // back to the column's type on assignment.
+                let moved = counters.iter().enumerate().map(|(n, &c)| {
+                    let p = set.len() + 2 * n + 1;
+                    format!(
+                        "{0} = {0} + (${1}::text::numeric - ${2}::text::numeric)",
+                        col(c),
+                        p,
+                        p + 1
+                    )
+                });
+                format!(
+                    "UPDATE {} SET {} WHERE {}",
+                    t.qualified(),
+                    plain.chain(moved).collect::<Vec<_>>().join(", "),
+                    key_clause(set.len() + 2 * counters.len() + 1)
+                )
+            }
             Shape::Delete => format!("DELETE FROM {} WHERE {}", t.qualified(), key_clause(1)),
             Shape::InsertOrNothing { columns } => format!(
                 "{} ON CONFLICT DO NOTHING",
@@ -449,6 +532,42 @@ mod tests {
             r#"INSERT INTO "public"."pos_order" ("id", "name") VALUES ($1, $2)"#
         );
         assert_eq!(w.params, vec![t("7"), t("Shop/0007")]);
+    }
+
+    #[test]
+    fn counters_move_by_the_change_and_other_columns_follow_the_decision() {
+        let map = RelationMap::new(
+            &relation(&[("id", true), ("name", false), ("qty", false)]),
+            target(&["id", "name", "qty"], &[0]),
+        )
+        .unwrap();
+        let old = Tuple(vec![t("1"), t("Soap"), t("100")]);
+        let new = Tuple(vec![t("1"), t("Soap!"), t("97")]);
+        let w = map
+            .update_counters(&old, &new, &[2], true)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            map.sql(&w.shape),
+            r#"UPDATE "public"."pos_order" SET "id" = $1, "name" = $2, "qty" = "qty" + ($3::text::numeric - $4::text::numeric) WHERE "id" = $5"#
+        );
+        assert_eq!(
+            w.params,
+            vec![t("1"), t("Soap!"), t("97"), t("100"), t("1")]
+        );
+        let w = map
+            .update_counters(&old, &new, &[2], false)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            w.params,
+            vec![t("97"), t("100"), t("1")],
+            "only the counter when the rest lost"
+        );
+        assert!(map
+            .update_counters(&old, &old, &[2], false)
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::apply::{ApplyError, ApplyWorker, RemoteTxn};
-use crate::config::{ApplyConfig, LinkSpec};
+use crate::config::{ApplyConfig, LinkSpec, TablePolicy};
 use crate::lsn::Lsn;
 use crate::merge::{MergeError, OriginFilter};
 use crate::node::connect::{connect, ConnectError};
@@ -95,7 +95,12 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-pub async fn run_link(spec: LinkSpec, cfg: ApplyConfig, mut shutdown: watch::Receiver<bool>) {
+pub async fn run_link(
+    spec: LinkSpec,
+    cfg: ApplyConfig,
+    tables: Vec<TablePolicy>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let name = spec.name();
     let mut backoff = Backoff::new(
         Duration::from_millis(cfg.reconnect_min_ms),
@@ -108,6 +113,7 @@ pub async fn run_link(spec: LinkSpec, cfg: ApplyConfig, mut shutdown: watch::Rec
         let mut healthy = false;
         let result = run_session(
             &spec,
+            &tables,
             &mut shutdown,
             &mut healthy,
             careful_txns,
@@ -172,6 +178,7 @@ struct SourceTxn {
 
 async fn run_session(
     spec: &LinkSpec,
+    tables: &[TablePolicy],
     shutdown: &mut watch::Receiver<bool>,
     healthy: &mut bool,
     careful_txns: u32,
@@ -190,6 +197,7 @@ async fn run_session(
     let mut apply =
         ApplyWorker::new(target, link.clone(), PgName::origin_of(&spec.to.name)).await?;
     apply.set_careful(careful_txns);
+    apply.set_policies(tables);
     let mut progress = apply.progress().await?;
     release_slot(spec, &slot, &app).await?;
     let mut stream = NodeStream::open(&spec.from.dsn, &slot, progress, &app).await?;

@@ -27,7 +27,12 @@ pub async fn run_sidecar(config: &Config, shutdown: ShutdownRx) {
     }
     for spec in links {
         info!(link = %spec.name(), from = %spec.from.dsn, to = %spec.to.dsn, "starting link");
-        tasks.spawn(link::run_link(spec, config.apply.clone(), shutdown.clone()));
+        tasks.spawn(link::run_link(
+            spec,
+            config.apply.clone(),
+            config.tables.clone(),
+            shutdown.clone(),
+        ));
     }
     let mut shutdown = shutdown;
     if config.links().is_empty() {

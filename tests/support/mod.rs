@@ -209,6 +209,17 @@ impl TestCluster {
     /// Starts one PostgreSQL per name, runs `schema` on each, writes the configs and runs
     /// `walsync init` on every node. Sidecars are not started yet.
     pub fn new(test: &str, topology: Topology, names: &[&str], schema: &str) -> TestCluster {
+        Self::new_with(test, topology, names, schema, "")
+    }
+
+    /// Like [`TestCluster::new`], with `extra` appended to every node's config.
+    pub fn new_with(
+        test: &str,
+        topology: Topology,
+        names: &[&str],
+        schema: &str,
+        extra: &str,
+    ) -> TestCluster {
         let dir = scratch_dir(test);
         let mut nodes = Vec::new();
         for (i, name) in names.iter().enumerate() {
@@ -229,7 +240,7 @@ impl TestCluster {
             dir,
         };
         for i in 0..cluster.nodes.len() {
-            let text = cluster.config_text(i);
+            let text = format!("{}\n{extra}", cluster.config_text(i));
             let path = cluster.dir.join(format!("{}.toml", cluster.nodes[i].name));
             std::fs::write(&path, text).unwrap();
             cluster.nodes[i].config = path;
