@@ -305,3 +305,58 @@ fn a_counter_changed_on_every_node_during_a_cut_ends_with_the_sum_of_the_changes
         );
     }
 }
+
+#[test]
+fn a_sequence_created_after_init_is_partitioned_by_the_running_sidecar() {
+    let mut c = TestCluster::new("new-seq", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    c.start();
+    // A module install on every node: a new table with a serial id, and a sequence the
+    // application creates and restarts itself (as Odoo does with ir_sequence_NNN).
+    for n in ["a", "b"] {
+        c.node(n).sql(
+            "CREATE TABLE loyalty_card (id serial PRIMARY KEY, code text); \
+             CREATE SEQUENCE ir_sequence_026; ALTER SEQUENCE ir_sequence_026 RESTART WITH 500",
+        );
+    }
+    for n in ["a", "b"] {
+        let node = c.node(n);
+        wait_for(
+            &format!("the new sequences on {n} to be partitioned"),
+            DEADLINE,
+            || {
+                node.sql(
+                    "SELECT count(*) FROM pg_sequences WHERE sequencename IN ('loyalty_card_id_seq', 'ir_sequence_026') \
+                     AND increment_by = 16",
+                ) == "2"
+            },
+            || c.logs(),
+        );
+    }
+    c.node("a")
+        .sql("INSERT INTO loyalty_card (code) SELECT 'a' || g FROM generate_series(1, 20) g");
+    c.node("b")
+        .sql("INSERT INTO loyalty_card (code) SELECT 'b' || g FROM generate_series(1, 20) g");
+    c.wait_rows("a", "loyalty_card", 40);
+    c.wait_converged("loyalty_card");
+    assert_eq!(
+        c.node("a").sql("SELECT nextval('ir_sequence_026') % 16"),
+        "1"
+    );
+    assert_eq!(
+        c.node("b").sql("SELECT nextval('ir_sequence_026') % 16"),
+        "2"
+    );
+    assert!(
+        c.node("a")
+            .sql("SELECT nextval('ir_sequence_026')")
+            .parse::<i64>()
+            .unwrap()
+            > 500
+    );
+    assert_eq!(
+        c.node("a")
+            .sql("SELECT relreplident FROM pg_class WHERE relname = 'loyalty_card'"),
+        "f",
+        "new tables get REPLICA IDENTITY FULL too"
+    );
+}

@@ -320,7 +320,7 @@ async fn check_tables(client: &Client, me: &NodeRef) -> Result<(), SetupError> {
 }
 
 /// Every replicated table sends its whole old row with updates and deletes.
-async fn set_replica_identity_full(client: &Client, me: &NodeRef) -> Result<usize, SetupError> {
+pub async fn set_replica_identity_full(client: &Client, me: &NodeRef) -> Result<usize, SetupError> {
     let rows = client
         .query(
             "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \

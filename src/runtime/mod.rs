@@ -1,6 +1,7 @@
 //! The sidecar's tasks: one per link, each named, all stopped through one shutdown channel.
 
 pub mod backoff;
+pub mod guard;
 pub mod link;
 pub mod status;
 
@@ -18,7 +19,8 @@ pub fn shutdown_channel() -> (ShutdownTx, ShutdownRx) {
     watch::channel(false)
 }
 
-/// Runs every link of this sidecar until `shutdown` fires; returns when all have stopped.
+/// Runs every link of this sidecar, and the node guard, until `shutdown` fires; returns
+/// when all have stopped.
 pub async fn run_sidecar(config: &Config, shutdown: ShutdownRx) {
     let mut tasks = JoinSet::new();
     let links = config.links();
@@ -34,10 +36,7 @@ pub async fn run_sidecar(config: &Config, shutdown: ShutdownRx) {
             shutdown.clone(),
         ));
     }
-    let mut shutdown = shutdown;
-    if config.links().is_empty() {
-        let _ = shutdown.wait_for(|s| *s).await;
-    }
+    tasks.spawn(guard::run_guard(config.clone(), shutdown.clone()));
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
             tracing::error!(error = %e, "link task failed");

@@ -36,6 +36,8 @@ pub struct SequenceError {
 }
 
 /// Partitions every sequence outside schema walsync; returns how many were changed.
+/// Cheap when all is in order: one catalog query finds the sequences that may not serve
+/// this node (another increment, or a last value of another node's class).
 ///
 /// The restart point is above the sequence's last value and above the largest value in
 /// the column that owns it (explicit ids inserted by hand), so no existing id is handed
@@ -50,8 +52,10 @@ pub async fn partition_all(client: &Client, id: u32, step: u32) -> Result<usize,
                        JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
                       WHERE d.objid = format('%I.%I', s.schemaname, s.sequencename)::regclass \
                         AND d.classid = 'pg_class'::regclass AND d.deptype IN ('a', 'i') LIMIT 1) \
-             FROM pg_sequences s WHERE s.schemaname <> 'walsync' ORDER BY 1",
-            &[],
+             FROM pg_sequences s WHERE s.schemaname <> 'walsync' \
+               AND (s.increment_by <> $1 OR (s.last_value IS NOT NULL AND mod(mod(s.last_value, $1) + $1, $1) <> $2)) \
+             ORDER BY 1",
+            &[&(step as i64), &((id % step) as i64)],
         )
         .await
         .map_err(|source| SequenceError { sequence: "(listing pg_sequences)".into(), source })?;
