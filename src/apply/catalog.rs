@@ -26,32 +26,26 @@ pub async fn target_table(
     let Some(oid) = oid else {
         return Ok(None);
     };
-    let columns: Vec<String> = client
-        .query(
-            "SELECT attname::text FROM pg_attribute \
-             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
-            &[&oid],
-        )
-        .await
-        .map_err(ApplyError::sql(what()))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let key_names: Vec<String> = client
-        .query(
-            "SELECT a.attname::text FROM \
-               (SELECT indrelid, indkey FROM pg_index WHERE indrelid = $1 AND (indisprimary OR indisreplident) \
-                ORDER BY indisprimary DESC LIMIT 1) i \
-             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             ORDER BY k.ord",
-            &[&oid],
-        )
-        .await
-        .map_err(ApplyError::sql(what()))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let columns = names(
+        client,
+        "SELECT attname::text FROM pg_attribute \
+         WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped AND attgenerated = '' ORDER BY attnum",
+        oid,
+        &what(),
+    )
+    .await?;
+    let key_names = names(
+        client,
+        "SELECT a.attname::text FROM \
+           (SELECT indrelid, indkey FROM pg_index WHERE indrelid = $1 AND (indisprimary OR indisreplident) \
+            ORDER BY indisprimary DESC LIMIT 1) i \
+         CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+         ORDER BY k.ord",
+        oid,
+        &what(),
+    )
+    .await?;
     let key = key_names
         .iter()
         .filter_map(|k| columns.iter().position(|c| c == k))
@@ -62,4 +56,18 @@ pub async fn target_table(
         columns,
         key,
     }))
+}
+
+/// The first column of every row of `sql` run with the table's oid.
+async fn names(
+    client: &Client,
+    sql: &str,
+    oid: u32,
+    what: &str,
+) -> Result<Vec<String>, ApplyError> {
+    let rows = client
+        .query(sql, &[&oid])
+        .await
+        .map_err(ApplyError::sql(what))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }

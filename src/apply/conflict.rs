@@ -135,6 +135,25 @@ impl ApplyWorker {
         old_image_matches(old, &in_source_order)
     }
 
+    /// Reads the local row with `key` (locked) and decides an update or delete made on
+    /// the old image `old` against it.
+    async fn decide_against_local(
+        &mut self,
+        id: u32,
+        key: &[Value],
+        is_delete: bool,
+        old: Option<&OldTuple>,
+    ) -> Result<(Option<LocalRow>, Decision), ApplyError> {
+        let local = self.read_local(id, key).await?;
+        let decision = decide_change(
+            is_delete,
+            &self.remote_version(),
+            local.as_ref().map(|l| &l.version),
+            self.made_on_local(id, old, local.as_ref()),
+        );
+        Ok((local, decision))
+    }
+
     pub async fn update(&mut self, upd: &Update) -> Result<(), ApplyError> {
         let id = upd.relation_id;
         self.ensure_map(id).await?;
@@ -150,14 +169,9 @@ impl ApplyWorker {
         let map = self.map_for(id).expect("mapped");
         let key = map.key_values(upd.old.as_ref(), Some(&upd.new))?;
         let write = map.update(upd.old.as_ref(), &upd.new)?;
-        let local = self.read_local(id, &key).await?;
-        let remote = self.remote_version();
-        let decision = decide_change(
-            false,
-            &remote,
-            local.as_ref().map(|l| &l.version),
-            self.made_on_local(id, upd.old.as_ref(), local.as_ref()),
-        );
+        let (local, decision) = self
+            .decide_against_local(id, &key, false, upd.old.as_ref())
+            .await?;
         let remote_image = self.source_image(id, &upd.new);
         self.carry_out(id, decision, write, &key, local, remote_image)
             .await
@@ -176,8 +190,6 @@ impl ApplyWorker {
         let map = self.map_for(id).expect("mapped");
         let old_full = OldTuple::Full(old.clone());
         let key = map.key_values(Some(&old_full), Some(new))?;
-        let local = self.read_local(id, &key).await?;
-        let remote = self.remote_version();
         let others_changed = new.0.iter().zip(&old.0).enumerate().any(|(i, (n, o))| {
             !counters.contains(&i) && !matches!(n, Value::UnchangedToast) && n != o
         });
@@ -195,14 +207,12 @@ impl ApplyWorker {
                 })
                 .collect(),
         ));
-        let decision = match &local {
-            Some(_) if !others_changed => Decision::Apply,
-            _ => decide_change(
-                false,
-                &remote,
-                local.as_ref().map(|l| &l.version),
-                self.made_on_local(id, Some(&without_counters), local.as_ref()),
-            ),
+        let (local, decision) = self
+            .decide_against_local(id, &key, false, Some(&without_counters))
+            .await?;
+        let decision = match (&local, decision) {
+            (Some(_), _) if !others_changed => Decision::Apply,
+            (_, d) => d,
         };
         if local.is_some() {
             // The other columns follow the row's decision, as a whole (last writer wins),
@@ -229,14 +239,9 @@ impl ApplyWorker {
         let map = self.map_for(id).expect("mapped");
         let key = map.key_values(Some(&del.old), None)?;
         let write = map.delete(&del.old)?;
-        let local = self.read_local(id, &key).await?;
-        let remote = self.remote_version();
-        let decision = decide_change(
-            true,
-            &remote,
-            local.as_ref().map(|l| &l.version),
-            self.made_on_local(id, Some(&del.old), local.as_ref()),
-        );
+        let (local, decision) = self
+            .decide_against_local(id, &key, true, Some(&del.old))
+            .await?;
         let old = match &del.old {
             OldTuple::Key(t) | OldTuple::Full(t) => t,
         };

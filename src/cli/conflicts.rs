@@ -76,7 +76,7 @@ fn row_json(r: &tokio_postgres::Row) -> Json {
 pub async fn run(args: ConflictsArgs) -> CliResult {
     let config = args.config.load()?;
     let me = config.this_node();
-    let client = connect(&me.dsn, "walsync conflicts").await?;
+    let mut client = connect(&me.dsn, "walsync conflicts").await?;
     match args.action.unwrap_or(ConflictsAction::List) {
         ConflictsAction::List => {
             let (schema, table) = match args.table.as_deref().map(|t| t.split_once('.')) {
@@ -139,12 +139,13 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
             println!("{}", serde_json::to_string_pretty(&row_json(&row))?);
             Ok(ExitCode::SUCCESS)
         }
-        ConflictsAction::Reapply { id } => reapply(&client, id).await,
+        ConflictsAction::Reapply { id } => reapply(&mut client, id).await,
     }
 }
 
-/// Writes the losing image of conflict `id` as a new local write (insert or update).
-async fn reapply(client: &tokio_postgres::Client, id: i64) -> CliResult {
+/// Writes the losing image of conflict `id` as a new local write (insert, update or the
+/// losing delete) and marks the conflict reapplied, in one transaction.
+async fn reapply(client: &mut tokio_postgres::Client, id: i64) -> CliResult {
     let row = client
         .query_opt(
             &format!("SELECT {COLUMNS} FROM walsync.conflicts WHERE id = $1"),
@@ -157,9 +158,9 @@ async fn reapply(client: &tokio_postgres::Client, id: i64) -> CliResult {
     let table: String = row.get(5);
     let key = j["key"].as_object().cloned().unwrap_or_default();
     let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
-    let kind = j["kind"].as_str().unwrap_or("");
-    if kind.starts_with("delete_") && j["outcome"] == "local_kept" {
-        // The losing version is the delete itself.
+    let losing_delete = j["kind"].as_str().is_some_and(|k| k.starts_with("delete_"))
+        && j["outcome"] == "local_kept";
+    let (sql, params, what) = if losing_delete {
         let cond: Vec<String> = key
             .keys()
             .enumerate()
@@ -169,66 +170,66 @@ async fn reapply(client: &tokio_postgres::Client, id: i64) -> CliResult {
             .values()
             .map(|v| v.as_str().unwrap_or_default().to_string())
             .collect();
-        let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = values
+        (
+            format!("DELETE FROM {qualified} WHERE {}", cond.join(" AND ")),
+            values,
+            "delete",
+        )
+    } else {
+        let loser = match j["outcome"].as_str() {
+            Some("remote_applied") => &j["local_row"],
+            _ => &j["remote_row"],
+        };
+        let Some(image) = loser.as_object() else {
+            return Err(format!(
+                "conflict {id} has no losing row image to write (kind {})",
+                j["kind"]
+            )
+            .into());
+        };
+        let columns: Vec<&String> = image.keys().collect();
+        let set: Vec<String> = columns
             .iter()
-            .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+            .filter(|c| !key.contains_key(c.as_str()))
+            .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
             .collect();
-        client
-            .execute(
-                &format!("DELETE FROM {qualified} WHERE {}", cond.join(" AND ")),
-                &params,
-            )
-            .await?;
-        client
-            .execute(
-                "UPDATE walsync.conflicts SET reapplied_at = now() WHERE id = $1",
-                &[&id],
-            )
-            .await?;
-        println!("conflict {id}: the losing delete of {schema}.{table} {} is done again; it replicates as a new edit", j["key"]);
-        return Ok(ExitCode::SUCCESS);
-    }
-    let loser = match j["outcome"].as_str() {
-        Some("remote_applied") => &j["local_row"],
-        _ => &j["remote_row"],
-    };
-    let Some(image) = loser.as_object() else {
-        return Err(format!(
-            "conflict {id} has no losing row image to write (kind {})",
-            j["kind"]
+        let col_list = columns
+            .iter()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let key_list = key
+            .keys()
+            .map(|c| quote_ident(c))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // jsonb_populate_record reads each text value with the column type's input function.
+        let sql = format!(
+            "INSERT INTO {qualified} ({col_list}) SELECT {col_list} \
+             FROM jsonb_populate_record(NULL::{qualified}, $1::text::jsonb) ON CONFLICT ({key_list}) DO {}",
+            if set.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", set.join(", ")) }
+        );
+        (
+            sql,
+            vec![Json::Object(image.clone()).to_string()],
+            "version",
         )
-        .into());
     };
-    let columns: Vec<&String> = image.keys().collect();
-    let set: Vec<String> = columns
+    let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
         .iter()
-        .filter(|c| !key.contains_key(c.as_str()))
-        .map(|c| format!("{0} = excluded.{0}", quote_ident(c)))
+        .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
         .collect();
-    let col_list = columns
-        .iter()
-        .map(|c| quote_ident(c))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let key_list = key
-        .keys()
-        .map(|c| quote_ident(c))
-        .collect::<Vec<_>>()
-        .join(", ");
-    // jsonb_populate_record reads each text value with the column type's input function.
-    let sql = format!(
-        "INSERT INTO {qualified} ({col_list}) SELECT {col_list} FROM jsonb_populate_record(NULL::{qualified}, $1::text::jsonb) \
-         ON CONFLICT ({key_list}) DO {}",
-        if set.is_empty() { "NOTHING".to_string() } else { format!("UPDATE SET {}", set.join(", ")) }
+    let txn = client.transaction().await?;
+    txn.execute(&sql, &params).await?;
+    txn.execute(
+        "UPDATE walsync.conflicts SET reapplied_at = now() WHERE id = $1",
+        &[&id],
+    )
+    .await?;
+    txn.commit().await?;
+    println!(
+        "conflict {id}: the losing {what} of {schema}.{table} {} is written again; it replicates as a new edit",
+        j["key"]
     );
-    let image_text = Json::Object(image.clone()).to_string();
-    client.execute(&sql, &[&image_text]).await?;
-    client
-        .execute(
-            "UPDATE walsync.conflicts SET reapplied_at = now() WHERE id = $1",
-            &[&id],
-        )
-        .await?;
-    println!("conflict {id}: the losing version of {schema}.{table} {} is written again; it replicates as a new edit", j["key"]);
     Ok(ExitCode::SUCCESS)
 }
