@@ -11,6 +11,7 @@
 pub mod apply;
 pub mod cli;
 pub mod config;
+pub mod ddl;
 pub mod localpg;
 pub mod lsn;
 pub mod merge;

@@ -418,9 +418,11 @@ fn status_shows_links_and_a_stopped_link_needs_a_human() {
     );
     assert!(out.contains("(0 not partitioned for this node)"), "{out}");
 
-    // A table that exists on main only: the link stops, says why, and status exits 1.
-    c.node("main")
-        .sql("CREATE TABLE only_on_main (id int PRIMARY KEY); INSERT INTO only_on_main VALUES (1)");
+    // A DDL statement that fails on the target (an object of that name exists there,
+    // made outside walsync): the link stops on it, says why, and status exits 1.
+    c.node("branch1")
+        .sql("SET session_replication_role = replica; CREATE TABLE clash (id int PRIMARY KEY)");
+    c.node("main").sql("CREATE TABLE clash (id int PRIMARY KEY, note text); INSERT INTO clash VALUES (1, 'after the ddl')");
     wait_for(
         "the link to stop",
         DEADLINE,
@@ -429,14 +431,19 @@ fn status_shows_links_and_a_stopped_link_needs_a_human() {
     );
     let (_, out) = walsync(&["status", "--config", &cfg]);
     assert!(
-        out.contains("stopped") && out.contains("only_on_main") && out.contains("does not exist"),
+        out.contains("stopped")
+            && out.contains("CREATE TABLE clash")
+            && out.contains("already exists"),
         "{out}"
     );
-    // The operator creates the table: the link resumes by itself, nothing lost.
+    // The operator removes the stray table: the link resumes by itself, nothing lost.
     c.node("branch1")
-        .sql("CREATE TABLE only_on_main (id int PRIMARY KEY)");
-    c.wait_rows("branch1", "only_on_main", 1);
-    c.wait_rows("branch1", "partner", 1);
+        .sql("SET session_replication_role = replica; DROP TABLE clash");
+    c.wait_rows("branch1", "clash", 1);
+    assert_eq!(
+        c.node("branch1").sql("SELECT note FROM clash"),
+        "after the ddl"
+    );
     wait_for(
         "status to be clean again",
         DEADLINE,

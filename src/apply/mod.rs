@@ -15,6 +15,7 @@
 
 pub mod catalog;
 mod conflict;
+mod ddl;
 mod param;
 pub mod pipeline;
 
@@ -52,6 +53,13 @@ pub enum ApplyError {
     MissingTable { table: String },
     #[error("{0}")]
     Protocol(String),
+    /// A captured DDL statement could not be replayed here: the link stops on it.
+    #[error("ddl {id} failed here: {reason}; statement: {statement}. Fix it by hand on this node (or skip it), then the link resumes")]
+    Ddl {
+        id: String,
+        statement: String,
+        reason: String,
+    },
     /// An insert on the fast path met an existing key: its transaction is applied again
     /// in careful mode, where the conflict is decided and recorded.
     #[error(
@@ -621,6 +629,9 @@ impl ApplyWorker {
 
     pub async fn insert(&mut self, ins: &Insert) -> Result<(), ApplyError> {
         let id = ins.relation_id;
+        if self.is_ddl_log(id) {
+            self.replay_ddl(ins).await?;
+        }
         self.ensure_map(id).await?;
         if self.careful_txns > 0 {
             return self.insert_carefully(ins).await;

@@ -66,6 +66,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "link_status",
         sql: include_str!("../../migrations/0003_link_status.sql"),
     },
+    Migration {
+        version: 4,
+        name: "ddl_capture",
+        sql: include_str!("../../migrations/0004_ddl_capture.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.
@@ -92,6 +97,12 @@ pub async fn init_node(config: &Config) -> Result<SetupReport, SetupError> {
     let mut report = SetupReport::default();
     run_migrations(&client, &me, &mut report).await?;
     record_identity(&client, config, &me, &mut report).await?;
+    // From here on, what init changes is this node's own setup: keep the DDL capture
+    // trigger quiet (it does not fire in replica mode), or peers would replay it.
+    client
+        .batch_execute("SET session_replication_role = replica")
+        .await
+        .map_err(sql_err(&me, "setting session_replication_role"))?;
 
     let exists: bool = client
         .query_one(

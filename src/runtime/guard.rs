@@ -36,7 +36,18 @@ pub async fn run_guard(config: Config, mut shutdown: ShutdownRx) {
         }
         if client.as_ref().is_none_or(|c| c.is_closed()) {
             client = match connect(&me.dsn, "walsync guard").await {
-                Ok(c) => Some(c),
+                // Replica mode: its ALTER SEQUENCE / ALTER TABLE are this node's own
+                // business and must not be captured as DDL for the peers.
+                Ok(c) => match c
+                    .batch_execute("SET session_replication_role = replica")
+                    .await
+                {
+                    Ok(()) => Some(c),
+                    Err(e) => {
+                        debug!(node = %me.name, error = %e, "guard cannot use replica mode; next round");
+                        continue;
+                    }
+                },
                 Err(e) => {
                     debug!(node = %me.name, error = %e, "guard cannot reach its node; next round");
                     continue;

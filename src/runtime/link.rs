@@ -68,7 +68,8 @@ impl LinkError {
             LinkError::Connect(e) if e.is_permanent() => Disposition::HaltPeer,
             LinkError::Stream(e) if e.is_auth() => Disposition::HaltPeer,
             LinkError::Apply(
-                ApplyError::MissingTable { .. }
+                ApplyError::Ddl { .. }
+                | ApplyError::MissingTable { .. }
                 | ApplyError::Statement(_)
                 | ApplyError::Conflict { .. },
             ) => Disposition::HaltPeer,

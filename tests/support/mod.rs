@@ -341,13 +341,20 @@ impl TestCluster {
         );
     }
 
+    /// Waits until `table` has `rows` rows on `node` (a table that does not exist yet, as
+    /// before its DDL arrives, counts as not there yet).
     pub fn wait_rows(&self, node: &str, table: &str, rows: i64) {
         let n = self.node(node);
+        let count = || {
+            n.try_sql(&format!("SELECT count(*) FROM {table}"))
+                .ok()
+                .and_then(|s| s.parse::<i64>().ok())
+        };
         wait_for(
             &format!("{rows} rows in {table} on {node}"),
             DEADLINE,
-            || n.count(table) == rows,
-            || format!("{node} has {} rows\n{}", n.count(table), self.logs()),
+            || count() == Some(rows),
+            || format!("{node} has {:?} rows\n{}", count(), self.logs()),
         );
     }
 }

@@ -1,0 +1,68 @@
+//! Replaying captured DDL at its place in the stream.
+//!
+//! A row inserted into `walsync.ddl_log` on the upstream means a DDL statement ran there
+//! at that point of the transaction. The applier runs the same statement here first (as
+//! the role that ran it, with its search_path), then applies the row itself, so that the
+//! log travels on (a star's hub forwards a branch's DDL to the other branches). The
+//! session's `session_replication_role = replica` keeps the event trigger quiet: the
+//! replayed statement is not captured again.
+
+use super::{ApplyError, ApplyWorker};
+use crate::ddl::statement_to_replay;
+use crate::merge::statements::quote_ident;
+use crate::pgoutput::Insert;
+
+impl ApplyWorker {
+    pub(super) fn is_ddl_log(&self, relation_id: u32) -> bool {
+        self.relations
+            .get(&relation_id)
+            .is_some_and(|e| e.source.namespace == "walsync" && e.source.name == "ddl_log")
+    }
+
+    /// Runs the DDL statement a `walsync.ddl_log` row describes.
+    pub(super) async fn replay_ddl(&mut self, ins: &Insert) -> Result<(), ApplyError> {
+        let entry = &self.relations[&ins.relation_id];
+        let field = |name: &str| -> Option<String> {
+            let i = entry.source.columns.iter().position(|c| c.name == name)?;
+            ins.new.0.get(i)?.as_text().map(str::to_string)
+        };
+        let missing =
+            |what: &str| ApplyError::Protocol(format!("a walsync.ddl_log row without {what}"));
+        let query = field("query").ok_or_else(|| missing("query"))?;
+        let index: i32 = field("statement_index")
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| missing("statement_index"))?;
+        let search_path = field("search_path").ok_or_else(|| missing("search_path"))?;
+        let role = field("role").ok_or_else(|| missing("role"))?;
+        let id = format!(
+            "{}/{}",
+            field("origin").unwrap_or_default(),
+            field("seq").unwrap_or_default()
+        );
+        let statement = statement_to_replay(&query, index).map_err(|e| ApplyError::Ddl {
+            id: id.clone(),
+            statement: query.clone(),
+            reason: e.to_string(),
+        })?;
+        // Everything before the DDL, in stream order, first.
+        self.flush_inserts().await?;
+        self.flush().await?;
+        let sql = format!(
+            "SET LOCAL search_path TO {search_path}; SET LOCAL ROLE {}; {statement}; RESET ROLE; RESET search_path",
+            quote_ident(&role)
+        );
+        tracing::info!(link = %self.link, ddl = %id, statement = %statement, "replaying ddl");
+        self.client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| ApplyError::Ddl {
+                id,
+                statement: statement.clone(),
+                reason: e
+                    .as_db_error()
+                    .map(|d| d.message().to_string())
+                    .unwrap_or_else(|| e.to_string()),
+            })?;
+        Ok(())
+    }
+}

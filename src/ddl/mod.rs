@@ -1,0 +1,215 @@
+//! DDL replay, the pure part: from a captured `walsync.ddl_log` row to the one statement
+//! the target must run.
+//!
+//! The capture (`migrations/0004_ddl_capture.sql`) logs the whole client string and the
+//! position of the DDL statement among the string's DDL statements. Here the string is
+//! split with PostgreSQL's own parser (pg_query), statements that fire no event trigger
+//! (DML, SET, transaction control, ...) are left out — their effects travel in the WAL or
+//! are session-local — and the statement at that position is returned. `CREATE TABLE AS`
+//! and `SELECT INTO` come back as `CREATE TABLE AS ... WITH NO DATA`: their rows travel
+//! in the WAL too.
+//!
+//! No I/O: pg_query parses in-process.
+
+use pg_query::protobuf::{self, node::Node as N, CreateTableAsStmt, ObjectType};
+use pg_query::NodeEnum;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DdlError {
+    #[error("the captured statement does not parse: {0}")]
+    Parse(String),
+    #[error(
+        "the captured DDL ran inside a DO block or a function, so its text is not in the client string; \
+         apply it by hand on this node, then skip it (walsync ddl-replay --skip)"
+    )]
+    NotText,
+}
+
+/// Whether PostgreSQL runs `ddl_command_end` event triggers for this statement
+/// (PostgreSQL docs, "Event Trigger Firing Matrix").
+fn fires_event_trigger(node: &NodeEnum) -> bool {
+    !matches!(
+        node,
+        NodeEnum::InsertStmt(_)
+            | NodeEnum::UpdateStmt(_)
+            | NodeEnum::DeleteStmt(_)
+            | NodeEnum::MergeStmt(_)
+            | NodeEnum::CopyStmt(_)
+            | NodeEnum::TransactionStmt(_)
+            | NodeEnum::VariableSetStmt(_)
+            | NodeEnum::VariableShowStmt(_)
+            | NodeEnum::ExplainStmt(_)
+            | NodeEnum::CallStmt(_)
+            | NodeEnum::DoStmt(_)
+            | NodeEnum::LockStmt(_)
+            | NodeEnum::VacuumStmt(_)
+            | NodeEnum::ClusterStmt(_)
+            | NodeEnum::ListenStmt(_)
+            | NodeEnum::NotifyStmt(_)
+            | NodeEnum::UnlistenStmt(_)
+            | NodeEnum::PrepareStmt(_)
+            | NodeEnum::ExecuteStmt(_)
+            | NodeEnum::DeallocateStmt(_)
+            | NodeEnum::DiscardStmt(_)
+            | NodeEnum::CheckPointStmt(_)
+            | NodeEnum::TruncateStmt(_)
+            | NodeEnum::CreatedbStmt(_)
+            | NodeEnum::DropdbStmt(_)
+            | NodeEnum::AlterDatabaseStmt(_)
+            | NodeEnum::AlterDatabaseSetStmt(_)
+            | NodeEnum::CreateRoleStmt(_)
+            | NodeEnum::AlterRoleStmt(_)
+            | NodeEnum::AlterRoleSetStmt(_)
+            | NodeEnum::DropRoleStmt(_)
+            | NodeEnum::CreateTableSpaceStmt(_)
+            | NodeEnum::DropTableSpaceStmt(_)
+            | NodeEnum::AlterTableSpaceOptionsStmt(_)
+            | NodeEnum::ReindexStmt(_)
+            | NodeEnum::LoadStmt(_)
+            | NodeEnum::FetchStmt(_)
+            | NodeEnum::DeclareCursorStmt(_)
+            | NodeEnum::ClosePortalStmt(_)
+            | NodeEnum::ConstraintsSetStmt(_)
+            | NodeEnum::CreateEventTrigStmt(_)
+            | NodeEnum::AlterEventTrigStmt(_)
+    ) && !matches!(node, NodeEnum::SelectStmt(s) if s.into_clause.is_none())
+}
+
+/// The statement to run on a target for the `index`-th (1-based) DDL statement of `query`.
+pub fn statement_to_replay(query: &str, index: i32) -> Result<String, DdlError> {
+    let pieces = pg_query::split_with_parser(query).map_err(|e| DdlError::Parse(e.to_string()))?;
+    let mut ddl = Vec::new();
+    for piece in pieces {
+        let parsed = pg_query::parse(piece, pg_query::ParserOptions::DEFAULT)
+            .map_err(|e| DdlError::Parse(e.to_string()))?;
+        let Some(node) = parsed
+            .protobuf
+            .stmts
+            .first()
+            .and_then(|s| s.stmt.as_ref())
+            .and_then(|n| n.node.clone())
+        else {
+            continue;
+        };
+        // DDL run by a DO block is not in the client's text.
+        if matches!(node, NodeEnum::DoStmt(_)) {
+            return Err(DdlError::NotText);
+        }
+        if fires_event_trigger(&node) {
+            ddl.push((piece, node, parsed.protobuf.version));
+        }
+    }
+    if ddl.is_empty() {
+        return Err(DdlError::NotText);
+    }
+    // A string run twice in one transaction counts on: wrap around.
+    let k = (index.max(1) - 1) as usize % ddl.len();
+    let (piece, node, version) = &ddl[k];
+    Ok(structure_only(node, *version).unwrap_or_else(|| piece.trim().to_string()))
+}
+
+/// `CREATE TABLE AS` / `SELECT INTO` rewritten to create the table without its rows.
+fn structure_only(node: &NodeEnum, version: i32) -> Option<String> {
+    let ctas = match node {
+        NodeEnum::CreateTableAsStmt(s) => {
+            let mut s = (**s).clone();
+            if let Some(into) = s.into.as_mut() {
+                into.skip_data = true;
+            }
+            s
+        }
+        NodeEnum::SelectStmt(sel) if sel.into_clause.is_some() => {
+            let mut sel = (**sel).clone();
+            let mut into = sel.into_clause.take().expect("checked above");
+            into.skip_data = true;
+            CreateTableAsStmt {
+                query: Some(Box::new(protobuf::Node {
+                    node: Some(N::SelectStmt(Box::new(sel))),
+                })),
+                into: Some(into),
+                objtype: ObjectType::ObjectTable as i32,
+                is_select_into: false,
+                if_not_exists: false,
+            }
+        }
+        _ => return None,
+    };
+    let tree = protobuf::ParseResult {
+        version,
+        stmts: vec![protobuf::RawStmt {
+            stmt: Some(Box::new(protobuf::Node {
+                node: Some(N::CreateTableAsStmt(Box::new(ctas))),
+            })),
+            stmt_location: 0,
+            stmt_len: 0,
+        }],
+    };
+    pg_query::deparse(&tree, Default::default()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ODOO_M2M: &str = "CREATE TABLE IF NOT EXISTS \"pos_config_product_category_rel\" (\"pos_config_id\" INTEGER NOT NULL REFERENCES \"pos_config\"(id) ON DELETE cascade, \"product_category_id\" INTEGER NOT NULL REFERENCES \"product_category\"(id) ON DELETE cascade, PRIMARY KEY(\"pos_config_id\",\"product_category_id\"));\n                    COMMENT ON TABLE \"pos_config_product_category_rel\" IS 'RELATION BETWEEN pos_config AND product_category';\n                    CREATE INDEX ON \"pos_config_product_category_rel\" (\"product_category_id\", \"pos_config_id\");";
+
+    #[test]
+    fn each_ddl_statement_of_a_multi_statement_string_is_found_by_position() {
+        assert!(statement_to_replay(ODOO_M2M, 1)
+            .unwrap()
+            .starts_with("CREATE TABLE IF NOT EXISTS"));
+        assert!(statement_to_replay(ODOO_M2M, 2)
+            .unwrap()
+            .starts_with("COMMENT ON TABLE"));
+        assert!(statement_to_replay(ODOO_M2M, 3)
+            .unwrap()
+            .starts_with("CREATE INDEX ON"));
+        assert!(
+            statement_to_replay(ODOO_M2M, 4)
+                .unwrap()
+                .starts_with("CREATE TABLE"),
+            "a second run of the same string"
+        );
+    }
+
+    #[test]
+    fn dml_in_the_string_is_not_counted_and_never_replayed() {
+        let q = "CREATE TABLE t (id serial PRIMARY KEY); INSERT INTO t DEFAULT VALUES; \
+                 SELECT setval('t_id_seq', 10); ALTER TABLE t ADD COLUMN n int; UPDATE t SET n = 1";
+        assert_eq!(
+            statement_to_replay(q, 1).unwrap(),
+            "CREATE TABLE t (id serial PRIMARY KEY)"
+        );
+        assert_eq!(
+            statement_to_replay(q, 2).unwrap(),
+            "ALTER TABLE t ADD COLUMN n int"
+        );
+    }
+
+    #[test]
+    fn create_table_as_and_select_into_replay_the_structure_only() {
+        let s = statement_to_replay(
+            "CREATE TABLE archive AS SELECT * FROM pos_order WHERE id < 10",
+            1,
+        )
+        .unwrap();
+        assert!(s.contains("WITH NO DATA"), "{s}");
+        let s = statement_to_replay("SELECT id, name INTO archive2 FROM pos_order", 1).unwrap();
+        assert!(
+            s.starts_with("CREATE TABLE archive2 AS SELECT") && s.contains("WITH NO DATA"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn ddl_inside_a_do_block_is_refused_with_a_clear_error() {
+        let err = statement_to_replay("DO $$ BEGIN EXECUTE 'CREATE TABLE x (id int)'; END $$", 1)
+            .unwrap_err();
+        assert_eq!(err, DdlError::NotText);
+        assert!(err.to_string().contains("by hand"));
+        assert!(matches!(
+            statement_to_replay("CREATE TABLE (", 1),
+            Err(DdlError::Parse(_))
+        ));
+    }
+}

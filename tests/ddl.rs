@@ -1,0 +1,146 @@
+//! DDL follows the data: captured by the event trigger, replayed in the stream.
+
+mod support;
+
+use support::*;
+
+#[test]
+fn a_multi_statement_string_with_ddl_and_inserts_arrives_once_everywhere() {
+    let mut c = TestCluster::new(
+        "ddl-multi",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    // As Odoo sends it: one string, DDL and DML mixed, in one transaction.
+    c.node("main").sql(
+        "CREATE TABLE loyalty_program (id serial PRIMARY KEY, name varchar NOT NULL, points integer); \
+         COMMENT ON TABLE loyalty_program IS 'Loyalty Program'; \
+         COMMENT ON COLUMN loyalty_program.name IS 'Program Name'; \
+         INSERT INTO loyalty_program (name, points) VALUES ('Gold', 100), ('Silver', 50); \
+         CREATE INDEX loyalty_program_name_index ON loyalty_program (name); \
+         INSERT INTO loyalty_program (name, points) VALUES ('Bronze', 10)",
+    );
+    for n in ["branch1", "branch2"] {
+        c.wait_rows(n, "loyalty_program", 3);
+    }
+    c.wait_converged("loyalty_program");
+    for n in ["branch1", "branch2"] {
+        let node = c.node(n);
+        assert_eq!(
+            node.sql("SELECT obj_description('loyalty_program'::regclass)"),
+            "Loyalty Program"
+        );
+        assert_eq!(
+            node.sql("SELECT col_description('loyalty_program'::regclass, 2)"),
+            "Program Name"
+        );
+        assert_eq!(
+            node.sql(
+                "SELECT count(*) FROM pg_indexes WHERE indexname = 'loyalty_program_name_index'"
+            ),
+            "1"
+        );
+        assert_eq!(
+            node.sql("SELECT count(DISTINCT name) FROM loyalty_program"),
+            "3",
+            "each row exactly once"
+        );
+    }
+    // The new table's sequence serves each node's own ids (partitioned on arrival).
+    for n in &c.nodes {
+        wait_for(
+            &format!("loyalty_program_id_seq partitioned on {}", n.name),
+            DEADLINE,
+            || {
+                n.sql("SELECT increment_by FROM pg_sequences WHERE sequencename = 'loyalty_program_id_seq'") == "16"
+            },
+            || c.logs(),
+        );
+    }
+    // A branch's DDL reaches the other branch through the hub, and rows written with it.
+    c.node("branch1")
+        .sql("ALTER TABLE loyalty_program ADD COLUMN expires date");
+    c.node("branch1")
+        .sql("INSERT INTO loyalty_program (name, expires) VALUES ('Branch promo', '2026-12-31')");
+    c.wait_rows("branch2", "loyalty_program", 4);
+    assert_eq!(
+        c.node("branch2")
+            .sql("SELECT expires FROM loyalty_program WHERE name = 'Branch promo'"),
+        "2026-12-31"
+    );
+    c.wait_converged("loyalty_program");
+}
+
+#[test]
+fn ddl_on_main_during_a_cut_and_data_in_the_new_column_on_the_branch_after_heal() {
+    let mut c = TestCluster::new(
+        "ddl-cut",
+        Topology::Star,
+        &["main", "branch1"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    c.node("main")
+        .sql("INSERT INTO product (name, price) VALUES ('Soap', 2)");
+    c.wait_rows("branch1", "product", 1);
+    for n in &mut c.nodes {
+        n.stop_sidecar();
+    }
+    c.node("main")
+        .sql("ALTER TABLE product ADD COLUMN barcode varchar");
+    c.node("main")
+        .sql("UPDATE product SET barcode = '5901234123457'");
+    c.node("branch1")
+        .sql("INSERT INTO product (name, price) VALUES ('Tea', 4)");
+    c.start();
+    let b1 = c.node("branch1");
+    wait_for(
+        "branch1 to get the new column",
+        DEADLINE,
+        || {
+            b1.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = 'product' AND column_name = 'barcode'") == "1"
+        },
+        || c.logs(),
+    );
+    b1.sql("UPDATE product SET barcode = '4006381333931' WHERE name = 'Tea'");
+    c.wait_converged("product");
+    assert_eq!(
+        c.node("main")
+            .sql("SELECT barcode FROM product WHERE name = 'Tea'"),
+        "4006381333931"
+    );
+    assert_eq!(
+        c.node("branch1")
+            .sql("SELECT barcode FROM product WHERE name = 'Soap'"),
+        "5901234123457"
+    );
+}
+
+#[test]
+fn ddl_run_by_the_applier_is_not_captured_again_and_temporary_tables_stay_home() {
+    let mut c = TestCluster::new("ddl-echo", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    c.start();
+    c.node("a")
+        .sql("CREATE TEMP TABLE scratch (x int); CREATE TABLE note (id int PRIMARY KEY)");
+    c.wait_rows("b", "pg_tables WHERE tablename = 'note'", 1);
+    c.node("a").sql("INSERT INTO note VALUES (1)");
+    c.wait_rows("b", "note", 1);
+    // b logged a's statement (the row travelled) but captured nothing of its own.
+    assert_eq!(
+        c.node("b")
+            .sql("SELECT count(*) FROM walsync.ddl_log WHERE origin = 'b'"),
+        "0"
+    );
+    assert_eq!(
+        c.node("a").sql("SELECT count(*) FROM walsync.ddl_log"),
+        "1",
+        "the temp table was not captured"
+    );
+    assert_eq!(
+        c.node("b")
+            .sql("SELECT count(*) FROM walsync.ddl_log WHERE origin = 'a'"),
+        "1"
+    );
+}
