@@ -203,6 +203,8 @@ pub struct TestCluster {
     pub nodes: Vec<Node>,
     pub topology: Topology,
     pub dir: PathBuf,
+    /// The database walsync replicates on every node.
+    pub db: String,
 }
 
 impl TestCluster {
@@ -220,12 +222,28 @@ impl TestCluster {
         schema: &str,
         extra: &str,
     ) -> TestCluster {
+        let prepare = |pg: &LocalCluster| {
+            pg.psql(schema)
+                .unwrap_or_else(|e| panic!("schema on {}: {e}", pg.name()));
+        };
+        Self::new_in(test, topology, names, "postgres", &prepare, extra)
+    }
+
+    /// Nodes whose database `db` is made ready by `prepare` (run on each cluster before
+    /// `walsync init`).
+    pub fn new_in(
+        test: &str,
+        topology: Topology,
+        names: &[&str],
+        db: &str,
+        prepare: &dyn Fn(&LocalCluster),
+        extra: &str,
+    ) -> TestCluster {
         let dir = scratch_dir(test);
         let mut nodes = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let pg = LocalCluster::start(&dir.join(name), name).expect("start local PostgreSQL");
-            pg.psql(schema)
-                .unwrap_or_else(|e| panic!("schema on {name}: {e}"));
+            prepare(&pg);
             nodes.push(Node {
                 name: name.to_string(),
                 id: i as u32 + 1,
@@ -238,6 +256,7 @@ impl TestCluster {
             nodes,
             topology,
             dir,
+            db: db.to_string(),
         };
         for i in 0..cluster.nodes.len() {
             let text = format!("{}\n{extra}", cluster.config_text(i));
@@ -266,7 +285,7 @@ impl TestCluster {
             "\n[node]\nname = \"{}\"\nid = {}\ndsn = \"{}\"\n",
             me.name,
             me.id,
-            me.pg.dsn()
+            me.pg.dsn_for(&self.db)
         ));
         s.push_str("\n[apply]\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n");
         for (j, p) in self.nodes.iter().enumerate() {
@@ -279,7 +298,7 @@ impl TestCluster {
                     "\n[[peers]]\nname = \"{}\"\nid = {}\ndsn = \"{}\"\n",
                     p.name,
                     p.id,
-                    p.pg.dsn()
+                    p.pg.dsn_for(&self.db)
                 ));
             }
         }
