@@ -144,3 +144,64 @@ fn ddl_run_by_the_applier_is_not_captured_again_and_temporary_tables_stay_home()
         "1"
     );
 }
+
+#[test]
+fn a_ddl_that_fails_on_a_target_stops_the_link_until_skipped_and_nothing_else_is_lost() {
+    let mut c = TestCluster::new("ddl-fail", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    c.start();
+    // b already has an object of that name, made outside walsync (not captured).
+    c.node("b").sql("SET session_replication_role = replica; CREATE TABLE coupon (id int PRIMARY KEY, code text)");
+    c.node("a")
+        .sql("CREATE TABLE coupon (id int PRIMARY KEY, code text)");
+    c.node("a")
+        .sql("INSERT INTO partner (id, name) VALUES (1, 'after the failing ddl')");
+    let cfg = c.node("b").config.to_str().unwrap().to_string();
+    wait_for(
+        "b's link to stop on the ddl",
+        DEADLINE,
+        || !walsync(&["status", "--config", &cfg]).0,
+        || walsync(&["status", "--config", &cfg]).1,
+    );
+    let (_, status) = walsync(&["status", "--config", &cfg]);
+    assert!(
+        status.contains("ddl a/1 failed") && status.contains("already exists"),
+        "{status}"
+    );
+    assert_eq!(
+        c.node("b").count("partner"),
+        0,
+        "nothing after the failing statement is applied"
+    );
+    let (ok, pending) = walsync(&["ddl-replay", "--config", &cfg]);
+    assert!(
+        ok && pending.contains("a/1") && pending.contains("CREATE TABLE coupon"),
+        "{pending}"
+    );
+
+    // The operator checks the table is right, then skips the statement.
+    let (ok, out) = walsync(&["ddl-replay", "--config", &cfg, "--skip", "a/1"]);
+    assert!(ok, "{out}");
+    c.wait_rows("b", "partner", 1);
+    let (ok, out) = walsync(&["ddl-replay", "--config", &cfg]);
+    assert!(ok && out.contains("no captured DDL waiting"), "{out}");
+    c.node("a").sql("INSERT INTO coupon VALUES (1, 'WELCOME')");
+    c.wait_rows("b", "coupon", 1);
+}
+
+#[test]
+fn rows_before_and_after_an_alter_in_one_transaction_all_arrive() {
+    let mut c = TestCluster::new("ddl-mid-txn", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    c.start();
+    // Inserts are batched on the target; the ALTER makes the upstream describe the table
+    // anew in the middle of the batch.
+    c.node("a").sql(
+        "BEGIN; \
+         INSERT INTO partner (id, name) SELECT g, 'before ' || g FROM generate_series(1, 5) g; \
+         ALTER TABLE partner ADD COLUMN vat text; \
+         INSERT INTO partner (id, name, vat) SELECT g, 'after ' || g, 'BE' || g FROM generate_series(6, 10) g; \
+         COMMIT",
+    );
+    c.wait_rows("b", "partner", 10);
+    c.wait_converged("partner");
+    assert_eq!(c.node("b").sql("SELECT count(vat) FROM partner"), "5");
+}

@@ -177,7 +177,19 @@ fn point_of_sale_installed_on_main_while_a_branch_is_cut_reaches_every_node() {
     assert_eq!(sent, 2859);
     c.node_mut("branch2").start_sidecar();
 
-    let deadline = std::time::Duration::from_secs(300);
+    let deadline = std::time::Duration::from_secs(240);
+    // First the cheap condition: every captured statement applied (a pg_dump takes locks
+    // that the replayed DDL then waits for); then the schemas.
+    let captured = psql_odoo(&c.node("main").pg, "SELECT count(*) FROM walsync.ddl_log");
+    for n in ["branch1", "branch2"] {
+        let node = c.node(n);
+        wait_for(
+            &format!("{n} to apply the {captured} captured statements"),
+            deadline,
+            || psql_odoo(&node.pg, "SELECT count(*) FROM walsync.ddl_log") == captured,
+            || c.logs(),
+        );
+    }
     let main_schema = || schema(&c.node("main").pg);
     for n in ["branch1", "branch2"] {
         let node = c.node(n);

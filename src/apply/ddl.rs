@@ -34,11 +34,11 @@ impl ApplyWorker {
             .ok_or_else(|| missing("statement_index"))?;
         let search_path = field("search_path").ok_or_else(|| missing("search_path"))?;
         let role = field("role").ok_or_else(|| missing("role"))?;
-        let id = format!(
-            "{}/{}",
+        let (origin, seq) = (
             field("origin").unwrap_or_default(),
-            field("seq").unwrap_or_default()
+            field("seq").unwrap_or_default(),
         );
+        let id = format!("{origin}/{seq}");
         let statement = statement_to_replay(&query, index).map_err(|e| ApplyError::Ddl {
             id: id.clone(),
             statement: query.clone(),
@@ -47,6 +47,20 @@ impl ApplyWorker {
         // Everything before the DDL, in stream order, first.
         self.flush_inserts().await?;
         self.flush().await?;
+        let seq_num: i64 = seq.parse().unwrap_or(-1);
+        let skipped = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM walsync.ddl_skip WHERE origin = $1 AND seq = $2",
+                &[&origin, &seq_num],
+            )
+            .await
+            .map_err(ApplyError::sql("reading walsync.ddl_skip"))?
+            .is_some();
+        if skipped {
+            tracing::warn!(link = %self.link, ddl = %id, "skipping ddl as the operator asked (walsync ddl-replay --skip)");
+            return Ok(());
+        }
         let sql = format!(
             "SET LOCAL search_path TO {search_path}; SET LOCAL ROLE {}; {statement}; RESET ROLE; RESET search_path",
             quote_ident(&role)

@@ -54,7 +54,7 @@ pub enum ApplyError {
     #[error("{0}")]
     Protocol(String),
     /// A captured DDL statement could not be replayed here: the link stops on it.
-    #[error("ddl {id} failed here: {reason}; statement: {statement}. Fix it by hand on this node (or skip it), then the link resumes")]
+    #[error("ddl {id} failed here: {reason}; statement: {statement}. Fix it by hand on this node and the link resumes, or after fixing run walsync ddl-replay --skip {id}")]
     Ddl {
         id: String,
         statement: String,
@@ -269,7 +269,11 @@ impl ApplyWorker {
     }
 
     /// A Relation message: (re)describes a source relation. Anything cached for it goes.
-    pub fn on_relation(&mut self, rel: Relation) {
+    /// Inserts decoded under the old description are sent first, with the old mapping.
+    pub async fn on_relation(&mut self, rel: Relation) -> Result<(), ApplyError> {
+        if self.run.as_ref().is_some_and(|r| r.relation_id == rel.id) {
+            self.flush_inserts().await?;
+        }
         self.statements.retain(|(id, _), _| *id != rel.id);
         self.relations.insert(
             rel.id,
@@ -279,6 +283,7 @@ impl ApplyWorker {
                 map: None,
             },
         );
+        Ok(())
     }
 
     pub fn is_open(&self) -> bool {

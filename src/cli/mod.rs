@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod conflicts;
+pub mod ddl_replay;
 pub mod demo;
 pub mod init;
 pub mod run;
@@ -50,6 +51,8 @@ pub enum Command {
     Status(status::StatusArgs),
     /// List the conflicts this node decided, show one, or write a losing version again.
     Conflicts(conflicts::ConflictsArgs),
+    /// Show the captured DDL this node has not applied yet, or skip one that cannot run here.
+    DdlReplay(ddl_replay::DdlReplayArgs),
     /// Measure catch-up speed against native logical replication (and peak memory on one huge transaction).
     Bench(bench::BenchArgs),
 }
@@ -83,6 +86,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Bench(a) => bench::run(a).await,
             Command::Conflicts(a) => conflicts::run(a).await,
             Command::Status(a) => status::run(a).await,
+            Command::DdlReplay(a) => ddl_replay::run(a).await,
         }
     });
     match result {

@@ -20,7 +20,7 @@ pub enum DdlError {
     Parse(String),
     #[error(
         "the captured DDL ran inside a DO block or a function, so its text is not in the client string; \
-         apply it by hand on this node, then skip it (walsync ddl-replay --skip)"
+         apply it by hand on this node, then skip it (walsync ddl-replay --skip ORIGIN/SEQ)"
     )]
     NotText,
 }

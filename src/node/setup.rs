@@ -71,6 +71,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "ddl_capture",
         sql: include_str!("../../migrations/0004_ddl_capture.sql"),
     },
+    Migration {
+        version: 5,
+        name: "ddl_skip",
+        sql: include_str!("../../migrations/0005_ddl_skip.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.

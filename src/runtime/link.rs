@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use pgwire_replication::ReplicationEvent;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -42,6 +43,8 @@ pub enum LinkError {
     Apply(#[from] ApplyError),
     #[error("a change arrived outside a transaction")]
     OutsideTransaction,
+    #[error("the link session panicked: {0}")]
+    Panicked(String),
     #[error("slot {slot} does not exist on {node}: run walsync init on {node}")]
     NoSlot { slot: String, node: String },
 }
@@ -112,15 +115,28 @@ pub async fn run_link(
     let mut status = StatusReporter::new(name.clone(), spec.to.dsn.clone());
     loop {
         let mut healthy = false;
-        let result = run_session(
+        // A panic is a bug; it must not silently end the link: log it, and start over
+        // from the recorded progress like after any failure.
+        let session = run_session(
             &spec,
             &tables,
             &mut shutdown,
             &mut healthy,
             careful_txns,
             &mut status,
-        )
-        .await;
+        );
+        let result = match std::panic::AssertUnwindSafe(session).catch_unwind().await {
+            Ok(r) => r,
+            Err(panic) => {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                error!(link = %name, panic = %what, "bug: the link session panicked; restarting it (please report this)");
+                Err(LinkError::Panicked(what))
+            }
+        };
         careful_txns = 0;
         if *shutdown.borrow() {
             info!(link = %name, "stopped");
@@ -282,7 +298,7 @@ async fn handle_event(
                 let t = txn.as_mut().ok_or(LinkError::OutsideTransaction)?;
                 t.origin = Some((o.name, o.commit_lsn));
             }
-            Message::Relation(r) => apply.on_relation(r),
+            Message::Relation(r) => apply.on_relation(r).await?,
             Message::Type(_)
             | Message::Begin(_)
             | Message::Commit(_)
