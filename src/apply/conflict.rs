@@ -220,10 +220,7 @@ impl ApplyWorker {
             let set_others = others_changed && !matches!(decision, Decision::SkipAndRecord(_));
             let map = self.map_for(id).expect("mapped");
             if let Some(write) = map.update_counters(old, new, counters, set_others)? {
-                let tag = Tag::Row {
-                    relation_id: id,
-                    when_no_row: None,
-                };
+                let tag = Tag::Row { relation_id: id };
                 self.execute(id, write, tag).await?;
             }
         }
@@ -318,10 +315,7 @@ impl ApplyWorker {
         };
         if apply {
             if let Some(write) = write {
-                let tag = Tag::Row {
-                    relation_id,
-                    when_no_row: None,
-                };
+                let tag = Tag::Row { relation_id };
                 self.execute(relation_id, write, tag).await?;
             }
         }

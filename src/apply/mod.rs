@@ -27,7 +27,6 @@ use futures_util::SinkExt;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
-use tracing::{debug, warn};
 
 use crate::lsn::Lsn;
 use crate::merge::replicates_relation;
@@ -388,20 +387,6 @@ impl ApplyWorker {
                     }
                     self.committed = Some(end);
                     self.bounded.pop_front();
-                }
-            }
-            (
-                Tag::Row {
-                    relation_id,
-                    when_no_row: Some(kind),
-                },
-                Ok(0),
-            ) => {
-                let table = self.table_name(relation_id);
-                if kind == "update_missing" {
-                    warn!(link = %self.link, table = %table, conflict = kind, "row to update not found here; change skipped");
-                } else {
-                    debug!(link = %self.link, table = %table, conflict = kind, "row to delete not found here");
                 }
             }
             (_, Ok(_)) => {}

@@ -26,11 +26,8 @@ pub const MAX_IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
 /// What a request was, so that its answer can be interpreted.
 #[derive(Debug, Clone)]
 pub enum Tag {
-    /// A row change: `(relation id, conflict kind if it affects no row)`.
-    Row {
-        relation_id: u32,
-        when_no_row: Option<&'static str>,
-    },
+    /// An update or delete of a row already read and locked (see `apply::conflict`).
+    Row { relation_id: u32 },
     /// An insert: a unique violation is `insert_exists`.
     Insert { relation_id: u32 },
     /// A COPY of consecutive inserts into one relation (a unique violation is `insert_exists`).
