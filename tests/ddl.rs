@@ -205,3 +205,21 @@ fn rows_before_and_after_an_alter_in_one_transaction_all_arrive() {
     c.wait_converged("partner");
     assert_eq!(c.node("b").sql("SELECT count(vat) FROM partner"), "5");
 }
+
+#[test]
+fn a_column_added_with_values_computed_per_node_is_reported() {
+    let mut c = TestCluster::new("ddl-volatile", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    c.start();
+    c.node("a")
+        .sql("INSERT INTO partner (id, name) VALUES (1, 'Ana')");
+    c.wait_rows("b", "partner", 1);
+    c.node("a")
+        .sql("ALTER TABLE partner ADD COLUMN seen timestamptz DEFAULT clock_timestamp()");
+    c.wait_rows("b", "walsync.ddl_warnings", 1);
+    let cfg = c.node("b").config.to_str().unwrap().to_string();
+    let (_, out) = walsync(&["status", "--config", &cfg]);
+    assert!(out.contains("seen") && out.contains("UPDATE"), "{out}");
+    // The documented fix: set the column on the author; it replicates as data.
+    c.node("a").sql("UPDATE partner SET seen = seen");
+    c.wait_converged("partner");
+}

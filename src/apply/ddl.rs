@@ -8,7 +8,7 @@
 //! replayed statement is not captured again.
 
 use super::{ApplyError, ApplyWorker};
-use crate::ddl::statement_to_replay;
+use crate::ddl::{columns_filled_per_node, statement_to_replay};
 use crate::merge::statements::quote_ident;
 use crate::pgoutput::Insert;
 
@@ -70,13 +70,30 @@ impl ApplyWorker {
             .batch_execute(&sql)
             .await
             .map_err(|e| ApplyError::Ddl {
-                id,
+                id: id.clone(),
                 statement: statement.clone(),
                 reason: e
                     .as_db_error()
                     .map(|d| d.message().to_string())
                     .unwrap_or_else(|| e.to_string()),
             })?;
+        let columns = columns_filled_per_node(&statement);
+        if !columns.is_empty() {
+            let warning = format!(
+                "column(s) {} were filled by this node with its own values (a volatile default or a serial type), \
+                 so existing rows differ from the author's: run an UPDATE that sets them on the author, it replicates as data",
+                columns.join(", ")
+            );
+            tracing::warn!(link = %self.link, ddl = %id, %warning, "ddl leaves rows different from the author's");
+            self.client
+                .execute(
+                    "INSERT INTO walsync.ddl_warnings (origin, seq, statement, warning) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT DO NOTHING",
+                    &[&origin, &seq_num, &statement, &warning],
+                )
+                .await
+                .map_err(ApplyError::sql("recording a ddl warning"))?;
+        }
         Ok(())
     }
 }

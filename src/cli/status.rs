@@ -110,6 +110,20 @@ async fn gather(
         .await?;
     let (conflicts, conflicts_24h): (i64, i64) = (c.get(0), c.get(1));
 
+    let ddl_warnings: Vec<Json> = client
+        .query(
+            "SELECT origin || '/' || seq, detected_at::text, warning, statement FROM walsync.ddl_warnings \
+             ORDER BY detected_at DESC LIMIT 20",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            json!({ "ddl": r.get::<_, String>(0), "detected_at": r.get::<_, String>(1),
+                    "warning": r.get::<_, String>(2), "statement": r.get::<_, String>(3) })
+        })
+        .collect();
+
     let mut sequences = Vec::new();
     for r in client
         .query(
@@ -146,6 +160,7 @@ async fn gather(
         "slots": slots,
         "conflicts": { "total": conflicts, "last_24h": conflicts_24h },
         "sequences": sequences,
+        "ddl_warnings": ddl_warnings,
         "problems": problems,
     }))
 }
@@ -210,6 +225,15 @@ fn print_text(name: &str, r: &Json) {
             s["ids_left"],
             s["share_left"].as_f64().unwrap_or(0.0) * 100.0
         );
+    }
+    for w in r["ddl_warnings"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "\nddl {} ({}): {}",
+            w["ddl"].as_str().unwrap_or(""),
+            w["detected_at"].as_str().unwrap_or(""),
+            w["warning"].as_str().unwrap_or("")
+        );
+        println!("  {}", w["statement"].as_str().unwrap_or(""));
     }
     let problems = r["problems"].as_array().cloned().unwrap_or_default();
     if problems.is_empty() {

@@ -108,6 +108,52 @@ pub fn statement_to_replay(query: &str, index: i32) -> Result<String, DdlError> 
     Ok(structure_only(node, *version).unwrap_or_else(|| piece.trim().to_string()))
 }
 
+/// Columns an `ALTER TABLE ... ADD COLUMN` fills with values each node computes on its
+/// own: a default that calls a function (`now()`, `random()`, `nextval(...)`) or a serial
+/// type. PostgreSQL writes those values while rewriting the table, without WAL rows for
+/// logical decoding, so existing rows end with different values on each node.
+pub fn columns_filled_per_node(statement: &str) -> Vec<String> {
+    let Ok(parsed) = pg_query::parse(statement, pg_query::ParserOptions::DEFAULT) else {
+        return Vec::new();
+    };
+    let mut columns = Vec::new();
+    for raw in &parsed.protobuf.stmts {
+        let Some(NodeEnum::AlterTableStmt(alter)) = raw.stmt.as_ref().and_then(|n| n.node.as_ref())
+        else {
+            continue;
+        };
+        for cmd in &alter.cmds {
+            let Some(NodeEnum::AlterTableCmd(cmd)) = cmd.node.as_ref() else {
+                continue;
+            };
+            if cmd.subtype != protobuf::AlterTableType::AtAddColumn as i32 {
+                continue;
+            }
+            let Some(NodeEnum::ColumnDef(col)) = cmd.def.as_ref().and_then(|d| d.node.as_ref())
+            else {
+                continue;
+            };
+            let serial = col.type_name.as_ref().is_some_and(|t| {
+                t.names.iter().any(|n| {
+                    matches!(&n.node, Some(NodeEnum::String(s)) if matches!(s.sval.as_str(), "serial" | "bigserial" | "smallserial" | "serial4" | "serial8" | "serial2"))
+                })
+            });
+            let computed_default = col.constraints.iter().any(|c| {
+                matches!(&c.node, Some(NodeEnum::Constraint(k))
+                if k.contype == protobuf::ConstrType::ConstrDefault as i32
+                    && k.raw_expr.as_ref().is_some_and(|e| {
+                        let tree = format!("{e:?}");
+                        tree.contains("FuncCall") || tree.contains("SqlvalueFunction")
+                    }))
+            });
+            if serial || computed_default {
+                columns.push(col.colname.clone());
+            }
+        }
+    }
+    columns
+}
+
 /// `CREATE TABLE AS` / `SELECT INTO` rewritten to create the table without its rows.
 fn structure_only(node: &NodeEnum, version: i32) -> Option<String> {
     let ctas = match node {
@@ -198,6 +244,33 @@ mod tests {
         assert!(
             s.starts_with("CREATE TABLE archive2 AS SELECT") && s.contains("WITH NO DATA"),
             "{s}"
+        );
+    }
+
+    #[test]
+    fn columns_added_with_values_computed_per_node_are_named() {
+        assert_eq!(
+            columns_filled_per_node("ALTER TABLE t ADD COLUMN seen timestamptz DEFAULT now()"),
+            ["seen"]
+        );
+        assert_eq!(
+            columns_filled_per_node("ALTER TABLE t ADD COLUMN n serial"),
+            ["n"]
+        );
+        assert_eq!(
+            columns_filled_per_node(
+                "ALTER TABLE t ADD COLUMN at timestamp DEFAULT CURRENT_TIMESTAMP"
+            ),
+            ["at"]
+        );
+        assert!(
+            columns_filled_per_node("ALTER TABLE t ADD COLUMN state varchar DEFAULT 'draft'")
+                .is_empty()
+        );
+        assert!(columns_filled_per_node("ALTER TABLE t ADD COLUMN n int").is_empty());
+        assert!(
+            columns_filled_per_node("CREATE TABLE t (at timestamp DEFAULT now())").is_empty(),
+            "a new table has no rows"
         );
     }
 

@@ -76,6 +76,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "ddl_skip",
         sql: include_str!("../../migrations/0005_ddl_skip.sql"),
     },
+    Migration {
+        version: 6,
+        name: "ddl_warnings",
+        sql: include_str!("../../migrations/0006_ddl_warnings.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.
