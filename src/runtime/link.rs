@@ -45,6 +45,8 @@ pub enum LinkError {
     OutsideTransaction,
     #[error("the link session panicked: {0}")]
     Panicked(String),
+    #[error("no answer while {what} within {} s (the path to the peer may be cut)", .after.as_secs())]
+    Unresponsive { what: &'static str, after: Duration },
     #[error("slot {slot} does not exist on {node}: run walsync init on {node}")]
     NoSlot { slot: String, node: String },
 }
@@ -80,6 +82,83 @@ impl LinkError {
                 Disposition::HaltPeer
             }
             _ => Disposition::Retry,
+        }
+    }
+}
+
+/// How long opening a connection or the stream may take before the path counts as cut.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
+/// A stream silent this long gets its path probed: an idle upstream sends nothing, and a
+/// black-holed one (a lost NAT mapping, a dead WAN) sends nothing either.
+const SILENCE_BEFORE_PROBE: Duration = Duration::from_secs(10);
+/// The probe (`SELECT 1` on a side connection to the upstream) must answer within this.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `fut`, or [`LinkError::Unresponsive`] once `after` has passed.
+async fn within<T>(
+    after: Duration,
+    what: &'static str,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, LinkError> {
+    tokio::time::timeout(after, fut)
+        .await
+        .map_err(|_| LinkError::Unresponsive { what, after })
+}
+
+/// Tells a quiet stream from a dead path.
+struct Liveness {
+    dsn: crate::config::Dsn,
+    app: String,
+    last_heard: tokio::time::Instant,
+    tick: tokio::time::Interval,
+    probe: Option<tokio_postgres::Client>,
+}
+
+impl Liveness {
+    fn new(dsn: crate::config::Dsn, app: String) -> Liveness {
+        let mut tick = tokio::time::interval(SILENCE_BEFORE_PROBE / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Liveness {
+            dsn,
+            app,
+            last_heard: tokio::time::Instant::now(),
+            tick,
+            probe: None,
+        }
+    }
+
+    fn heard(&mut self) {
+        self.last_heard = tokio::time::Instant::now();
+    }
+
+    async fn tick(&mut self) {
+        self.tick.tick().await;
+    }
+
+    /// Probes the upstream if the stream has been silent; an unanswered probe ends the
+    /// session (it is restarted from the recorded progress).
+    async fn check(&mut self) -> Result<(), LinkError> {
+        if self.last_heard.elapsed() < SILENCE_BEFORE_PROBE {
+            return Ok(());
+        }
+        let (dsn, app, mut probe) = (&self.dsn, &self.app, self.probe.take());
+        let answered = within(PROBE_TIMEOUT, "probing the upstream", async {
+            if probe.as_ref().is_none_or(|c| c.is_closed()) {
+                probe = Some(connect(dsn, app).await.ok()?);
+            }
+            probe.as_ref()?.simple_query("SELECT 1").await.ok()
+        })
+        .await?;
+        match answered {
+            Some(_) => {
+                self.probe = probe;
+                self.heard();
+                Ok(())
+            }
+            None => Err(LinkError::Unresponsive {
+                what: "probing the upstream",
+                after: PROBE_TIMEOUT,
+            }),
         }
     }
 }
@@ -210,14 +289,30 @@ async fn run_session(
         upstream_forwards_others: spec.from_forwards_others,
     };
 
-    let target = connect(&spec.to.dsn, &format!("{app} apply")).await?;
+    let target = within(
+        OPEN_TIMEOUT,
+        "connecting to the target",
+        connect(&spec.to.dsn, &format!("{app} apply")),
+    )
+    .await??;
     let mut apply =
         ApplyWorker::new(target, link.clone(), PgName::origin_of(&spec.to.name)).await?;
     apply.set_careful(careful_txns);
     apply.set_policies(tables);
     let mut progress = apply.progress().await?;
-    release_slot(spec, &slot, &app).await?;
-    let mut stream = NodeStream::open(&spec.from.dsn, &slot, progress, &app).await?;
+    within(
+        OPEN_TIMEOUT,
+        "reaching the upstream",
+        release_slot(spec, &slot, &app),
+    )
+    .await??;
+    let mut stream = within(
+        OPEN_TIMEOUT,
+        "starting the stream",
+        NodeStream::open(&spec.from.dsn, &slot, progress, &app),
+    )
+    .await??;
+    let mut liveness = Liveness::new(spec.from.dsn.clone(), format!("{app} probe"));
     info!(link = %link, from_lsn = %progress, "streaming");
     *healthy = true;
     status.state(LinkState::Streaming, None).await;
@@ -239,9 +334,12 @@ async fn run_session(
             r = apply.settle_next(), if apply.has_in_flight() => r.map_err(LinkError::from),
             // 3. how far the target has flushed: durable commits get acknowledged
             _ = flush_tick.tick(), if apply.needs_flush_check() => apply.check_flush().await.map_err(LinkError::from),
-            // 4. the next event of the stream
+            // 4. a stream silent for a while: is the upstream still reachable?
+            _ = liveness.tick() => liveness.check().await,
+            // 5. the next event of the stream
             ev = stream.recv() => match ev {
                 Ok(Some(ev)) => {
+                    liveness.heard();
                     if let ReplicationEvent::XLogData { server_time_micros, .. }
                     | ReplicationEvent::KeepAlive { server_time_micros, .. } = &ev
                     {

@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod fault_proxy;
+
 use walsync::localpg::LocalCluster;
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
