@@ -241,6 +241,11 @@ impl LocalCluster {
     /// Runs `sql` with `psql -X -v ON_ERROR_STOP=1 -At` as user `postgres` on database
     /// `postgres`; returns its stdout, trimmed (rows on lines, columns separated by `|`).
     pub fn psql(&self, sql: &str) -> Result<String, LocalPgError> {
+        self.psql_in("postgres", sql)
+    }
+
+    /// [`LocalCluster::psql`] on database `db`.
+    pub fn psql_in(&self, db: &str, sql: &str) -> Result<String, LocalPgError> {
         if !self.running {
             return Err(LocalPgError::NotRunning {
                 name: self.name.clone(),
@@ -260,7 +265,7 @@ impl LocalCluster {
             "-p",
         ])
         .arg(&port)
-        .args(["-U", "postgres", "-d", "postgres", "-c"])
+        .args(["-U", "postgres", "-d", db, "-c"])
         .arg(sql);
         let out = spawn_output(&mut cmd, &self.program("psql"))?;
         if !out.status.success() {

@@ -15,26 +15,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn psql_odoo(pg: &LocalCluster, sql: &str) -> String {
-    let out = Command::new("psql")
-        .args([
-            "-X",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-At",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &pg.port().to_string(),
-        ])
-        .args(["-U", "postgres", "-d", "odoo", "-c", sql])
-        .output()
-        .expect("psql");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
+    pg.psql_in("odoo", sql).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A database created as Odoo creates it, with the base-only Odoo dump restored.
