@@ -223,3 +223,49 @@ fn a_column_added_with_values_computed_per_node_is_reported() {
     c.node("a").sql("UPDATE partner SET seen = seen");
     c.wait_converged("partner");
 }
+
+#[test]
+fn the_same_table_created_on_two_nodes_during_a_cut_stops_both_links_until_skipped() {
+    let mut c = TestCluster::new("ddl-twice", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    c.start();
+    for n in &mut c.nodes {
+        n.stop_sidecar();
+    }
+    c.node("a")
+        .sql("CREATE TABLE gift_card (id int PRIMARY KEY, code text)");
+    c.node("b")
+        .sql("CREATE TABLE gift_card (id int PRIMARY KEY, code text)");
+    c.node("a").sql("INSERT INTO gift_card VALUES (1, 'A-1')");
+    c.node("b").sql("INSERT INTO gift_card VALUES (2, 'B-2')");
+    c.start();
+    let (cfg_a, cfg_b) = (
+        c.node("a").config.to_str().unwrap().to_string(),
+        c.node("b").config.to_str().unwrap().to_string(),
+    );
+    for cfg in [&cfg_a, &cfg_b] {
+        wait_for(
+            "the link to stop on the second CREATE TABLE",
+            DEADLINE,
+            || {
+                walsync(&["status", "--config", cfg])
+                    .1
+                    .contains("already exists")
+            },
+            || walsync(&["status", "--config", cfg]).1,
+        );
+    }
+    // Both tables are the same: each node skips the other's statement, the rows follow.
+    for (cfg, other) in [(&cfg_a, "b"), (&cfg_b, "a")] {
+        let (ok, out) = walsync(&[
+            "ddl-replay",
+            "--config",
+            cfg,
+            "--skip",
+            &format!("{other}/1"),
+        ]);
+        assert!(ok, "{out}");
+    }
+    c.wait_rows("a", "gift_card", 2);
+    c.wait_rows("b", "gift_card", 2);
+    c.wait_converged("gift_card");
+}
