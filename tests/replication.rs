@@ -29,11 +29,7 @@ fn two_nodes_write_both_ways() {
     assert_eq!(c.node("b").count("partner"), 2);
 
     // The row keeps its author: b's copy of a's row carries origin walsync_a and a's commit time.
-    let author = c.node("b").sql(
-        "SELECT o.roname FROM partner p, pg_replication_origin o \
-         WHERE p.id = 100002 AND o.roident = (pg_xact_commit_timestamp_origin(p.xmin)).roident",
-    );
-    assert_eq!(author, "walsync_a");
+    assert_eq!(c.node("b").author_of("partner", 100002), "walsync_a");
     let t_a = c
         .node("a")
         .sql("SELECT pg_xact_commit_timestamp(xmin) FROM partner WHERE id = 100002");
@@ -83,11 +79,10 @@ fn star_forwards_a_branch_write_to_the_other_branch_and_nothing_loops() {
         },
     );
     // The forwarded row names its real author on branch2, not the hub.
-    let author = c.node("branch2").sql(
-        "SELECT o.roname FROM product p, pg_replication_origin o \
-         WHERE p.id = 200001 AND o.roident = (pg_xact_commit_timestamp_origin(p.xmin)).roident",
+    assert_eq!(
+        c.node("branch2").author_of("product", 200001),
+        "walsync_branch1"
     );
-    assert_eq!(author, "walsync_branch1");
 }
 
 #[test]

@@ -75,6 +75,15 @@ impl Node {
             .unwrap()
     }
 
+    /// The replication origin that last wrote row `id` of `table` here (empty: this node).
+    pub fn author_of(&self, table: &str, id: i64) -> String {
+        self.sql(&format!(
+            "SELECT coalesce(o.roname, '') FROM {table} t \
+             LEFT JOIN pg_replication_origin o ON o.roident = (pg_xact_commit_timestamp_origin(t.xmin)).roident \
+             WHERE t.id = {id}"
+        ))
+    }
+
     /// Order-independent content checksum of a table.
     pub fn checksum(&self, table: &str) -> String {
         self.sql(&format!(
