@@ -185,7 +185,7 @@ impl Dsn {
     pub fn parse(&self) -> Result<tokio_postgres::Config, ConfigError> {
         self.0
             .parse()
-            .map_err(|e| ConfigError::Invalid(format!("dsn {self} does not parse: {e}")))
+            .map_err(|e| ConfigError::Invalid(format!("dsn {self} does not parse: {e}; use a URL (postgres://user@host:5432/db) or key=value pairs")))
     }
 }
 
@@ -311,10 +311,11 @@ impl Config {
         }
         let mut seen_names = BTreeMap::new();
         let mut seen_ids = BTreeMap::new();
-        let all = std::iter::once(("node", &self.node.name, self.node.id))
-            .chain(self.peers.iter().map(|p| ("peers", &p.name, p.id)));
-        for (section, name, id) in all {
+        let all = std::iter::once(("node", &self.node.name, self.node.id, &self.node.dsn))
+            .chain(self.peers.iter().map(|p| ("peers", &p.name, p.id, &p.dsn)));
+        for (section, name, id, dsn) in all {
             NodeName::parse(name)?;
+            dsn.parse()?;
             if id == 0 || id > step {
                 return Err(ConfigError::Invalid(format!(
                     "{section}: node {name:?} has id {id}; ids go from 1 to cluster.step ({step})"

@@ -158,3 +158,20 @@ fn counter_columns_are_declared_per_table() {
         .to_string();
     assert!(err.contains("countres"), "{err}");
 }
+
+#[test]
+fn a_dsn_that_does_not_parse_is_refused_when_the_config_loads() {
+    let err = load(
+        &BRANCH.replace(
+            "postgres://walsync:s3cret@127.0.0.1:5433/odoo",
+            "host=h port=notaport",
+        ),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("does not parse") && err.contains("port=notaport"),
+        "{err}"
+    );
+}

@@ -16,8 +16,8 @@ pub const SESSION_OPTIONS: &str =
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("{dsn}: {reason}")]
-    Config { dsn: String, reason: String },
+    #[error(transparent)]
+    Dsn(#[from] crate::config::ConfigError),
     #[error("cannot connect to {dsn}: {hint}")]
     Connect {
         dsn: String,
@@ -31,7 +31,7 @@ impl ConnectError {
     /// A wrong password or a missing database will not fix itself by retrying.
     pub fn is_permanent(&self) -> bool {
         match self {
-            ConnectError::Config { .. } => true,
+            ConnectError::Dsn(_) => true,
             ConnectError::Connect { source, .. } => matches!(
                 source.code(),
                 Some(c) if *c == SqlState::INVALID_PASSWORD
@@ -44,11 +44,7 @@ impl ConnectError {
 
 /// Connects with the pinned session settings and spawns the connection task.
 pub async fn connect(dsn: &Dsn, application_name: &str) -> Result<Client, ConnectError> {
-    let mut cfg: tokio_postgres::Config =
-        dsn.expose().parse().map_err(|e| ConnectError::Config {
-            dsn: dsn.to_string(),
-            reason: format!("connection string does not parse: {e}"),
-        })?;
+    let mut cfg = dsn.parse()?;
     cfg.application_name(application_name);
     cfg.options(SESSION_OPTIONS);
     if cfg.get_connect_timeout().is_none() {

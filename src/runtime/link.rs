@@ -71,7 +71,9 @@ impl LinkError {
                 Disposition::RetryCarefully
             }
             LinkError::Connect(e) if e.is_permanent() => Disposition::HaltPeer,
-            LinkError::Stream(e) if e.is_auth() => Disposition::HaltPeer,
+            LinkError::Stream(e) if e.is_auth() || matches!(e, StreamError::Dsn(_)) => {
+                Disposition::HaltPeer
+            }
             LinkError::Apply(
                 ApplyError::Ddl { .. }
                 | ApplyError::MissingTable { .. }

@@ -17,8 +17,8 @@ use crate::node::names::PUBLICATION;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    #[error("{dsn}: {reason}")]
-    Config { dsn: String, reason: String },
+    #[error(transparent)]
+    Dsn(#[from] crate::config::ConfigError),
     #[error("replication stream from {dsn}")]
     Wire {
         dsn: String,
@@ -60,11 +60,7 @@ impl NodeStream {
         application_name: &str,
     ) -> Result<NodeStream, StreamError> {
         let shown = dsn.to_string();
-        let cfg: tokio_postgres::Config =
-            dsn.expose().parse().map_err(|e| StreamError::Config {
-                dsn: shown.clone(),
-                reason: format!("connection string does not parse: {e}"),
-            })?;
+        let cfg = dsn.parse()?;
         let host = match cfg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             #[cfg(unix)]
