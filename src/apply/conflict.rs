@@ -380,39 +380,36 @@ impl ApplyWorker {
             (local_row, local_origin, local_time);
         let remote: (String, i64, String) = (txn.origin, txn.commit_time_us, r.outcome.to_string());
         let client = self.client.clone();
-        let answers = self
-            .pipeline
-            .push(
-                Tag::Other {
-                    what: "recording a conflict",
-                },
-                512,
-                async move {
-                    let [link, kind, schema, table, key, remote_row] = &text;
-                    let (local_row, local_origin, local_time) = &local;
-                    let (remote_origin, remote_time, outcome) = &remote;
-                    client
-                        .execute(
-                            &stmt,
-                            &[
-                                link,
-                                kind,
-                                schema,
-                                table,
-                                key,
-                                local_row,
-                                local_origin,
-                                local_time,
-                                remote_row,
-                                remote_origin,
-                                remote_time,
-                                outcome,
-                            ],
-                        )
-                        .await
-                },
-            )
-            .await;
-        self.settle(answers)
+        self.send(
+            Tag::Other {
+                what: "recording a conflict",
+            },
+            512,
+            async move {
+                let [link, kind, schema, table, key, remote_row] = &text;
+                let (local_row, local_origin, local_time) = &local;
+                let (remote_origin, remote_time, outcome) = &remote;
+                client
+                    .execute(
+                        &stmt,
+                        &[
+                            link,
+                            kind,
+                            schema,
+                            table,
+                            key,
+                            local_row,
+                            local_origin,
+                            local_time,
+                            remote_row,
+                            remote_origin,
+                            remote_time,
+                            outcome,
+                        ],
+                    )
+                    .await
+            },
+        )
+        .await
     }
 }

@@ -329,17 +329,14 @@ impl ApplyWorker {
             .await?;
         let (client, stmt) = (self.client.clone(), self.xact_setup.clone());
         let (lsn, time) = (txn.origin_lsn.to_string(), txn.commit_time_us);
-        let answers = self
-            .pipeline
-            .push(
-                Tag::Other {
-                    what: "setting the origin's lsn and commit time",
-                },
-                64,
-                async move { client.execute(&stmt, &[&lsn, &time]).await },
-            )
-            .await;
-        self.settle(answers)?;
+        self.send(
+            Tag::Other {
+                what: "setting the origin's lsn and commit time",
+            },
+            64,
+            async move { client.execute(&stmt, &[&lsn, &time]).await },
+        )
+        .await?;
         self.open = Some(txn.clone());
         self.rows_in_txn = 0;
         Ok(())
@@ -348,12 +345,21 @@ impl ApplyWorker {
     async fn send_batch(&mut self, sql: String, what: &'static str) -> Result<(), ApplyError> {
         let client = self.client.clone();
         let bytes = sql.len();
-        let answers = self
-            .pipeline
-            .push(Tag::Other { what }, bytes, async move {
-                client.batch_execute(&sql).await.map(|_| 0)
-            })
-            .await;
+        self.send(Tag::Other { what }, bytes, async move {
+            client.batch_execute(&sql).await.map(|_| 0)
+        })
+        .await
+    }
+
+    /// Sends one request through the pipeline and interprets the answers that came back
+    /// meanwhile.
+    async fn send(
+        &mut self,
+        tag: Tag,
+        bytes: usize,
+        request: impl std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'static,
+    ) -> Result<(), ApplyError> {
+        let answers = self.pipeline.push(tag, bytes, request).await;
         self.settle(answers)
     }
 
@@ -471,21 +477,15 @@ impl ApplyWorker {
     pub async fn check_flush(&mut self) -> Result<(), ApplyError> {
         self.flush_check_in_flight = true;
         let client = self.client.clone();
-        let mut answers = self
-            .pipeline
-            .push(Tag::InsertPosition, 64, async move {
-                read_lsn(&client, "SELECT pg_current_wal_insert_lsn()::text").await
-            })
-            .await;
+        self.send(Tag::InsertPosition, 64, async move {
+            read_lsn(&client, "SELECT pg_current_wal_insert_lsn()::text").await
+        })
+        .await?;
         let client = self.client.clone();
-        answers.extend(
-            self.pipeline
-                .push(Tag::FlushPosition, 64, async move {
-                    read_lsn(&client, "SELECT pg_current_wal_flush_lsn()::text").await
-                })
-                .await,
-        );
-        self.settle(answers)
+        self.send(Tag::FlushPosition, 64, async move {
+            read_lsn(&client, "SELECT pg_current_wal_flush_lsn()::text").await
+        })
+        .await
     }
 
     /// Waits for the oldest outstanding answer and interprets it.
@@ -587,13 +587,10 @@ impl ApplyWorker {
         let client = self.client.clone();
         let params = write.params;
         let bytes = params.iter().map(|v| v.as_bytes_len()).sum::<usize>() + 64;
-        let answers = self
-            .pipeline
-            .push(tag, bytes, async move {
-                client.execute_raw(&stmt, params.iter().map(Param)).await
-            })
-            .await;
-        self.settle(answers)
+        self.send(tag, bytes, async move {
+            client.execute_raw(&stmt, params.iter().map(Param)).await
+        })
+        .await
     }
 
     /// The table policies this link applies with (the same on every node).
@@ -702,16 +699,13 @@ impl ApplyWorker {
             .await?;
         let client = self.client.clone();
         let data = run.copy.freeze();
-        let answers = self
-            .pipeline
-            .push(Tag::Copy { relation_id }, data.len(), async move {
-                let sink = client.copy_in::<_, bytes::Bytes>(&stmt).await?;
-                futures_util::pin_mut!(sink);
-                sink.send(data).await?;
-                sink.finish().await
-            })
-            .await;
-        self.settle(answers)
+        self.send(Tag::Copy { relation_id }, data.len(), async move {
+            let sink = client.copy_in::<_, bytes::Bytes>(&stmt).await?;
+            futures_util::pin_mut!(sink);
+            sink.send(data).await?;
+            sink.finish().await
+        })
+        .await
     }
 
     pub async fn truncate(&mut self, t: &Truncate) -> Result<(), ApplyError> {
@@ -759,29 +753,23 @@ impl ApplyWorker {
         let (client, stmt) = (self.client.clone(), self.record_progress.clone());
         let (link, end, time) = (self.link.clone(), end_lsn.to_string(), txn.commit_time_us);
         let previous = std::mem::replace(&mut self.last_progress, end_lsn).to_string();
-        let answers = self
-            .pipeline
-            .push(
-                Tag::Other {
-                    what: "recording the link's progress",
-                },
-                128,
-                async move {
-                    client
-                        .execute(&stmt, &[&link, &end, &time, &previous])
-                        .await
-                },
-            )
-            .await;
-        self.settle(answers)?;
+        self.send(
+            Tag::Other {
+                what: "recording the link's progress",
+            },
+            128,
+            async move {
+                client
+                    .execute(&stmt, &[&link, &end, &time, &previous])
+                    .await
+            },
+        )
+        .await?;
         let client = self.client.clone();
-        let answers = self
-            .pipeline
-            .push(Tag::Commit { end_lsn }, 64, async move {
-                client.batch_execute("COMMIT").await.map(|_| 0)
-            })
-            .await;
-        self.settle(answers)?;
+        self.send(Tag::Commit { end_lsn }, 64, async move {
+            client.batch_execute("COMMIT").await.map(|_| 0)
+        })
+        .await?;
         Ok(self.rows_in_txn)
     }
 }
