@@ -97,6 +97,24 @@ pub struct TablePolicy {
     /// (new - old) on every node, so concurrent changes are all kept.
     #[serde(default)]
     pub counters: Vec<String>,
+    /// A node whose version wins any conflict it is part of ("main wins"); between two
+    /// other nodes, last-writer-wins still decides.
+    #[serde(default)]
+    pub prefer: Option<String>,
+    /// `row` (default): a conflicting update wins or loses as a whole. `columns`: an
+    /// update writes only the columns it changed, so concurrent edits of different
+    /// columns of one row both survive (needs REPLICA IDENTITY FULL, which init sets).
+    #[serde(default)]
+    pub merge: MergeMode,
+}
+
+/// How much of a row one conflict decision covers.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MergeMode {
+    #[default]
+    Row,
+    Columns,
 }
 
 impl TablePolicy {
@@ -369,11 +387,16 @@ impl Config {
                     t.name
                 )));
             }
-            if t.counters.is_empty() {
+            if t.counters.is_empty() && t.prefer.is_none() && t.merge == MergeMode::Row {
                 return Err(ConfigError::Invalid(format!(
-                    "[[tables]] {:?} sets no policy (counters = [\"column\", ...])",
+                    "[[tables]] {:?} sets no policy (counters = [\"column\", ...], prefer = \"node\" or merge = \"columns\")",
                     t.name
                 )));
+            }
+            if let Some(p) = &t.prefer {
+                NodeName::parse(p).map_err(|e| {
+                    ConfigError::Invalid(format!("[[tables]] {:?}: prefer: {e}", t.name))
+                })?;
             }
         }
         if self.apply.reconnect_min_ms == 0
@@ -463,7 +486,7 @@ fn apply_env(
         let rest = &var["WALSYNC_".len()..];
         let lower = rest.to_ascii_lowercase();
         // Variables that are not config keys but belong to the binary itself.
-        if matches!(lower.as_str(), "config" | "log")
+        if matches!(lower.as_str(), "config" | "log" | "start_timeout")
             || NOT_CONFIG_PREFIXES.iter().any(|p| lower.starts_with(p))
         {
             continue;

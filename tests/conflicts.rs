@@ -358,3 +358,195 @@ fn a_sequence_created_after_init_is_partitioned_by_the_running_sidecar() {
         "new tables get REPLICA IDENTITY FULL too"
     );
 }
+
+const USERS: &str = "
+CREATE TABLE res_users (id serial PRIMARY KEY, login varchar(64) NOT NULL UNIQUE, barcode text UNIQUE, name text);
+CREATE TABLE sale (id serial PRIMARY KEY, user_id integer NOT NULL REFERENCES res_users(id), amount numeric NOT NULL);
+";
+
+#[test]
+fn users_created_on_two_branches_with_the_same_login_both_stay_and_the_older_is_renamed() {
+    let schema = format!("{RETAIL_SCHEMA}{USERS}");
+    let mut c = TestCluster::new(
+        "samelogin",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        &schema,
+    );
+    c.start();
+    cut(&mut c);
+    // branch1 first: alice (badge B1) and bob (badge B2), each selling.
+    c.node("branch1").sql(
+        "INSERT INTO res_users (login, barcode, name) VALUES ('alice', 'B1', 'Alice at 1'), ('bob', 'B2', 'Bob');
+         INSERT INTO sale (user_id, amount) SELECT id, 10 FROM res_users;",
+    );
+    // branch2 later: another alice, with bob's badge: two unique keys meet at once.
+    c.node("branch2").sql(
+        "INSERT INTO res_users (login, barcode, name) VALUES ('alice', 'B2', 'Alice at 2');
+         INSERT INTO sale (user_id, amount) SELECT id, 20 FROM res_users;",
+    );
+    heal(&mut c);
+    for t in ["res_users", "sale"] {
+        c.wait_converged(t);
+    }
+    let main = c.node("main");
+    assert_eq!(main.count("res_users"), 3, "no user is thrown away");
+    assert_eq!(main.count("sale"), 3, "every sale is there");
+    assert_eq!(
+        main.sql("SELECT count(*) FROM sale s JOIN res_users u ON u.id = s.user_id"),
+        "3",
+        "every sale still points at its user"
+    );
+    let id_of = |name: &str| main.sql(&format!("SELECT id FROM res_users WHERE name = '{name}'"));
+    let (alice1, bob) = (id_of("Alice at 1"), id_of("Bob"));
+    // The later writer keeps both values; each older row is renamed where it lost.
+    assert_eq!(
+        main.sql("SELECT login || '/' || barcode FROM res_users ORDER BY name"),
+        format!("alice [conflict #{alice1}]/B1\nalice/B2\nbob/B2 [conflict #{bob}]")
+    );
+    // Every decision is on record, with the rule and what was renamed.
+    let records = |n: &Node| {
+        n.sql(
+            "SELECT kind || '|' || rule || '|' || outcome || '|' || detail FROM walsync.conflicts \
+             WHERE table_name = 'res_users' ORDER BY detail",
+        )
+    };
+    wait_for(
+        "main to record both collisions",
+        DEADLINE,
+        || records(c.node("main")).lines().count() == 2,
+        || c.logs(),
+    );
+    let at_main = records(c.node("main"));
+    assert!(
+        at_main.contains("|last_writer_wins|")
+            && at_main
+                .contains("_renamed|unique key res_users_login_key: login = \"alice [conflict #"),
+        "{at_main}"
+    );
+    assert!(
+        at_main.contains("_renamed|unique key res_users_barcode_key: barcode = \"B2 [conflict #"),
+        "{at_main}"
+    );
+}
+
+#[test]
+fn an_update_onto_a_login_another_node_just_created_is_settled_the_same_everywhere() {
+    let schema = format!("{RETAIL_SCHEMA}{USERS}");
+    let mut c = TestCluster::new("updexists", Topology::Mesh, &["a", "b"], &schema);
+    c.start();
+    c.node("a")
+        .sql("INSERT INTO res_users (id, login, name) VALUES (1, 'bob', 'Bob')");
+    c.wait_rows("b", "res_users", 1);
+    cut(&mut c);
+    c.node("a")
+        .sql("UPDATE res_users SET login = 'carol' WHERE id = 1");
+    c.node("b")
+        .sql("INSERT INTO res_users (id, login, name) VALUES (2, 'carol', 'Carol')"); // later: wins
+    heal(&mut c);
+    c.wait_converged("res_users");
+    assert_eq!(
+        c.node("a")
+            .sql("SELECT id || '=' || login FROM res_users ORDER BY id"),
+        "1=carol [conflict #1]\n2=carol"
+    );
+    wait_for(
+        "b to record update_exists",
+        DEADLINE,
+        || !conflicts(c.node("b"), "update_exists").is_empty(),
+        || c.logs(),
+    );
+    assert_eq!(
+        conflicts(c.node("b"), "update_exists"),
+        ["remote_renamed|Carol|Bob"]
+    );
+}
+
+#[test]
+fn a_preferred_node_wins_its_conflicts_whatever_the_clock_says() {
+    let policy = "[[tables]]\nname = \"product\"\nprefer = \"main\"\n";
+    let mut c = TestCluster::new_with(
+        "prefer",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+        policy,
+    );
+    c.start();
+    c.node("main")
+        .sql("INSERT INTO product (id, name, price) VALUES (1, 'Soap', 2)");
+    c.wait_converged("product");
+    cut(&mut c);
+    c.node("main")
+        .sql("UPDATE product SET price = 3 WHERE id = 1");
+    c.node("branch1")
+        .sql("UPDATE product SET price = 9 WHERE id = 1"); // later, but main is preferred
+    heal(&mut c);
+    c.wait_converged("product");
+    assert_eq!(
+        c.node("branch2")
+            .sql("SELECT price FROM product WHERE id = 1"),
+        "3.00"
+    );
+    wait_for(
+        "branch1 to record the decision",
+        DEADLINE,
+        || {
+            c.node("branch1")
+                .sql("SELECT rule || '|' || outcome FROM walsync.conflicts")
+                == "prefer_node|remote_applied"
+        },
+        || c.logs(),
+    );
+}
+
+#[test]
+fn column_merge_keeps_concurrent_edits_of_different_fields_of_one_record() {
+    let policy = "[[tables]]\nname = \"partner\"\nmerge = \"columns\"\n";
+    let mut c = TestCluster::new_with(
+        "colmerge",
+        Topology::Mesh,
+        &["a", "b"],
+        RETAIL_SCHEMA,
+        policy,
+    );
+    c.start();
+    c.node("a").sql(
+        "INSERT INTO partner (id, name, email) VALUES (1, 'Ana', 'ana@shop'), (2, 'Bo', 'bo@shop')",
+    );
+    c.wait_rows("b", "partner", 2);
+    cut(&mut c);
+    c.node("a").sql(
+        "UPDATE partner SET name = 'Ana Lima' WHERE id = 1; UPDATE partner SET email = 'bo@a' WHERE id = 2",
+    );
+    c.node("b").sql(
+        "UPDATE partner SET email = 'ana@home' WHERE id = 1; UPDATE partner SET email = 'bo@b' WHERE id = 2",
+    );
+    heal(&mut c);
+    c.wait_converged("partner");
+    assert_eq!(
+        c.node("a")
+            .sql("SELECT name || ' ' || email FROM partner ORDER BY id"),
+        "Ana Lima ana@home\nBo bo@b",
+        "different fields both survive; the same field goes to the later writer"
+    );
+    wait_for(
+        "the same-field edit to be recorded on both nodes",
+        DEADLINE,
+        || {
+            c.nodes.iter().all(|n| {
+                n.sql("SELECT count(*) FROM walsync.conflicts WHERE rule = 'column_merge' AND key->>'id' = '2'")
+                    == "1"
+            })
+        },
+        || c.logs(),
+    );
+    for n in &c.nodes {
+        assert_eq!(
+            n.sql("SELECT count(*) FROM walsync.conflicts WHERE key->>'id' = '1'"),
+            "0",
+            "edits of different fields are no conflict on {}",
+            n.name
+        );
+    }
+}

@@ -3,7 +3,7 @@
 use tokio_postgres::Client;
 
 use super::ApplyError;
-use crate::merge::statements::TargetTable;
+use crate::merge::statements::{TargetTable, UniqueKey};
 
 /// The table `schema.name` on the target: its writable columns (generated and dropped
 /// ones left out) and the columns of its primary key, or else its replica identity index.
@@ -46,16 +46,76 @@ pub async fn target_table(
         &what(),
     )
     .await?;
-    let key = key_names
+    let key: Vec<usize> = key_names
         .iter()
         .filter_map(|k| columns.iter().position(|c| c == k))
+        .collect();
+    let uniques = unique_keys(client, oid, &columns, &what())
+        .await?
+        .into_iter()
+        .filter(|u| u.columns != key)
         .collect();
     Ok(Some(TargetTable {
         schema: schema.to_string(),
         name: name.to_string(),
         columns,
         key,
+        uniques,
     }))
+}
+
+/// The table's unique keys other than the primary key, on plain columns and enforced at
+/// once (an expression, a predicate or a deferred check is left out: its collisions stop
+/// the link with an error instead of being settled).
+async fn unique_keys(
+    client: &Client,
+    oid: u32,
+    columns: &[String],
+    what: &str,
+) -> Result<Vec<UniqueKey>, ApplyError> {
+    let rows = client
+        .query(
+            "SELECT c.relname::text, \
+               array_agg(a.attname::text ORDER BY k.ord), \
+               array_agg(t.typname::text ORDER BY k.ord), \
+               array_agg(a.atttypmod ORDER BY k.ord) \
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             JOIN pg_type t ON t.oid = a.atttypid \
+             WHERE i.indrelid = $1 AND i.indisunique AND NOT i.indisprimary AND i.indimmediate \
+               AND i.indpred IS NULL AND i.indexprs IS NULL \
+             GROUP BY c.relname ORDER BY c.relname",
+            &[&oid],
+        )
+        .await
+        .map_err(ApplyError::sql(what))?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            let names: Vec<String> = r.get(1);
+            let types: Vec<String> = r.get(2);
+            let typmods: Vec<i32> = r.get(3);
+            let idx: Option<Vec<usize>> = names
+                .iter()
+                .map(|n| columns.iter().position(|c| c == n))
+                .collect();
+            let idx = idx?;
+            let renamable = (0..idx.len())
+                .find(|&i| matches!(types[i].as_str(), "text" | "varchar" | "citext"))
+                .map(|i| {
+                    // varchar(n) stores n + 4 (the varlena header) in atttypmod.
+                    let limit = (types[i] == "varchar" && typmods[i] > 4)
+                        .then(|| (typmods[i] - 4) as usize);
+                    (idx[i], limit)
+                });
+            Some(UniqueKey {
+                name: r.get(0),
+                columns: idx,
+                renamable,
+            })
+        })
+        .collect())
 }
 
 /// The first column of every row of `sql` run with the table's oid.

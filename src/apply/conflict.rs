@@ -5,7 +5,9 @@
 //! [`crate::merge::conflict`] and record every conflict in `walsync.conflicts` in the same
 //! target transaction. Inserts take the fast path (pipelined, COPY) and come here only
 //! when the fast path hit a unique key: the link then re-applies that transaction in
-//! careful mode ([`ApplyWorker::set_careful`]).
+//! careful mode ([`ApplyWorker::set_careful`]). In careful mode, inserts and updates
+//! first settle any collision on a unique key other than the primary key: both rows stay,
+//! the loser's text value is renamed (decision 0004).
 
 use serde_json::Value as Json;
 use tokio_postgres::types::Type;
@@ -14,10 +16,10 @@ use super::param::Param;
 use super::pipeline::Tag;
 use super::{ApplyError, ApplyWorker, RemoteTxn};
 use crate::merge::conflict::{
-    decide_change, decide_insert_exists, old_image_matches, row_image, ConflictKind, Decision,
-    Version,
+    merge_columns, old_image_matches, renamed, row_image, ConflictKind, Decision, Version,
+    COLUMN_MERGE,
 };
-use crate::merge::statements::{RowWrite, Shape};
+use crate::merge::statements::{RowWrite, Shape, UniqueKey};
 use crate::pgoutput::{Delete, Insert, OldTuple, Tuple, Update, Value};
 
 /// The local version of a row, read under a row lock.
@@ -33,7 +35,16 @@ struct Record {
     key: Json,
     local: Option<(Json, Version)>,
     remote: Json,
+    rule: &'static str,
     outcome: &'static str,
+    /// What a rename wrote (unique-key collisions only).
+    detail: Option<String>,
+}
+
+/// A local row that holds an incoming row's values on a unique key (not the primary key).
+struct Collision {
+    unique: UniqueKey,
+    local: LocalRow,
 }
 
 impl ApplyWorker {
@@ -49,14 +60,25 @@ impl ApplyWorker {
         relation_id: u32,
         key: &[Value],
     ) -> Result<Option<LocalRow>, ApplyError> {
+        let mut rows = self.read_locked(relation_id, Shape::ReadLocal, key).await?;
+        Ok(rows.pop())
+    }
+
+    /// Reads the local rows a `Shape::ReadLocal`-like shape selects with `params`, locked.
+    async fn read_locked(
+        &mut self,
+        relation_id: u32,
+        shape: Shape,
+        params: &[Value],
+    ) -> Result<Vec<LocalRow>, ApplyError> {
         self.flush_inserts().await?;
-        let stmt = self.statement(relation_id, Shape::ReadLocal).await?;
+        let stmt = self.statement(relation_id, shape).await?;
         // A direct request: everything in flight is settled first (see `begin`).
         self.flush().await?;
-        let what = || format!("reading the local row of {}", self.table_name(relation_id));
+        let what = || format!("reading local rows of {}", self.table_name(relation_id));
         let stream = self
             .client
-            .query_raw(&stmt, key.iter().map(Param))
+            .query_raw(&stmt, params.iter().map(Param))
             .await
             .map_err(|source| ApplyError::Sql {
                 what: what(),
@@ -65,25 +87,21 @@ impl ApplyWorker {
         futures_util::pin_mut!(stream);
         let mut rows = Vec::with_capacity(1);
         while let Some(row) = futures_util::StreamExt::next(&mut stream).await {
-            rows.push(row.map_err(|source| ApplyError::Sql {
+            let row = row.map_err(|source| ApplyError::Sql {
                 what: what(),
                 source,
-            })?);
+            })?;
+            let n = row.len() - 2;
+            let origin: Option<String> = row.get(n);
+            rows.push(LocalRow {
+                values: (0..n).map(|i| row.get::<_, Option<String>>(i)).collect(),
+                version: Version {
+                    origin: origin.unwrap_or_else(|| self.local_origin.clone()),
+                    commit_time_us: row.get(n + 1),
+                },
+            });
         }
-        let Some(row) = rows.first() else {
-            return Ok(None);
-        };
-        let n = row.len() - 2;
-        let values = (0..n).map(|i| row.get::<_, Option<String>>(i)).collect();
-        let origin: Option<String> = row.get(n);
-        let commit_time_us: Option<i64> = row.get(n + 1);
-        Ok(Some(LocalRow {
-            values,
-            version: Version {
-                origin: origin.unwrap_or_else(|| self.local_origin.clone()),
-                commit_time_us,
-            },
-        }))
+        Ok(rows)
     }
 
     fn remote_version(&self) -> Version {
@@ -97,14 +115,7 @@ impl ApplyWorker {
     /// The local row as a JSON image (target column names).
     fn local_image(&self, relation_id: u32, local: &LocalRow) -> Json {
         let map = self.map_for(relation_id).expect("mapped");
-        let values: Vec<Value> = local
-            .values
-            .iter()
-            .map(|v| match v {
-                Some(s) => Value::Text(bytes::Bytes::copy_from_slice(s.as_bytes())),
-                None => Value::Null,
-            })
-            .collect();
+        let values: Vec<Value> = local.values.iter().map(value_of).collect();
         row_image(&map.target.columns, &values)
     }
 
@@ -128,11 +139,7 @@ impl ApplyWorker {
         let (Some(OldTuple::Full(old)), Some(local)) = (old, local) else {
             return false;
         };
-        let map = self.map_for(relation_id).expect("mapped");
-        let in_source_order: Vec<Option<String>> = (0..old.0.len())
-            .map(|i| local.values[map.target_index_of_source(i)].clone())
-            .collect();
-        old_image_matches(old, &in_source_order)
+        old_image_matches(old, &self.in_source_order(relation_id, local))
     }
 
     /// Reads the local row with `key` (locked) and decides an update or delete made on
@@ -145,7 +152,7 @@ impl ApplyWorker {
         old: Option<&OldTuple>,
     ) -> Result<(Option<LocalRow>, Decision), ApplyError> {
         let local = self.read_local(id, key).await?;
-        let decision = decide_change(
+        let decision = self.policy_of(id).rule.decide_change(
             is_delete,
             &self.remote_version(),
             local.as_ref().map(|l| &l.version),
@@ -157,21 +164,55 @@ impl ApplyWorker {
     pub async fn update(&mut self, upd: &Update) -> Result<(), ApplyError> {
         let id = upd.relation_id;
         self.ensure_map(id).await?;
-        let counters = self.counters_of(id);
-        if !counters.is_empty() {
+        let policy = self.policy_of(id);
+        if !policy.counters.is_empty() {
             if let Some(OldTuple::Full(old)) = &upd.old {
                 return self
-                    .update_with_counters(id, old, &upd.new, &counters)
+                    .update_with_counters(id, old, &upd.new, &policy.counters)
                     .await;
             }
             tracing::warn!(link = %self.link, table = %self.table_name(id), "counter columns need REPLICA IDENTITY FULL on the upstream (walsync init sets it); this update overwrites them");
         }
         let map = self.map_for(id).expect("mapped");
         let key = map.key_values(upd.old.as_ref(), Some(&upd.new))?;
-        let write = map.update(upd.old.as_ref(), &upd.new)?;
-        let (local, decision) = self
+        let (local, mut decision) = self
             .decide_against_local(id, &key, false, upd.old.as_ref())
             .await?;
+        let mut new = upd.new.clone();
+        if let (
+            true,
+            Some(OldTuple::Full(old)),
+            Some(l),
+            Decision::ApplyAndRecord(..) | Decision::SkipAndRecord(..),
+        ) = (policy.merge_columns, &upd.old, &local, decision)
+        {
+            // Column-level merge: only what this update changed, and what no one else did.
+            let in_source_order = self.in_source_order(id, l);
+            let remote_wins = policy
+                .rule
+                .remote_wins(&self.remote_version(), &l.version)
+                .0;
+            let (write, conflicted) = merge_columns(old, &upd.new, &in_source_order, remote_wins);
+            for (v, w) in new.0.iter_mut().zip(write) {
+                if !w {
+                    *v = Value::UnchangedToast;
+                }
+            }
+            decision = if conflicted {
+                Decision::ApplyAndRecord(ConflictKind::UpdateOriginDiffers, COLUMN_MERGE)
+            } else {
+                Decision::Apply
+            };
+        }
+        if self.is_careful() && !matches!(decision, Decision::SkipAndRecord(..)) {
+            new = self
+                .settle_unique_keys(id, new, &key, ConflictKind::UpdateExists)
+                .await?;
+        }
+        let write = self
+            .map_for(id)
+            .expect("mapped")
+            .update(upd.old.as_ref(), &new)?;
         let remote_image = self.source_image(id, &upd.new);
         self.carry_out(id, decision, write, &key, local, remote_image)
             .await
@@ -217,7 +258,7 @@ impl ApplyWorker {
         if local.is_some() {
             // The other columns follow the row's decision, as a whole (last writer wins),
             // and only when this update changed any of them.
-            let set_others = others_changed && !matches!(decision, Decision::SkipAndRecord(_));
+            let set_others = others_changed && !matches!(decision, Decision::SkipAndRecord(..));
             let map = self.map_for(id).expect("mapped");
             if let Some(write) = map.update_counters(old, new, counters, set_others)? {
                 let tag = Tag::Row { relation_id: id };
@@ -247,14 +288,21 @@ impl ApplyWorker {
             .await
     }
 
-    /// Careful insert: does nothing if a unique key holds the row already; then decides.
+    /// Careful insert: settles collisions on other unique keys, then does nothing if the
+    /// primary key holds a row already; then decides.
     pub(super) async fn insert_carefully(&mut self, ins: &Insert) -> Result<(), ApplyError> {
         let id = ins.relation_id;
         self.flush_inserts().await?;
+        let key = self
+            .map_for(id)
+            .expect("mapped")
+            .key_values(None, Some(&ins.new))?;
+        let new = self
+            .settle_unique_keys(id, ins.new.clone(), &key, ConflictKind::InsertExists)
+            .await?;
         let map = self.map_for(id).expect("mapped");
-        let write = map.insert(&ins.new)?;
-        let key = map.key_values(None, Some(&ins.new))?;
-        let overwrite = map.overwrite(&ins.new)?;
+        let write = map.insert(&new)?;
+        let overwrite = map.overwrite(&new)?;
         let Shape::Insert { columns, .. } = write.shape else {
             unreachable!("RelationMap::insert makes Shape::Insert");
         };
@@ -279,16 +327,167 @@ impl ApplyWorker {
                 table: self.table_name(id),
                 kind: "insert_exists",
                 detail: format!(
-                    "the row {} collides with a different row here on a unique key other than the primary key; \
+                    "the row {} collides with a different row here on a unique index walsync cannot settle \
+                     (an expression or partial index, or a deferred constraint); \
                      resolve it by hand (change or remove one of the two rows), then the link resumes",
                     self.source_image(id, &ins.new)
                 ),
             });
         };
-        let decision = decide_insert_exists(&self.remote_version(), &local.version);
+        let decision = self
+            .policy_of(id)
+            .rule
+            .decide_insert_exists(&self.remote_version(), &local.version);
         let remote_image = self.source_image(id, &ins.new);
         self.carry_out(id, decision, overwrite, &key, Some(local), remote_image)
             .await
+    }
+
+    /// Makes room for the incoming row `new` (source order; its primary key `key`) on
+    /// every unique key other than the primary key. A local row that holds the same values
+    /// meets it: the rule decides, both rows stay, and the loser's text column in that key
+    /// gets [`renamed`] — the local row by an update, the incoming one in what is returned.
+    /// Every node meets the same pair and renames the same row to the same value.
+    async fn settle_unique_keys(
+        &mut self,
+        id: u32,
+        mut new: Tuple,
+        key: &[Value],
+        mut kind: ConflictKind,
+    ) -> Result<Tuple, ApplyError> {
+        let map = self.map_for(id).expect("mapped");
+        let uniques = map.target.uniques.clone();
+        let key_text = texts(key);
+        let mut collisions = Vec::new();
+        for unique in uniques {
+            let map = self.map_for(id).expect("mapped");
+            let values: Option<Vec<Value>> = unique
+                .columns
+                .iter()
+                .map(
+                    |&c| match map.source_index_of_target(c).map(|s| &new.0[s]) {
+                        Some(v @ Value::Text(_)) | Some(v @ Value::Binary(_)) => Some(v.clone()),
+                        // NULLs never collide; an unsent column is not changed by this write.
+                        _ => None,
+                    },
+                )
+                .collect();
+            let Some(values) = values else { continue };
+            let shape = Shape::ReadByColumns {
+                columns: unique.columns.clone(),
+            };
+            for local in self.read_locked(id, shape, &values).await? {
+                if self.key_of_local(id, &local) != key_text {
+                    collisions.push(Collision {
+                        unique: unique.clone(),
+                        local,
+                    });
+                }
+            }
+        }
+        if collisions.len() > 1 {
+            kind = ConflictKind::MultipleUniqueConflicts;
+        }
+        let remote = self.remote_version();
+        let rule = self.policy_of(id).rule;
+        for Collision { unique, local } in collisions {
+            let Some((column, limit)) = unique.renamable else {
+                return Err(self.unsettled(
+                    id,
+                    &unique,
+                    &new,
+                    "it has no text column to rename the losing row's value in",
+                ));
+            };
+            let (remote_wins, rule_name) = rule.remote_wins(&remote, &local.version);
+            let map = self.map_for(id).expect("mapped");
+            let (loser_value, loser_key) = if remote_wins {
+                (local.values[column].clone(), self.key_of_local(id, &local))
+            } else {
+                let s = map
+                    .source_index_of_target(column)
+                    .expect("a collision was read with it");
+                (text_of(&new.0[s]), key_text.clone())
+            };
+            let Some(value) = renamed(&loser_value.unwrap_or_default(), &loser_key, limit) else {
+                return Err(self.unsettled(
+                    id,
+                    &unique,
+                    &new,
+                    "its text column is too short to hold a renamed value",
+                ));
+            };
+            let outcome = if remote_wins {
+                "local_renamed"
+            } else {
+                "remote_renamed"
+            };
+            let detail = format!(
+                "unique key {}: {} = {}",
+                unique.name,
+                map.target.columns[column],
+                Json::String(value.clone())
+            );
+            let renamed_value = Value::Text(bytes::Bytes::from(value.into_bytes()));
+            if remote_wins {
+                let mut params = vec![renamed_value];
+                params.extend(map.target.key.iter().map(|&k| value_of(&local.values[k])));
+                let write = RowWrite {
+                    shape: Shape::Update { set: vec![column] },
+                    params,
+                };
+                self.execute(id, write, Tag::Row { relation_id: id })
+                    .await?;
+            } else {
+                let s = map
+                    .source_index_of_target(column)
+                    .expect("a collision was read with it");
+                new.0[s] = renamed_value;
+            }
+            let record = Record {
+                kind,
+                key: self.key_image(id, key),
+                local: Some((self.local_image(id, &local), local.version)),
+                remote: self.source_image(id, &new),
+                rule: rule_name,
+                outcome,
+                detail: Some(detail),
+            };
+            self.record(id, record).await?;
+        }
+        Ok(new)
+    }
+
+    /// The error for a collision on `unique` that cannot be settled by renaming.
+    fn unsettled(&self, id: u32, unique: &UniqueKey, new: &Tuple, why: &str) -> ApplyError {
+        ApplyError::Conflict {
+            table: self.table_name(id),
+            kind: "insert_exists",
+            detail: format!(
+                "the row {} collides with another row here on unique key {}, and {why}; \
+                 resolve it by hand (change or remove one of the two rows), then the link resumes",
+                self.source_image(id, new),
+                unique.name
+            ),
+        }
+    }
+
+    /// A local row's primary key values as text (target key order).
+    fn key_of_local(&self, id: u32, local: &LocalRow) -> Vec<String> {
+        let map = self.map_for(id).expect("mapped");
+        map.target
+            .key
+            .iter()
+            .map(|&k| local.values[k].clone().unwrap_or_default())
+            .collect()
+    }
+
+    /// The local row in source column order (for comparing with sent images).
+    fn in_source_order(&self, id: u32, local: &LocalRow) -> Vec<Option<String>> {
+        let map = self.map_for(id).expect("mapped");
+        (0..map.source_column_names().len())
+            .map(|i| local.values[map.target_index_of_source(i)].clone())
+            .collect()
     }
 
     /// Writes (or not) and records, as decided.
@@ -303,14 +502,21 @@ impl ApplyWorker {
     ) -> Result<(), ApplyError> {
         let (apply, record) = match decision {
             Decision::Apply => (true, None),
-            Decision::ApplyAndRecord(kind) => (true, Some((kind, "remote_applied"))),
-            Decision::SkipAndRecord(kind) => {
+            Decision::ApplyAndRecord(kind, rule) => {
+                let outcome = if rule == COLUMN_MERGE {
+                    "columns_merged"
+                } else {
+                    "remote_applied"
+                };
+                (true, Some((kind, rule, outcome)))
+            }
+            Decision::SkipAndRecord(kind, rule) => {
                 let outcome = if local.is_some() {
                     "local_kept"
                 } else {
                     "skipped"
                 };
-                (false, Some((kind, outcome)))
+                (false, Some((kind, rule, outcome)))
             }
         };
         if apply {
@@ -319,13 +525,15 @@ impl ApplyWorker {
                 self.execute(relation_id, write, tag).await?;
             }
         }
-        if let Some((kind, outcome)) = record {
+        if let Some((kind, rule, outcome)) = record {
             let record = Record {
                 kind,
                 key: self.key_image(relation_id, key),
                 local: local.map(|l| (self.local_image(relation_id, &l), l.version)),
                 remote: remote_image,
+                rule,
                 outcome,
+                detail: None,
             };
             self.record(relation_id, record).await?;
         }
@@ -344,9 +552,9 @@ impl ApplyWorker {
                 .prepare_typed(
                     &format!(
                         "INSERT INTO walsync.conflicts (link, kind, table_schema, table_name, key, local_row, \
-                           local_origin, local_commit_time, remote_row, remote_origin, remote_commit_time, rule, outcome) \
+                           local_origin, local_commit_time, remote_row, remote_origin, remote_commit_time, rule, outcome, detail) \
                          VALUES ($1, $2, $3, $4, $5::text::jsonb, $6::text::jsonb, $7, {}, $9::text::jsonb, $10, {}, \
-                           'last_writer_wins', $12)",
+                           $12, $13, $14)",
                         super::timestamp_sql("$8::int8"),
                         super::timestamp_sql("$11::int8")
                     ),
@@ -378,7 +586,13 @@ impl ApplyWorker {
         ];
         let local: (Option<String>, Option<String>, Option<i64>) =
             (local_row, local_origin, local_time);
-        let remote: (String, i64, String) = (txn.origin, txn.commit_time_us, r.outcome.to_string());
+        let remote: (String, i64, String, String, Option<String>) = (
+            txn.origin,
+            txn.commit_time_us,
+            r.rule.to_string(),
+            r.outcome.to_string(),
+            r.detail,
+        );
         let client = self.client.clone();
         self.send(
             Tag::Other {
@@ -388,7 +602,7 @@ impl ApplyWorker {
             async move {
                 let [link, kind, schema, table, key, remote_row] = &text;
                 let (local_row, local_origin, local_time) = &local;
-                let (remote_origin, remote_time, outcome) = &remote;
+                let (remote_origin, remote_time, rule, outcome, detail) = &remote;
                 client
                     .execute(
                         &stmt,
@@ -404,7 +618,9 @@ impl ApplyWorker {
                             remote_row,
                             remote_origin,
                             remote_time,
+                            rule,
                             outcome,
+                            detail,
                         ],
                     )
                     .await
@@ -412,4 +628,28 @@ impl ApplyWorker {
         )
         .await
     }
+}
+
+/// A local value (text, or NULL) as a value to send.
+fn value_of(v: &Option<String>) -> Value {
+    match v {
+        Some(s) => Value::Text(bytes::Bytes::copy_from_slice(s.as_bytes())),
+        None => Value::Null,
+    }
+}
+
+/// A sent value as text (`None`: NULL, binary or not sent).
+fn text_of(v: &Value) -> Option<String> {
+    match v {
+        Value::Text(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        _ => None,
+    }
+}
+
+/// Key values as text, to compare with a local row's.
+fn texts(values: &[Value]) -> Vec<String> {
+    values
+        .iter()
+        .map(|v| text_of(v).unwrap_or_default())
+        .collect()
 }

@@ -28,7 +28,9 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
+use crate::config::{MergeMode, TablePolicy};
 use crate::lsn::Lsn;
+use crate::merge::conflict::Rule;
 use crate::merge::replicates_relation;
 use crate::merge::statements::{
     batch_sizes, copy_text_row, RelationMap, RowWrite, Shape, StatementError,
@@ -59,10 +61,10 @@ pub enum ApplyError {
         statement: String,
         reason: String,
     },
-    /// An insert on the fast path met an existing key: its transaction is applied again
-    /// in careful mode, where the conflict is decided and recorded.
+    /// An insert or update on the fast path met an existing key: its transaction is
+    /// applied again in careful mode, where the conflict is decided and recorded.
     #[error(
-        "{table}: an insert met an existing key ({detail}); re-applying its transaction row by row"
+        "{table}: a change met an existing key ({detail}); re-applying its transaction row by row"
     )]
     FastPathHitUniqueKey { table: String, detail: String },
     #[error(
@@ -97,8 +99,17 @@ struct RelationEntry {
     source: Relation,
     /// `None` until the first change needs it (the target catalog is read then).
     map: Option<RelationMap>,
-    /// Source column indexes of the relation's counter columns (from the table policy).
+    /// How its conflicts are decided (from the table policy, set with the map).
+    policy: RelationPolicy,
+}
+
+/// A table policy resolved against one source relation.
+#[derive(Debug, Clone, Default)]
+struct RelationPolicy {
+    /// Source column indexes of the counter columns.
     counters: Vec<usize>,
+    rule: Rule,
+    merge_columns: bool,
 }
 
 /// The remote transaction being applied: what its commit needs.
@@ -157,8 +168,8 @@ pub struct ApplyWorker {
     careful_txns: u32,
     /// The progress the next applied transaction builds on (see `record_progress`).
     last_progress: Lsn,
-    /// Counter columns per `(schema, table)`, from the config's table policies.
-    counter_columns: HashMap<(String, String), Vec<String>>,
+    /// The config's table policies per `(schema, table)`.
+    policies: HashMap<(String, String), TablePolicy>,
 }
 
 impl ApplyWorker {
@@ -242,7 +253,7 @@ impl ApplyWorker {
             local_origin,
             careful_txns: 0,
             last_progress: Lsn::ZERO,
-            counter_columns: HashMap::new(),
+            policies: HashMap::new(),
         })
     }
 
@@ -277,7 +288,7 @@ impl ApplyWorker {
         self.relations.insert(
             rel.id,
             RelationEntry {
-                counters: Vec::new(),
+                policy: RelationPolicy::default(),
                 source: rel,
                 map: None,
             },
@@ -396,6 +407,19 @@ impl ApplyWorker {
                 }
             }
             (_, Ok(_)) => {}
+            // On the fast path, an update that hits a unique key is decided on a second,
+            // careful pass; there it is settled before it is sent, so this is the end.
+            (Tag::Row { relation_id, .. }, Err(e))
+                if e.code() == Some(&SqlState::UNIQUE_VIOLATION) && !self.is_careful() =>
+            {
+                return Err(ApplyError::FastPathHitUniqueKey {
+                    table: self.table_name(relation_id),
+                    detail: e
+                        .as_db_error()
+                        .map(|d| d.message().to_string())
+                        .unwrap_or_else(|| e.to_string()),
+                });
+            }
             (Tag::Row { relation_id, .. }, Err(e))
                 if e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
             {
@@ -530,14 +554,19 @@ impl ApplyWorker {
                 })?;
         let map = RelationMap::new(&entry.source, target)?;
         let key = (entry.source.namespace.clone(), entry.source.name.clone());
-        let counters = self
-            .counter_columns
-            .get(&key)
-            .map(|names| map.source_indexes_of(names))
-            .unwrap_or_default();
+        let policy = match self.policies.get(&key) {
+            Some(p) => RelationPolicy {
+                counters: map.source_indexes_of(&p.counters),
+                rule: Rule {
+                    prefer: p.prefer.as_deref().map(|n| format!("walsync_{n}")),
+                },
+                merge_columns: p.merge == MergeMode::Columns,
+            },
+            None => RelationPolicy::default(),
+        };
         if let Some(e) = self.relations.get_mut(&relation_id) {
             e.map = Some(map);
-            e.counters = counters;
+            e.policy = policy;
         }
         Ok(())
     }
@@ -594,18 +623,19 @@ impl ApplyWorker {
     }
 
     /// The table policies this link applies with (the same on every node).
-    pub fn set_policies(&mut self, tables: &[crate::config::TablePolicy]) {
-        self.counter_columns = tables
-            .iter()
-            .map(|t| (t.qualified(), t.counters.clone()))
-            .collect();
+    pub fn set_policies(&mut self, tables: &[TablePolicy]) {
+        self.policies = tables.iter().map(|t| (t.qualified(), t.clone())).collect();
     }
 
-    fn counters_of(&self, relation_id: u32) -> Vec<usize> {
+    fn policy_of(&self, relation_id: u32) -> RelationPolicy {
         self.relations
             .get(&relation_id)
-            .map(|e| e.counters.clone())
+            .map(|e| e.policy.clone())
             .unwrap_or_default()
+    }
+
+    fn is_careful(&self) -> bool {
+        self.careful_txns > 0
     }
 
     /// Applies the next `n` transactions in careful mode: after an insert hit a unique key
@@ -620,7 +650,7 @@ impl ApplyWorker {
             self.replay_ddl(ins).await?;
         }
         self.ensure_map(id).await?;
-        if self.careful_txns > 0 {
+        if self.is_careful() {
             return self.insert_carefully(ins).await;
         }
         let write = self.map_for(id).expect("mapped").insert(&ins.new)?;

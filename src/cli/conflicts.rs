@@ -46,7 +46,7 @@ pub enum ConflictsAction {
 
 const COLUMNS: &str = "id, detected_at::text, link, kind, table_schema, table_name, key::text, \
     local_row::text, local_origin, local_commit_time::text, remote_row::text, remote_origin, \
-    remote_commit_time::text, rule, outcome, reapplied_at::text";
+    remote_commit_time::text, rule, outcome, reapplied_at::text, detail";
 
 fn row_json(r: &tokio_postgres::Row) -> Json {
     let parse = |i: usize| -> Json {
@@ -70,6 +70,7 @@ fn row_json(r: &tokio_postgres::Row) -> Json {
         "rule": r.get::<_, String>(13),
         "outcome": r.get::<_, String>(14),
         "reapplied_at": r.get::<_, Option<String>>(15),
+        "detail": r.get::<_, Option<String>>(16),
     })
 }
 
@@ -111,8 +112,12 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
             for r in &rows {
                 let j = row_json(r);
                 let winner = match j["outcome"].as_str() {
-                    Some("remote_applied") => j["remote_origin"].as_str().unwrap_or("").to_string(),
-                    Some("local_kept") => j["local_origin"].as_str().unwrap_or("").to_string(),
+                    Some("remote_applied" | "local_renamed") => {
+                        j["remote_origin"].as_str().unwrap_or("").to_string()
+                    }
+                    Some("local_kept" | "remote_renamed") => {
+                        j["local_origin"].as_str().unwrap_or("").to_string()
+                    }
                     _ => "-".to_string(),
                 };
                 println!(
@@ -154,6 +159,24 @@ async fn reapply(client: &mut tokio_postgres::Client, id: i64) -> CliResult {
         .await?
         .ok_or_else(|| format!("no conflict {id} on this node"))?;
     let j = row_json(&row);
+    match j["outcome"].as_str() {
+        Some("local_renamed" | "remote_renamed") => {
+            return Err(format!(
+                "conflict {id} lost nothing: both rows are kept, the loser renamed ({}); \
+                 merge or rename them by hand if they are the same thing",
+                j["detail"].as_str().unwrap_or("")
+            )
+            .into())
+        }
+        Some("columns_merged") => {
+            return Err(format!(
+                "conflict {id} is a column merge: each column kept the row-level winner's edit; \
+                 see both images with `walsync conflicts show {id}` and UPDATE the columns you want by hand"
+            )
+            .into())
+        }
+        _ => {}
+    }
     let schema: String = row.get(4);
     let table: String = row.get(5);
     let key = j["key"].as_object().cloned().unwrap_or_default();

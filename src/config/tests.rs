@@ -175,3 +175,29 @@ fn a_dsn_that_does_not_parse_is_refused_when_the_config_loads() {
         "{err}"
     );
 }
+
+#[test]
+fn a_table_can_prefer_a_node_or_merge_by_column_and_must_set_something() {
+    let text = format!(
+        "{BRANCH}\n[[tables]]\nname = \"product\"\nprefer = \"main\"\n\
+         [[tables]]\nname = \"partner\"\nmerge = \"columns\"\n"
+    );
+    let c = load(&text, &[]).unwrap();
+    assert_eq!(c.tables[0].prefer.as_deref(), Some("main"));
+    assert_eq!(c.tables[1].merge, crate::config::MergeMode::Columns);
+    let err = load(&format!("{BRANCH}\n[[tables]]\nname = \"x\"\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("sets no policy"), "{err}");
+    let err = load(&text.replace("\"columns\"", "\"cells\""), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("cells"), "{err}");
+    let err = load(
+        &text.replace("prefer = \"main\"", "prefer = \"Main Store\""),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("prefer"), "{err}");
+}

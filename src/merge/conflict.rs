@@ -3,10 +3,12 @@
 //! A version of a row is its last writer's replication origin and commit time. When an
 //! incoming change meets a local row written by another origin, and the change was not
 //! made on top of that very row (its old image, sent under REPLICA IDENTITY FULL, differs
-//! or is unknown), the two versions are concurrent. Between two writes the later commit
-//! time wins, ties broken by origin name; a delete wins over a concurrent update whatever
-//! the times, because a node that deleted a row keeps no trace of when (decision 0003).
-//! Both versions are recorded, whoever wins.
+//! or is unknown), the two versions are concurrent. Between two writes a preferred node
+//! (table policy `prefer`) wins, else the later commit time, ties broken by origin name;
+//! a delete wins over a concurrent update whatever the times and preferences, because a
+//! node that deleted a row keeps no trace of when (decision 0003). Two rows that meet on
+//! a unique key other than the primary key both stay: the loser's value is renamed
+//! ([`renamed`], decision 0004). Both versions are recorded, whoever wins.
 
 use serde_json::{Map, Value as Json};
 
@@ -17,9 +19,11 @@ use crate::pgoutput::{Tuple, Value};
 pub enum ConflictKind {
     InsertExists,
     UpdateOriginDiffers,
+    UpdateExists,
     UpdateMissing,
     DeleteOriginDiffers,
     DeleteMissing,
+    MultipleUniqueConflicts,
 }
 
 impl ConflictKind {
@@ -27,9 +31,11 @@ impl ConflictKind {
         match self {
             ConflictKind::InsertExists => "insert_exists",
             ConflictKind::UpdateOriginDiffers => "update_origin_differs",
+            ConflictKind::UpdateExists => "update_exists",
             ConflictKind::UpdateMissing => "update_missing",
             ConflictKind::DeleteOriginDiffers => "delete_origin_differs",
             ConflictKind::DeleteMissing => "delete_missing",
+            ConflictKind::MultipleUniqueConflicts => "multiple_unique_conflicts",
         }
     }
 }
@@ -43,60 +49,145 @@ pub struct Version {
     pub commit_time_us: Option<i64>,
 }
 
+/// The rule that decided a conflict, as recorded in `walsync.conflicts.rule`.
+pub const LAST_WRITER_WINS: &str = "last_writer_wins";
+pub const PREFER_NODE: &str = "prefer_node";
+pub const DELETE_WINS: &str = "delete_wins";
+pub const NO_LOCAL_ROW: &str = "no_local_row";
+pub const COLUMN_MERGE: &str = "column_merge";
+
 /// What to do with an incoming change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// Not a conflict: apply it.
     Apply,
     /// A conflict the incoming change wins: apply it, record the local version.
-    ApplyAndRecord(ConflictKind),
+    ApplyAndRecord(ConflictKind, &'static str),
     /// A conflict the local version wins (or nothing to apply to): skip, record the change.
-    SkipAndRecord(ConflictKind),
+    SkipAndRecord(ConflictKind, &'static str),
 }
 
-/// Last writer wins: later commit time, then the greater origin name.
-pub fn remote_wins(remote: &Version, local: &Version) -> bool {
-    (remote.commit_time_us, &remote.origin) > (local.commit_time_us, &local.origin)
+/// How one table's conflicts are decided: its `[[tables]]` policy, the same on every node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rule {
+    /// Origin name (`walsync_<node>`) of the node whose versions win, if any.
+    pub prefer: Option<String>,
 }
 
-/// An update or delete meeting the local row (`None`: no such row here).
-/// `made_on_local` says whether the change's old image equals the local row, i.e. its
-/// author saw exactly this version (only known under REPLICA IDENTITY FULL).
-pub fn decide_change(
-    is_delete: bool,
-    remote: &Version,
-    local: Option<&Version>,
-    made_on_local: bool,
-) -> Decision {
-    let (missing, differs) = if is_delete {
+impl Rule {
+    /// Whether the remote version beats the local one, and the rule that said so: the
+    /// preferred node if exactly one of the two is it, else the later commit time, then
+    /// the greater origin name.
+    pub fn remote_wins(&self, remote: &Version, local: &Version) -> (bool, &'static str) {
+        if let Some(p) = &self.prefer {
+            match (&remote.origin == p, &local.origin == p) {
+                (true, false) => return (true, PREFER_NODE),
+                (false, true) => return (false, PREFER_NODE),
+                _ => {}
+            }
+        }
         (
-            ConflictKind::DeleteMissing,
-            ConflictKind::DeleteOriginDiffers,
+            (remote.commit_time_us, &remote.origin) > (local.commit_time_us, &local.origin),
+            LAST_WRITER_WINS,
         )
-    } else {
-        (
-            ConflictKind::UpdateMissing,
-            ConflictKind::UpdateOriginDiffers,
-        )
-    };
-    let Some(local) = local else {
-        return Decision::SkipAndRecord(missing);
-    };
-    if local.origin == remote.origin || made_on_local {
-        Decision::Apply
-    } else if is_delete || remote_wins(remote, local) {
-        Decision::ApplyAndRecord(differs)
-    } else {
-        Decision::SkipAndRecord(differs)
+    }
+
+    /// An update or delete meeting the local row (`None`: no such row here).
+    /// `made_on_local` says whether the change's old image equals the local row, i.e. its
+    /// author saw exactly this version (only known under REPLICA IDENTITY FULL).
+    pub fn decide_change(
+        &self,
+        is_delete: bool,
+        remote: &Version,
+        local: Option<&Version>,
+        made_on_local: bool,
+    ) -> Decision {
+        let (missing, differs) = if is_delete {
+            (
+                ConflictKind::DeleteMissing,
+                ConflictKind::DeleteOriginDiffers,
+            )
+        } else {
+            (
+                ConflictKind::UpdateMissing,
+                ConflictKind::UpdateOriginDiffers,
+            )
+        };
+        let Some(local) = local else {
+            return Decision::SkipAndRecord(missing, NO_LOCAL_ROW);
+        };
+        if local.origin == remote.origin || made_on_local {
+            return Decision::Apply;
+        }
+        if is_delete {
+            return Decision::ApplyAndRecord(differs, DELETE_WINS);
+        }
+        match self.remote_wins(remote, local) {
+            (true, rule) => Decision::ApplyAndRecord(differs, rule),
+            (false, rule) => Decision::SkipAndRecord(differs, rule),
+        }
+    }
+
+    /// An insert whose key exists here: the winning version stays.
+    pub fn decide_insert_exists(&self, remote: &Version, local: &Version) -> Decision {
+        match self.remote_wins(remote, local) {
+            (true, rule) => Decision::ApplyAndRecord(ConflictKind::InsertExists, rule),
+            (false, rule) => Decision::SkipAndRecord(ConflictKind::InsertExists, rule),
+        }
     }
 }
 
-/// An insert whose key exists here: the later version wins.
-pub fn decide_insert_exists(remote: &Version, local: &Version) -> Decision {
-    if remote_wins(remote, local) {
-        Decision::ApplyAndRecord(ConflictKind::InsertExists)
-    } else {
-        Decision::SkipAndRecord(ConflictKind::InsertExists)
+/// The value the losing row of a unique-key collision gets in its text column: the old
+/// value with the loser's primary key appended, so it is unique by construction (the
+/// primary key is) and every node computes the same from the row alone. `max_chars` is
+/// the column's length limit (`varchar(n)`); the old value is shortened to fit, and
+/// `None` comes back when even the suffix alone does not fit.
+pub fn renamed(value: &str, loser_key: &[String], max_chars: Option<usize>) -> Option<String> {
+    let suffix = format!(" [conflict #{}]", loser_key.join(","));
+    let keep = match max_chars {
+        Some(max) => max.checked_sub(suffix.chars().count())?,
+        None => usize::MAX,
+    };
+    Some(value.chars().take(keep).collect::<String>() + &suffix)
+}
+
+/// Which columns an update writes under column-level merge, and whether any column
+/// conflicted. A column the update did not change is left alone; one it changed is
+/// written when the local value is still the one the author saw (or already the new
+/// one); otherwise both nodes changed it and the row-level winner's value stays
+/// (`remote_wins`). All three tuples are in source column order.
+pub fn merge_columns(
+    old: &Tuple,
+    new: &Tuple,
+    local: &[Option<String>],
+    remote_wins: bool,
+) -> (Vec<bool>, bool) {
+    let mut conflicted = false;
+    let write = new
+        .0
+        .iter()
+        .zip(&old.0)
+        .zip(local)
+        .map(|((n, o), l)| {
+            if matches!(n, Value::UnchangedToast) || n == o {
+                false
+            } else if matches!(o, Value::UnchangedToast) || same(o, l) || same(n, l) {
+                true
+            } else {
+                conflicted = true;
+                remote_wins
+            }
+        })
+        .collect();
+    (write, conflicted)
+}
+
+/// Whether a sent value is the local value (text forms); `UnchangedToast` is not.
+fn same(v: &Value, local: &Option<String>) -> bool {
+    match (v, local) {
+        (Value::Null, None) => true,
+        (Value::Text(b), Some(s)) => b.as_ref() == s.as_bytes(),
+        _ => false,
     }
 }
 
@@ -130,12 +221,11 @@ pub fn row_image(columns: &[String], values: &[Value]) -> Json {
 /// Unchanged-TOAST entries of the old image are not compared.
 pub fn old_image_matches(old: &Tuple, local: &[Option<String>]) -> bool {
     old.0.len() == local.len()
-        && old.0.iter().zip(local).all(|(o, l)| match (o, l) {
-            (Value::Null, None) => true,
-            (Value::Text(b), Some(s)) => b.as_ref() == s.as_bytes(),
-            (Value::UnchangedToast, _) => true,
-            _ => false,
-        })
+        && old
+            .0
+            .iter()
+            .zip(local)
+            .all(|(o, l)| matches!(o, Value::UnchangedToast) || same(o, l))
 }
 
 #[cfg(test)]
@@ -150,17 +240,53 @@ mod tests {
         }
     }
 
+    fn t(s: &str) -> Value {
+        Value::Text(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    const LWW: Rule = Rule { prefer: None };
+
     #[test]
     fn later_commit_wins_and_ties_go_to_the_greater_origin_name() {
-        assert!(remote_wins(&v("walsync_a", 2), &v("walsync_b", 1)));
-        assert!(!remote_wins(&v("walsync_a", 1), &v("walsync_b", 2)));
-        assert!(remote_wins(&v("walsync_b", 5), &v("walsync_a", 5)));
-        assert!(!remote_wins(&v("walsync_a", 5), &v("walsync_b", 5)));
+        let wins = |r: &Version, l: &Version| LWW.remote_wins(r, l).0;
+        assert!(wins(&v("walsync_a", 2), &v("walsync_b", 1)));
+        assert!(!wins(&v("walsync_a", 1), &v("walsync_b", 2)));
+        assert!(wins(&v("walsync_b", 5), &v("walsync_a", 5)));
+        assert!(!wins(&v("walsync_a", 5), &v("walsync_b", 5)));
         let unknown = Version {
             origin: "walsync_z".into(),
             commit_time_us: None,
         };
-        assert!(remote_wins(&v("walsync_a", 0), &unknown));
+        assert!(wins(&v("walsync_a", 0), &unknown));
+    }
+
+    #[test]
+    fn a_preferred_node_wins_whatever_the_times_and_others_fall_back_to_time() {
+        let main = Rule {
+            prefer: Some("walsync_main".into()),
+        };
+        assert_eq!(
+            main.remote_wins(&v("walsync_main", 1), &v("walsync_b1", 9)),
+            (true, PREFER_NODE)
+        );
+        assert_eq!(
+            main.remote_wins(&v("walsync_b1", 9), &v("walsync_main", 1)),
+            (false, PREFER_NODE)
+        );
+        assert_eq!(
+            main.remote_wins(&v("walsync_b2", 9), &v("walsync_b1", 1)),
+            (true, LAST_WRITER_WINS)
+        );
+        // An update from main loses to a concurrent delete all the same (decision 0003).
+        assert_eq!(
+            main.decide_change(
+                true,
+                &v("walsync_b1", 1),
+                Some(&v("walsync_main", 9)),
+                false
+            ),
+            Decision::ApplyAndRecord(ConflictKind::DeleteOriginDiffers, DELETE_WINS)
+        );
     }
 
     #[test]
@@ -168,15 +294,15 @@ mod tests {
         let on_a = v("walsync_a", 10);
         let on_b = v("walsync_b", 20);
         // a receives b's update over its own version; b receives a's over its own.
-        let at_a = decide_change(false, &on_b, Some(&on_a), false);
-        let at_b = decide_change(false, &on_a, Some(&on_b), false);
+        let at_a = LWW.decide_change(false, &on_b, Some(&on_a), false);
+        let at_b = LWW.decide_change(false, &on_a, Some(&on_b), false);
         assert_eq!(
             at_a,
-            Decision::ApplyAndRecord(ConflictKind::UpdateOriginDiffers)
+            Decision::ApplyAndRecord(ConflictKind::UpdateOriginDiffers, LAST_WRITER_WINS)
         );
         assert_eq!(
             at_b,
-            Decision::SkipAndRecord(ConflictKind::UpdateOriginDiffers)
+            Decision::SkipAndRecord(ConflictKind::UpdateOriginDiffers, LAST_WRITER_WINS)
         );
     }
 
@@ -184,34 +310,92 @@ mod tests {
     fn a_delete_wins_over_a_concurrent_update_on_both_nodes() {
         // a deleted at 10, b updated at 20: a gets the update for a row it no longer has,
         // b gets the delete for a row it changed. Both end without the row.
-        let at_a = decide_change(false, &v("walsync_b", 20), None, false);
-        let at_b = decide_change(true, &v("walsync_a", 10), Some(&v("walsync_b", 20)), false);
-        assert_eq!(at_a, Decision::SkipAndRecord(ConflictKind::UpdateMissing));
+        let at_a = LWW.decide_change(false, &v("walsync_b", 20), None, false);
+        let at_b = LWW.decide_change(true, &v("walsync_a", 10), Some(&v("walsync_b", 20)), false);
+        assert_eq!(
+            at_a,
+            Decision::SkipAndRecord(ConflictKind::UpdateMissing, NO_LOCAL_ROW)
+        );
         assert_eq!(
             at_b,
-            Decision::ApplyAndRecord(ConflictKind::DeleteOriginDiffers)
+            Decision::ApplyAndRecord(ConflictKind::DeleteOriginDiffers, DELETE_WINS)
         );
     }
 
     #[test]
     fn a_change_made_on_the_local_version_is_no_conflict() {
         assert_eq!(
-            decide_change(false, &v("walsync_b", 1), Some(&v("walsync_a", 9)), true),
+            LWW.decide_change(false, &v("walsync_b", 1), Some(&v("walsync_a", 9)), true),
             Decision::Apply
         );
         assert_eq!(
-            decide_change(true, &v("walsync_b", 1), Some(&v("walsync_b", 0)), false),
+            LWW.decide_change(true, &v("walsync_b", 1), Some(&v("walsync_b", 0)), false),
             Decision::Apply
         );
         assert_eq!(
-            decide_change(true, &v("walsync_b", 1), None, false),
-            Decision::SkipAndRecord(ConflictKind::DeleteMissing)
+            LWW.decide_change(true, &v("walsync_b", 1), None, false),
+            Decision::SkipAndRecord(ConflictKind::DeleteMissing, NO_LOCAL_ROW)
+        );
+    }
+
+    #[test]
+    fn a_renamed_value_carries_the_losers_key_and_fits_the_column() {
+        let key = ["18".to_string()];
+        assert_eq!(
+            renamed("alice", &key, None).as_deref(),
+            Some("alice [conflict #18]")
+        );
+        // varchar(16): the old value gives way, the suffix (which makes it unique) stays.
+        assert_eq!(
+            renamed("alice", &key, Some(16)).as_deref(),
+            Some("a [conflict #18]")
+        );
+        assert_eq!(renamed("alice", &key, Some(5)), None);
+        let two = ["1".to_string(), "x".to_string()];
+        assert_eq!(
+            renamed("éé", &two, Some(17)).as_deref(),
+            Some("é [conflict #1,x]")
+        );
+    }
+
+    #[test]
+    fn column_merge_keeps_concurrent_edits_of_different_columns() {
+        // id, name, phone. The author changed the phone; here the name changed meanwhile.
+        let old = Tuple(vec![t("1"), t("Ann"), t("111")]);
+        let new = Tuple(vec![t("1"), t("Ann"), t("222")]);
+        let local = [Some("1".into()), Some("Anna".into()), Some("111".into())];
+        assert_eq!(
+            merge_columns(&old, &new, &local, false),
+            (vec![false, false, true], false)
+        );
+        // Both changed the phone: the row-level winner's value stays.
+        let local = [Some("1".into()), Some("Ann".into()), Some("333".into())];
+        assert_eq!(
+            merge_columns(&old, &new, &local, true),
+            (vec![false, false, true], true)
+        );
+        assert_eq!(
+            merge_columns(&old, &new, &local, false),
+            (vec![false, false, false], true)
+        );
+        // Both set the same value: nothing to decide.
+        let local = [Some("1".into()), Some("Ann".into()), Some("222".into())];
+        assert_eq!(
+            merge_columns(&old, &new, &local, false),
+            (vec![false, false, true], false)
+        );
+        // NULL is a value like any other; an unchanged TOAST value is never written.
+        let old = Tuple(vec![t("1"), Value::Null, Value::UnchangedToast]);
+        let new = Tuple(vec![t("1"), t("Bo"), Value::UnchangedToast]);
+        let local = [Some("1".into()), None, Some("big".into())];
+        assert_eq!(
+            merge_columns(&old, &new, &local, false),
+            (vec![false, true, false], false)
         );
     }
 
     #[test]
     fn images_are_text_and_old_images_compare_by_text() {
-        let t = |s: &str| Value::Text(Bytes::copy_from_slice(s.as_bytes()));
         let cols = vec!["id".to_string(), "name".to_string(), "note".to_string()];
         let img = row_image(&cols, &[t("7"), Value::Null, Value::UnchangedToast]);
         assert_eq!(img.to_string(), r#"{"id":"7","name":null}"#);

@@ -17,6 +17,20 @@ pub struct TargetTable {
     pub columns: Vec<String>,
     /// Indexes into `columns` of the primary key (or replica identity index).
     pub key: Vec<usize>,
+    /// Its other unique keys on plain columns (no expression, no predicate).
+    pub uniques: Vec<UniqueKey>,
+}
+
+/// A unique key other than the primary key: where two nodes' rows can collide.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UniqueKey {
+    /// The index's name, for errors and conflict records.
+    pub name: String,
+    /// Indexes into the table's `columns`.
+    pub columns: Vec<usize>,
+    /// The first text column of the key and its length limit in characters: where the
+    /// losing row of a collision is renamed. `None`: no text column, no renaming.
+    pub renamable: Option<(usize, Option<usize>)>,
 }
 
 impl TargetTable {
@@ -85,6 +99,11 @@ pub enum Shape {
     /// The local row by key, locked: every column as text, then its last writer's origin
     /// name (NULL: written here) and commit time in µs since 2000-01-01 (NULL: unknown).
     ReadLocal,
+    /// As `ReadLocal`, but the rows holding these values in these target columns (a
+    /// unique key's), with parameters in that order.
+    ReadByColumns {
+        columns: Vec<usize>,
+    },
 }
 
 /// A change ready to execute: the statement's shape and its parameters, in order.
@@ -243,6 +262,11 @@ impl RelationMap {
     }
 
     /// Source column indexes of these target column names (for counter policies).
+    /// The source column that lands in target column `t`, if the source sends it.
+    pub fn source_index_of_target(&self, t: usize) -> Option<usize> {
+        self.source_to_target.iter().position(|&x| x == t)
+    }
+
     pub fn source_indexes_of(&self, names: &[String]) -> Vec<usize> {
         (0..self.source_to_target.len())
             .filter(|&i| names.contains(&self.target.columns[self.source_to_target[i]]))
@@ -390,25 +414,8 @@ impl RelationMap {
                     rows: 1
                 })
             ),
-            Shape::ReadLocal => format!(
-                "SELECT {}, r.roname::text, \
-                   (extract(epoch FROM o.timestamp) * 1000000)::int8 - 946684800000000 \
-                 FROM {} t LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) o ON true \
-                 LEFT JOIN pg_replication_origin r ON r.roident = o.roident \
-                 WHERE {} FOR UPDATE OF t",
-                t.columns
-                    .iter()
-                    .map(|c| format!("t.{}::text", quote_ident(c)))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                t.qualified(),
-                t.key
-                    .iter()
-                    .enumerate()
-                    .map(|(n, &k)| format!("t.{} = ${}", quote_ident(&t.columns[k]), n + 1))
-                    .collect::<Vec<_>>()
-                    .join(" AND ")
-            ),
+            Shape::ReadLocal => read_locked(t, &t.key),
+            Shape::ReadByColumns { columns } => read_locked(t, columns),
             Shape::Copy { columns } => format!(
                 "COPY {} ({}) FROM STDIN",
                 t.qualified(),
@@ -420,6 +427,30 @@ impl RelationMap {
             ),
         }
     }
+}
+
+/// Rows of `t` whose `columns` equal `$1..$n`, locked: every column as text, then the
+/// last writer's origin name and commit time (see [`Shape::ReadLocal`]).
+fn read_locked(t: &TargetTable, columns: &[usize]) -> String {
+    format!(
+        "SELECT {}, r.roname::text, \
+           (extract(epoch FROM o.timestamp) * 1000000)::int8 - 946684800000000 \
+         FROM {} t LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) o ON true \
+         LEFT JOIN pg_replication_origin r ON r.roident = o.roident \
+         WHERE {} FOR UPDATE OF t",
+        t.columns
+            .iter()
+            .map(|c| format!("t.{}::text", quote_ident(c)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        t.qualified(),
+        columns
+            .iter()
+            .enumerate()
+            .map(|(n, &k)| format!("t.{} = ${}", quote_ident(&t.columns[k]), n + 1))
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    )
 }
 
 /// PostgreSQL's limit on parameters in one statement (the protocol's Int16 count).
@@ -508,6 +539,7 @@ mod tests {
 
     fn target(cols: &[&str], key: &[usize]) -> TargetTable {
         TargetTable {
+            uniques: Vec::new(),
             schema: "public".into(),
             name: "pos_order".into(),
             columns: cols.iter().map(|c| c.to_string()).collect(),

@@ -81,6 +81,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "ddl_warnings",
         sql: include_str!("../../migrations/0006_ddl_warnings.sql"),
     },
+    Migration {
+        version: 7,
+        name: "conflict_outcomes",
+        sql: include_str!("../../migrations/0007_conflict_outcomes.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.
