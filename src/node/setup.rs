@@ -86,6 +86,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "conflict_outcomes",
         sql: include_str!("../../migrations/0007_conflict_outcomes.sql"),
     },
+    Migration {
+        version: 8,
+        name: "settle_new_objects",
+        sql: include_str!("../../migrations/0008_settle_new_objects.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.
@@ -387,8 +392,10 @@ async fn run_migrations(
         .map_err(sql_err(me, "creating schema walsync"))?;
     for m in MIGRATIONS {
         // One transaction per migration; the advisory lock keeps two inits from racing.
+        // Replica mode: walsync's own objects are this node's, never DDL for the peers.
         let sql = format!(
-            "BEGIN; SELECT pg_advisory_xact_lock(hashtext('walsync migrations')); \
+            "BEGIN; SET LOCAL session_replication_role = replica; \
+             SELECT pg_advisory_xact_lock(hashtext('walsync migrations')); \
              DO $walsync$ BEGIN IF EXISTS (SELECT 1 FROM walsync.schema_migrations WHERE version = {v}) \
              THEN RAISE EXCEPTION USING ERRCODE = 'WS001', MESSAGE = 'already applied'; END IF; END $walsync$; \
              {sql} \
