@@ -269,3 +269,62 @@ fn the_same_table_created_on_two_nodes_during_a_cut_stops_both_links_until_skipp
     c.wait_rows("b", "gift_card", 2);
     c.wait_converged("gift_card");
 }
+
+#[test]
+fn rows_for_a_table_or_column_main_dropped_during_a_cut_are_recorded_and_the_rest_flows() {
+    let mut c = TestCluster::new(
+        "ddl-drop",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        &format!(
+            "{RETAIL_SCHEMA}CREATE TABLE loyalty_card (id serial PRIMARY KEY, code text NOT NULL);"
+        ),
+    );
+    c.start();
+    c.node("main")
+        .sql("INSERT INTO partner (name, email) VALUES ('Ana', 'ana@shop')");
+    c.wait_converged("partner");
+    for n in &mut c.nodes {
+        n.stop_sidecar();
+    }
+    // A module uninstall on main: a table and a column go.
+    c.node("main")
+        .sql("DROP TABLE loyalty_card; ALTER TABLE partner DROP COLUMN email");
+    // Meanwhile the branch still uses both.
+    c.node("branch1").sql(
+        "INSERT INTO loyalty_card (code) VALUES ('LC-1'), ('LC-2');
+         INSERT INTO partner (name, email) VALUES ('Bo', 'bo@shop');
+         UPDATE partner SET email = 'ana@home', name = 'Ana Lima' WHERE name = 'Ana';
+         INSERT INTO pos_order (name, amount_total) VALUES ('B1/0001', 12);",
+    );
+    c.start();
+    for t in ["partner", "pos_order"] {
+        c.wait_converged(t);
+    }
+    let main = c.node("main");
+    assert_eq!(
+        main.sql("SELECT string_agg(name, ',' ORDER BY name) FROM partner"),
+        "Ana Lima,Bo",
+        "the rest of each change was applied"
+    );
+    assert_eq!(main.count("pos_order"), 1, "later changes were not held up");
+    for n in &c.nodes {
+        assert_eq!(
+            n.sql("SELECT count(*) FROM pg_tables WHERE tablename = 'loyalty_card'"),
+            "0",
+            "the drop reached {}",
+            n.name
+        );
+    }
+    // Nothing vanished silently: main holds what it could not apply, with the values.
+    let records = main.sql(
+        "SELECT kind || '|' || coalesce(remote_row->>'code', remote_row->>'email') FROM walsync.conflicts \
+         WHERE rule = 'dropped_here' ORDER BY 1",
+    );
+    assert_eq!(
+        records,
+        "column_dropped|ana@home\ncolumn_dropped|bo@shop\ntable_dropped|LC-1\ntable_dropped|LC-2"
+    );
+    let (ok, status) = walsync(&["status", "--config", main.config.to_str().unwrap()]);
+    assert!(ok, "no link needs a person:\n{status}");
+}

@@ -14,7 +14,7 @@ use tokio_postgres::types::Type;
 
 use super::param::Param;
 use super::pipeline::Tag;
-use super::{ApplyError, ApplyWorker, RemoteTxn};
+use super::{ApplyError, ApplyWorker, Gone, RemoteTxn};
 use crate::merge::conflict::{
     merge_columns, old_image_matches, renamed, row_image, ConflictKind, Decision, Version,
     COLUMN_MERGE,
@@ -30,15 +30,15 @@ pub(super) struct LocalRow {
 }
 
 /// One row of `walsync.conflicts`, before it is written.
-struct Record {
-    kind: ConflictKind,
-    key: Json,
-    local: Option<(Json, Version)>,
-    remote: Json,
-    rule: &'static str,
-    outcome: &'static str,
-    /// What a rename wrote (unique-key collisions only).
-    detail: Option<String>,
+pub(super) struct Record {
+    pub kind: ConflictKind,
+    pub key: Json,
+    pub local: Option<(Json, Version)>,
+    pub remote: Json,
+    pub rule: &'static str,
+    pub outcome: &'static str,
+    /// What a rename wrote, or what was dropped here.
+    pub detail: Option<String>,
 }
 
 /// A local row that holds an incoming row's values on a unique key (not the primary key).
@@ -162,8 +162,16 @@ impl ApplyWorker {
     }
 
     pub async fn update(&mut self, upd: &Update) -> Result<(), ApplyError> {
+        self.ensure_map(upd.relation_id).await?;
+        match self.gone_of(upd.relation_id) {
+            Gone::Nothing => self.update_mapped(upd).await,
+            gone => self.update_of_dropped(upd, gone).await,
+        }
+    }
+
+    /// An update of a relation whose target is known and complete.
+    pub(super) async fn update_mapped(&mut self, upd: &Update) -> Result<(), ApplyError> {
         let id = upd.relation_id;
-        self.ensure_map(id).await?;
         let policy = self.policy_of(id);
         if !policy.counters.is_empty() {
             if let Some(OldTuple::Full(old)) = &upd.old {
@@ -272,8 +280,16 @@ impl ApplyWorker {
     }
 
     pub async fn delete(&mut self, del: &Delete) -> Result<(), ApplyError> {
+        self.ensure_map(del.relation_id).await?;
+        match self.gone_of(del.relation_id) {
+            Gone::Nothing => self.delete_mapped(del).await,
+            gone => self.delete_of_dropped(del, gone).await,
+        }
+    }
+
+    /// A delete from a relation whose target is known and complete.
+    pub(super) async fn delete_mapped(&mut self, del: &Delete) -> Result<(), ApplyError> {
         let id = del.relation_id;
-        self.ensure_map(id).await?;
         let map = self.map_for(id).expect("mapped");
         let key = map.key_values(Some(&del.old), None)?;
         let write = map.delete(&del.old)?;
@@ -540,7 +556,7 @@ impl ApplyWorker {
         Ok(())
     }
 
-    async fn record(&mut self, relation_id: u32, r: Record) -> Result<(), ApplyError> {
+    pub(super) async fn record(&mut self, relation_id: u32, r: Record) -> Result<(), ApplyError> {
         tracing::info!(
             link = %self.link, table = %self.table_name(relation_id), conflict = r.kind.as_str(),
             outcome = r.outcome, key = %r.key, "conflict decided"
@@ -568,8 +584,10 @@ impl ApplyWorker {
             self.record_conflict = Some(stmt);
         }
         let stmt = self.record_conflict.clone().expect("prepared above");
-        let map = self.map_for(relation_id).expect("mapped");
-        let (schema, table) = (map.target.schema.clone(), map.target.name.clone());
+        // The source's names: they are the target's (tables are matched by name), and
+        // they still exist when the target was dropped here.
+        let source = &self.relations[&relation_id].source;
+        let (schema, table) = (source.namespace.clone(), source.name.clone());
         let txn = self.open_txn();
         let (local_row, local_origin, local_time) = match r.local {
             Some((img, v)) => (Some(img.to_string()), Some(v.origin), v.commit_time_us),

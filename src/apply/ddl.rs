@@ -7,7 +7,7 @@
 //! session's `session_replication_role = replica` keeps the event trigger quiet: the
 //! replayed statement is not captured again.
 
-use super::{ApplyError, ApplyWorker};
+use super::{ApplyError, ApplyWorker, Gone};
 use crate::ddl::{columns_filled_per_node, statement_to_replay};
 use crate::merge::statements::quote_ident;
 use crate::pgoutput::Insert;
@@ -77,6 +77,12 @@ impl ApplyWorker {
                     .map(|d| d.message().to_string())
                     .unwrap_or_else(|| e.to_string()),
             })?;
+        // Tables here may have changed shape: their maps are read again when next needed.
+        for e in self.relations.values_mut() {
+            e.map = None;
+            e.gone = Gone::Nothing;
+        }
+        self.statements.clear();
         let columns = columns_filled_per_node(&statement);
         if !columns.is_empty() {
             let warning = format!(

@@ -16,6 +16,7 @@
 pub mod catalog;
 mod conflict;
 mod ddl;
+mod dropped;
 mod param;
 pub mod pipeline;
 
@@ -101,6 +102,19 @@ struct RelationEntry {
     map: Option<RelationMap>,
     /// How its conflicts are decided (from the table policy, set with the map).
     policy: RelationPolicy,
+    /// What this node dropped of it (found with the map): its changes are recorded, not
+    /// applied, for the dropped part.
+    gone: Gone,
+}
+
+/// A relation the upstream still sends, that this node dropped (wholly or some columns).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum Gone {
+    #[default]
+    Nothing,
+    Table,
+    /// Source column indexes of the dropped columns, ascending.
+    Columns(Vec<usize>),
 }
 
 /// A table policy resolved against one source relation.
@@ -289,6 +303,7 @@ impl ApplyWorker {
             rel.id,
             RelationEntry {
                 policy: RelationPolicy::default(),
+                gone: Gone::Nothing,
                 source: rel,
                 map: None,
             },
@@ -537,7 +552,7 @@ impl ApplyWorker {
             .relations
             .get(&relation_id)
             .ok_or(ApplyError::UnknownRelation(relation_id))?;
-        if entry.map.is_some() {
+        if entry.map.is_some() || entry.gone == Gone::Table {
             return Ok(());
         }
         // Direct requests wait for everything in flight (see `begin`); once per relation.
@@ -546,13 +561,20 @@ impl ApplyWorker {
             .relations
             .get(&relation_id)
             .ok_or(ApplyError::UnknownRelation(relation_id))?;
-        let target =
-            catalog::target_table(&self.client, &entry.source.namespace, &entry.source.name)
-                .await?
-                .ok_or_else(|| ApplyError::MissingTable {
-                    table: format!("{}.{}", entry.source.namespace, entry.source.name),
-                })?;
-        let map = RelationMap::new(&entry.source, target)?;
+        let (namespace, name) = (entry.source.namespace.clone(), entry.source.name.clone());
+        let Some(target) = catalog::target_table(&self.client, &namespace, &name).await? else {
+            if dropped::table_was_dropped(&self.client, &namespace, &name).await? {
+                self.set_gone(relation_id, Gone::Table);
+                return Ok(());
+            }
+            return Err(ApplyError::MissingTable {
+                table: format!("{namespace}.{name}"),
+            });
+        };
+        let entry = self.relations.get(&relation_id).expect("checked above");
+        let (source, gone) =
+            dropped::without_dropped_columns(&self.client, &entry.source, &target).await?;
+        let map = RelationMap::new(&source, target)?;
         let key = (entry.source.namespace.clone(), entry.source.name.clone());
         let policy = match self.policies.get(&key) {
             Some(p) => RelationPolicy {
@@ -567,6 +589,7 @@ impl ApplyWorker {
         if let Some(e) = self.relations.get_mut(&relation_id) {
             e.map = Some(map);
             e.policy = policy;
+            e.gone = gone;
         }
         Ok(())
     }
@@ -650,6 +673,15 @@ impl ApplyWorker {
             self.replay_ddl(ins).await?;
         }
         self.ensure_map(id).await?;
+        match self.gone_of(id) {
+            Gone::Nothing => self.insert_mapped(ins).await,
+            gone => self.insert_into_dropped(ins, gone).await,
+        }
+    }
+
+    /// An insert into a relation whose target is known and complete.
+    async fn insert_mapped(&mut self, ins: &Insert) -> Result<(), ApplyError> {
+        let id = ins.relation_id;
         if self.is_careful() {
             return self.insert_carefully(ins).await;
         }
@@ -744,7 +776,10 @@ impl ApplyWorker {
         for &id in &t.relation_ids {
             if self.replicates(id)? {
                 self.ensure_map(id).await?;
-                tables.push(self.map_for(id).expect("mapped").target.qualified());
+                // A table dropped here has nothing left to truncate.
+                if let Some(map) = self.map_for(id) {
+                    tables.push(map.target.qualified());
+                }
             }
         }
         if tables.is_empty() {

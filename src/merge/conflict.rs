@@ -24,6 +24,11 @@ pub enum ConflictKind {
     DeleteOriginDiffers,
     DeleteMissing,
     MultipleUniqueConflicts,
+    /// walsync's own: a change for a table this node dropped (a peer was cut off when
+    /// the DROP ran). Not applied, recorded.
+    TableDropped,
+    /// walsync's own: a change that set columns this node dropped; the rest is applied.
+    ColumnDropped,
 }
 
 impl ConflictKind {
@@ -36,6 +41,8 @@ impl ConflictKind {
             ConflictKind::DeleteOriginDiffers => "delete_origin_differs",
             ConflictKind::DeleteMissing => "delete_missing",
             ConflictKind::MultipleUniqueConflicts => "multiple_unique_conflicts",
+            ConflictKind::TableDropped => "table_dropped",
+            ConflictKind::ColumnDropped => "column_dropped",
         }
     }
 }
@@ -55,6 +62,7 @@ pub const PREFER_NODE: &str = "prefer_node";
 pub const DELETE_WINS: &str = "delete_wins";
 pub const NO_LOCAL_ROW: &str = "no_local_row";
 pub const COLUMN_MERGE: &str = "column_merge";
+pub const DROPPED_HERE: &str = "dropped_here";
 
 /// What to do with an incoming change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

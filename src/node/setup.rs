@@ -91,6 +91,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "settle_new_objects",
         sql: include_str!("../../migrations/0008_settle_new_objects.sql"),
     },
+    Migration {
+        version: 9,
+        name: "dropped_objects",
+        sql: include_str!("../../migrations/0009_dropped_objects.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.
