@@ -328,3 +328,61 @@ fn rows_for_a_table_or_column_main_dropped_during_a_cut_are_recorded_and_the_res
     let (ok, status) = walsync(&["status", "--config", main.config.to_str().unwrap()]);
     assert!(ok, "no link needs a person:\n{status}");
 }
+
+#[test]
+fn ddl_replay_apply_brings_a_node_whose_schema_is_behind_up_to_date_before_its_links_run() {
+    let mut c = TestCluster::new(
+        "ddl-apply",
+        Topology::Star,
+        &["main", "branch1"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    c.node("main")
+        .sql("INSERT INTO product (name, price) VALUES ('Soap', 2)");
+    c.wait_converged("product");
+    c.node_mut("branch1").stop_sidecar();
+    c.node("main").sql(
+        "CREATE TABLE coupon (id serial PRIMARY KEY, code text NOT NULL); \
+         ALTER TABLE product ADD COLUMN barcode text; \
+         INSERT INTO coupon (code) VALUES ('WELCOME')",
+    );
+    let config = c.node("branch1").config.to_str().unwrap().to_string();
+    let (ok, shown) = walsync(&["ddl-replay", "--config", &config]);
+    assert!(ok, "{shown}");
+    assert!(
+        shown.contains("CREATE TABLE coupon")
+            && shown.contains("ALTER TABLE product ADD COLUMN barcode text")
+            && shown.contains("2 statement(s) not applied on node branch1"),
+        "{shown}"
+    );
+    assert_eq!(
+        c.node("branch1")
+            .sql("SELECT count(*) FROM pg_tables WHERE tablename = 'coupon'"),
+        "0",
+        "the default view changes nothing"
+    );
+    let (ok, out) = walsync(&["ddl-replay", "--config", &config, "--apply"]);
+    assert!(ok, "{out}");
+    let b1 = c.node("branch1");
+    assert_eq!(
+        b1.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = 'product' AND column_name = 'barcode'"),
+        "1"
+    );
+    assert_eq!(
+        b1.sql("SELECT increment_by FROM pg_sequences WHERE sequencename = 'coupon_id_seq'"),
+        "16",
+        "a sequence created by --apply is partitioned for this node"
+    );
+    let (ok, again) = walsync(&["ddl-replay", "--config", &config]);
+    assert!(ok && again.contains("no captured DDL waiting"), "{again}");
+    // The link delivers the same statements: they are here already, nothing stops.
+    c.node_mut("branch1").start_sidecar();
+    c.wait_converged("coupon");
+    c.node("main")
+        .sql("UPDATE product SET barcode = '4006381333931'");
+    c.wait_converged("product");
+    assert_eq!(c.node("branch1").count("walsync.conflicts"), 0);
+    let (ok, status) = walsync(&["status", "--config", &config]);
+    assert!(ok, "{status}");
+}

@@ -8,8 +8,7 @@
 //! replayed statement is not captured again.
 
 use super::{ApplyError, ApplyWorker, Gone};
-use crate::ddl::{columns_filled_per_node, statement_to_replay};
-use crate::merge::statements::quote_ident;
+use crate::ddl::{columns_filled_per_node, replay_sql, statement_to_replay};
 use crate::pgoutput::Insert;
 
 impl ApplyWorker {
@@ -19,8 +18,10 @@ impl ApplyWorker {
             .is_some_and(|e| e.source.namespace == "walsync" && e.source.name == "ddl_log")
     }
 
-    /// Runs the DDL statement a `walsync.ddl_log` row describes.
-    pub(super) async fn replay_ddl(&mut self, ins: &Insert) -> Result<(), ApplyError> {
+    /// Runs the DDL statement a `walsync.ddl_log` row describes. `false`: the row is here
+    /// already (`walsync ddl-replay --apply` ran it ahead of the stream), so neither the
+    /// statement nor the row is applied again.
+    pub(super) async fn replay_ddl(&mut self, ins: &Insert) -> Result<bool, ApplyError> {
         let entry = &self.relations[&ins.relation_id];
         let field = |name: &str| -> Option<String> {
             let i = entry.source.columns.iter().position(|c| c.name == name)?;
@@ -48,23 +49,27 @@ impl ApplyWorker {
         self.flush_inserts().await?;
         self.flush().await?;
         let seq_num: i64 = seq.parse().unwrap_or(-1);
-        let skipped = self
+        let here = self
             .client
-            .query_opt(
-                "SELECT 1 FROM walsync.ddl_skip WHERE origin = $1 AND seq = $2",
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM walsync.ddl_log WHERE origin = $1 AND seq = $2), \
+                        EXISTS (SELECT 1 FROM walsync.ddl_skip WHERE origin = $1 AND seq = $2)",
                 &[&origin, &seq_num],
             )
             .await
-            .map_err(ApplyError::sql("reading walsync.ddl_skip"))?
-            .is_some();
+            .map_err(ApplyError::sql(
+                "reading walsync.ddl_log and walsync.ddl_skip",
+            ))?;
+        let (applied, skipped): (bool, bool) = (here.get(0), here.get(1));
+        if applied {
+            tracing::info!(link = %self.link, ddl = %id, "ddl applied here already (walsync ddl-replay --apply)");
+            return Ok(false);
+        }
         if skipped {
             tracing::warn!(link = %self.link, ddl = %id, "skipping ddl as the operator asked (walsync ddl-replay --skip)");
-            return Ok(());
+            return Ok(true);
         }
-        let sql = format!(
-            "SET LOCAL search_path TO {search_path}; SET LOCAL ROLE {}; {statement}; RESET ROLE; RESET search_path",
-            quote_ident(&role)
-        );
+        let sql = replay_sql(&search_path, &role, &statement);
         tracing::info!(link = %self.link, ddl = %id, statement = %statement, "replaying ddl");
         self.client
             .batch_execute(&sql)
@@ -100,6 +105,6 @@ impl ApplyWorker {
                 .await
                 .map_err(ApplyError::sql("recording a ddl warning"))?;
         }
-        Ok(())
+        Ok(true)
     }
 }

@@ -669,8 +669,8 @@ impl ApplyWorker {
 
     pub async fn insert(&mut self, ins: &Insert) -> Result<(), ApplyError> {
         let id = ins.relation_id;
-        if self.is_ddl_log(id) {
-            self.replay_ddl(ins).await?;
+        if self.is_ddl_log(id) && !self.replay_ddl(ins).await? {
+            return Ok(());
         }
         self.ensure_map(id).await?;
         match self.gone_of(id) {

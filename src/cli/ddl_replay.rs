@@ -5,13 +5,15 @@
 //! captured there that this node has not applied, oldest first, with the statement each
 //! will run. `--skip ORIGIN/SEQ` tells this node's applier to record that statement
 //! without running it (after an operator made the change by hand): the stopped link
-//! resumes at its next retry.
+//! resumes at its next retry. `--apply` runs every pending statement now, in capture
+//! order (a node restored from an old backup: its schema catches up before its links
+//! start; they skip what is already here).
 
 use std::collections::HashSet;
 use std::process::ExitCode;
 
 use super::{CliResult, ConfigArg};
-use crate::ddl::statement_to_replay;
+use crate::ddl::{replay_sql, statement_to_replay};
 use crate::node::connect::connect;
 
 #[derive(Debug, clap::Args)]
@@ -21,9 +23,13 @@ pub struct DdlReplayArgs {
     /// Skip the captured statement ORIGIN/SEQ on this node (as named in the link's error).
     #[arg(long, value_name = "ORIGIN/SEQ")]
     pub skip: Option<String>,
-    /// Show what would be applied (the default; nothing else runs without --skip).
-    #[arg(long)]
+    /// Show what would be applied (the default).
+    #[arg(long, conflicts_with_all = ["apply", "skip"])]
     pub dry_run: bool,
+    /// Apply every pending statement now, in capture order, without waiting for the
+    /// links: for a node restored from an old backup, whose schema is behind.
+    #[arg(long, conflicts_with = "skip")]
+    pub apply: bool,
 }
 
 pub async fn run(args: DdlReplayArgs) -> CliResult {
@@ -60,8 +66,8 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    let mut pending = 0;
-    let mut seen = HashSet::new();
+    let mut pending: Vec<Pending> = Vec::new();
+    let mut unreachable = 0;
     for (peer, _) in config.peer_nodes() {
         let client = match connect(&peer.dsn, "walsync ddl-replay").await {
             Ok(c) => c,
@@ -70,47 +76,132 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
                     "peer {}: unreachable ({e}); its pending DDL is not known",
                     peer.name
                 );
+                unreachable += 1;
                 continue;
             }
         };
         let rows = client
             .query(
-                "SELECT origin, seq, captured_at::text, command_tag, query, statement_index FROM walsync.ddl_log \
-                 WHERE origin <> $1 ORDER BY captured_at, origin, seq",
+                "SELECT origin, seq, captured_at::text, command_tag, query, statement_index, \
+                        object_identities, search_path, role \
+                 FROM walsync.ddl_log WHERE origin <> $1 ORDER BY captured_at, origin, seq",
                 &[&me.name.as_str()],
             )
             .await?;
         for r in rows {
             let key: (String, i64) = (r.get(0), r.get(1));
-            if applied.contains(&key) || !seen.insert(key.clone()) {
+            if applied.contains(&key) || pending.iter().any(|p| p.key == key) {
                 continue;
             }
-            pending += 1;
-            let statement = statement_to_replay(r.get(4), r.get(5))
-                .unwrap_or_else(|e| format!("(cannot replay: {e})"));
-            let mark = if skipped.contains(&key) {
-                "  [to skip]"
-            } else {
-                ""
-            };
-            println!(
-                "{}/{}  from {}  {}  {}{mark}",
-                key.0,
-                key.1,
-                peer.name,
-                r.get::<_, String>(2),
-                r.get::<_, String>(3)
-            );
-            println!("    {statement}");
+            pending.push(Pending {
+                skip: skipped.contains(&key),
+                key,
+                from: peer.name.to_string(),
+                captured_at: r.get(2),
+                command_tag: r.get(3),
+                query: r.get(4),
+                statement_index: r.get(5),
+                object_identities: r.get(6),
+                search_path: r.get(7),
+                role: r.get(8),
+            });
         }
     }
-    if pending == 0 {
+    pending.sort_by(|a, b| (&a.captured_at, &a.key).cmp(&(&b.captured_at, &b.key)));
+    for p in &pending {
+        let statement = statement_to_replay(&p.query, p.statement_index)
+            .unwrap_or_else(|e| format!("(cannot replay: {e})"));
+        let mark = if p.skip { "  [to skip]" } else { "" };
+        println!(
+            "{}/{}  from {}  {}  {}{mark}",
+            p.key.0, p.key.1, p.from, p.captured_at, p.command_tag
+        );
+        println!("    {statement}");
+    }
+    if pending.is_empty() {
         println!(
             "node {}: no captured DDL waiting to be applied here",
             me.name
         );
-    } else {
-        println!("\n{pending} statement(s) not applied on node {} yet: they run when its links deliver them", me.name);
+        return Ok(ExitCode::SUCCESS);
     }
+    if !args.apply {
+        println!("\n{} statement(s) not applied on node {} yet: they run when its links deliver them, or now with --apply", pending.len(), me.name);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if unreachable > 0 {
+        return Err(
+            "--apply needs every peer reachable, to apply their DDL in order; nothing was applied"
+                .into(),
+        );
+    }
+    let mut local = local;
+    for p in pending.iter().filter(|p| !p.skip) {
+        let id = format!("{}/{}", p.key.0, p.key.1);
+        apply_one(&mut local, p).await.map_err(|e| {
+            format!(
+                "ddl {id} failed on node {}: {e}; nothing after it was applied. Fix it by hand, then \
+                 `walsync ddl-replay --skip {id}` and --apply again",
+                me.name
+            )
+        })?;
+        println!("applied {id}");
+    }
+    println!(
+        "node {}: schema up to date with its peers' captured DDL; the links skip these statements when they deliver them",
+        me.name
+    );
     Ok(ExitCode::SUCCESS)
+}
+
+/// A captured statement a peer has and this node has not applied.
+struct Pending {
+    key: (String, i64),
+    from: String,
+    captured_at: String,
+    command_tag: String,
+    query: String,
+    statement_index: i32,
+    object_identities: Option<Vec<String>>,
+    search_path: String,
+    role: String,
+    skip: bool,
+}
+
+/// Runs one captured statement here and logs it, in one transaction, in replica mode
+/// (not captured again): as the applier would when the link delivers it.
+async fn apply_one(
+    client: &mut tokio_postgres::Client,
+    p: &Pending,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let statement = statement_to_replay(&p.query, p.statement_index)?;
+    let txn = client.transaction().await?;
+    txn.batch_execute("SET LOCAL session_replication_role = replica")
+        .await?;
+    txn.batch_execute(&replay_sql(&p.search_path, &p.role, &statement))
+        .await
+        .map_err(|e| {
+            e.as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string())
+        })?;
+    txn.execute(
+        "INSERT INTO walsync.ddl_log (origin, seq, statement_index, query, command_tag, \
+           object_identities, search_path, role, captured_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::timestamptz)",
+        &[
+            &p.key.0,
+            &p.key.1,
+            &p.statement_index,
+            &p.query,
+            &p.command_tag,
+            &p.object_identities,
+            &p.search_path,
+            &p.role,
+            &p.captured_at,
+        ],
+    )
+    .await?;
+    txn.commit().await?;
+    Ok(())
 }
