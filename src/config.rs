@@ -106,6 +106,15 @@ pub struct TablePolicy {
     /// columns of one row both survive (needs REPLICA IDENTITY FULL, which init sets).
     #[serde(default)]
     pub merge: MergeMode,
+    /// The table is node-local (Odoo's bus, presence): its changes are neither applied
+    /// nor forwarded by any node; each node's rows stay its own.
+    #[serde(default)]
+    pub local: bool,
+    /// Node-local columns (`ir_cron.nextcall`): a peer's update never overwrites them
+    /// here and does not count them when telling conflicts from sequential edits; an
+    /// insert still carries them.
+    #[serde(default)]
+    pub local_columns: Vec<String>,
 }
 
 /// How much of a row one conflict decision covers.
@@ -387,9 +396,19 @@ impl Config {
                     t.name
                 )));
             }
-            if t.counters.is_empty() && t.prefer.is_none() && t.merge == MergeMode::Row {
+            let decides = !t.counters.is_empty()
+                || t.prefer.is_some()
+                || t.merge == MergeMode::Columns
+                || !t.local_columns.is_empty();
+            if !decides && !t.local {
                 return Err(ConfigError::Invalid(format!(
-                    "[[tables]] {:?} sets no policy (counters = [\"column\", ...], prefer = \"node\" or merge = \"columns\")",
+                    "[[tables]] {:?} sets no policy (counters = [\"column\", ...], prefer = \"node\", merge = \"columns\", local = true or local_columns = [\"column\", ...])",
+                    t.name
+                )));
+            }
+            if decides && t.local {
+                return Err(ConfigError::Invalid(format!(
+                    "[[tables]] {:?}: local = true keeps the table on each node, so its other keys would never apply; remove them",
                     t.name
                 )));
             }

@@ -592,3 +592,65 @@ fn a_sequence_is_partitioned_in_the_transaction_that_creates_or_restarts_it() {
         "0"
     );
 }
+
+#[test]
+fn node_local_tables_and_columns_stay_on_each_node() {
+    let schema = format!(
+        "{RETAIL_SCHEMA}
+         CREATE TABLE ir_cron (id serial PRIMARY KEY, name text NOT NULL, nextcall timestamp, lastcall timestamp);
+         CREATE TABLE bus_bus (id serial PRIMARY KEY, message text);"
+    );
+    let policy = "[[tables]]\nname = \"ir_cron\"\nlocal_columns = [\"nextcall\", \"lastcall\"]\n\
+                  [[tables]]\nname = \"bus_bus\"\nlocal = true\n";
+    let mut c = TestCluster::new_with("local", Topology::Mesh, &["a", "b"], &schema, policy);
+    c.start();
+    c.node("a").sql(
+        "INSERT INTO ir_cron (id, name, nextcall) VALUES (1, 'Mail queue', '2026-01-01 10:00')",
+    );
+    c.wait_converged("ir_cron");
+    // Each node's scheduler runs the job on its own schedule; an edit of the job itself travels.
+    c.node("a").sql(
+        "UPDATE ir_cron SET nextcall = '2026-01-01 11:00', lastcall = '2026-01-01 10:00' WHERE id = 1;
+         INSERT INTO bus_bus (message) VALUES ('a1'), ('a2'), ('a3')",
+    );
+    c.node("b").sql(
+        "UPDATE ir_cron SET nextcall = '2026-01-01 10:30', lastcall = '2026-01-01 10:00' WHERE id = 1;
+         INSERT INTO bus_bus (message) VALUES ('b1'), ('b2')",
+    );
+    c.node("a")
+        .sql("UPDATE ir_cron SET name = 'Mail queue (every 5 min)' WHERE id = 1");
+    // A marker written after everything else: once it arrives, so did the rest.
+    c.node("a")
+        .sql("INSERT INTO partner (id, name) VALUES (1, 'marker a')");
+    c.node("b")
+        .sql("INSERT INTO partner (id, name) VALUES (2, 'marker b')");
+    c.wait_rows("a", "partner", 2);
+    c.wait_rows("b", "partner", 2);
+    wait_for(
+        "the job's new name to reach b",
+        DEADLINE,
+        || c.node("b").sql("SELECT name FROM ir_cron") == "Mail queue (every 5 min)",
+        || c.logs(),
+    );
+    assert_eq!(
+        c.node("a").sql("SELECT nextcall FROM ir_cron"),
+        "2026-01-01 11:00:00"
+    );
+    assert_eq!(
+        c.node("b").sql("SELECT nextcall FROM ir_cron"),
+        "2026-01-01 10:30:00"
+    );
+    assert_eq!(
+        c.node("a")
+            .sql("SELECT string_agg(message, ',' ORDER BY message) FROM bus_bus"),
+        "a1,a2,a3"
+    );
+    assert_eq!(
+        c.node("b")
+            .sql("SELECT string_agg(message, ',' ORDER BY message) FROM bus_bus"),
+        "b1,b2"
+    );
+    for n in &c.nodes {
+        assert_eq!(n.count("walsync.conflicts"), 0, "{}", n.name);
+    }
+}

@@ -173,6 +173,45 @@ impl ApplyWorker {
     pub(super) async fn update_mapped(&mut self, upd: &Update) -> Result<(), ApplyError> {
         let id = upd.relation_id;
         let policy = self.policy_of(id);
+        if !policy.local_columns.is_empty() {
+            // Node-local columns are neither written nor compared: as if not sent.
+            let mask = |t: &Tuple| {
+                Tuple(
+                    t.0.iter()
+                        .enumerate()
+                        .map(|(i, v)| {
+                            if policy.local_columns.contains(&i) {
+                                Value::UnchangedToast
+                            } else {
+                                v.clone()
+                            }
+                        })
+                        .collect(),
+                )
+            };
+            let masked = Update {
+                relation_id: id,
+                old: upd.old.as_ref().map(|o| match o {
+                    OldTuple::Full(t) => OldTuple::Full(mask(t)),
+                    key => key.clone(),
+                }),
+                new: mask(&upd.new),
+            };
+            // An update of local columns only (a cron run) is nothing for this node.
+            if matches!(&masked.old, Some(OldTuple::Full(old)) if *old == masked.new) {
+                return Ok(());
+            }
+            return self.update_unmasked(&masked, &policy).await;
+        }
+        self.update_unmasked(upd, &policy).await
+    }
+
+    async fn update_unmasked(
+        &mut self,
+        upd: &Update,
+        policy: &super::RelationPolicy,
+    ) -> Result<(), ApplyError> {
+        let id = upd.relation_id;
         if !policy.counters.is_empty() {
             if let Some(OldTuple::Full(old)) = &upd.old {
                 return self

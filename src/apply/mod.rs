@@ -122,6 +122,8 @@ enum Gone {
 struct RelationPolicy {
     /// Source column indexes of the counter columns.
     counters: Vec<usize>,
+    /// Source column indexes of the node-local columns.
+    local_columns: Vec<usize>,
     rule: Rule,
     merge_columns: bool,
 }
@@ -321,7 +323,12 @@ impl ApplyWorker {
             .relations
             .get(&relation_id)
             .ok_or(ApplyError::UnknownRelation(relation_id))?;
-        Ok(replicates_relation(&e.source.namespace, &e.source.name))
+        let (namespace, name) = (&e.source.namespace, &e.source.name);
+        let local = self
+            .policies
+            .get(&(namespace.clone(), name.clone()))
+            .is_some_and(|p| p.local);
+        Ok(replicates_relation(namespace, name) && !local)
     }
 
     /// Opens the target transaction for `txn` (idempotent within one transaction).
@@ -579,6 +586,7 @@ impl ApplyWorker {
         let policy = match self.policies.get(&key) {
             Some(p) => RelationPolicy {
                 counters: map.source_indexes_of(&p.counters),
+                local_columns: map.source_indexes_of(&p.local_columns),
                 rule: Rule {
                     prefer: p.prefer.as_deref().map(|n| format!("walsync_{n}")),
                 },

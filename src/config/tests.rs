@@ -201,3 +201,19 @@ fn a_table_can_prefer_a_node_or_merge_by_column_and_must_set_something() {
     .to_string();
     assert!(err.contains("prefer"), "{err}");
 }
+
+#[test]
+fn a_local_table_sets_nothing_else() {
+    let ok = format!("{BRANCH}\n[[tables]]\nname = \"bus_bus\"\nlocal = true\n");
+    assert!(load(&ok, &[]).unwrap().tables[0].local);
+    let cols =
+        format!("{BRANCH}\n[[tables]]\nname = \"ir_cron\"\nlocal_columns = [\"nextcall\"]\n");
+    assert_eq!(
+        load(&cols, &[]).unwrap().tables[0].local_columns,
+        ["nextcall"]
+    );
+    let err = load(&format!("{ok}prefer = \"main\"\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("local = true"), "{err}");
+}
