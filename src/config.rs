@@ -85,6 +85,17 @@ pub struct Config {
     /// Per-table conflict policies. Every node of the cluster must have the same ones.
     #[serde(default)]
     pub tables: Vec<TablePolicy>,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The sidecar's HTTP endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// `host:port` to listen on, e.g. `0.0.0.0:9187`; none: no endpoint.
+    #[serde(default)]
+    pub listen: Option<std::net::SocketAddr>,
 }
 
 /// How conflicts on one table are decided, beyond last-writer-wins.
@@ -484,6 +495,7 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
     ("cluster", &["topology", "hub", "step"]),
     ("node", &["name", "id", "dsn"]),
     ("apply", &["reconnect_min_ms", "reconnect_max_ms"]),
+    ("metrics", &["listen"]),
 ];
 const PEER_KEYS: &[&str] = &["name", "id", "dsn", "links"];
 

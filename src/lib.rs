@@ -18,6 +18,7 @@ pub mod merge;
 pub mod node;
 pub mod observability;
 pub mod pgoutput;
+pub mod report;
 pub mod runtime;
 pub mod sequences;
 pub mod stream;

@@ -6,12 +6,19 @@ use tracing::info;
 
 use super::{CliResult, ConfigArg};
 use crate::node::setup::check_initialised;
-use crate::runtime::{run_sidecar, shutdown_channel};
+use crate::runtime::{metrics, run_sidecar, shutdown_channel};
 
 pub async fn run(arg: &ConfigArg) -> CliResult {
     let config = arg.load()?;
     check_initialised(&config).await?;
     let (tx, rx) = shutdown_channel();
+    if let Some(addr) = config.metrics.listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            format!("metrics.listen = {addr}: cannot listen there ({e}); choose a free address or remove [metrics] listen")
+        })?;
+        info!(%addr, "metrics endpoint: /metrics, /healthz, /readyz");
+        tokio::spawn(metrics::serve(listener, config.clone(), rx.clone()));
+    }
     tokio::spawn(async move {
         wait_for_signal().await;
         info!("shutting down");

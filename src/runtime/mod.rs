@@ -3,6 +3,7 @@
 pub mod backoff;
 pub mod guard;
 pub mod link;
+pub mod metrics;
 pub mod status;
 
 use tokio::sync::watch;

@@ -1,0 +1,160 @@
+//! One node's state for operators: links into it, slots on it, conflicts, clock offsets,
+//! sequence headroom, and the problems that need a person. `walsync status` prints it;
+//! the sidecar's `/metrics` endpoint renders it for Prometheus.
+
+use serde_json::{json, Value as Json};
+use tokio_postgres::Client;
+
+use crate::sequences::ids_left;
+
+/// A sequence needs attention below this share of its ids left.
+const HEADROOM_WARN: f64 = 0.10;
+
+/// The report of the node `client` is connected to (see `walsync status --json`).
+pub async fn gather(
+    client: &Client,
+    step: u32,
+) -> Result<Json, Box<dyn std::error::Error + Send + Sync>> {
+    let mut problems: Vec<String> = Vec::new();
+    let node = client
+        .query_one("SELECT name, id, step FROM walsync.node", &[])
+        .await?;
+    let links: Vec<Json> = client
+        .query(
+            "SELECT p.link, coalesce(s.state, 'unknown'), s.detail, s.since::text, p.source_lsn::text, \
+                    p.source_commit_time::text, p.transactions, s.clock_offset_ms, \
+                    extract(epoch FROM now() - p.source_commit_time)::float8, \
+                    extract(epoch FROM now() - s.since)::float8 \
+             FROM walsync.link_progress p LEFT JOIN walsync.link_status s USING (link) ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            json!({
+                "link": r.get::<_, String>(0), "state": r.get::<_, String>(1), "detail": r.get::<_, Option<String>>(2),
+                "since": r.get::<_, Option<String>>(3), "source_lsn": r.get::<_, String>(4),
+                "last_source_commit": r.get::<_, Option<String>>(5), "transactions": r.get::<_, i64>(6),
+                "clock_offset_ms": r.get::<_, Option<f64>>(7), "seconds_since_last_source_commit": r.get::<_, Option<f64>>(8),
+                "seconds_in_state": r.get::<_, Option<f64>>(9),
+            })
+        })
+        .collect();
+    for l in &links {
+        if l["state"] == "stopped" {
+            problems.push(format!(
+                "link {} is stopped: {}",
+                l["link"].as_str().unwrap_or(""),
+                l["detail"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    let slots: Vec<Json> = client
+        .query(
+            "SELECT slot_name::text, active, coalesce(wal_status, '-'), \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8, confirmed_flush_lsn::text, \
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8, safe_wal_size \
+             FROM pg_replication_slots WHERE slot_name LIKE 'walsync\\_to\\_%' ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            json!({
+                "slot": r.get::<_, String>(0), "active": r.get::<_, bool>(1), "wal_status": r.get::<_, String>(2),
+                "retained_wal_bytes": r.get::<_, Option<i64>>(3), "confirmed_flush_lsn": r.get::<_, Option<String>>(4),
+                "lag_bytes": r.get::<_, Option<i64>>(5), "safe_wal_bytes": r.get::<_, Option<i64>>(6),
+            })
+        })
+        .collect();
+    for s in &slots {
+        if s["wal_status"] == "unreserved" {
+            problems.push(format!(
+                "slot {} holds more WAL than max_wal_size; {} more bytes of WAL and it loses what its peer needs",
+                s["slot"].as_str().unwrap_or(""),
+                s["safe_wal_bytes"]
+            ));
+        }
+        if s["wal_status"] == "lost" {
+            problems.push(format!(
+                "slot {} lost the WAL its peer still needed: that peer must be cloned again",
+                s["slot"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    let c = client
+        .query_one(
+            "SELECT count(*), count(*) FILTER (WHERE detected_at > now() - interval '24 hours') FROM walsync.conflicts",
+            &[],
+        )
+        .await?;
+    let (conflicts, conflicts_24h): (i64, i64) = (c.get(0), c.get(1));
+    let by_kind: serde_json::Map<String, Json> = client
+        .query(
+            "SELECT kind, count(*) FROM walsync.conflicts GROUP BY kind ORDER BY kind",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get::<_, String>(0), json!(r.get::<_, i64>(1))))
+        .collect();
+    let max_slot_wal_keep: String = client
+        .query_one("SELECT current_setting('max_slot_wal_keep_size')", &[])
+        .await?
+        .get(0);
+
+    let ddl_warnings: Vec<Json> = client
+        .query(
+            "SELECT origin || '/' || seq, detected_at::text, warning, statement FROM walsync.ddl_warnings \
+             ORDER BY detected_at DESC LIMIT 20",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            json!({ "ddl": r.get::<_, String>(0), "detected_at": r.get::<_, String>(1),
+                    "warning": r.get::<_, String>(2), "statement": r.get::<_, String>(3) })
+        })
+        .collect();
+
+    let mut sequences = Vec::new();
+    for r in client
+        .query(
+            "SELECT format('%I.%I', schemaname, sequencename), increment_by, max_value FROM pg_sequences \
+             WHERE schemaname <> 'walsync' ORDER BY 1",
+            &[],
+        )
+        .await?
+    {
+        let name: String = r.get(0);
+        let (increment, max_value): (i64, i64) = (r.get(1), r.get(2));
+        let s = client.query_one(&format!("SELECT last_value, is_called FROM {name}"), &[]).await?;
+        let (last, called): (i64, bool) = (s.get(0), s.get(1));
+        let next = if called { last.saturating_add(increment) } else { last };
+        let left = ids_left(next, increment, max_value);
+        let total = ids_left(1, increment.max(1), max_value).max(1);
+        let share = left as f64 / total as f64;
+        let partitioned = increment == step as i64;
+        if share < HEADROOM_WARN {
+            problems.push(format!("sequence {name} has {left} ids left on this node ({:.1} %)", share * 100.0));
+        }
+        sequences.push(json!({ "sequence": name, "next": next, "increment": increment, "ids_left": left, "share_left": share, "partitioned": partitioned }));
+    }
+    sequences.sort_by(|a, b| {
+        a["share_left"]
+            .as_f64()
+            .partial_cmp(&b["share_left"].as_f64())
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+
+    Ok(json!({
+        "node": { "name": node.get::<_, String>(0), "id": node.get::<_, i32>(1), "step": node.get::<_, i32>(2) },
+        "links_in": links,
+        "slots": slots,
+        "conflicts": { "total": conflicts, "last_24h": conflicts_24h, "by_kind": by_kind },
+        "max_slot_wal_keep_size": max_slot_wal_keep,
+        "sequences": sequences,
+        "ddl_warnings": ddl_warnings,
+        "problems": problems,
+    }))
+}

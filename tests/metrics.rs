@@ -1,0 +1,100 @@
+//! The sidecar's HTTP endpoint, scraped as Prometheus and a container orchestrator would.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use support::*;
+
+/// `GET path` on `port`: (status line, body).
+fn get(port: u16, path: &str) -> (String, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
+
+#[test]
+fn metrics_health_and_readiness_are_served_by_the_sidecar() {
+    let mut c = TestCluster::new(
+        "metrics",
+        Topology::Star,
+        &["main", "branch1"],
+        RETAIL_SCHEMA,
+    );
+    let port = walsync::localpg::free_port();
+    let config = c.node("main").config.clone();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    c.start();
+    c.node("branch1")
+        .sql("INSERT INTO partner (name) VALUES ('Ana'), ('Bo')");
+    c.wait_rows("main", "partner", 2);
+    wait_for(
+        "the endpoint to answer",
+        DEADLINE,
+        || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        || c.logs(),
+    );
+    assert_eq!(
+        get(port, "/healthz"),
+        ("HTTP/1.1 200 OK".into(), "ok\n".into())
+    );
+    assert_eq!(get(port, "/readyz").0, "HTTP/1.1 200 OK");
+    assert_eq!(get(port, "/nope").0, "HTTP/1.1 404 Not Found");
+    let body = std::cell::RefCell::new(String::new());
+    wait_for(
+        "the link into main to show as streaming with its transaction",
+        DEADLINE,
+        || {
+            let text = get(port, "/metrics").1;
+            *body.borrow_mut() = text.clone();
+            text.contains("walsync_link_state{link=\"branch1->main\",state=\"streaming\"} 1")
+                && text.lines().any(|l| {
+                    l.starts_with("walsync_link_transactions_total{link=\"branch1->main\"}")
+                        && l.split(' ').nth(1).is_some_and(|v| v != "0")
+                })
+        },
+        || format!("{}\n{}", body.borrow(), c.logs()),
+    );
+    let body = body.into_inner();
+    assert!(body.contains("walsync_node_up{node=\"main\"} 1"), "{body}");
+    assert!(
+        body.contains("walsync_slot_retained_wal_bytes{slot=\"walsync_to_branch1\"}"),
+        "{body}"
+    );
+    assert!(body.contains("walsync_sequences_unpartitioned 0"), "{body}");
+    assert!(body.contains("walsync_problems 0"), "{body}");
+}
+
+#[test]
+fn a_metrics_address_in_use_stops_the_sidecar_with_a_clear_error() {
+    let c = TestCluster::new("metrics-busy", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port();
+    let config = c.node("a").config.clone();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    )
+    .unwrap();
+    let (ok, out) = walsync(&["run", "--config", config.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains(&format!(
+            "metrics.listen = 127.0.0.1:{port}: cannot listen there"
+        )),
+        "{out}"
+    );
+}
