@@ -34,7 +34,7 @@ export WALSYNC_CONFIG="$config"
 
 case "${1:-}" in
     '') ;;
-    init | run | status | conflicts | ddl-replay | help | -h | --help | -V | --version)
+    init | run | status | conflicts | ddl-replay | join | remove-node | help | -h | --help | -V | --version)
         exec walsync "$@"
         ;;
     *)

@@ -5,6 +5,8 @@ pub mod conflicts;
 pub mod ddl_replay;
 pub mod demo;
 pub mod init;
+pub mod join;
+pub mod remove_node;
 pub mod run;
 pub mod status;
 
@@ -53,6 +55,10 @@ pub enum Command {
     Conflicts(conflicts::ConflictsArgs),
     /// Show the captured DDL this node has not applied yet, or skip one that cannot run here.
     DdlReplay(ddl_replay::DdlReplayArgs),
+    /// Make an empty database a new node: copy a running node at a slot's snapshot, then init.
+    Join(join::JoinArgs),
+    /// Forget a node on this node and its peers: its slots, origin and links' progress.
+    RemoveNode(remove_node::RemoveNodeArgs),
     /// Measure catch-up speed against native logical replication (and peak memory on one huge transaction).
     Bench(bench::BenchArgs),
 }
@@ -87,6 +93,8 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Conflicts(a) => conflicts::run(a).await,
             Command::Status(a) => status::run(a).await,
             Command::DdlReplay(a) => ddl_replay::run(a).await,
+            Command::Join(a) => join::run(a).await,
+            Command::RemoveNode(a) => remove_node::run(a).await,
         }
     });
     match result {

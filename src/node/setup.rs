@@ -207,6 +207,29 @@ pub async fn check_initialised(config: &Config) -> Result<(), SetupError> {
         Err(e) if !e.is_permanent() => return Ok(()),
         Err(e) => return Err(e.into()),
     };
+    let joining: bool = client
+        .query_one("SELECT to_regclass('walsync.join_state') IS NOT NULL", &[])
+        .await
+        .map_err(sql_err(&me, "checking for a walsync join"))?
+        .get(0);
+    if joining {
+        let unfinished = client
+            .query_opt(
+                "SELECT source FROM walsync.join_state WHERE finished_at IS NULL",
+                &[],
+            )
+            .await
+            .map_err(sql_err(&me, "reading walsync.join_state"))?;
+        if let Some(r) = unfinished {
+            return Err(SetupError::NotReady {
+                node: me.name.to_string(),
+                problems: vec![format!(
+                    "walsync join from {} did not finish, so this node holds a partial copy: run walsync join --restart",
+                    r.get::<_, String>(0)
+                )],
+            });
+        }
+    }
     let initialised: bool = client
         .query_one("SELECT to_regclass('walsync.node') IS NOT NULL", &[])
         .await

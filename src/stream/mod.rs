@@ -60,29 +60,7 @@ impl NodeStream {
         application_name: &str,
     ) -> Result<NodeStream, StreamError> {
         let shown = dsn.to_string();
-        let cfg = dsn.parse()?;
-        let host = match cfg.get_hosts().first() {
-            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-            #[cfg(unix)]
-            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-            None => "localhost".to_string(),
-        };
-        let port = cfg.get_ports().first().copied().unwrap_or(5432);
-        let user = cfg.get_user().unwrap_or("postgres").to_string();
-        let password = cfg
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned())
-            .unwrap_or_default();
-        let database = cfg.get_dbname().unwrap_or(&user).to_string();
-        let rcfg = ReplicationConfig::new(host, user, password, database, slot, PUBLICATION)
-            .with_port(port)
-            .with_start_lsn(start.into())
-            .with_status_interval(Duration::from_millis(500))
-            .with_wakeup_interval(Duration::from_secs(5))
-            .with_buffer_size(BUFFER_EVENTS)
-            .with_max_message_size(MAX_MESSAGE_BYTES)
-            .with_options(SESSION_OPTIONS.replace(" -c client_encoding=UTF8", ""))
-            .with_application_name(application_name);
+        let rcfg = replication_config(dsn, slot, start, application_name)?;
         let wire = |source| StreamError::Wire {
             dsn: shown.clone(),
             source,
@@ -123,4 +101,37 @@ async fn client_started(
             source,
         })?;
     Ok(NodeStream { client, dsn })
+}
+
+/// The replication session settings for `slot` on `dsn`, streaming from `start`.
+pub fn replication_config(
+    dsn: &Dsn,
+    slot: &str,
+    start: Lsn,
+    application_name: &str,
+) -> Result<ReplicationConfig, StreamError> {
+    let cfg = dsn.parse()?;
+    let host = match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    };
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    let user = cfg.get_user().unwrap_or("postgres").to_string();
+    let password = cfg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .unwrap_or_default();
+    let database = cfg.get_dbname().unwrap_or(&user).to_string();
+    let rcfg = ReplicationConfig::new(host, user, password, database, slot, PUBLICATION)
+        .with_port(port)
+        .with_start_lsn(start.into())
+        .with_status_interval(Duration::from_millis(500))
+        .with_wakeup_interval(Duration::from_secs(5))
+        .with_buffer_size(BUFFER_EVENTS)
+        .with_max_message_size(MAX_MESSAGE_BYTES)
+        .with_options(SESSION_OPTIONS.replace(" -c client_encoding=UTF8", ""))
+        .with_application_name(application_name);
+    Ok(rcfg)
 }

@@ -1,0 +1,154 @@
+//! Adding a branch to a running cluster in one command, and removing it again.
+
+mod support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use support::*;
+use walsync::localpg::LocalCluster;
+
+#[test]
+fn a_branch_joins_a_running_cluster_while_orders_are_written_and_ends_identical() {
+    let mut c = TestCluster::new("join", Topology::Star, &["main", "branch1"], RETAIL_SCHEMA);
+    c.start();
+    c.node("main").sql(
+        "INSERT INTO product (name, price) SELECT 'product ' || g, g FROM generate_series(1, 200) g;
+         INSERT INTO partner (name) SELECT 'partner ' || g FROM generate_series(1, 500) g;",
+    );
+    c.wait_converged("product");
+    // The new branch: an empty database on its own server, a config naming main.
+    let pg = LocalCluster::start(&c.dir.join("branch2"), "branch2").expect("start branch2");
+    let config = c.dir.join("branch2.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\ntopology = \"star\"\nhub = \"main\"\n\n[node]\nname = \"branch2\"\nid = 3\ndsn = \"{}\"\n\n\
+             [apply]\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\n\
+             [[peers]]\nname = \"main\"\nid = 1\ndsn = \"{}\"\nlinks = \"both\"\n",
+            pg.dsn(),
+            c.node("main").pg.dsn()
+        ),
+    )
+    .unwrap();
+    let stop = AtomicBool::new(false);
+    let written = AtomicU64::new(0);
+    let out = std::thread::scope(|s| {
+        // Both running nodes sell all along: orders with lines, each one transaction.
+        for n in ["main", "branch1"] {
+            let (node, stop, written) = (c.node(n), &stop, &written);
+            s.spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    node.sql(&format!(
+                        "WITH o AS (INSERT INTO pos_order (name, amount_total) VALUES ('{n}/' || clock_timestamp(), 10) RETURNING id)
+                         INSERT INTO pos_order_line (order_id, product_id, qty, price_unit)
+                         SELECT o.id, p.id, 1, 5 FROM o, (SELECT id FROM product ORDER BY id LIMIT 3) p"
+                    ));
+                    written.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        let out = walsync(&["join", "--config", config.to_str().unwrap()]);
+        stop.store(true, Ordering::Relaxed);
+        out
+    });
+    let (ok, text) = out;
+    assert!(ok, "walsync join failed:\n{text}");
+    assert!(
+        text.contains("copied") && text.contains("tables"),
+        "progress is shown:\n{text}"
+    );
+    assert!(written.load(Ordering::Relaxed) > 0);
+    c.nodes.push(Node {
+        name: "branch2".into(),
+        id: 3,
+        pg,
+        config: config.clone(),
+        sidecar: None,
+    });
+    c.node_mut("branch2").start_sidecar();
+    c.node("branch2")
+        .sql("INSERT INTO pos_order (name, amount_total) VALUES ('branch2/first', 7)");
+    for t in ["product", "partner", "pos_order", "pos_order_line"] {
+        c.wait_converged(t);
+    }
+    let b2 = c.node("branch2");
+    assert_eq!(
+        b2.sql("SELECT id % 16 FROM pos_order WHERE name = 'branch2/first'"),
+        "3",
+        "the new node hands out its own ids"
+    );
+    assert_eq!(
+        b2.sql(
+            "SELECT count(*) FROM pg_sequences WHERE schemaname = 'public' AND increment_by <> 16"
+        ),
+        "0"
+    );
+    for n in &c.nodes {
+        assert_eq!(n.count("walsync.conflicts"), 0, "{}", n.name);
+    }
+    let (ok, again) = walsync(&["join", "--config", config.to_str().unwrap()]);
+    assert!(!ok && again.contains("joined from main already"), "{again}");
+
+    // Removing it: its sidecar stops, main forgets its slot and origin.
+    c.node_mut("branch2").stop_sidecar();
+    let main_config = c.node("main").config.to_str().unwrap().to_string();
+    let (ok, removed) = walsync(&["remove-node", "--config", &main_config, "branch2"]);
+    assert!(ok, "{removed}");
+    let main = c.node("main");
+    assert_eq!(
+        main.sql(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = 'walsync_to_branch2'"
+        ),
+        "0"
+    );
+    assert_eq!(
+        main.sql("SELECT count(*) FROM pg_replication_origin WHERE roname = 'walsync_branch2'"),
+        "0"
+    );
+}
+
+#[test]
+fn a_join_that_stopped_halfway_is_refused_until_restarted() {
+    let mut c = TestCluster::new(
+        "join-again",
+        Topology::Star,
+        &["main", "branch1"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    let pg = LocalCluster::start(&c.dir.join("branch2"), "branch2").expect("start branch2");
+    let config = c.dir.join("branch2.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\ntopology = \"star\"\nhub = \"main\"\n\n[node]\nname = \"branch2\"\nid = 3\ndsn = \"{}\"\n\n\
+             [[peers]]\nname = \"main\"\nid = 1\ndsn = \"{}\"\nlinks = \"both\"\n",
+            pg.dsn(),
+            c.node("main").pg.dsn()
+        ),
+    )
+    .unwrap();
+    // A copy cut short: part of the schema is there, the join never finished.
+    pg.psql("CREATE SCHEMA walsync; CREATE TABLE walsync.join_state ( \
+             singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), source text NOT NULL, \
+             started_at timestamptz NOT NULL DEFAULT now(), finished_at timestamptz, start_lsn text); \
+             INSERT INTO walsync.join_state (source) VALUES ('main'); CREATE TABLE partner (id int)")
+        .unwrap();
+    let cfg = config.to_str().unwrap();
+    let (ok, run) = walsync(&["run", "--config", cfg]);
+    assert!(
+        !ok && run.contains("did not finish"),
+        "a partial node never runs:\n{run}"
+    );
+    let (ok, refused) = walsync(&["join", "--config", cfg]);
+    assert!(!ok && refused.contains("--restart"), "{refused}");
+    let (ok, joined) = walsync(&["join", "--config", cfg, "--restart"]);
+    assert!(ok, "{joined}");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM information_schema.columns WHERE table_name = 'partner'")
+            .unwrap()
+            .trim(),
+        "5",
+        "the partial table was replaced by the copy"
+    );
+}
