@@ -98,3 +98,44 @@ fn a_metrics_address_in_use_stops_the_sidecar_with_a_clear_error() {
         "{out}"
     );
 }
+
+#[test]
+fn status_cluster_shows_every_node_what_it_lacks_and_who_cannot_be_reached() {
+    let mut c = TestCluster::new(
+        "status-cluster",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    c.node_mut("branch2").stop_sidecar();
+    c.node("main")
+        .sql("CREATE TABLE coupon (id serial PRIMARY KEY, code text)");
+    c.wait_rows("branch1", "pg_tables WHERE tablename = 'coupon'", 1);
+    let config = c.node("main").config.to_str().unwrap().to_string();
+    let (ok, text) = walsync(&["status", "--cluster", "--config", &config]);
+    assert!(ok, "{text}");
+    for line in [
+        "== main (id 1): 0 conflict(s) in the last 24 h, 0 DDL statement(s) not applied yet, 0 problem(s)",
+        "== branch1 (id 2): 0 conflict(s) in the last 24 h, 0 DDL statement(s) not applied yet, 0 problem(s)",
+        "== branch2 (id 3): 0 conflict(s) in the last 24 h, 1 DDL statement(s) not applied yet, 0 problem(s)",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+    assert!(text.contains("walsync_to_branch2"), "{text}");
+    c.node_mut("branch2").pg.stop().unwrap();
+    let (ok, text) = walsync(&["status", "--cluster", "--json", "--config", &config]);
+    assert!(ok, "a cut-off branch alone needs no person:\n{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let b2 = v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == "branch2")
+        .unwrap();
+    assert_eq!(b2["reachable"], false, "{text}");
+    assert!(
+        b2["error"].as_str().unwrap().contains("cannot connect"),
+        "{text}"
+    );
+}

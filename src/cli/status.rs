@@ -2,12 +2,22 @@
 //! their state, its slots (what peers have not taken yet), conflicts, clock offsets and
 //! sequence headroom. Exits 1 when something needs a human: a stopped link, a slot that
 //! lost its WAL, a sequence with under 10 % of its ids left.
+//!
+//! `--cluster`: every node this config reaches (from the hub of a star: all of them), one
+//! block each — links in, slots out, conflicts, DDL it has not applied yet — and every
+//! node's problems; a node that cannot be reached is shown as such (a cut-off branch:
+//! the hub's links say since when).
 
 use std::process::ExitCode;
 
 use serde_json::Value as Json;
 
+use std::collections::HashSet;
+
+use serde_json::json;
+
 use super::{CliResult, ConfigArg};
+use crate::config::{Config, Dsn};
 use crate::node::connect::connect;
 use crate::report::gather;
 
@@ -18,10 +28,16 @@ pub struct StatusArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Every node this config reaches, not just this one.
+    #[arg(long)]
+    pub cluster: bool,
 }
 
 pub async fn run(args: StatusArgs) -> CliResult {
     let config = args.config.load()?;
+    if args.cluster {
+        return cluster(&config, args.json).await;
+    }
     let me = config.this_node();
     let client = connect(&me.dsn, "walsync status").await?;
     let report = gather(&client, config.cluster.step).await?;
@@ -134,5 +150,137 @@ fn print_text(name: &str, r: &Json) {
         for p in problems {
             println!("  - {}", p.as_str().unwrap_or(""));
         }
+    }
+}
+
+/// One node's block of the cluster view.
+struct NodeView {
+    name: String,
+    report: Result<Json, String>,
+    /// `origin/seq` of every DDL statement logged here.
+    ddl: HashSet<String>,
+}
+
+async fn view(name: String, dsn: &Dsn, step: u32) -> NodeView {
+    let read = async {
+        let client = connect(dsn, "walsync status").await?;
+        let report = gather(&client, step).await?;
+        let ddl: HashSet<String> = client
+            .query("SELECT origin || '/' || seq FROM walsync.ddl_log", &[])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>((report, ddl))
+    };
+    match read.await {
+        Ok((report, ddl)) => NodeView {
+            name,
+            report: Ok(report),
+            ddl,
+        },
+        Err(e) => NodeView {
+            name,
+            report: Err(crate::runtime::link::error_chain(e.as_ref())),
+            ddl: HashSet::new(),
+        },
+    }
+}
+
+async fn cluster(config: &Config, as_json: bool) -> CliResult {
+    let me = config.this_node();
+    let step = config.cluster.step;
+    let mut views = vec![view(me.name.to_string(), &me.dsn, step).await];
+    for (p, _) in config.peer_nodes() {
+        views.push(view(p.name.to_string(), &p.dsn, step).await);
+    }
+    // DDL a node lacks: logged on some reachable node, authored elsewhere, not here.
+    let all: HashSet<&String> = views.iter().flat_map(|v| &v.ddl).collect();
+    let mut problems = Vec::new();
+    let mut nodes = Vec::new();
+    for v in &views {
+        let pending = match &v.report {
+            Ok(_) => all
+                .iter()
+                .filter(|k| !k.starts_with(&format!("{}/", v.name)) && !v.ddl.contains(**k))
+                .count(),
+            Err(_) => 0,
+        };
+        match &v.report {
+            Ok(r) => {
+                for p in r["problems"].as_array().cloned().unwrap_or_default() {
+                    problems.push(format!("{}: {}", v.name, p.as_str().unwrap_or("")));
+                }
+                nodes.push(
+                    json!({"node": v.name, "reachable": true, "pending_ddl": pending, "report": r}),
+                );
+            }
+            Err(e) => nodes.push(json!({"node": v.name, "reachable": false, "error": e})),
+        }
+    }
+    if as_json {
+        let out = json!({"nodes": nodes, "problems": problems});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        for n in &nodes {
+            print_node_block(n);
+        }
+        if problems.is_empty() {
+            println!("\nnothing needs attention");
+        } else {
+            println!("\nNEEDS ATTENTION:");
+            for p in &problems {
+                println!("  - {p}");
+            }
+        }
+    }
+    Ok(if problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn print_node_block(n: &Json) {
+    let name = n["node"].as_str().unwrap_or("");
+    if n["reachable"] != true {
+        println!(
+            "== {name}: unreachable ({})",
+            n["error"].as_str().unwrap_or("")
+        );
+        return;
+    }
+    let r = &n["report"];
+    println!(
+        "== {name} (id {}): {} conflict(s) in the last 24 h, {} DDL statement(s) not applied yet, {} problem(s)",
+        r["node"]["id"],
+        r["conflicts"]["last_24h"],
+        n["pending_ddl"],
+        r["problems"].as_array().map_or(0, |p| p.len())
+    );
+    for l in r["links_in"].as_array().cloned().unwrap_or_default() {
+        let age = l["seconds_in_state"]
+            .as_f64()
+            .map(|s| format!("{s:.0} s"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "   in   {:<24} {:<10} for {age}, {} transactions applied",
+            l["link"].as_str().unwrap_or(""),
+            l["state"].as_str().unwrap_or(""),
+            l["transactions"]
+        );
+    }
+    for s in r["slots"].as_array().cloned().unwrap_or_default() {
+        println!(
+            "   out  {:<24} {:<10} peer behind by {} bytes, {} bytes of WAL kept",
+            s["slot"].as_str().unwrap_or(""),
+            if s["active"] == true {
+                "active"
+            } else {
+                "inactive"
+            },
+            s["lag_bytes"],
+            s["retained_wal_bytes"]
+        );
     }
 }

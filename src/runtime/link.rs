@@ -323,6 +323,11 @@ async fn run_session(
     // End LSN of a let-through (not applied) transaction, acknowledged once every commit
     // sent before it is confirmed.
     let mut skipped: Option<Lsn> = None;
+    // The upstream's WAL end from its last keepalive: once nothing received is still
+    // waiting to be applied or flushed, everything before it is done here, and saying so
+    // lets the slot move on (and a shutting-down upstream finish: its walsender waits
+    // for the receiver to confirm the end of the WAL), as PostgreSQL's own apply worker does.
+    let mut idle_end: Option<Lsn> = None;
     // The target flushes its WAL every wal_writer_delay (200 ms by default); asking every
     // 100 ms keeps acknowledgements at most a few hundred ms behind.
     let mut flush_tick = tokio::time::interval(FLUSH_CHECK_EVERY);
@@ -347,6 +352,9 @@ async fn run_session(
                     {
                         status.server_time(*server_time_micros).await;
                     }
+                    if let ReplicationEvent::KeepAlive { wal_end, .. } = &ev {
+                        idle_end = Some((*wal_end).into());
+                    }
                     handle_event(ev, &filter, &mut apply, &mut txn, &mut skipped, &mut progress, &link).await
                 }
                 Ok(None) => break Ok(()),
@@ -362,6 +370,11 @@ async fn run_session(
         if apply.is_settled() {
             if let Some(end) = skipped.take() {
                 stream.ack(end);
+            }
+            if txn.is_none() {
+                if let Some(end) = idle_end.take() {
+                    stream.ack(end);
+                }
             }
         }
     };
