@@ -1,4 +1,7 @@
-//! Faults on the path between a sidecar and the PostgreSQL it reaches remotely.
+//! Faults on the path between a sidecar and the PostgreSQL it reaches remotely, and the
+//! chaos scenarios: each a named sequence of steps on a three-node star under a seeded
+//! retail workload, then every invariant checked and reported (docs/testing.md).
+//! `WALSYNC_CHAOS_SEED` replays a run; `WALSYNC_CHAOS_SOAK_SECS` makes the soak run long.
 //!
 //! Scenario: a_black_holed_link_is_noticed_and_resumes_after_heal
 //!   1. while the path to main is black-holed, branch1's link says so (state `retrying`);
@@ -10,6 +13,9 @@
 
 mod support;
 
+use std::time::{Duration, Instant};
+
+use support::chaos::{Chaos, NODES};
 use support::fault_proxy::FaultProxy;
 use support::*;
 
@@ -61,4 +67,170 @@ fn a_black_holed_link_is_noticed_and_resumes_after_heal() {
         || walsync(&["status", "--config", &cfg]).0,
         || walsync(&["status", "--config", &cfg]).1,
     );
+}
+
+#[test]
+fn long_backlog_one_branch_cut_while_everyone_sells() {
+    let mut x = Chaos::new("long_backlog");
+    x.write_on("main", 10);
+    x.cut("branch1");
+    // Far more changes than a sidecar buffers (1,024 events): it must stream them.
+    for _ in 0..4 {
+        x.write_on("main", 40);
+        x.write_on("branch1", 40);
+        x.write_on("branch2", 20);
+    }
+    x.import_on("main", 30_000);
+    x.assert_converged();
+}
+
+#[test]
+fn flapping_link_cut_and_restored_every_few_hundred_ms() {
+    let mut x = Chaos::new("flapping_link");
+    let until = Instant::now() + Duration::from_secs(12);
+    while Instant::now() < until {
+        x.cut("branch1");
+        x.write_on("branch1", 3);
+        x.write_on("main", 3);
+        x.heal("branch1");
+        x.write_on("branch2", 2);
+        let pause = 100 + x.rng.below(300);
+        std::thread::sleep(Duration::from_millis(pause));
+    }
+    x.assert_converged();
+}
+
+#[test]
+fn connections_reset_in_the_middle_of_a_large_transaction() {
+    let mut x = Chaos::new("reset_mid_transaction");
+    x.write_on("branch1", 10);
+    x.import_on("main", 100_000);
+    // While branch1 (and branch2) take the 100,000 rows in: reset their links again and again.
+    let until = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < until {
+        x.reset("main");
+        std::thread::sleep(Duration::from_millis(200 + x.rng.below(300)));
+    }
+    x.write_on("branch2", 10);
+    x.assert_converged();
+}
+
+#[test]
+fn a_sidecar_killed_mid_apply_resumes_exactly_once() {
+    let mut x = Chaos::new("kill_sidecar");
+    x.import_on("main", 60_000);
+    x.write_on("main", 20);
+    for _ in 0..3 {
+        std::thread::sleep(Duration::from_millis(300 + x.rng.below(400)));
+        x.kill_sidecar("branch1");
+        x.write_on("branch1", 5);
+    }
+    x.assert_converged();
+}
+
+#[test]
+fn a_branch_postgres_crashes_mid_stream_and_recovers() {
+    let mut x = Chaos::new("crash_postgres");
+    x.import_on("main", 40_000);
+    x.write_on("branch2", 20);
+    std::thread::sleep(Duration::from_millis(300 + x.rng.below(400)));
+    x.crash_postgres("branch2");
+    x.write_on("branch2", 20);
+    x.write_on("main", 20);
+    x.assert_converged();
+}
+
+#[test]
+fn ddl_on_main_while_a_branch_is_cut_then_data_in_the_new_column() {
+    let mut x = Chaos::new("ddl_during_cut");
+    x.cut("branch2");
+    x.write_on("branch2", 20);
+    x.ddl_on_main();
+    x.c.node("main")
+        .sql("INSERT INTO loyalty_card (code, points) VALUES ('LC-main', 10)");
+    x.write_on("main", 20);
+    x.heal("branch2");
+    let b2 = x.c.node("branch2");
+    wait_for(
+        "the new column to reach branch2",
+        DEADLINE,
+        || {
+            b2.sql("SELECT count(*) FROM information_schema.columns WHERE table_name = 'partner' AND column_name = 'loyalty_points'") == "1"
+        },
+        || x.c.logs(),
+    );
+    b2.sql("UPDATE partner SET loyalty_points = 7 WHERE id = (SELECT min(id) FROM partner)");
+    b2.sql("INSERT INTO loyalty_card (code, points) VALUES ('LC-branch2', 3)");
+    x.assert_converged();
+    assert_eq!(x.c.node("main").count("loyalty_card"), 2);
+}
+
+#[test]
+fn all_nodes_cut_from_each_other_then_healed_in_turn() {
+    let mut x = Chaos::new("all_cut");
+    for n in NODES {
+        x.cut(n);
+    }
+    for n in NODES {
+        x.write_on(n, 30);
+    }
+    // main and branch2 come back first, branch1 a while later.
+    x.heal("main");
+    x.heal("branch2");
+    x.write_on("branch1", 10);
+    x.write_on("branch2", 10);
+    x.cut("branch1");
+    x.assert_converged();
+}
+
+#[test]
+fn a_slow_jittery_link_still_converges() {
+    let mut x = Chaos::new("latency_jitter");
+    x.latency("branch2", 30, 40);
+    for _ in 0..3 {
+        x.write_on("branch2", 10);
+        x.write_on("main", 10);
+    }
+    x.assert_converged();
+}
+
+/// Random faults, for as long as asked (`WALSYNC_CHAOS_SOAK_SECS`, default 20 in CI),
+/// reproducible from the printed seed.
+#[test]
+fn soak_random_faults_for_a_while() {
+    let secs: u64 = std::env::var("WALSYNC_CHAOS_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20);
+    let mut x = Chaos::new("soak");
+    let until = Instant::now() + Duration::from_secs(secs);
+    let mut rounds = 0;
+    while Instant::now() < until {
+        rounds += 1;
+        let node = NODES[x.rng.below(3) as usize];
+        match x.rng.below(8) {
+            0 | 1 => x.cut(node),
+            2 | 3 => x.heal(node),
+            4 => x.reset(node),
+            5 => x.kill_sidecar(node),
+            6 if rounds % 10 == 0 => x.crash_postgres(node),
+            6 => {
+                let (ms, jitter) = (x.rng.below(50), x.rng.below(50));
+                x.latency(node, ms, jitter)
+            }
+            _ => {
+                let rows = 1_000 + x.rng.below(5_000) as u32;
+                x.import_on(node, rows)
+            }
+        }
+        for n in NODES {
+            let txns = x.rng.below(6) as u32;
+            x.write_on(n, txns);
+        }
+        // Now and then, everything heals and must converge before the next faults.
+        if rounds % 25 == 0 {
+            x.assert_converged();
+        }
+    }
+    x.assert_converged();
 }

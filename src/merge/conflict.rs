@@ -124,7 +124,14 @@ impl Rule {
         let Some(local) = local else {
             return Decision::SkipAndRecord(missing, NO_LOCAL_ROW);
         };
-        if local.origin == remote.origin || made_on_local {
+        // Equal values alone do not prove the change was made on this version: a node may
+        // have written the very values the change started from (A-B-A). A change made on
+        // a version commits after it; one that committed before cannot have been.
+        let made_before_local = matches!(
+            (remote.commit_time_us, local.commit_time_us),
+            (Some(r), Some(l)) if r < l
+        );
+        if local.origin == remote.origin || (made_on_local && !made_before_local) {
             return Decision::Apply;
         }
         if is_delete {
@@ -333,7 +340,7 @@ mod tests {
     #[test]
     fn a_change_made_on_the_local_version_is_no_conflict() {
         assert_eq!(
-            LWW.decide_change(false, &v("walsync_b", 1), Some(&v("walsync_a", 9)), true),
+            LWW.decide_change(false, &v("walsync_b", 10), Some(&v("walsync_a", 9)), true),
             Decision::Apply
         );
         assert_eq!(
@@ -343,6 +350,31 @@ mod tests {
         assert_eq!(
             LWW.decide_change(true, &v("walsync_b", 1), None, false),
             Decision::SkipAndRecord(ConflictKind::DeleteMissing, NO_LOCAL_ROW)
+        );
+    }
+
+    #[test]
+    fn equal_values_from_a_change_older_than_the_local_version_are_a_conflict() {
+        // main wrote 26; branch2 changed it to 20 at t=1; branch1 (not knowing) set 26 again
+        // at t=2. branch2's change reaches branch1 with old image 26: equal to the local
+        // row, but older than it, so not made on it: the later write (branch1's) stays.
+        assert_eq!(
+            LWW.decide_change(
+                false,
+                &v("walsync_branch2", 1),
+                Some(&v("walsync_branch1", 2)),
+                true
+            ),
+            Decision::SkipAndRecord(ConflictKind::UpdateOriginDiffers, LAST_WRITER_WINS)
+        );
+        assert_eq!(
+            LWW.decide_change(
+                false,
+                &v("walsync_branch2", 3),
+                Some(&v("walsync_branch1", 2)),
+                true
+            ),
+            Decision::Apply
         );
     }
 

@@ -49,6 +49,10 @@ pub enum LinkError {
     Unresponsive { what: &'static str, after: Duration },
     #[error("slot {slot} does not exist on {node}: run walsync init on {node}")]
     NoSlot { slot: String, node: String },
+    /// The upstream answers, but not on this stream's connection (it died in a cut that
+    /// healed before anyone noticed): the stream is opened again.
+    #[error("the upstream answers, but its walsender for this link {0}; reconnecting")]
+    DeadStream(String),
 }
 
 /// What an error means for the link.
@@ -107,22 +111,27 @@ async fn within<T>(
         .map_err(|_| LinkError::Unresponsive { what, after })
 }
 
-/// Tells a quiet stream from a dead path.
+/// Tells a quiet stream from a dead path, and from a dead connection on a path that works
+/// again: a black hole that healed leaves the stream's TCP connection silent for ever.
 struct Liveness {
     dsn: crate::config::Dsn,
     app: String,
+    /// The stream's own application_name, to find its walsender.
+    stream_app: String,
     last_heard: tokio::time::Instant,
     tick: tokio::time::Interval,
     probe: Option<tokio_postgres::Client>,
 }
 
 impl Liveness {
-    fn new(dsn: crate::config::Dsn, app: String) -> Liveness {
+    fn new(dsn: crate::config::Dsn, stream_app: String) -> Liveness {
+        let app = format!("{stream_app} probe");
         let mut tick = tokio::time::interval(SILENCE_BEFORE_PROBE / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Liveness {
             dsn,
             app,
+            stream_app,
             last_heard: tokio::time::Instant::now(),
             tick,
             probe: None,
@@ -138,20 +147,36 @@ impl Liveness {
     }
 
     /// Probes the upstream if the stream has been silent; an unanswered probe ends the
-    /// session (it is restarted from the recorded progress).
+    /// session (it is restarted from the recorded progress), and so does an upstream whose
+    /// walsender for this stream is gone or has heard nothing from it lately (the client
+    /// reports every 500 ms while it waits for data, which it does when silent).
     async fn check(&mut self) -> Result<(), LinkError> {
         if self.last_heard.elapsed() < SILENCE_BEFORE_PROBE {
             return Ok(());
         }
         let (dsn, app, mut probe) = (&self.dsn, &self.app, self.probe.take());
+        let stream_app = self.stream_app.clone();
         let answered = within(PROBE_TIMEOUT, "probing the upstream", async {
             if probe.as_ref().is_none_or(|c| c.is_closed()) {
                 probe = Some(connect(dsn, app).await.ok()?);
             }
-            probe.as_ref()?.simple_query("SELECT 1").await.ok()
+            let row = probe
+                .as_ref()?
+                .query_one(
+                    "SELECT count(*), min(extract(epoch FROM now() - reply_time))::float8 \
+                     FROM pg_stat_replication WHERE application_name = $1",
+                    &[&stream_app],
+                )
+                .await
+                .ok()?;
+            Some((row.get::<_, i64>(0), row.get::<_, Option<f64>>(1)))
         })
         .await?;
         match answered {
+            Some((0, _)) => Err(LinkError::DeadStream("is gone".into())),
+            Some((_, Some(age))) if age > SILENCE_BEFORE_PROBE.as_secs_f64() => Err(
+                LinkError::DeadStream(format!("has heard nothing from it for {age:.0} s")),
+            ),
             Some(_) => {
                 self.probe = probe;
                 self.heard();
@@ -314,7 +339,7 @@ async fn run_session(
         NodeStream::open(&spec.from.dsn, &slot, progress, &app),
     )
     .await??;
-    let mut liveness = Liveness::new(spec.from.dsn.clone(), format!("{app} probe"));
+    let mut liveness = Liveness::new(spec.from.dsn.clone(), app.clone());
     info!(link = %link, from_lsn = %progress, "streaming");
     *healthy = true;
     status.state(LinkState::Streaming, None).await;
@@ -355,7 +380,10 @@ async fn run_session(
                     if let ReplicationEvent::KeepAlive { wal_end, .. } = &ev {
                         idle_end = Some((*wal_end).into());
                     }
-                    handle_event(ev, &filter, &mut apply, &mut txn, &mut skipped, &mut progress, &link).await
+                    let handled = handle_event(ev, &filter, &mut apply, &mut txn, &mut skipped, &mut progress, &link).await;
+                    // Silence counts from here: time spent applying is not the stream's.
+                    liveness.heard();
+                    handled
                 }
                 Ok(None) => break Ok(()),
                 Err(e) => Err(LinkError::from(e)),

@@ -5,6 +5,9 @@
 //! refused, nothing is closed: the peers just hear nothing), and new connections are
 //! accepted and hang the same way. `heal()` lets new connections through; the ones that
 //! were open during the cut stay dead, as they do when a NAT mapping was lost.
+//! `reset()` closes every open connection at once (mid-transaction, as a router reboot
+//! does; std sends FIN, not RST, which the peers see the same way: the connection ends).
+//! `latency(ms, jitter)` delays every chunk, `throttle(bytes/s)` paces them.
 //! The test's own control connections go to the server directly, not through here.
 
 use std::io::{Read, Write};
@@ -25,6 +28,12 @@ struct State {
     epoch: AtomicU64,
     cut: AtomicBool,
     stop: AtomicBool,
+    /// Connections of an epoch below this are closed (reset).
+    closed_below: AtomicU64,
+    latency_ms: AtomicU64,
+    jitter_ms: AtomicU64,
+    /// 0: unlimited.
+    bytes_per_sec: AtomicU64,
 }
 
 impl FaultProxy {
@@ -37,6 +46,10 @@ impl FaultProxy {
             epoch: AtomicU64::new(0),
             cut: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            closed_below: AtomicU64::new(0),
+            latency_ms: AtomicU64::new(0),
+            jitter_ms: AtomicU64::new(0),
+            bytes_per_sec: AtomicU64::new(0),
         });
         let s = state.clone();
         thread::spawn(move || {
@@ -76,6 +89,25 @@ impl FaultProxy {
     pub fn heal(&self) {
         self.state.cut.store(false, Ordering::SeqCst);
     }
+
+    /// Closes every open connection now; new ones pass (unless cut).
+    pub fn reset(&self) {
+        let next = self.state.epoch.fetch_add(1, Ordering::SeqCst) + 1;
+        self.state.closed_below.store(next, Ordering::SeqCst);
+    }
+
+    /// Delays every chunk by `ms` plus up to `jitter_ms` (0, 0: none).
+    pub fn latency(&self, ms: u64, jitter_ms: u64) {
+        self.state.latency_ms.store(ms, Ordering::SeqCst);
+        self.state.jitter_ms.store(jitter_ms, Ordering::SeqCst);
+    }
+
+    /// Paces each direction of each connection to `bytes_per_sec` (0: unlimited).
+    pub fn throttle(&self, bytes_per_sec: u64) {
+        self.state
+            .bytes_per_sec
+            .store(bytes_per_sec, Ordering::SeqCst);
+    }
 }
 
 impl Drop for FaultProxy {
@@ -94,6 +126,9 @@ fn pump(mut from: TcpStream, mut to: TcpStream, epoch: u64, s: &State) {
         if s.stop.load(Ordering::SeqCst) {
             break;
         }
+        if epoch < s.closed_below.load(Ordering::SeqCst) {
+            break;
+        }
         let dead = s.epoch.load(Ordering::SeqCst) != epoch || s.cut.load(Ordering::SeqCst);
         if dead {
             thread::sleep(Duration::from_millis(50));
@@ -102,6 +137,7 @@ fn pump(mut from: TcpStream, mut to: TcpStream, epoch: u64, s: &State) {
         match from.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
+                delay(s, n);
                 // Bytes read just as the cut began are dropped, as a black hole would.
                 if s.epoch.load(Ordering::SeqCst) == epoch
                     && !s.cut.load(Ordering::SeqCst)
@@ -120,4 +156,25 @@ fn pump(mut from: TcpStream, mut to: TcpStream, epoch: u64, s: &State) {
     }
     let _ = to.shutdown(Shutdown::Both);
     let _ = from.shutdown(Shutdown::Both);
+}
+
+/// Waits as latency, jitter and bandwidth say for a chunk of `n` bytes.
+fn delay(s: &State, n: usize) {
+    let mut ms = s.latency_ms.load(Ordering::SeqCst);
+    let jitter = s.jitter_ms.load(Ordering::SeqCst);
+    if jitter > 0 {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() as u64)
+            .unwrap_or(0);
+        ms += nanos % (jitter + 1);
+    }
+    let rate = s.bytes_per_sec.load(Ordering::SeqCst);
+    let paced = (n as u64 * 1_000_000)
+        .checked_div(rate)
+        .map_or(Duration::ZERO, Duration::from_micros);
+    let wait = Duration::from_millis(ms) + paced;
+    if !wait.is_zero() {
+        thread::sleep(wait);
+    }
 }

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub mod chaos;
 pub mod fault_proxy;
 
 use walsync::localpg::LocalCluster;

@@ -1,0 +1,493 @@
+//! Chaos scenarios: a star of three nodes (main, branch1, branch2) whose every link runs
+//! through a [`FaultProxy`], a seeded retail workload shaped like Odoo's Point of Sale,
+//! the steps scenarios are built from (`cut`, `heal`, `reset`, `write_on`,
+//! `kill_sidecar`, `crash_postgres`, ...) and the invariants checked after each scenario,
+//! each reported on its own (docs/testing.md).
+//!
+//! Every link `a -> b` is run by b's sidecar, which reaches a through the proxy
+//! `(b, a)`: cutting a node cuts every proxy it is on either side of. The workload and the
+//! checks talk to the servers directly.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use super::fault_proxy::FaultProxy;
+use super::*;
+
+/// The memory a sidecar may reach (docs/benchmarks.md: rows under 8 kB).
+pub const MEMORY_BOUND_KIB: u64 = 128 * 1024;
+
+pub const CHAOS_SCHEMA: &str = "
+CREATE TABLE pos_payment (id serial PRIMARY KEY, order_id integer NOT NULL REFERENCES pos_order(id) ON DELETE CASCADE, amount numeric(12,2) NOT NULL);
+CREATE TABLE stock_quant (id serial PRIMARY KEY, product_id integer NOT NULL REFERENCES product(id), quantity numeric NOT NULL);
+INSERT INTO product (id, name, price) SELECT g, 'product ' || g, g FROM generate_series(1, 5) g;
+SELECT setval('product_id_seq', 5);
+INSERT INTO stock_quant (id, product_id, quantity) VALUES (1, 1, 1000);
+SELECT setval('stock_quant_id_seq', 1);
+";
+
+/// Stock quantities are counters: sold on branches, received on main, all adding up. As in
+/// Odoo, they live in their own table (stock_quant), not with the product's price: see
+/// docs/conflicts.md on what a counter table's other columns can and cannot do.
+const POLICY: &str = "[[tables]]\nname = \"stock_quant\"\ncounters = [\"quantity\"]\n";
+
+pub const NODES: [&str; 3] = ["main", "branch1", "branch2"];
+
+/// xorshift64*: seeded, reproducible.
+pub struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed.max(1))
+    }
+
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+/// The seed of this run: `WALSYNC_CHAOS_SEED`, else one from the clock. Printed, so that
+/// a failure can be replayed.
+pub fn seed() -> u64 {
+    let seed = std::env::var("WALSYNC_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    println!("WALSYNC_CHAOS_SEED={seed}");
+    eprintln!("WALSYNC_CHAOS_SEED={seed}");
+    seed
+}
+
+/// What the workload committed, to compare with what every node ends with.
+#[derive(Default)]
+pub struct Ledger {
+    /// Orders committed per author node (each with 3 lines and 1 payment).
+    pub orders: BTreeMap<String, u64>,
+    /// Net stock change of product 1's quant (sales on branches, receipts on main).
+    pub stock_moved: i64,
+    /// Rows written in all.
+    pub rows: u64,
+}
+
+pub struct Chaos {
+    pub c: TestCluster,
+    /// `(reader, remote)`: the proxy `reader`'s sidecar reaches `remote` through.
+    proxies: Vec<((String, String), FaultProxy)>,
+    pub ledger: Ledger,
+    pub rng: Rng,
+    pub seed: u64,
+    name: String,
+    order_no: u64,
+    /// Extra tables the scenario created (DDL), checked like the others.
+    pub extra_tables: Vec<String>,
+}
+
+impl Chaos {
+    pub fn new(name: &str) -> Chaos {
+        let seed = seed();
+        let schema = format!("{RETAIL_SCHEMA}{CHAOS_SCHEMA}");
+        let c = TestCluster::new_with(name, Topology::Star, &NODES, &schema, POLICY);
+        let mut proxies = Vec::new();
+        for reader in &c.nodes {
+            let mut text = std::fs::read_to_string(&reader.config).unwrap();
+            for remote in &c.nodes {
+                let port = format!("port={} ", remote.pg.port());
+                if remote.name == reader.name || !text.contains(&port) {
+                    continue;
+                }
+                let proxy = FaultProxy::start(remote.pg.port());
+                text = text.replace(&port, &format!("port={} ", proxy.port()));
+                proxies.push(((reader.name.clone(), remote.name.clone()), proxy));
+            }
+            std::fs::write(&reader.config, text).unwrap();
+        }
+        let mut chaos = Chaos {
+            c,
+            proxies,
+            ledger: Ledger::default(),
+            rng: Rng::new(seed),
+            seed,
+            name: name.to_string(),
+            order_no: 0,
+            extra_tables: Vec::new(),
+        };
+        chaos.c.start();
+        chaos
+    }
+
+    fn proxies_of(&self, node: &str) -> impl Iterator<Item = &FaultProxy> {
+        let node = node.to_string();
+        self.proxies
+            .iter()
+            .filter(move |((a, b), _)| *a == node || *b == node)
+            .map(|(_, p)| p)
+    }
+
+    /// Black-holes every link of `node`.
+    pub fn cut(&self, node: &str) {
+        self.proxies_of(node).for_each(FaultProxy::cut);
+    }
+
+    pub fn heal(&self, node: &str) {
+        self.proxies_of(node).for_each(FaultProxy::heal);
+    }
+
+    /// Closes every connection of `node`'s links now.
+    pub fn reset(&self, node: &str) {
+        self.proxies_of(node).for_each(FaultProxy::reset);
+    }
+
+    pub fn latency(&self, node: &str, ms: u64, jitter_ms: u64) {
+        self.proxies_of(node).for_each(|p| p.latency(ms, jitter_ms));
+    }
+
+    pub fn kill_sidecar(&mut self, node: &str) {
+        let n = self.c.node_mut(node);
+        n.kill_sidecar();
+        n.start_sidecar();
+    }
+
+    /// An immediate-mode crash of `node`'s PostgreSQL, then its restart (crash recovery).
+    pub fn crash_postgres(&mut self, node: &str) {
+        let n = self.c.node_mut(node);
+        n.pg.crash().expect("crash PostgreSQL");
+        n.pg.restart().expect("restart PostgreSQL after the crash");
+    }
+
+    /// `txns` Point-of-Sale transactions on `node`, seeded: mostly orders (with 3 lines,
+    /// a payment and the stock moved), some partners created, edited or deleted, a price
+    /// edited now and then.
+    pub fn write_on(&mut self, node: &str, txns: u32) {
+        for _ in 0..txns {
+            match self.rng.below(10) {
+                0 => {
+                    let sql = match self.rng.below(3) {
+                        0 => format!("INSERT INTO partner (name, email) VALUES ('{node} customer', '{node}@shop')"),
+                        1 => format!(
+                            "UPDATE partner SET email = '{node}-{}@shop', write_date = now() \
+                             WHERE id = (SELECT id FROM partner ORDER BY id OFFSET {} LIMIT 1)",
+                            self.rng.below(1000),
+                            self.rng.below(5)
+                        ),
+                        _ => format!(
+                            "DELETE FROM partner WHERE id = (SELECT max(id) FROM partner WHERE name = '{node} customer')"
+                        ),
+                    };
+                    self.c.node(node).sql(&sql);
+                    self.ledger.rows += 1;
+                }
+                1 => {
+                    let price = 1 + self.rng.below(50);
+                    self.c.node(node).sql(&format!(
+                        "UPDATE product SET price = {price} WHERE id = {}",
+                        1 + self.rng.below(5)
+                    ));
+                    self.ledger.rows += 1;
+                }
+                _ => self.order_on(node),
+            }
+        }
+    }
+
+    /// One order: the order, 3 lines, a payment, and product 1's stock moved (sold on a
+    /// branch, received on main), in one transaction.
+    pub fn order_on(&mut self, node: &str) {
+        self.order_no += 1;
+        let moved: i64 = if node == "main" { 5 } else { -1 };
+        self.c.node(node).sql(&format!(
+            "BEGIN;
+             WITH o AS (INSERT INTO pos_order (name, amount_total) VALUES ('{node}/{n}', 30) RETURNING id),
+                  l AS (INSERT INTO pos_order_line (order_id, product_id, qty, price_unit)
+                        SELECT o.id, p, 1, 10 FROM o, generate_series(1, 3) p RETURNING 1)
+             INSERT INTO pos_payment (order_id, amount) SELECT id, 30 FROM o;
+             UPDATE stock_quant SET quantity = quantity + ({moved}) WHERE id = 1;
+             COMMIT;",
+            n = self.order_no
+        ));
+        *self.ledger.orders.entry(node.to_string()).or_default() += 1;
+        self.ledger.stock_moved += moved;
+        self.ledger.rows += 6;
+    }
+
+    /// An import of `rows` partners in one transaction.
+    pub fn import_on(&mut self, node: &str, rows: u32) {
+        self.c.node(node).sql(&format!(
+            "INSERT INTO partner (name, email) SELECT 'imported ' || g, 'import@shop' FROM generate_series(1, {rows}) g"
+        ));
+        self.ledger.rows += rows as u64;
+    }
+
+    /// A module install on main: a new table, a new column.
+    pub fn ddl_on_main(&mut self) {
+        self.c.node("main").sql(
+            "CREATE TABLE loyalty_card (id serial PRIMARY KEY, code text NOT NULL, points integer NOT NULL DEFAULT 0); \
+             ALTER TABLE partner ADD COLUMN loyalty_points integer",
+        );
+        self.extra_tables.push("loyalty_card".into());
+    }
+
+    fn tables(&self) -> Vec<String> {
+        let mut t: Vec<String> = [
+            "partner",
+            "product",
+            "stock_quant",
+            "pos_order",
+            "pos_order_line",
+            "pos_payment",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        t.extend(self.extra_tables.iter().cloned());
+        t
+    }
+
+    /// Heals everything, waits until every node holds the same data, then checks every
+    /// invariant, writes the scenario's row to the report and panics if any failed.
+    pub fn assert_converged(&mut self) {
+        for n in NODES {
+            self.heal(n);
+            self.latency(n, 0, 0);
+        }
+        let healed = Instant::now();
+        let tables = self.tables();
+        let identical = wait_until(Duration::from_secs(120), || {
+            tables.iter().all(|t| {
+                let sums: Vec<String> = self.c.nodes.iter().map(|n| n.checksum(t)).collect();
+                sums.windows(2).all(|w| w[0] == w[1])
+            })
+        });
+        let converge_s = healed.elapsed().as_secs_f64();
+        let mut checks: Vec<(&str, Result<(), String>)> = Vec::new();
+        checks.push((
+            "identical",
+            if identical {
+                Ok(())
+            } else {
+                Err(tables
+                    .iter()
+                    .map(|t| {
+                        let sums: Vec<String> = self
+                            .c
+                            .nodes
+                            .iter()
+                            .map(|n| format!("{}={}", n.name, n.checksum(t)))
+                            .collect();
+                        // A small table that differs: its rows, node by node.
+                        let rows: Vec<String> = self
+                            .c
+                            .nodes
+                            .iter()
+                            .filter(|n| n.count(t) <= 10)
+                            .map(|n| {
+                                let r = n.sql(&format!("SELECT string_agg(t::text, ' ' ORDER BY t::text) FROM {t} t"));
+                                let c = n.sql(&format!(
+                                    "SELECT string_agg(link || ' ' || kind || ' ' || key::text || ' local ' || coalesce(local_origin, '-') || '@' || coalesce(local_commit_time::text, '-') || ' ' || coalesce(local_row::text, '-') || ' remote ' || remote_origin || '@' || remote_commit_time::text || ' ' || coalesce(remote_row::text, '-') || ' -> ' || outcome, ' ;; ' ORDER BY id) FROM walsync.conflicts WHERE table_name = '{t}'"
+                                ));
+                                format!("{}: {r} [conflicts: {c}]", n.name)
+                            })
+                            .collect();
+                        format!("{t}: {} {}", sums.join(" "), rows.join(" | "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; "))
+            },
+        ));
+        checks.push(("ledger", self.check_ledger()));
+        checks.push(("ids", self.check_ids()));
+        checks.push(("stock", self.check_stock()));
+        checks.push(("links", self.check_links()));
+        checks.push(("slots", self.check_slots()));
+        checks.push(("memory", self.check_memory()));
+        let conflicts: i64 = self
+            .c
+            .nodes
+            .iter()
+            .map(|n| n.count("walsync.conflicts"))
+            .sum();
+        let row = format!(
+            "| {} | {} | {} | {} | {:.1} | {} |\n",
+            self.name,
+            self.seed,
+            self.ledger.rows,
+            conflicts,
+            converge_s,
+            checks
+                .iter()
+                .map(|(_, r)| if r.is_ok() { "pass" } else { "FAIL" })
+                .collect::<Vec<_>>()
+                .join(" | ")
+        );
+        report(&row);
+        print!("{}{row}", REPORT_HEAD);
+        let failed: Vec<String> = checks
+            .iter()
+            .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e}")))
+            .collect();
+        assert!(
+            failed.is_empty(),
+            "scenario {} failed (replay with WALSYNC_CHAOS_SEED={}):\n{}\n{}",
+            self.name,
+            self.seed,
+            failed.join("\n"),
+            tail(&self.c.logs(), 80)
+        );
+    }
+
+    /// Every order the workload committed is on every node, with its lines and payment.
+    fn check_ledger(&self) -> Result<(), String> {
+        let total: u64 = self.ledger.orders.values().sum();
+        for n in &self.c.nodes {
+            for (author, want) in &self.ledger.orders {
+                let got: u64 = n
+                    .sql(&format!(
+                        "SELECT count(*) FROM pos_order WHERE name LIKE '{author}/%'"
+                    ))
+                    .parse()
+                    .unwrap();
+                if got != *want {
+                    return Err(format!(
+                        "{} holds {got} of {author}'s {want} orders",
+                        n.name
+                    ));
+                }
+            }
+            let lines = n.count("pos_order_line") as u64;
+            let payments = n.count("pos_payment") as u64;
+            if lines != 3 * total || payments != total {
+                return Err(format!(
+                    "{}: {lines} lines and {payments} payments for {total} orders",
+                    n.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every order has an id of its author's class: no node handed out another's ids.
+    fn check_ids(&self) -> Result<(), String> {
+        let main = self.c.node("main");
+        for (i, author) in NODES.iter().enumerate() {
+            let wrong = main.sql(&format!(
+                "SELECT count(*) FROM pos_order WHERE name LIKE '{author}/%' AND id % 16 <> {}",
+                i + 1
+            ));
+            if wrong != "0" {
+                return Err(format!(
+                    "{wrong} of {author}'s orders carry another node's ids"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Stock sold and received on every node adds up (counter column).
+    fn check_stock(&self) -> Result<(), String> {
+        let want = 1000 + self.ledger.stock_moved;
+        for n in &self.c.nodes {
+            let got: i64 = n
+                .sql("SELECT quantity FROM stock_quant WHERE id = 1")
+                .parse()
+                .unwrap();
+            if got != want {
+                return Err(format!(
+                    "{} holds {got} of product 1, the moves add up to {want}",
+                    n.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Every link streams again, without operator action.
+    fn check_links(&self) -> Result<(), String> {
+        let streaming = wait_until(Duration::from_secs(30), || {
+            self.c.nodes.iter().all(|n| {
+                n.sql("SELECT count(*) FROM walsync.link_status WHERE state <> 'streaming'") == "0"
+                    && walsync(&["status", "--config", n.config.to_str().unwrap()]).0
+            })
+        });
+        if streaming {
+            return Ok(());
+        }
+        Err(self
+            .c
+            .nodes
+            .iter()
+            .map(|n| walsync(&["status", "--config", n.config.to_str().unwrap()]).1)
+            .collect::<Vec<_>>()
+            .join("\n"))
+    }
+
+    fn check_slots(&self) -> Result<(), String> {
+        for n in &self.c.nodes {
+            let lost = n.sql("SELECT count(*) FROM pg_replication_slots WHERE wal_status = 'lost'");
+            if lost != "0" {
+                return Err(format!("{}: {lost} slot(s) invalidated", n.name));
+            }
+        }
+        Ok(())
+    }
+
+    /// Each running sidecar's peak resident memory stayed within the bound.
+    fn check_memory(&self) -> Result<(), String> {
+        for n in &self.c.nodes {
+            let Some(pid) = n.sidecar.as_ref().map(|s| s.pid()) else {
+                continue;
+            };
+            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+            let peak: u64 = status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0);
+            if peak > MEMORY_BOUND_KIB {
+                return Err(format!("{}'s sidecar peaked at {peak} KiB", n.name));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The report table's header (also printed by scripts/test).
+pub const REPORT_HEAD: &str = include_str!("../chaos-report-head.md");
+
+/// Appends a row to target/chaos-report.md (one write: rows from tests running at the
+/// same time do not mix). `scripts/test` prints the table at the end.
+fn report(row: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/chaos-report.md");
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(row.as_bytes());
+    }
+}
+
+/// Polls `cond` until it holds or `deadline` passes.
+pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
