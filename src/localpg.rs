@@ -82,6 +82,13 @@ pub enum LocalPgError {
     #[error("cannot use {dir} as a cluster directory: {problem}")]
     BadDir { dir: PathBuf, problem: String },
 
+    #[error("{what} not found (tried {}); {hint}", .tried.join(", "))]
+    NotFound {
+        what: String,
+        tried: Vec<String>,
+        hint: String,
+    },
+
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -149,6 +156,8 @@ pub struct LocalCluster {
     running: bool,
     /// `Some` when we are root and run the server as the `postgres` user.
     run_as: Option<RunAs>,
+    /// A clock offset for the server (libfaketime's `FAKETIME`, e.g. `+30s`).
+    clock_offset: Option<String>,
 }
 
 impl LocalCluster {
@@ -181,6 +190,7 @@ impl LocalCluster {
             name: name.to_owned(),
             running: false,
             run_as,
+            clock_offset: None,
         };
         if let Some(user) = run_as {
             check_traversable(&cluster.dir, user)?;
@@ -418,11 +428,27 @@ impl LocalCluster {
         new.contains("Address already in use")
     }
 
+    /// Restarts the server with its clock moved by `offset` (libfaketime's syntax: `+30s`,
+    /// `-2m`), or back to the real clock with `None`: a node whose clock is off, for tests.
+    /// Needs the `faketime` package.
+    pub fn restart_with_clock_offset(&mut self, offset: Option<&str>) -> Result<(), LocalPgError> {
+        if offset.is_some() {
+            faketime_library()?;
+        }
+        self.clock_offset = offset.map(str::to_string);
+        self.restart()
+    }
+
     /// `pg_ctl start -w`, then polls `pg_isready` until the server accepts connections.
     fn start_server(&mut self) -> Result<(), LocalPgError> {
         let deadline = Instant::now() + START_TIMEOUT;
         let timeout = START_TIMEOUT.as_secs().to_string();
         let mut cmd = self.server_command("pg_ctl");
+        if let Some(offset) = &self.clock_offset {
+            cmd.env("LD_PRELOAD", faketime_library()?)
+                .env("FAKETIME", offset)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+        }
         cmd.args(["start", "-w", "-t", &timeout, "-D"])
             .arg(self.data_dir())
             .arg("-l")
@@ -731,6 +757,24 @@ fn conninfo_value(value: &str) -> String {
 
 /// Removes `PG*` variables that would change how the programs behave (PGDATA, PGPORT,
 /// PGOPTIONS, PGSSLMODE, ...): everything they need is passed explicitly.
+/// libfaketime's preload library, from the `faketime` package.
+fn faketime_library() -> Result<PathBuf, LocalPgError> {
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ];
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| LocalPgError::NotFound {
+            what: "libfaketime (to move a test server's clock)".into(),
+            tried: candidates.iter().map(|s| s.to_string()).collect(),
+            hint: "install the faketime package (apt-get install faketime)".into(),
+        })
+}
+
 fn clean_pg_env(cmd: &mut Command) {
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("PG") {

@@ -41,6 +41,16 @@ pub async fn gather(
         })
         .collect();
     for l in &links {
+        if let Some(offset) = l["clock_offset_ms"].as_f64() {
+            if offset.abs() > crate::runtime::status::CLOCK_OFFSET_WARN_MS {
+                problems.push(format!(
+                    "link {}: the upstream's clock is {:.1} s {} this sidecar's: last-writer-wins decides by these clocks; synchronise them (NTP)",
+                    l["link"].as_str().unwrap_or(""),
+                    offset.abs() / 1000.0,
+                    if offset > 0.0 { "ahead of" } else { "behind" }
+                ));
+            }
+        }
         if l["state"] == "stopped" {
             problems.push(format!(
                 "link {} is stopped: {}",
