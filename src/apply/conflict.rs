@@ -152,11 +152,17 @@ impl ApplyWorker {
         old: Option<&OldTuple>,
     ) -> Result<(Option<LocalRow>, Decision), ApplyError> {
         let local = self.read_local(id, key).await?;
+        let made_on_local = self.made_on_local(id, old, local.as_ref());
         let decision = self.policy_of(id).rule.decide_change(
             is_delete,
             &self.remote_version(),
             local.as_ref().map(|l| &l.version),
-            self.made_on_local(id, old, local.as_ref()),
+            made_on_local,
+        );
+        tracing::debug!(
+            link = %self.link, table = %self.table_name(id), key = %self.key_image(id, key),
+            remote = ?self.remote_version(), local = ?local.as_ref().map(|l| &l.version),
+            made_on_local, ?decision, "decided"
         );
         Ok((local, decision))
     }

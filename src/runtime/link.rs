@@ -316,12 +316,14 @@ async fn run_session(
         upstream_forwards_others: spec.from_forwards_others,
     };
 
+    let apply_app = format!("{app} apply");
     let target = within(
         OPEN_TIMEOUT,
         "connecting to the target",
-        connect(&spec.to.dsn, &format!("{app} apply")),
+        connect(&spec.to.dsn, &apply_app),
     )
     .await??;
+    end_stale_appliers(&target, &apply_app, &link).await?;
     let mut apply =
         ApplyWorker::new(target, link.clone(), PgName::origin_of(&spec.to.name)).await?;
     apply.set_careful(careful_txns);
@@ -522,6 +524,40 @@ async fn decide(
 /// until `wal_sender_timeout`; end it so this link can resume now. Only walsenders that
 /// carry this link's application name are touched: another tool's stays, and the start
 /// then fails with the server's "slot is active" error, which names the pid.
+/// Ends every other session on the target that applies this link. A previous session
+/// whose connection outlived it (a sidecar killed while its TCP connection stayed open, a
+/// COPY abandoned half-way) may still hold an open transaction: its row locks and its
+/// uncommitted keys would make this session wait for ever on the same rows.
+async fn end_stale_appliers(
+    target: &tokio_postgres::Client,
+    apply_app: &str,
+    link: &str,
+) -> Result<(), LinkError> {
+    let sql = |source| ApplyError::Sql {
+        what: "ending stale apply sessions of this link on the target".into(),
+        source,
+    };
+    let pids: Vec<i32> = target
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 \
+             AND pid <> pg_backend_pid() AND datname = current_database()",
+            &[&apply_app],
+        )
+        .await
+        .map_err(sql)?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for pid in pids {
+        warn!(link = %link, pid, "ending a stale apply session of this link on the target (its sidecar or session went away without closing)");
+        target
+            .execute("SELECT pg_terminate_backend($1, 10000)", &[&pid])
+            .await
+            .map_err(sql)?;
+    }
+    Ok(())
+}
+
 async fn release_slot(spec: &LinkSpec, slot: &str, app: &str) -> Result<(), LinkError> {
     let client = connect(&spec.from.dsn, &format!("{app} control")).await?;
     let row = client

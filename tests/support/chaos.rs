@@ -337,6 +337,14 @@ impl Chaos {
             .iter()
             .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e}")))
             .collect();
+        if !failed.is_empty() {
+            // The whole sidecar logs outlive the clusters, for the post-mortem.
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+            for n in &self.c.nodes {
+                let file = dir.join(format!("chaos-{}-{}-{}.log", self.name, self.seed, n.name));
+                let _ = std::fs::write(&file, n.sidecar_log());
+            }
+        }
         assert!(
             failed.is_empty(),
             "scenario {} failed (replay with WALSYNC_CHAOS_SEED={}):\n{}\n{}",
