@@ -431,12 +431,21 @@ impl RelationMap {
 
 /// Rows of `t` whose `columns` equal `$1..$n`, locked: every column as text, then the
 /// last writer's origin name and commit time (see [`Shape::ReadLocal`]).
+///
+/// The version is computed in the select list, from the row that was locked. When the
+/// lock had to wait for a concurrent writer (another link applying into this node),
+/// PostgreSQL returns the row as that writer left it, re-evaluating the select list on
+/// it; a join would keep what it had read from the row's older version (EvalPlanQual
+/// re-uses the other relations' rows), so the version would be stale and the decision
+/// wrong.
 fn read_locked(t: &TargetTable, columns: &[usize]) -> String {
     format!(
-        "SELECT {}, r.roname::text, \
-           (extract(epoch FROM o.timestamp) * 1000000)::int8 - 946684800000000 \
-         FROM {} t LEFT JOIN LATERAL pg_xact_commit_timestamp_origin(t.xmin) o ON true \
-         LEFT JOIN pg_replication_origin r ON r.roident = o.roident \
+        "SELECT {}, \
+           (SELECT r.roname::text FROM pg_replication_origin r \
+             WHERE r.roident = (pg_xact_commit_timestamp_origin(t.xmin)).roident), \
+           (extract(epoch FROM (pg_xact_commit_timestamp_origin(t.xmin)).timestamp) * 1000000)::int8 \
+             - 946684800000000 \
+         FROM {} t \
          WHERE {} FOR UPDATE OF t",
         t.columns
             .iter()
