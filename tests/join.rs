@@ -7,16 +7,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use support::*;
 use walsync::localpg::LocalCluster;
 
-#[test]
-fn a_branch_joins_a_running_cluster_while_orders_are_written_and_ends_identical() {
-    let mut c = TestCluster::new("join", Topology::Star, &["main", "branch1"], RETAIL_SCHEMA);
-    c.start();
-    c.node("main").sql(
-        "INSERT INTO product (name, price) SELECT 'product ' || g, g FROM generate_series(1, 200) g;
-         INSERT INTO partner (name) SELECT 'partner ' || g FROM generate_series(1, 500) g;",
-    );
-    c.wait_converged("product");
-    // The new branch: an empty database on its own server, a config naming main.
+/// The new branch: an empty database on its own server, and a config naming main as its
+/// only peer with both links run by its own sidecar.
+fn new_branch2(c: &TestCluster) -> (LocalCluster, std::path::PathBuf) {
     let pg = LocalCluster::start(&c.dir.join("branch2"), "branch2").expect("start branch2");
     let config = c.dir.join("branch2.toml");
     std::fs::write(
@@ -30,6 +23,19 @@ fn a_branch_joins_a_running_cluster_while_orders_are_written_and_ends_identical(
         ),
     )
     .unwrap();
+    (pg, config)
+}
+
+#[test]
+fn a_branch_joins_a_running_cluster_while_orders_are_written_and_ends_identical() {
+    let mut c = TestCluster::new("join", Topology::Star, &["main", "branch1"], RETAIL_SCHEMA);
+    c.start();
+    c.node("main").sql(
+        "INSERT INTO product (name, price) SELECT 'product ' || g, g FROM generate_series(1, 200) g;
+         INSERT INTO partner (name) SELECT 'partner ' || g FROM generate_series(1, 500) g;",
+    );
+    c.wait_converged("product");
+    let (pg, config) = new_branch2(&c);
     let stop = AtomicBool::new(false);
     let written = AtomicU64::new(0);
     let out = std::thread::scope(|s| {
@@ -116,18 +122,7 @@ fn a_join_that_stopped_halfway_is_refused_until_restarted() {
         RETAIL_SCHEMA,
     );
     c.start();
-    let pg = LocalCluster::start(&c.dir.join("branch2"), "branch2").expect("start branch2");
-    let config = c.dir.join("branch2.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[cluster]\ntopology = \"star\"\nhub = \"main\"\n\n[node]\nname = \"branch2\"\nid = 3\ndsn = \"{}\"\n\n\
-             [[peers]]\nname = \"main\"\nid = 1\ndsn = \"{}\"\nlinks = \"both\"\n",
-            pg.dsn(),
-            c.node("main").pg.dsn()
-        ),
-    )
-    .unwrap();
+    let (pg, config) = new_branch2(&c);
     // A copy cut short: part of the schema is there, the join never finished.
     pg.psql("CREATE SCHEMA walsync; CREATE TABLE walsync.join_state ( \
              singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), source text NOT NULL, \

@@ -77,10 +77,7 @@ impl ApplyWorker {
             .map_err(|e| ApplyError::Ddl {
                 id: id.clone(),
                 statement: statement.clone(),
-                reason: e
-                    .as_db_error()
-                    .map(|d| d.message().to_string())
-                    .unwrap_or_else(|| e.to_string()),
+                reason: super::server_message(&e),
             })?;
         // Tables here may have changed shape: their maps are read again when next needed.
         for e in self.relations.values_mut() {

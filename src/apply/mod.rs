@@ -396,6 +396,14 @@ impl ApplyWorker {
         self.settle(answers)
     }
 
+    /// A change on the fast path met a unique key: its transaction goes again, carefully.
+    fn fast_path_hit(&self, relation_id: u32, e: &tokio_postgres::Error) -> ApplyError {
+        ApplyError::FastPathHitUniqueKey {
+            table: self.table_name(relation_id),
+            detail: server_message(e),
+        }
+    }
+
     /// Interprets answers: errors become [`ApplyError`]s, confirmed commits move `committed`.
     fn settle(&mut self, answers: Vec<Answer>) -> Result<(), ApplyError> {
         for answer in answers {
@@ -434,13 +442,7 @@ impl ApplyWorker {
             (Tag::Row { relation_id, .. }, Err(e))
                 if e.code() == Some(&SqlState::UNIQUE_VIOLATION) && !self.is_careful() =>
             {
-                return Err(ApplyError::FastPathHitUniqueKey {
-                    table: self.table_name(relation_id),
-                    detail: e
-                        .as_db_error()
-                        .map(|d| d.message().to_string())
-                        .unwrap_or_else(|| e.to_string()),
-                });
+                return Err(self.fast_path_hit(relation_id, &e));
             }
             (Tag::Row { relation_id, .. }, Err(e))
                 if e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
@@ -451,20 +453,14 @@ impl ApplyWorker {
                     detail: format!(
                         "{}; the update would give this row a unique key another row here already has. \
                          Resolve it by hand (change one of the two rows), then the link resumes",
-                        e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())
+                        server_message(&e)
                     ),
                 });
             }
             (Tag::Insert { relation_id } | Tag::Copy { relation_id }, Err(e))
                 if e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
             {
-                return Err(ApplyError::FastPathHitUniqueKey {
-                    table: self.table_name(relation_id),
-                    detail: e
-                        .as_db_error()
-                        .map(|d| d.message().to_string())
-                        .unwrap_or_else(|| e.to_string()),
-                });
+                return Err(self.fast_path_hit(relation_id, &e));
             }
             (
                 Tag::Insert { relation_id }
@@ -867,4 +863,11 @@ async fn read_lsn(client: &Client, sql: &str) -> Result<u64, tokio_postgres::Err
 
 fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
+}
+
+/// The server's own message of an error, or the client's description when there is none.
+pub(crate) fn server_message(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_else(|| e.to_string())
 }

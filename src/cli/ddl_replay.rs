@@ -180,11 +180,7 @@ async fn apply_one(
         .await?;
     txn.batch_execute(&replay_sql(&p.search_path, &p.role, &statement))
         .await
-        .map_err(|e| {
-            e.as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string())
-        })?;
+        .map_err(|e| crate::apply::server_message(&e))?;
     txn.execute(
         "INSERT INTO walsync.ddl_log (origin, seq, statement_index, query, command_tag, \
            object_identities, search_path, role, captured_at) \

@@ -72,10 +72,7 @@ async fn drop_origin(
             Ok(_) => return Ok(()),
             Err(e) => e,
         };
-        let message = err
-            .as_db_error()
-            .map(|d| d.message().to_string())
-            .unwrap_or_else(|| err.to_string());
+        let message = crate::apply::server_message(&err);
         // "could not drop replication origin with ID 2, in use by PID 1234"
         let holder: Option<i32> = message
             .rsplit_once("in use by PID ")
