@@ -8,9 +8,7 @@ mod support;
 use support::*;
 
 fn cut(c: &mut TestCluster) {
-    for n in &mut c.nodes {
-        n.stop_sidecar();
-    }
+    c.stop();
 }
 
 fn heal(c: &mut TestCluster) {

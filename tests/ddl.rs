@@ -85,9 +85,7 @@ fn ddl_on_main_during_a_cut_and_data_in_the_new_column_on_the_branch_after_heal(
     c.node("main")
         .sql("INSERT INTO product (name, price) VALUES ('Soap', 2)");
     c.wait_rows("branch1", "product", 1);
-    for n in &mut c.nodes {
-        n.stop_sidecar();
-    }
+    c.stop();
     c.node("main")
         .sql("ALTER TABLE product ADD COLUMN barcode varchar");
     c.node("main")
@@ -228,9 +226,7 @@ fn a_column_added_with_values_computed_per_node_is_reported() {
 fn the_same_table_created_on_two_nodes_during_a_cut_stops_both_links_until_skipped() {
     let mut c = TestCluster::new("ddl-twice", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
     c.start();
-    for n in &mut c.nodes {
-        n.stop_sidecar();
-    }
+    c.stop();
     c.node("a")
         .sql("CREATE TABLE gift_card (id int PRIMARY KEY, code text)");
     c.node("b")
@@ -284,9 +280,7 @@ fn rows_for_a_table_or_column_main_dropped_during_a_cut_are_recorded_and_the_res
     c.node("main")
         .sql("INSERT INTO partner (name, email) VALUES ('Ana', 'ana@shop')");
     c.wait_converged("partner");
-    for n in &mut c.nodes {
-        n.stop_sidecar();
-    }
+    c.stop();
     // A module uninstall on main: a table and a column go.
     c.node("main")
         .sql("DROP TABLE loyalty_card; ALTER TABLE partner DROP COLUMN email");

@@ -181,20 +181,7 @@ impl ApplyWorker {
         let policy = self.policy_of(id);
         if !policy.local_columns.is_empty() {
             // Node-local columns are neither written nor compared: as if not sent.
-            let mask = |t: &Tuple| {
-                Tuple(
-                    t.0.iter()
-                        .enumerate()
-                        .map(|(i, v)| {
-                            if policy.local_columns.contains(&i) {
-                                Value::UnchangedToast
-                            } else {
-                                v.clone()
-                            }
-                        })
-                        .collect(),
-                )
-            };
+            let mask = |t: &Tuple| as_unsent(t, &policy.local_columns);
             let masked = Update {
                 relation_id: id,
                 old: upd.old.as_ref().map(|o| match o {
@@ -288,19 +275,7 @@ impl ApplyWorker {
             !counters.contains(&i) && !matches!(n, Value::UnchangedToast) && n != o
         });
         // Counters are compared by their change, not their value: leave them out.
-        let without_counters = OldTuple::Full(Tuple(
-            old.0
-                .iter()
-                .enumerate()
-                .map(|(i, v)| {
-                    if counters.contains(&i) {
-                        Value::UnchangedToast
-                    } else {
-                        v.clone()
-                    }
-                })
-                .collect(),
-        ));
+        let without_counters = OldTuple::Full(as_unsent(old, counters));
         let (local, decision) = self
             .decide_against_local(id, &key, false, Some(&without_counters))
             .await?;
@@ -715,4 +690,21 @@ fn texts(values: &[Value]) -> Vec<String> {
         .iter()
         .map(|v| text_of(v).unwrap_or_default())
         .collect()
+}
+
+/// `t` with the values of the source columns `columns` marked as not sent (unchanged
+/// TOAST): neither written nor compared.
+fn as_unsent(t: &Tuple, columns: &[usize]) -> Tuple {
+    Tuple(
+        t.0.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if columns.contains(&i) {
+                    Value::UnchangedToast
+                } else {
+                    v.clone()
+                }
+            })
+            .collect(),
+    )
 }

@@ -323,6 +323,13 @@ impl TestCluster {
         }
     }
 
+    /// Stops every sidecar (SIGTERM): no link runs, as in a cut, and both sides can write.
+    pub fn stop(&mut self) {
+        for n in &mut self.nodes {
+            n.stop_sidecar();
+        }
+    }
+
     pub fn node(&self, name: &str) -> &Node {
         self.nodes
             .iter()
