@@ -158,6 +158,10 @@ pub struct LocalCluster {
     run_as: Option<RunAs>,
     /// A clock offset for the server (libfaketime's `FAKETIME`, e.g. `+30s`).
     clock_offset: Option<String>,
+    /// The network namespace the server runs in (`ip netns` name), if not the caller's.
+    netns: Option<String>,
+    /// Addresses listened on besides 127.0.0.1.
+    extra_listen: Vec<String>,
 }
 
 impl LocalCluster {
@@ -191,6 +195,8 @@ impl LocalCluster {
             running: false,
             run_as,
             clock_offset: None,
+            netns: None,
+            extra_listen: Vec::new(),
         };
         if let Some(user) = run_as {
             check_traversable(&cluster.dir, user)?;
@@ -265,18 +271,12 @@ impl LocalCluster {
         }
         let port = self.port.to_string();
         let mut cmd = self.client_command("psql");
-        cmd.args([
-            "-X",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-At",
-            "-h",
-            "127.0.0.1",
-            "-p",
-        ])
-        .arg(&port)
-        .args(["-U", "postgres", "-d", db, "-c"])
-        .arg(sql);
+        cmd.args(["-X", "-v", "ON_ERROR_STOP=1", "-At", "-h"])
+            .arg(&self.dir)
+            .arg("-p")
+            .arg(&port)
+            .args(["-U", "postgres", "-d", db, "-c"])
+            .arg(sql);
         let out = spawn_output(&mut cmd, &self.program("psql"))?;
         if !out.status.success() {
             return Err(LocalPgError::Sql {
@@ -287,6 +287,35 @@ impl LocalCluster {
             });
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Restarts the server inside network namespace `netns` (`ip netns` name; `None`: the
+    /// caller's), listening on `extra_listen` besides 127.0.0.1 and trusting clients on
+    /// the networks it is directly connected to (`samenet`). The DSN stays the same; `psql`
+    /// reaches the server through its Unix socket whatever its namespace. For tests of
+    /// faults at the network layer; needs root (`nsenter`).
+    pub fn set_network(
+        &mut self,
+        netns: Option<&str>,
+        extra_listen: &[&str],
+    ) -> Result<(), LocalPgError> {
+        if self.running {
+            self.stop()?;
+        }
+        self.netns = netns.map(str::to_string);
+        self.extra_listen = extra_listen.iter().map(|a| a.to_string()).collect();
+        let hba = self.data_dir().join("pg_hba.conf");
+        let text = fs::read_to_string(&hba).map_err(|e| io_err("read", &hba, e))?;
+        const SAMENET: &str = "host all all samenet trust";
+        if !text.contains(SAMENET) {
+            fs::write(
+                &hba,
+                format!("{text}\n# added by walsync::localpg\n{SAMENET}\n"),
+            )
+            .map_err(|e| io_err("write", &hba, e))?;
+        }
+        self.write_settings()?;
+        self.start_server()
     }
 
     /// The last `lines` lines of the server log, for failure messages. Never fails: if the
@@ -314,15 +343,30 @@ impl LocalCluster {
     /// A server-side program (`initdb`, `pg_ctl`), run as the `postgres` user if we are root,
     /// in the cluster directory, with a clean environment for PostgreSQL.
     fn server_command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(self.program(program));
+        let mut cmd = match &self.netns {
+            // nsenter enters the namespace as root, then becomes the server's user.
+            Some(ns) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/run/netns/{ns}"));
+                if let Some(user) = self.run_as {
+                    cmd.args(["-S", &user.uid.to_string(), "-G", &user.gid.to_string()]);
+                }
+                cmd.arg("--").arg(self.program(program));
+                cmd
+            }
+            None => {
+                let mut cmd = Command::new(self.program(program));
+                if let Some(user) = self.run_as {
+                    cmd.gid(user.gid).uid(user.uid);
+                }
+                cmd
+            }
+        };
         clean_pg_env(&mut cmd);
         cmd.current_dir(&self.dir)
             .env("HOME", &self.dir)
             .env("LC_ALL", "C")
             .stdin(Stdio::null());
-        if let Some(user) = self.run_as {
-            cmd.gid(user.gid).uid(user.uid);
-        }
         cmd
     }
 
@@ -390,7 +434,7 @@ impl LocalCluster {
     /// (Re)writes our settings file, with the current port.
     fn write_settings(&self) -> Result<(), LocalPgError> {
         let path = self.data_dir().join(CONF_FILE);
-        let text = settings(self.port, &self.dir, &self.name);
+        let text = settings(self.port, &self.dir, &self.name, &self.extra_listen);
         fs::write(&path, text).map_err(|e| io_err("write", &path, e))?;
         if let Some(user) = self.run_as {
             std::os::unix::fs::chown(&path, Some(user.uid), Some(user.gid))
@@ -470,18 +514,10 @@ impl LocalCluster {
         let pid_file = self.data_dir().join("postmaster.pid");
         loop {
             let mut cmd = self.client_command("pg_isready");
-            cmd.args([
-                "-q",
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-U",
-                "postgres",
-                "-d",
-                "postgres",
-            ])
-            .args(["-t", "2"]);
+            cmd.args(["-q", "-h"])
+                .arg(&self.dir)
+                .args(["-p", &port, "-U", "postgres", "-d", "postgres"])
+                .args(["-t", "2"]);
             let out = spawn_output(&mut cmd, &self.program("pg_isready"))?;
             if out.status.success() {
                 return Ok(());
@@ -712,12 +748,15 @@ pub fn free_port() -> u16 {
 }
 
 /// The server settings, for the included configuration file.
-fn settings(port: u16, dir: &Path, name: &str) -> String {
+fn settings(port: u16, dir: &Path, name: &str, extra_listen: &[String]) -> String {
     let mut s = String::from("# written by walsync::localpg; the cluster is deleted on drop\n");
     let mut set = |key: &str, value: &dyn fmt::Display| {
         s.push_str(&format!("{key} = {value}\n"));
     };
-    set("listen_addresses", &"'127.0.0.1'");
+    let listen: Vec<&str> = std::iter::once("127.0.0.1")
+        .chain(extra_listen.iter().map(String::as_str))
+        .collect();
+    set("listen_addresses", &conf_string(&listen.join(",")));
     set("port", &port);
     set(
         "unix_socket_directories",
@@ -1206,7 +1245,7 @@ mod tests {
 
     #[test]
     fn settings_text() {
-        let s = settings(5433, Path::new("/tmp/o'k"), "n");
+        let s = settings(5433, Path::new("/tmp/o'k"), "n", &[]);
         assert!(s.contains("port = 5433\n"));
         assert!(s.contains("unix_socket_directories = '/tmp/o''k'\n"));
         assert!(s.contains("wal_level = logical\n"));

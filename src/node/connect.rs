@@ -1,5 +1,7 @@
 //! Opening SQL connections to a node, with errors that say what to check.
 
+use std::time::Duration;
+
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls};
 use tracing::warn;
@@ -48,9 +50,23 @@ pub async fn connect(dsn: &Dsn, application_name: &str) -> Result<Client, Connec
     cfg.application_name(application_name);
     cfg.options(SESSION_OPTIONS);
     if cfg.get_connect_timeout().is_none() {
-        cfg.connect_timeout(std::time::Duration::from_secs(10));
+        cfg.connect_timeout(Duration::from_secs(10));
     }
-    cfg.keepalives_idle(std::time::Duration::from_secs(30));
+    // A connection that dies in a cut errors within about a minute instead of the
+    // kernel's default quarter of an hour, whatever awaits it: keepalive probes while idle,
+    // and a user timeout while sent data goes unacknowledged. A dsn's own values stay.
+    if cfg.get_keepalives_idle() == Duration::from_secs(2 * 60 * 60) {
+        cfg.keepalives_idle(Duration::from_secs(30));
+    }
+    if cfg.get_keepalives_interval().is_none() {
+        cfg.keepalives_interval(Duration::from_secs(10));
+    }
+    if cfg.get_keepalives_retries().is_none() {
+        cfg.keepalives_retries(3);
+    }
+    if cfg.get_tcp_user_timeout().is_none() {
+        cfg.tcp_user_timeout(Duration::from_secs(60));
+    }
     let (client, connection) = cfg.connect(NoTls).await.map_err(|source| {
         let hint = match source.code() {
             Some(c) if *c == SqlState::INVALID_PASSWORD => "password authentication failed: check the user and password in the dsn",

@@ -151,7 +151,9 @@ impl Liveness {
     /// walsender for this stream is gone or has heard nothing from it lately (the client
     /// reports every 500 ms while it waits for data, which it does when silent).
     async fn check(&mut self) -> Result<(), LinkError> {
-        if self.last_heard.elapsed() < SILENCE_BEFORE_PROBE {
+        let silent = self.last_heard.elapsed();
+        debug!(stream = %self.stream_app, silent_ms = silent.as_millis() as u64, "liveness");
+        if silent < SILENCE_BEFORE_PROBE {
             return Ok(());
         }
         let (dsn, app, mut probe) = (&self.dsn, &self.app, self.probe.take());
@@ -172,6 +174,7 @@ impl Liveness {
             Some((row.get::<_, i64>(0), row.get::<_, Option<f64>>(1)))
         })
         .await?;
+        debug!(stream = %self.stream_app, answer = ?answered, "probed the upstream (walsenders, seconds since its reply)");
         match answered {
             Some((0, _)) => Err(LinkError::DeadStream("is gone".into())),
             Some((_, Some(age))) if age > SILENCE_BEFORE_PROBE.as_secs_f64() => Err(

@@ -45,6 +45,8 @@ impl StreamError {
 const BUFFER_EVENTS: usize = 1024;
 /// Largest single message accepted (one row, its TOASTed values included).
 const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+/// How long a closing stream may take to say goodbye.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct NodeStream {
     client: ReplicationClient,
@@ -84,8 +86,17 @@ impl NodeStream {
         self.client.update_applied_lsn(lsn.into());
     }
 
+    /// Ends the stream politely (CopyDone) if the upstream answers within
+    /// [`CLOSE_TIMEOUT`]; a connection that died in a cut never answers, so it is then
+    /// dropped as it is. Waiting for it would hold the link for ever.
     pub async fn close(mut self) {
-        let _ = self.client.shutdown().await;
+        if tokio::time::timeout(CLOSE_TIMEOUT, self.client.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::info!(dsn = %self.dsn, "the stream did not close within {} s (its connection is dead): dropped", CLOSE_TIMEOUT.as_secs());
+            self.client.abort();
+        }
     }
 }
 

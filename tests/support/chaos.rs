@@ -13,6 +13,7 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use super::fault_proxy::FaultProxy;
+use super::netns::Netns;
 use super::*;
 
 /// The memory a sidecar may reach (docs/benchmarks.md: rows under 8 kB).
@@ -86,6 +87,9 @@ pub struct Chaos {
     pub c: TestCluster,
     /// `(reader, remote)`: the proxy `reader`'s sidecar reaches `remote` through.
     proxies: Vec<((String, String), FaultProxy)>,
+    /// In network-layer mode, each branch's namespace (its PostgreSQL and sidecar run
+    /// there; dropped after the clusters, which stop through it).
+    namespaces: Vec<(String, Netns)>,
     pub ledger: Ledger,
     pub rng: Rng,
     pub seed: u64,
@@ -96,10 +100,9 @@ pub struct Chaos {
 }
 
 impl Chaos {
+    /// The star with a fault proxy on every path a sidecar takes to a remote server.
     pub fn new(name: &str) -> Chaos {
-        let seed = seed();
-        let schema = format!("{RETAIL_SCHEMA}{CHAOS_SCHEMA}");
-        let c = TestCluster::new_with(name, Topology::Star, &NODES, &schema, POLICY);
+        let c = Self::cluster(name);
         let mut proxies = Vec::new();
         for reader in &c.nodes {
             let mut text = std::fs::read_to_string(&reader.config).unwrap();
@@ -114,9 +117,64 @@ impl Chaos {
             }
             std::fs::write(&reader.config, text).unwrap();
         }
+        Self::started(name, c, proxies, Vec::new())
+    }
+
+    /// The star with each branch in a network namespace of its own, joined to main's by a
+    /// veth link: faults are made by the kernel (links down, shaped bandwidth), not a
+    /// proxy. Needs root: see [`Netns::unavailable`].
+    pub fn new_netns(name: &str) -> Chaos {
+        let mut c = Self::cluster(name);
+        let main_port = c.node("main").pg.port();
+        let mut namespaces = Vec::new();
+        for branch in &NODES[1..] {
+            let ns = Netns::create();
+            let node = c.node_mut(branch);
+            node.pg
+                .set_network(Some(&ns.name), &[&ns.ns_ip])
+                .expect("restart the branch's PostgreSQL in its namespace");
+            node.netns = Some(ns.name.clone());
+            // The branch reaches main over the link; main reaches the branch the same way.
+            let from = format!("host=127.0.0.1 port={main_port} ");
+            rewrite(
+                &node.config,
+                &from,
+                &format!("host={} port={main_port} ", ns.host_ip),
+            );
+            let port = node.pg.port();
+            let from = format!("host=127.0.0.1 port={port} ");
+            let main = c.node("main");
+            rewrite(
+                &main.config,
+                &from,
+                &format!("host={} port={port} ", ns.ns_ip),
+            );
+            namespaces.push((branch.to_string(), ns));
+        }
+        let host_ips: Vec<&str> = namespaces.iter().map(|(_, n)| n.host_ip.as_str()).collect();
+        c.node_mut("main")
+            .pg
+            .set_network(None, &host_ips)
+            .expect("restart main's PostgreSQL listening on the links");
+        Self::started(name, c, Vec::new(), namespaces)
+    }
+
+    fn cluster(name: &str) -> TestCluster {
+        let schema = format!("{RETAIL_SCHEMA}{CHAOS_SCHEMA}");
+        TestCluster::new_with(name, Topology::Star, &NODES, &schema, POLICY)
+    }
+
+    fn started(
+        name: &str,
+        c: TestCluster,
+        proxies: Vec<((String, String), FaultProxy)>,
+        namespaces: Vec<(String, Netns)>,
+    ) -> Chaos {
+        let seed = seed();
         let mut chaos = Chaos {
             c,
             proxies,
+            namespaces,
             ledger: Ledger::default(),
             rng: Rng::new(seed),
             seed,
@@ -136,13 +194,34 @@ impl Chaos {
             .map(|(_, p)| p)
     }
 
+    /// The namespace links `node`'s traffic crosses: a branch's own, or all for main.
+    fn links_of(&self, node: &str) -> impl Iterator<Item = &Netns> {
+        let node = node.to_string();
+        self.namespaces
+            .iter()
+            .filter(move |(b, _)| node == "main" || *b == node)
+            .map(|(_, n)| n)
+    }
+
     /// Black-holes every link of `node`.
     pub fn cut(&self, node: &str) {
         self.proxies_of(node).for_each(FaultProxy::cut);
+        self.links_of(node).for_each(Netns::cut);
     }
 
     pub fn heal(&self, node: &str) {
         self.proxies_of(node).for_each(FaultProxy::heal);
+        self.links_of(node).for_each(Netns::heal);
+    }
+
+    /// Limits the bandwidth of `node`'s links to `kbit` kbit/s (`None`: unlimited);
+    /// network-layer mode only.
+    pub fn throttle_link(&self, node: &str, kbit: Option<u32>) {
+        assert!(
+            !self.namespaces.is_empty(),
+            "throttle_link needs Chaos::new_netns"
+        );
+        self.links_of(node).for_each(|n| n.throttle(kbit));
     }
 
     /// Closes every connection of `node`'s links now.
@@ -150,6 +229,7 @@ impl Chaos {
         self.proxies_of(node).for_each(FaultProxy::reset);
     }
 
+    /// Proxy mode only (the kernel here may lack `tc netem`).
     pub fn latency(&self, node: &str, ms: u64, jitter_ms: u64) {
         self.proxies_of(node).for_each(|p| p.latency(ms, jitter_ms));
     }
@@ -337,12 +417,12 @@ impl Chaos {
             .iter()
             .filter_map(|(name, r)| r.as_ref().err().map(|e| format!("{name}: {e}")))
             .collect();
-        if !failed.is_empty() {
+        if !failed.is_empty() || std::env::var_os("WALSYNC_CHAOS_KEEP_LOGS").is_some() {
             // The whole sidecar logs outlive the clusters, for the post-mortem.
             let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
             for n in &self.c.nodes {
                 let file = dir.join(format!("chaos-{}-{}-{}.log", self.name, self.seed, n.name));
-                let _ = std::fs::write(&file, n.sidecar_log());
+                let _ = std::fs::write(&file, format!("{}\n{}", server_state(n), n.sidecar_log()));
             }
         }
         assert!(
@@ -425,7 +505,7 @@ impl Chaos {
         let streaming = wait_until(Duration::from_secs(30), || {
             self.c.nodes.iter().all(|n| {
                 n.sql("SELECT count(*) FROM walsync.link_status WHERE state <> 'streaming'") == "0"
-                    && walsync(&["status", "--config", n.config.to_str().unwrap()]).0
+                    && n.walsync(&["status"]).0
             })
         });
         if streaming {
@@ -435,7 +515,7 @@ impl Chaos {
             .c
             .nodes
             .iter()
-            .map(|n| walsync(&["status", "--config", n.config.to_str().unwrap()]).1)
+            .map(|n| n.walsync(&["status"]).1)
             .collect::<Vec<_>>()
             .join("\n"))
     }
@@ -472,6 +552,34 @@ impl Chaos {
 
 /// The report table's header (also printed by scripts/test).
 pub const REPORT_HEAD: &str = include_str!("../chaos-report-head.md");
+
+/// Replaces `from` with `to` in the file at `path`, which must contain it.
+fn rewrite(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{} lacks {from:?}", path.display());
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
+/// What a node's server was doing when a scenario failed: sessions and their waits,
+/// walsenders, slots, origins and link progress (a stuck link shows here).
+fn server_state(n: &Node) -> String {
+    let queries = [
+        ("wal", "SELECT pg_current_wal_lsn()::text"),
+        ("sessions", "SELECT string_agg(format('%s pid=%s state=%s wait=%s/%s xact_age=%s query=%s', coalesce(nullif(application_name, ''), backend_type), pid, state, wait_event_type, wait_event, now() - xact_start, left(query, 120)), E'\\n' ORDER BY pid) FROM pg_stat_activity WHERE pid <> pg_backend_pid()"),
+        ("walsenders", "SELECT string_agg(format('%s pid=%s state=%s sent=%s flush=%s reply_age=%s', application_name, pid, state, sent_lsn, flush_lsn, now() - reply_time), E'\\n') FROM pg_stat_replication"),
+        ("slots", "SELECT string_agg(format('%s active=%s restart=%s confirmed=%s', slot_name, active_pid, restart_lsn, confirmed_flush_lsn), E'\\n') FROM pg_replication_slots"),
+        ("origins", "SELECT string_agg(format('%s remote=%s local=%s', external_id, remote_lsn, local_lsn), E'\\n') FROM pg_replication_origin_status s JOIN pg_replication_origin o ON o.roident = s.local_id"),
+        ("progress", "SELECT string_agg(format('%s source=%s txns=%s at=%s', link, source_lsn, transactions, applied_at), E'\\n') FROM walsync.link_progress"),
+    ];
+    let mut out = format!("===== server state of {} at failure =====\n", n.name);
+    for (what, sql) in queries {
+        let text = n
+            .try_sql(sql)
+            .unwrap_or_else(|e| format!("(unreadable: {e})"));
+        out.push_str(&format!("--- {what}\n{text}\n"));
+    }
+    out
+}
 
 /// Appends a row to target/chaos-report.md (one write: rows from tests running at the
 /// same time do not mix). `scripts/test` prints the table at the end.

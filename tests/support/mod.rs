@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 pub mod chaos;
 pub mod fault_proxy;
+pub mod netns;
 
 use walsync::localpg::LocalCluster;
 
@@ -57,6 +58,8 @@ pub struct Node {
     pub pg: LocalCluster,
     pub config: PathBuf,
     pub sidecar: Option<Sidecar>,
+    /// The network namespace its sidecar runs in (its PostgreSQL too), if not this one.
+    pub netns: Option<String>,
 }
 
 impl Node {
@@ -101,6 +104,7 @@ impl Node {
         self.sidecar = Some(Sidecar::start(
             &self.config,
             &self.pg.dir().join(format!("sidecar-{}.log", self.name)),
+            self.netns.as_deref(),
         ));
     }
 
@@ -115,6 +119,13 @@ impl Node {
         if let Some(mut s) = self.sidecar.take() {
             s.terminate();
         }
+    }
+
+    /// `walsync <args>` with this node's config, from the node's network namespace.
+    pub fn walsync(&self, args: &[&str]) -> (bool, String) {
+        let config = self.config.to_str().unwrap();
+        let args: Vec<&str> = args.iter().copied().chain(["--config", config]).collect();
+        output_text(walsync_command(self.netns.as_deref()).args(args))
     }
 
     pub fn sidecar_log(&self) -> String {
@@ -135,13 +146,14 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    pub fn start(config: &Path, log: &Path) -> Sidecar {
+    /// `walsync run` with `config`, logging to `log`, in network namespace `netns`.
+    pub fn start(config: &Path, log: &Path, netns: Option<&str>) -> Sidecar {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)
             .unwrap();
-        let child = Command::new(walsync_bin())
+        let child = walsync_command(netns)
             .args(["run", "--config"])
             .arg(config)
             .env("WALSYNC_LOG", "walsync=debug")
@@ -189,12 +201,27 @@ pub fn walsync_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_walsync"))
 }
 
+/// The walsync binary, run in network namespace `netns` (`nsenter` execs it: same pid).
+fn walsync_command(netns: Option<&str>) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("nsenter");
+            cmd.arg(format!("--net=/run/netns/{ns}"))
+                .arg("--")
+                .arg(walsync_bin());
+            cmd
+        }
+        None => Command::new(walsync_bin()),
+    }
+}
+
 /// Runs `walsync <args>` to completion; returns (success, stdout + stderr).
 pub fn walsync(args: &[&str]) -> (bool, String) {
-    let out = Command::new(walsync_bin())
-        .args(args)
-        .output()
-        .expect("run walsync");
+    output_text(Command::new(walsync_bin()).args(args))
+}
+
+fn output_text(cmd: &mut Command) -> (bool, String) {
+    let out = cmd.output().expect("run walsync");
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -262,6 +289,7 @@ impl TestCluster {
                 pg,
                 config: PathBuf::new(),
                 sidecar: None,
+                netns: None,
             });
         }
         let mut cluster = TestCluster {
