@@ -87,6 +87,60 @@ pub struct Config {
     pub tables: Vec<TablePolicy>,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub spool: SpoolConfig,
+}
+
+/// Spooling for peers away a long time (docs/decisions/0006): the sidecar next to a slot
+/// whose peer is away streams it into segments in this node's database and lets the
+/// slot release its WAL; the returning link replays them first.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// Spool at all (every sidecar of the cluster must replay spools: all of this version).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Start spooling an inactive slot once it retains this much WAL...
+    #[serde(default = "default_spool_after_bytes")]
+    pub after_bytes: u64,
+    /// ...or once it has been inactive this long.
+    #[serde(default = "default_spool_after_s")]
+    pub after_s: u64,
+    /// A segment closes at the first commit past this size.
+    #[serde(default = "default_spool_segment_bytes")]
+    pub segment_bytes: u64,
+    /// A transaction larger than this is not spooled (it would be held in memory whole):
+    /// spooling of that slot stops and its WAL is retained as without a spool.
+    #[serde(default = "default_spool_max_transaction_bytes")]
+    pub max_transaction_bytes: u64,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            enabled: true,
+            after_bytes: default_spool_after_bytes(),
+            after_s: default_spool_after_s(),
+            segment_bytes: default_spool_segment_bytes(),
+            max_transaction_bytes: default_spool_max_transaction_bytes(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_spool_after_bytes() -> u64 {
+    1 << 30
+}
+fn default_spool_after_s() -> u64 {
+    3600
+}
+fn default_spool_segment_bytes() -> u64 {
+    8 << 20
+}
+fn default_spool_max_transaction_bytes() -> u64 {
+    64 << 20
 }
 
 /// The sidecar's HTTP endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
@@ -496,6 +550,16 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
     ("node", &["name", "id", "dsn"]),
     ("apply", &["reconnect_min_ms", "reconnect_max_ms"]),
     ("metrics", &["listen"]),
+    (
+        "spool",
+        &[
+            "enabled",
+            "after_bytes",
+            "after_s",
+            "segment_bytes",
+            "max_transaction_bytes",
+        ],
+    ),
 ];
 const PEER_KEYS: &[&str] = &["name", "id", "dsn", "links"];
 
@@ -576,7 +640,7 @@ fn apply_env(
             })
             .ok_or_else(|| {
                 env_err(
-                    "not a walsync setting; known: WALSYNC_CLUSTER_{TOPOLOGY,HUB,STEP}, WALSYNC_NODE_{NAME,ID,DSN}, WALSYNC_APPLY_{RECONNECT_MIN_MS,RECONNECT_MAX_MS}, WALSYNC_PEER_<NAME>_{ID,DSN,LINKS}".into(),
+                    "not a walsync setting; known: WALSYNC_CLUSTER_{TOPOLOGY,HUB,STEP}, WALSYNC_NODE_{NAME,ID,DSN}, WALSYNC_APPLY_{RECONNECT_MIN_MS,RECONNECT_MAX_MS}, WALSYNC_METRICS_LISTEN, WALSYNC_SPOOL_{ENABLED,AFTER_BYTES,AFTER_S,SEGMENT_BYTES,MAX_TRANSACTION_BYTES}, WALSYNC_PEER_<NAME>_{ID,DSN,LINKS}".into(),
                 )
             })?;
         let sect = table
@@ -592,9 +656,20 @@ fn apply_env(
 
 /// Environment values are strings; numeric keys become integers so that types match the file.
 fn env_value(key: &str, raw: &str) -> toml::Value {
-    let numeric = matches!(key, "id" | "step" | "reconnect_min_ms" | "reconnect_max_ms");
-    match raw.parse::<i64>() {
-        Ok(n) if numeric => toml::Value::Integer(n),
+    let numeric = matches!(
+        key,
+        "id" | "step"
+            | "reconnect_min_ms"
+            | "reconnect_max_ms"
+            | "after_bytes"
+            | "after_s"
+            | "segment_bytes"
+            | "max_transaction_bytes"
+    );
+    match (raw.parse::<i64>(), raw) {
+        (Ok(n), _) if numeric => toml::Value::Integer(n),
+        (_, "true") if key == "enabled" => toml::Value::Boolean(true),
+        (_, "false") if key == "enabled" => toml::Value::Boolean(false),
         _ => toml::Value::String(raw.to_string()),
     }
 }

@@ -21,4 +21,5 @@ pub mod pgoutput;
 pub mod report;
 pub mod runtime;
 pub mod sequences;
+pub mod spool;
 pub mod stream;

@@ -63,8 +63,13 @@ pub async fn gather(
         .query(
             "SELECT slot_name::text, active, coalesce(wal_status, '-'), \
                     pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8, confirmed_flush_lsn::text, \
-                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8, safe_wal_size \
-             FROM pg_replication_slots WHERE slot_name LIKE 'walsync\\_to\\_%' ORDER BY 1",
+                    pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8, safe_wal_size, \
+                    (SELECT count(*) FROM walsync.spool_segments g WHERE g.slot = s.slot_name), \
+                    (SELECT coalesce(sum(bytes), 0)::int8 FROM walsync.spool_segments g WHERE g.slot = s.slot_name), \
+                    (SELECT min(created_at)::text FROM walsync.spool_segments g WHERE g.slot = s.slot_name), \
+                    EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.active_pid \
+                            AND a.application_name LIKE 'walsync spool %') \
+             FROM pg_replication_slots s WHERE slot_name LIKE 'walsync\\_to\\_%' ORDER BY 1",
             &[],
         )
         .await?
@@ -74,6 +79,8 @@ pub async fn gather(
                 "slot": r.get::<_, String>(0), "active": r.get::<_, bool>(1), "wal_status": r.get::<_, String>(2),
                 "retained_wal_bytes": r.get::<_, Option<i64>>(3), "confirmed_flush_lsn": r.get::<_, Option<String>>(4),
                 "lag_bytes": r.get::<_, Option<i64>>(5), "safe_wal_bytes": r.get::<_, Option<i64>>(6),
+                "spool_segments": r.get::<_, i64>(7), "spool_bytes": r.get::<_, i64>(8),
+                "spool_since": r.get::<_, Option<String>>(9), "spooling": r.get::<_, bool>(10),
             })
         })
         .collect();

@@ -342,7 +342,13 @@ fn a_node_whose_clock_runs_ahead_still_converges_and_the_skew_is_reported() {
             !ok && text.contains("link branch2->main: the upstream's clock is")
                 && text.contains("s ahead of this sidecar's")
         },
-        || walsync(&["status", "--config", &config]).1,
+        || {
+            format!(
+                "{}\n{}",
+                walsync(&["status", "--config", &config]).1,
+                x.c.logs()
+            )
+        },
     );
     // The operator fixes the clock (NTP); every node still holds the same data.
     x.c.node_mut("branch2")

@@ -530,6 +530,20 @@ impl ApplyWorker {
         .await
     }
 
+    /// Waits until every commit sent is answered and flushed on the target.
+    pub async fn wait_durable(&mut self) -> Result<(), ApplyError> {
+        self.flush().await?;
+        while !self.unbounded.is_empty() || !self.bounded.is_empty() {
+            self.check_flush().await?;
+            self.flush().await?;
+            if !self.bounded.is_empty() {
+                // The WAL writer flushes every wal_writer_delay (200 ms by default).
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        }
+        Ok(())
+    }
+
     /// Waits for the oldest outstanding answer and interprets it.
     pub async fn settle_next(&mut self) -> Result<(), ApplyError> {
         match self.pipeline.next().await {

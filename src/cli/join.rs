@@ -293,6 +293,9 @@ fn copy(
             .args([
                 "--format=custom",
                 "--exclude-schema=walsync",
+                // Large objects are not replicated (pg_largeobject is a catalog), and the
+                // source's spool segments live there.
+                "--no-blobs",
                 "--snapshot",
                 snapshot,
             ])

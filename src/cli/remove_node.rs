@@ -97,6 +97,21 @@ async fn forget(
 ) -> Result<Vec<String>, Box<dyn std::error::Error + Send + Sync>> {
     let client = connect(dsn, "walsync remove-node").await?;
     let mut done = Vec::new();
+    // A spooler reading the slot for the absent node (crate::spool) lets go of it.
+    let spooler: Option<i32> = client
+        .query_opt(
+            "SELECT s.active_pid FROM pg_replication_slots s JOIN pg_stat_activity a ON a.pid = s.active_pid \
+             WHERE s.slot_name = $1 AND a.application_name LIKE 'walsync spool %'",
+            &[&slot],
+        )
+        .await?
+        .map(|r| r.get(0));
+    if let Some(pid) = spooler {
+        client
+            .execute("SELECT pg_terminate_backend($1, 10000)", &[&pid])
+            .await?;
+        done.push(format!("stopped the spooler of slot {slot}"));
+    }
     let active: Option<bool> = client
         .query_opt(
             "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
@@ -115,6 +130,17 @@ async fn forget(
             done.push(format!("dropped slot {slot}"));
         }
         None => {}
+    }
+    let spooled: i64 = client
+        .query_one(
+            "WITH d AS (DELETE FROM walsync.spool_segments WHERE slot = $1 RETURNING data) \
+             SELECT count(lo_unlink(data))::int8 FROM d",
+            &[&slot],
+        )
+        .await?
+        .get(0);
+    if spooled > 0 {
+        done.push(format!("deleted {spooled} spool segment(s) kept for it"));
     }
     let has_origin: bool = client
         .query_one(

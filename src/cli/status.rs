@@ -94,15 +94,23 @@ fn print_text(name: &str, r: &Json) {
         println!(
             "  {:<28} {:<9} WAL retained {:>12} bytes, peer behind by {:>12} bytes  ({}{safe})",
             s["slot"].as_str().unwrap_or(""),
-            if s["active"] == true {
-                "active"
-            } else {
-                "inactive"
+            match (s["active"] == true, s["spooling"] == true) {
+                (true, true) => "spooling",
+                (true, false) => "active",
+                _ => "inactive",
             },
             s["retained_wal_bytes"],
             s["lag_bytes"],
             s["wal_status"].as_str().unwrap_or("")
         );
+        if s["spool_segments"].as_i64().unwrap_or(0) > 0 {
+            println!(
+                "      spooled for its peer: {} segment(s), {} bytes, since {}",
+                s["spool_segments"],
+                s["spool_bytes"],
+                s["spool_since"].as_str().unwrap_or("?")
+            );
+        }
     }
     let kinds: Vec<String> = r["conflicts"]["by_kind"]
         .as_object()

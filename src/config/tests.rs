@@ -70,6 +70,31 @@ fn environment_overrides_file_and_adds_peers() {
 }
 
 #[test]
+fn spool_settings_default_and_come_from_the_file_or_the_environment() {
+    let c = load(BRANCH, &[]).unwrap();
+    assert!(c.spool.enabled);
+    assert_eq!(c.spool.after_bytes, 1 << 30);
+    let text = format!("{BRANCH}\n[spool]\nafter_s = 60\nsegment_bytes = 1024\n");
+    let c = load(
+        &text,
+        &[
+            ("WALSYNC_SPOOL_ENABLED", "false"),
+            ("WALSYNC_SPOOL_AFTER_BYTES", "4096"),
+        ],
+    )
+    .unwrap();
+    assert!(!c.spool.enabled);
+    assert_eq!(
+        (c.spool.after_bytes, c.spool.after_s, c.spool.segment_bytes),
+        (4096, 60, 1024)
+    );
+    let err = load(&format!("{BRANCH}\n[spool]\nafter = 1\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("after"), "{err}");
+}
+
+#[test]
 fn unknown_environment_variable_is_named() {
     let err = load(BRANCH, &[("WALSYNC_NODE_DNS", "x")])
         .unwrap_err()

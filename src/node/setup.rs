@@ -96,6 +96,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "dropped_objects",
         sql: include_str!("../../migrations/0009_dropped_objects.sql"),
     },
+    Migration {
+        version: 10,
+        name: "spool",
+        sql: include_str!("../../migrations/0010_spool.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.
@@ -241,6 +246,25 @@ pub async fn check_initialised(config: &Config) -> Result<(), SetupError> {
             problems: vec![format!(
                 "the database at {} has no walsync schema: run walsync init with this config first",
                 me.dsn
+            )],
+        });
+    }
+    // A newer sidecar on a node whose schema walsync is older: its links would fail on
+    // what is missing.
+    let applied: i32 = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM walsync.schema_migrations",
+            &[],
+        )
+        .await
+        .map_err(sql_err(&me, "reading walsync.schema_migrations"))?
+        .get(0);
+    let latest = MIGRATIONS.last().map_or(0, |m| m.version);
+    if applied < latest {
+        return Err(SetupError::NotReady {
+            node: me.name.to_string(),
+            problems: vec![format!(
+                "schema walsync is at migration {applied}, this walsync needs {latest}: run walsync init with this config (it applies the new migrations and changes nothing else)"
             )],
         });
     }

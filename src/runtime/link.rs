@@ -22,6 +22,7 @@ use crate::node::names::PgName;
 use crate::pgoutput::{self, DecodeError, Message};
 use crate::runtime::backoff::Backoff;
 use crate::runtime::status::{LinkState, StatusReporter};
+use crate::spool::{self, SpoolError};
 use crate::stream::{NodeStream, StreamError};
 
 const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(100);
@@ -53,6 +54,8 @@ pub enum LinkError {
     /// healed before anyone noticed): the stream is opened again.
     #[error("the upstream answers, but its walsender for this link {0}; reconnecting")]
     DeadStream(String),
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
 }
 
 /// What an error means for the link.
@@ -84,9 +87,10 @@ impl LinkError {
                 | ApplyError::Statement(_)
                 | ApplyError::Conflict { .. },
             ) => Disposition::HaltPeer,
-            LinkError::Decode(_) | LinkError::Merge(_) | LinkError::NoSlot { .. } => {
-                Disposition::HaltPeer
-            }
+            LinkError::Decode(_)
+            | LinkError::Merge(_)
+            | LinkError::NoSlot { .. }
+            | LinkError::Spool(SpoolError::Damaged { .. }) => Disposition::HaltPeer,
             _ => Disposition::Retry,
         }
     }
@@ -94,6 +98,10 @@ impl LinkError {
 
 /// How long opening a connection or the stream may take before the path counts as cut.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long reading one spool segment (8 MiB by default) from the upstream may take.
+const SEGMENT_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long a spooler may take to finish its transaction and hand the slot over.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
 /// A stream silent this long gets its path probed: an idle upstream sends nothing, and a
 /// black-holed one (a lost NAT mapping, a dead WAN) sends nothing either.
 const SILENCE_BEFORE_PROBE: Duration = Duration::from_secs(10);
@@ -332,10 +340,35 @@ async fn run_session(
     apply.set_careful(careful_txns);
     apply.set_policies(tables);
     let mut progress = apply.progress().await?;
+    // A connection to the upstream for the whole session: it holds the slot's spool lock,
+    // so no spooler reads the slot while this link does (crate::spool).
+    let control_app = format!("{app} control");
+    let control = within(
+        OPEN_TIMEOUT,
+        "reaching the upstream",
+        connect(&spec.from.dsn, &control_app),
+    )
+    .await??;
+    let taken = within(
+        OPEN_TIMEOUT,
+        "reaching the upstream",
+        spool::try_take_over(&control, &control_app, &slot),
+    )
+    .await??;
+    if !taken {
+        info!(link = %link, "the upstream spools this link's slot; waiting for it to hand over");
+        within(
+            HANDOVER_TIMEOUT + OPEN_TIMEOUT,
+            "taking the slot over from its spooler",
+            spool::wait_for_spooler(&control, &slot, HANDOVER_TIMEOUT),
+        )
+        .await??;
+    }
+    replay_spool(&control, &slot, &filter, &mut apply, &mut progress, &link).await?;
     within(
         OPEN_TIMEOUT,
         "reaching the upstream",
-        release_slot(spec, &slot, &app),
+        release_slot(spec, &control, &slot, &app),
     )
     .await??;
     let mut stream = within(
@@ -414,7 +447,61 @@ async fn run_session(
     // Dropping the target connection rolls back a transaction left open.
     drop(apply);
     stream.close().await;
+    drop(control);
     result
+}
+
+/// Applies what a spooler kept of the slot while this link was away (crate::spool), in
+/// stream order and through the same path as the live stream, then deletes it once it is
+/// durable here. The live stream then starts where the spool ended.
+async fn replay_spool(
+    control: &tokio_postgres::Client,
+    slot: &str,
+    filter: &OriginFilter,
+    apply: &mut ApplyWorker,
+    progress: &mut Lsn,
+    link: &str,
+) -> Result<(), LinkError> {
+    // `progress` was read durable: segments below it were applied in an earlier session.
+    let asking = "asking the upstream for spooled changes";
+    within(
+        OPEN_TIMEOUT,
+        asking,
+        spool::forget_applied(control, slot, *progress),
+    )
+    .await??;
+    let segments = within(
+        OPEN_TIMEOUT,
+        asking,
+        spool::segments_after(control, slot, *progress),
+    )
+    .await??;
+    if segments.is_empty() {
+        return Ok(());
+    }
+    info!(link = %link, segments = segments.len(), from_lsn = %progress, "replaying what was spooled while this link was away");
+    let (mut txn, mut skipped) = (None, None);
+    for segment in &segments {
+        let reading = "reading a spool segment from the upstream";
+        let events = within(
+            SEGMENT_TIMEOUT,
+            reading,
+            spool::read_segment(control, slot, segment),
+        )
+        .await??;
+        for event in events {
+            handle_event(event, filter, apply, &mut txn, &mut skipped, progress, link).await?;
+        }
+    }
+    apply.wait_durable().await?;
+    let deleted = within(
+        OPEN_TIMEOUT,
+        asking,
+        spool::forget_applied(control, slot, *progress),
+    )
+    .await??;
+    info!(link = %link, segments = deleted, to_lsn = %progress, "spool replayed and deleted");
+    Ok(())
 }
 
 async fn handle_event(
@@ -561,8 +648,12 @@ async fn end_stale_appliers(
     Ok(())
 }
 
-async fn release_slot(spec: &LinkSpec, slot: &str, app: &str) -> Result<(), LinkError> {
-    let client = connect(&spec.from.dsn, &format!("{app} control")).await?;
+async fn release_slot(
+    spec: &LinkSpec,
+    client: &tokio_postgres::Client,
+    slot: &str,
+    app: &str,
+) -> Result<(), LinkError> {
     let row = client
         .query_opt(
             "SELECT s.active_pid, a.application_name FROM pg_replication_slots s \

@@ -177,12 +177,14 @@ pub fn render(node: &str, report: Option<&Json>) -> String {
         ("walsync_slot_retained_wal_bytes", "WAL this node keeps for the slot's peer (from the slot's restart point)."),
         ("walsync_slot_lag_bytes", "WAL the slot's peer has not confirmed yet."),
         ("walsync_slot_safe_wal_bytes", "WAL that can still be written before the slot loses what its peer needs (set only with max_slot_wal_keep_size)."),
+        ("walsync_slot_spooled_bytes", "Changes spooled for the slot's absent peer (walsync.spool_segments), waiting for it to return."),
     ];
     for (name, help) in per_slot {
         out.family(name, "gauge", help);
         let key = match name {
             "walsync_slot_retained_wal_bytes" => "retained_wal_bytes",
             "walsync_slot_lag_bytes" => "lag_bytes",
+            "walsync_slot_spooled_bytes" => "spool_bytes",
             _ => "safe_wal_bytes",
         };
         for s in &slots {
@@ -315,7 +317,8 @@ mod tests {
                           "seconds_in_state": 7200.5, "clock_offset_ms": -250.0,
                           "seconds_since_last_source_commit": null}],
             "slots": [{"slot": "walsync_to_branch1", "active": false, "wal_status": "lost",
-                       "retained_wal_bytes": 1048576, "lag_bytes": 4096, "safe_wal_bytes": null}],
+                       "retained_wal_bytes": 1048576, "lag_bytes": 4096, "safe_wal_bytes": null,
+                       "spool_bytes": 65536}],
             "conflicts": {"by_kind": {"insert_exists": 3}},
             "sequences": [{"share_left": 0.5, "partitioned": true}, {"share_left": 0.25, "partitioned": false}],
             "ddl_warnings": [], "problems": ["slot lost"],
@@ -331,6 +334,7 @@ mod tests {
             "walsync_slot_retained_wal_bytes{slot=\"walsync_to_branch1\"} 1048576",
             "walsync_slot_lag_bytes{slot=\"walsync_to_branch1\"} 4096",
             "walsync_slot_wal_lost{slot=\"walsync_to_branch1\"} 1",
+            "walsync_slot_spooled_bytes{slot=\"walsync_to_branch1\"} 65536",
             "walsync_conflicts_total{kind=\"insert_exists\"} 3",
             "walsync_sequence_headroom_ratio_min 0.25",
             "walsync_sequences_unpartitioned 1",

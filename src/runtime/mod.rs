@@ -38,6 +38,7 @@ pub async fn run_sidecar(config: &Config, shutdown: ShutdownRx) {
         ));
     }
     tasks.spawn(guard::run_guard(config.clone(), shutdown.clone()));
+    tasks.spawn(crate::spool::run_spooler(config.clone(), shutdown.clone()));
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
             tracing::error!(error = %e, "link task failed");

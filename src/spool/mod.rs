@@ -1,0 +1,499 @@
+//! Spooling the change stream of a peer that is away (docs/decisions/0006).
+//!
+//! The sidecar next to a slot `walsync_to_<peer>` watches it. Once the slot has been
+//! inactive for `[spool] after_s` or retains `after_bytes` of WAL, the spooler streams it
+//! like a link would, writes whole transactions into segments (large objects, cataloged
+//! in `walsync.spool_segments`, committed synchronously) and acknowledges the slot up to
+//! the last segment written: PostgreSQL then recycles that WAL. The returning link takes
+//! the slot's spool lock, which asks the spooler to finish its segment and let go,
+//! replays the segments through the same apply path as the live stream, deletes them
+//! once applied and durable, and streams the slot from where the spool ended.
+//!
+//! Invariants:
+//! - the slot is acknowledged by the spooler only up to the end of a segment committed in
+//!   the catalog, so every transaction is in the spool or still in the slot, never lost
+//!   in between;
+//! - the spooler and the link never read the slot at once: both hold the slot's advisory
+//!   lock (`walsync spool <slot>`, session level) while they do; the spooler starts only
+//!   on an inactive slot it could lock, and gives the lock up at a transaction boundary as
+//!   soon as a link waits for it;
+//! - segments are deleted only below the link's durable progress, so replay after any
+//!   crash starts from a segment that is still there (and `decide` skips what was applied).
+
+pub mod format;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use pgwire_replication::ReplicationEvent;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_postgres::Client;
+use tracing::{info, warn};
+
+use crate::config::{Config, Dsn, SpoolConfig};
+use crate::lsn::Lsn;
+use crate::merge::replicates_relation;
+use crate::node::connect::{connect, ConnectError};
+use crate::pgoutput::{self, Message};
+use crate::runtime::ShutdownRx;
+use crate::stream::{NodeStream, StreamError};
+use format::{Relations, SegmentWriter};
+
+/// How often the slots are looked at.
+const POLL: Duration = Duration::from_secs(5);
+/// How often a running spooler checks whether a link waits for the slot.
+const HANDOVER_CHECK: Duration = Duration::from_secs(1);
+/// A segment with new changes is written at the next transaction boundary after this,
+/// so a trickle of sales still releases WAL.
+const SEGMENT_MAX_AGE: Duration = Duration::from_secs(30);
+/// After a failure, the slot is left alone this long (it retains its WAL meanwhile).
+const ERROR_BACKOFF: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    #[error("{what}: {source}")]
+    Sql {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("a transaction of more than {limit} bytes (spool.max_transaction_bytes) cannot be spooled; the slot keeps its WAL until the peer returns")]
+    TooLarge { limit: u64 },
+    #[error("spool segment {end_lsn} of slot {slot}: {source}; the changes in it cannot be replayed: the peer must be joined again (walsync remove-node, then walsync join)")]
+    Damaged {
+        slot: String,
+        end_lsn: String,
+        #[source]
+        source: format::FormatError,
+    },
+}
+
+fn sql(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SpoolError {
+    let what = what.into();
+    move |source| SpoolError::Sql { what, source }
+}
+
+/// The advisory lock both the spooler and the link hold while they read `slot`.
+fn lock_name(slot: &str) -> String {
+    format!("walsync spool {slot}")
+}
+
+/// Watches this node's `walsync_to_*` slots until shutdown; spools those whose peer is away.
+pub async fn run_spooler(config: Config, mut shutdown: ShutdownRx) {
+    if !config.spool.enabled {
+        return;
+    }
+    let dsn = config.node.dsn.clone();
+    let mut inactive_since: HashMap<String, Instant> = HashMap::new();
+    let mut running: HashMap<String, JoinHandle<()>> = HashMap::new();
+    let mut client: Option<Client> = None;
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = tokio::time::sleep(POLL) => {}
+        }
+        running.retain(|_, task| !task.is_finished());
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = connect(&dsn, "walsync spool watch").await.ok();
+        }
+        let Some(c) = &client else { continue };
+        let slots = match c
+            .query(
+                "SELECT slot_name::text, active, \
+                   coalesce(pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn), 0)::int8 \
+                 FROM pg_replication_slots \
+                 WHERE slot_name LIKE 'walsync\\_to\\_%' AND database = current_database()",
+                &[],
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                warn!(error = %e, "spool: cannot read this node's slots");
+                client = None;
+                continue;
+            }
+        };
+        for row in slots {
+            let (slot, active, retained): (String, bool, i64) =
+                (row.get(0), row.get(1), row.get(2));
+            if active {
+                inactive_since.remove(&slot);
+                continue;
+            }
+            let since = *inactive_since
+                .entry(slot.clone())
+                .or_insert_with(Instant::now);
+            let due = retained as u64 >= config.spool.after_bytes
+                || since.elapsed() >= Duration::from_secs(config.spool.after_s);
+            if due && !running.contains_key(&slot) {
+                let (dsn, cfg, stop) = (dsn.clone(), config.spool.clone(), shutdown.clone());
+                let name = slot.clone();
+                running.insert(
+                    slot,
+                    tokio::spawn(async move {
+                        if let Err(e) = spool_slot(&dsn, &name, &cfg, stop.clone()).await {
+                            warn!(slot = %name, error = %crate::runtime::link::error_chain(&e), retry_in_s = ERROR_BACKOFF.as_secs(), "spooling stopped");
+                            let mut stop = stop;
+                            tokio::select! {
+                                _ = tokio::time::sleep(ERROR_BACKOFF) => {}
+                                _ = stop.changed() => {}
+                            }
+                        }
+                    }),
+                );
+            }
+        }
+    }
+    for (_, task) in running {
+        let _ = task.await;
+    }
+}
+
+/// Spools `slot` until a link wants it, shutdown, or an error.
+async fn spool_slot(
+    dsn: &Dsn,
+    slot: &str,
+    cfg: &SpoolConfig,
+    mut shutdown: ShutdownRx,
+) -> Result<(), SpoolError> {
+    let app = format!("walsync spool {slot}");
+    let mut ctl = connect(dsn, &app).await?;
+    ctl.batch_execute("SET synchronous_commit = on")
+        .await
+        .map_err(sql("setting synchronous_commit"))?;
+    let locked: bool = ctl
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext($1))",
+            &[&lock_name(slot)],
+        )
+        .await
+        .map_err(sql("taking the spool lock"))?
+        .get(0);
+    if !locked {
+        return Ok(()); // a link holds it: it streams or replays the slot
+    }
+    let active: bool = ctl
+        .query_one(
+            "SELECT coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = $1), true)",
+            &[&slot],
+        )
+        .await
+        .map_err(sql("reading the slot"))?
+        .get(0);
+    if active {
+        return Ok(());
+    }
+    // The slot may not have heard the last acknowledgement (a sidecar killed just after a
+    // segment was written): asked to start past its confirmed position, PostgreSQL skips
+    // the transactions that commit before it, so nothing is spooled twice.
+    let spooled: String = ctl
+        .query_one(
+            "SELECT coalesce(max(end_lsn), '0/0')::text FROM walsync.spool_segments WHERE slot = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(sql("reading how far the slot was spooled"))?
+        .get(0);
+    let start: Lsn = spooled.parse().unwrap_or(Lsn::ZERO);
+    let mut stream = NodeStream::open(dsn, slot, start, &format!("{app} stream")).await?;
+    info!(slot, "spooling: the slot's peer is away; its changes go to walsync.spool_segments and the slot releases its WAL");
+    let mut spool = Spool {
+        rels: Relations::default(),
+        names: HashMap::new(),
+        seg: SegmentWriter::new([]),
+        content: 0,
+        txn_has_content: false,
+        started: Instant::now(),
+    };
+    let mut idle_end: Option<Lsn> = None;
+    let mut tick = tokio::time::interval(HANDOVER_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let result = loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => break Ok(()),
+            _ = tick.tick() => {
+                if spool.seg.in_transaction() {
+                    continue;
+                }
+                let wanted = match handover_wanted(&ctl).await {
+                    Ok(w) => w,
+                    Err(e) => break Err(e),
+                };
+                let old = spool.content > 0 && spool.started.elapsed() >= SEGMENT_MAX_AGE;
+                if !spool.seg.is_empty() && (wanted || old) {
+                    match spool.write(&mut ctl, slot).await {
+                        Ok(end) => stream.ack(end),
+                        Err(e) => break Err(e),
+                    }
+                }
+                if spool.seg.is_empty() {
+                    if let Some(end) = idle_end.take() {
+                        stream.ack(end);
+                    }
+                }
+                if wanted {
+                    info!(slot, "spooling: the peer's link is back; handing the slot over");
+                    break Ok(());
+                }
+            }
+            ev = stream.recv() => match ev {
+                Ok(Some(ev)) => {
+                    if let ReplicationEvent::KeepAlive { wal_end, .. } = &ev {
+                        idle_end = Some((*wal_end).into());
+                    }
+                    spool.observe(&ev);
+                    if spool.seg.in_transaction() && spool.seg.len() as u64 > cfg.max_transaction_bytes {
+                        break Err(SpoolError::TooLarge { limit: cfg.max_transaction_bytes });
+                    }
+                    if matches!(ev, ReplicationEvent::Commit { .. })
+                        && spool.seg.len() as u64 >= cfg.segment_bytes
+                    {
+                        match spool.write(&mut ctl, slot).await {
+                            Ok(end) => stream.ack(end),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e.into()),
+            },
+        }
+    };
+    stream.close().await;
+    // Let the walsender go before the lock does, so the waiting link can start at once.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let active: Option<bool> = ctl
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|r| r.get(0));
+        if active != Some(true) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    result
+}
+
+/// The segment being filled, and what is needed to open the next one.
+struct Spool {
+    rels: Relations,
+    /// Relation id -> whether its changes are replicated (walsync's own tables are not).
+    names: HashMap<u32, bool>,
+    seg: SegmentWriter,
+    /// Transactions in the segment that change replicated tables (walsync's own
+    /// bookkeeping, this spool's catalog rows among them, does not make a segment due).
+    content: u32,
+    txn_has_content: bool,
+    started: Instant,
+}
+
+impl Spool {
+    fn observe(&mut self, ev: &ReplicationEvent) {
+        match ev {
+            ReplicationEvent::XLogData { data, .. } => {
+                self.rels.observe(data);
+                match pgoutput::decode(data) {
+                    Ok(Message::Relation(r)) => {
+                        self.names
+                            .insert(r.id, replicates_relation(&r.namespace, &r.name));
+                    }
+                    Ok(Message::Insert(m)) => self.touch(m.relation_id),
+                    Ok(Message::Update(m)) => self.touch(m.relation_id),
+                    Ok(Message::Delete(m)) => self.touch(m.relation_id),
+                    Ok(Message::Truncate(_)) => self.txn_has_content = true,
+                    _ => {}
+                }
+            }
+            ReplicationEvent::Commit { .. } => {
+                self.content += u32::from(std::mem::take(&mut self.txn_has_content));
+            }
+            _ => {}
+        }
+        self.seg.push(ev);
+    }
+
+    fn touch(&mut self, relation_id: u32) {
+        if self.names.get(&relation_id).copied().unwrap_or(true) {
+            self.txn_has_content = true;
+        }
+    }
+
+    /// Writes the segment (whole transactions only) and its catalog row in one synchronous
+    /// transaction; returns the LSN the slot may be acknowledged up to.
+    async fn write(&mut self, ctl: &mut Client, slot: &str) -> Result<Lsn, SpoolError> {
+        let seg = std::mem::replace(&mut self.seg, SegmentWriter::new(self.rels.iter()));
+        self.content = 0;
+        self.started = Instant::now();
+        let Some((start, end)) = seg.range() else {
+            unreachable!("written only with a committed transaction in it")
+        };
+        let txns = seg.transactions() as i32;
+        let bytes = seg.finish();
+        let tx = ctl
+            .transaction()
+            .await
+            .map_err(sql("opening a transaction"))?;
+        let oid: u32 = tx
+            .query_one("SELECT lo_from_bytea(0, $1)", &[&bytes])
+            .await
+            .map_err(sql("writing a spool segment"))?
+            .get(0);
+        tx.execute(
+            "INSERT INTO walsync.spool_segments (slot, end_lsn, start_lsn, data, bytes, transactions) \
+             VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, $6)",
+            &[&slot, &end.to_string(), &start.to_string(), &oid, &(bytes.len() as i64), &txns],
+        )
+        .await
+        .map_err(sql("cataloging a spool segment"))?;
+        tx.commit()
+            .await
+            .map_err(sql("committing a spool segment"))?;
+        tracing::debug!(slot, %end, bytes = bytes.len(), txns, "spool segment written");
+        Ok(end)
+    }
+}
+
+/// Whether a session waits for an advisory lock this session holds (the link, for the
+/// spool lock: the only lock the spooler's session holds).
+async fn handover_wanted(ctl: &Client) -> Result<bool, SpoolError> {
+    Ok(ctl
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks w JOIN pg_locks h \
+               ON h.locktype = w.locktype AND h.database IS NOT DISTINCT FROM w.database \
+              AND h.classid IS NOT DISTINCT FROM w.classid AND h.objid IS NOT DISTINCT FROM w.objid \
+              AND h.objsubid IS NOT DISTINCT FROM w.objsubid \
+             WHERE w.locktype = 'advisory' AND NOT w.granted AND h.granted \
+               AND h.pid = pg_backend_pid())",
+            &[],
+        )
+        .await
+        .map_err(sql("looking for a link waiting for the slot"))?
+        .get(0))
+}
+
+/// Link side, first step: ends an earlier session of the same link that may still hold
+/// the slot's spool lock on the upstream (its sidecar killed, or its connection lost in a
+/// cut the upstream has not noticed; a link has one session at a time), then tries to
+/// take the lock. `false`: a spooler holds it; [`wait_for_spooler`] waits for it.
+pub async fn try_take_over(control: &Client, app: &str, slot: &str) -> Result<bool, SpoolError> {
+    control
+        .execute(
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
+             WHERE application_name = $1 AND pid <> pg_backend_pid() AND datname = current_database()",
+            &[&app],
+        )
+        .await
+        .map_err(sql("ending a stale session of this link on the upstream"))?;
+    Ok(control
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtext($1))",
+            &[&lock_name(slot)],
+        )
+        .await
+        .map_err(sql("taking the slot's spool lock"))?
+        .get(0))
+}
+
+/// Link side: waits up to `wait` for the spooler of `slot` to finish its transaction
+/// and hand the slot over (it notices the waiting lock request within a second).
+pub async fn wait_for_spooler(
+    control: &Client,
+    slot: &str,
+    wait: Duration,
+) -> Result<(), SpoolError> {
+    control
+        .batch_execute(&format!("SET lock_timeout = '{}ms'", wait.as_millis()))
+        .await
+        .map_err(sql("setting lock_timeout"))?;
+    control
+        .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_name(slot)])
+        .await
+        .map_err(sql(format!(
+            "taking slot {slot} over from its spooler (it did not let go within {} s)",
+            wait.as_secs()
+        )))?;
+    control
+        .batch_execute("SET lock_timeout = 0")
+        .await
+        .map_err(sql("resetting lock_timeout"))?;
+    Ok(())
+}
+
+/// A spooled segment still to replay.
+pub struct Segment {
+    pub end_lsn: Lsn,
+    oid: u32,
+}
+
+/// Segments of `slot` holding transactions that end after `progress`, in stream order.
+pub async fn segments_after(
+    control: &Client,
+    slot: &str,
+    progress: Lsn,
+) -> Result<Vec<Segment>, SpoolError> {
+    let rows = control
+        .query(
+            "SELECT end_lsn::text, data FROM walsync.spool_segments \
+             WHERE slot = $1 AND end_lsn > $2::text::pg_lsn ORDER BY end_lsn",
+            &[&slot, &progress.to_string()],
+        )
+        .await
+        .map_err(sql(
+            "listing spool segments (has walsync init run on the upstream?)",
+        ))?;
+    Ok(rows
+        .iter()
+        .map(|r| Segment {
+            end_lsn: r.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO),
+            oid: r.get(1),
+        })
+        .collect())
+}
+
+/// The events of a segment, read over `control` and checked.
+pub async fn read_segment(
+    control: &Client,
+    slot: &str,
+    segment: &Segment,
+) -> Result<Vec<ReplicationEvent>, SpoolError> {
+    let bytes: Vec<u8> = control
+        .query_one("SELECT lo_get($1)", &[&segment.oid])
+        .await
+        .map_err(sql(format!("reading spool segment {}", segment.end_lsn)))?
+        .get(0);
+    format::decode(&bytes).map_err(|source| SpoolError::Damaged {
+        slot: slot.to_string(),
+        end_lsn: segment.end_lsn.to_string(),
+        source,
+    })
+}
+
+/// Deletes the segments of `slot` wholly applied downstream (`durable`: the target's
+/// flushed progress); returns how many.
+pub async fn forget_applied(control: &Client, slot: &str, durable: Lsn) -> Result<u64, SpoolError> {
+    let row = control
+        .query_one(
+            "WITH d AS (DELETE FROM walsync.spool_segments \
+                        WHERE slot = $1 AND end_lsn <= $2::text::pg_lsn RETURNING data) \
+             SELECT count(lo_unlink(data))::int8 FROM d",
+            &[&slot, &durable.to_string()],
+        )
+        .await
+        .map_err(sql(
+            "deleting applied spool segments (has walsync init run on the upstream with this version?)",
+        ))?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
