@@ -128,7 +128,65 @@ fn a_branch_away_is_spooled_on_main_its_wal_released_and_replayed_on_return() {
         .node("branch1")
         .sidecar_log()
         .contains("replaying what was spooled"));
+    // The spooler was still running when branch1 came back: it handed the slot over.
+    assert!(c
+        .node("branch1")
+        .sidecar_log()
+        .contains("waiting for it to hand over"));
+    assert!(c
+        .node("main")
+        .sidecar_log()
+        .contains("handing the slot over"));
     c.node("main")
         .sql("INSERT INTO product (name, price) VALUES ('tea', 3)");
     c.wait_rows("branch1", "product", 2);
+}
+
+/// A damaged segment stops the link before the damaged transactions, naming the segment
+/// and what to do; nothing after it is applied.
+#[test]
+fn a_damaged_spool_segment_stops_the_link_with_an_error_naming_it() {
+    let mut c = TestCluster::new_with(
+        "spool_damaged",
+        Topology::Star,
+        &["main", "branch1"],
+        RETAIL_SCHEMA,
+        SPOOL,
+    );
+    c.start();
+    c.node_mut("branch1").stop_sidecar();
+    let main = c.node("main");
+    orders(main, 1, 2000, "main");
+    wait_for(
+        "main to spool branch1's slot",
+        DEADLINE,
+        || main.sql("SELECT count(*) FROM walsync.spool_segments") != "0",
+        || main.sidecar_log(),
+    );
+    // One byte of the first segment flipped, as a failing disk would.
+    main.sql(
+        "SELECT lo_put(data, 40, decode(lpad(to_hex(get_byte(lo_get(data, 40, 1), 0) # 1), 2, '0'), 'hex')) \
+         FROM (SELECT data FROM walsync.spool_segments ORDER BY end_lsn LIMIT 1) s",
+    );
+    c.node_mut("branch1").start_sidecar();
+    let branch1 = c.node("branch1");
+    wait_for(
+        "branch1's link to stop on the damaged segment",
+        DEADLINE,
+        || {
+            let (ok, text) = branch1.walsync(&["status"]);
+            !ok && text.contains("stopped") && text.contains("checksum does not match")
+        },
+        || branch1.walsync(&["status"]).1,
+    );
+    let (_, text) = branch1.walsync(&["status"]);
+    assert!(
+        text.contains("spool segment") && text.contains("walsync join"),
+        "the error names the segment and the way out:\n{text}"
+    );
+    assert_eq!(
+        branch1.count("pos_order"),
+        0,
+        "nothing after the damage is applied"
+    );
 }
