@@ -15,3 +15,8 @@ CREATE TABLE walsync.spool_segments (
     created_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (slot, end_lsn)
 );
+
+-- A returning link replays the spool before it streams: a state of its own.
+ALTER TABLE walsync.link_status DROP CONSTRAINT link_status_state_check,
+    ADD CONSTRAINT link_status_state_check
+    CHECK (state IN ('streaming', 'retrying', 'stopped', 'replaying'));

@@ -364,7 +364,16 @@ async fn run_session(
         )
         .await??;
     }
-    replay_spool(&control, &slot, &filter, &mut apply, &mut progress, &link).await?;
+    replay_spool(
+        &control,
+        &slot,
+        &filter,
+        &mut apply,
+        &mut progress,
+        &link,
+        status,
+    )
+    .await?;
     within(
         OPEN_TIMEOUT,
         "reaching the upstream",
@@ -461,6 +470,7 @@ async fn replay_spool(
     apply: &mut ApplyWorker,
     progress: &mut Lsn,
     link: &str,
+    status: &mut StatusReporter,
 ) -> Result<(), LinkError> {
     // `progress` was read durable: segments below it were applied in an earlier session.
     let asking = "asking the upstream for spooled changes";
@@ -479,7 +489,13 @@ async fn replay_spool(
     if segments.is_empty() {
         return Ok(());
     }
-    info!(link = %link, segments = segments.len(), from_lsn = %progress, "replaying what was spooled while this link was away");
+    let bytes: i64 = segments.iter().map(|s| s.bytes).sum();
+    info!(link = %link, segments = segments.len(), bytes, from_lsn = %progress, "replaying what was spooled while this link was away");
+    let detail = format!(
+        "{} segment(s), {bytes} bytes spooled on the upstream while this link was away",
+        segments.len()
+    );
+    status.state(LinkState::Replaying, Some(&detail)).await;
     let (mut txn, mut skipped) = (None, None);
     for segment in &segments {
         let reading = "reading a spool segment from the upstream";

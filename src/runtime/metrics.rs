@@ -145,11 +145,11 @@ pub fn render(node: &str, report: Option<&Json>) -> String {
     out.family(
         "walsync_link_state",
         "gauge",
-        "1 for the state each link into this node is in (streaming, retrying: cut off or failing, stopped: needs a person).",
+        "1 for the state each link into this node is in (streaming, replaying: applying what was spooled while it was away, retrying: cut off or failing, stopped: needs a person).",
     );
     for l in &links {
         let link = l["link"].as_str().unwrap_or("");
-        for state in ["streaming", "retrying", "stopped"] {
+        for state in ["streaming", "replaying", "retrying", "stopped"] {
             let v = (l["state"].as_str() == Some(state)) as u8 as f64;
             out.sample("walsync_link_state", &[("link", link), ("state", state)], v);
         }

@@ -38,6 +38,8 @@ pub enum LinkState {
     Streaming,
     Retrying,
     Stopped,
+    /// Applying what a spooler kept while the link was away, before streaming.
+    Replaying,
 }
 
 impl LinkState {
@@ -46,6 +48,7 @@ impl LinkState {
             LinkState::Streaming => "streaming",
             LinkState::Retrying => "retrying",
             LinkState::Stopped => "stopped",
+            LinkState::Replaying => "replaying",
         }
     }
 }

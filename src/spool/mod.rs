@@ -435,6 +435,7 @@ pub async fn wait_for_spooler(
 /// A spooled segment still to replay.
 pub struct Segment {
     pub end_lsn: Lsn,
+    pub bytes: i64,
     oid: u32,
 }
 
@@ -446,7 +447,7 @@ pub async fn segments_after(
 ) -> Result<Vec<Segment>, SpoolError> {
     let rows = control
         .query(
-            "SELECT end_lsn::text, data FROM walsync.spool_segments \
+            "SELECT end_lsn::text, data, bytes FROM walsync.spool_segments \
              WHERE slot = $1 AND end_lsn > $2::text::pg_lsn ORDER BY end_lsn",
             &[&slot, &progress.to_string()],
         )
@@ -459,6 +460,7 @@ pub async fn segments_after(
         .map(|r| Segment {
             end_lsn: r.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO),
             oid: r.get(1),
+            bytes: r.get(2),
         })
         .collect())
 }
