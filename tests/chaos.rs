@@ -219,6 +219,56 @@ fn a_slow_jittery_link_still_converges() {
     x.assert_converged();
 }
 
+/// A cut long enough for both ends to spool the other's slot (the walsender of a
+/// black-holed stream lingers until `wal_sender_timeout`, 30 s here, then the slot is
+/// inactive and spooled after 3 s), with main's sidecar killed and main's PostgreSQL
+/// crashed while it spools; after the heal both links take their slots over, replay and
+/// stream, and every invariant holds.
+#[test]
+fn a_branch_cut_long_enough_to_be_spooled_while_main_is_killed_and_crashed() {
+    let mut x = Chaos::new("spooled_cut");
+    x.cut("branch1");
+    let spooled = |x: &Chaos, node: &str| {
+        x.c.node(node)
+            .sql("SELECT count(*) FROM walsync.spool_segments")
+            .parse::<i64>()
+            .unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while spooled(&x, "main") == 0 || spooled(&x, "branch1") == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "both ends spool within 120 s of the cut:\n{}",
+            x.c.logs()
+        );
+        for n in NODES {
+            x.write_on(n, 5);
+        }
+    }
+    x.kill_sidecar("main");
+    for n in NODES {
+        x.write_on(n, 20);
+    }
+    x.import_on("main", 3_000);
+    x.crash_postgres("main");
+    let before = spooled(&x, "main");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while spooled(&x, "main") <= before {
+        assert!(
+            Instant::now() < deadline,
+            "main spools again after its crash:\n{}",
+            x.c.logs()
+        );
+        for n in NODES {
+            x.write_on(n, 5);
+        }
+    }
+    x.assert_converged();
+    for n in NODES {
+        assert_eq!(spooled(&x, n), 0, "{n} deleted every replayed segment");
+    }
+}
+
 /// The same faults made by the kernel instead of a proxy: each branch runs (PostgreSQL and
 /// sidecar) in a network namespace of its own, joined to main's by a veth link.
 ///   1. branch1's link goes down while every node sells and main imports, then comes up;

@@ -31,7 +31,10 @@ SELECT setval('stock_quant_id_seq', 1);
 /// Stock quantities are counters: sold on branches, received on main, all adding up. As in
 /// Odoo, they live in their own table (stock_quant), not with the product's price: see
 /// docs/conflicts.md on what a counter table's other columns can and cannot do.
-const POLICY: &str = "[[tables]]\nname = \"stock_quant\"\ncounters = [\"quantity\"]\n";
+/// Stock is a counter; slots whose peer is away more than 3 s (or 1 MiB behind) are
+/// spooled, so every scenario also spools, hands over and replays under its faults.
+const POLICY: &str = "[[tables]]\nname = \"stock_quant\"\ncounters = [\"quantity\"]\n\
+    [spool]\nafter_bytes = 1048576\nafter_s = 3\nsegment_bytes = 131072\n";
 
 pub const NODES: [&str; 3] = ["main", "branch1", "branch2"];
 
