@@ -109,10 +109,6 @@ pub struct SpoolConfig {
     /// A segment closes at the first commit past this size.
     #[serde(default = "default_spool_segment_bytes")]
     pub segment_bytes: u64,
-    /// A transaction larger than this is not spooled (it would be held in memory whole):
-    /// spooling of that slot stops and its WAL is retained as without a spool.
-    #[serde(default = "default_spool_max_transaction_bytes")]
-    pub max_transaction_bytes: u64,
 }
 
 impl Default for SpoolConfig {
@@ -122,7 +118,6 @@ impl Default for SpoolConfig {
             after_bytes: default_spool_after_bytes(),
             after_s: default_spool_after_s(),
             segment_bytes: default_spool_segment_bytes(),
-            max_transaction_bytes: default_spool_max_transaction_bytes(),
         }
     }
 }
@@ -138,9 +133,6 @@ fn default_spool_after_s() -> u64 {
 }
 fn default_spool_segment_bytes() -> u64 {
     8 << 20
-}
-fn default_spool_max_transaction_bytes() -> u64 {
-    64 << 20
 }
 
 /// The sidecar's HTTP endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
@@ -552,13 +544,7 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
     ("metrics", &["listen"]),
     (
         "spool",
-        &[
-            "enabled",
-            "after_bytes",
-            "after_s",
-            "segment_bytes",
-            "max_transaction_bytes",
-        ],
+        &["enabled", "after_bytes", "after_s", "segment_bytes"],
     ),
 ];
 const PEER_KEYS: &[&str] = &["name", "id", "dsn", "links"];
@@ -640,7 +626,7 @@ fn apply_env(
             })
             .ok_or_else(|| {
                 env_err(
-                    "not a walsync setting; known: WALSYNC_CLUSTER_{TOPOLOGY,HUB,STEP}, WALSYNC_NODE_{NAME,ID,DSN}, WALSYNC_APPLY_{RECONNECT_MIN_MS,RECONNECT_MAX_MS}, WALSYNC_METRICS_LISTEN, WALSYNC_SPOOL_{ENABLED,AFTER_BYTES,AFTER_S,SEGMENT_BYTES,MAX_TRANSACTION_BYTES}, WALSYNC_PEER_<NAME>_{ID,DSN,LINKS}".into(),
+                    "not a walsync setting; known: WALSYNC_CLUSTER_{TOPOLOGY,HUB,STEP}, WALSYNC_NODE_{NAME,ID,DSN}, WALSYNC_APPLY_{RECONNECT_MIN_MS,RECONNECT_MAX_MS}, WALSYNC_METRICS_LISTEN, WALSYNC_SPOOL_{ENABLED,AFTER_BYTES,AFTER_S,SEGMENT_BYTES}, WALSYNC_PEER_<NAME>_{ID,DSN,LINKS}".into(),
                 )
             })?;
         let sect = table
@@ -664,7 +650,6 @@ fn env_value(key: &str, raw: &str) -> toml::Value {
             | "after_bytes"
             | "after_s"
             | "segment_bytes"
-            | "max_transaction_bytes"
     );
     match (raw.parse::<i64>(), raw) {
         (Ok(n), _) if numeric => toml::Value::Integer(n),

@@ -67,11 +67,16 @@ fn a_branch_away_is_spooled_on_main_its_wal_released_and_replayed_on_return() {
         },
         || main.sidecar_log(),
     );
-    // 3. A kill mid-spool: the new sidecar spools on from the last segment.
+    // 3. A kill mid-spool: the new sidecar spools on from the last segment. An import
+    //    of 20,000 rows in one transaction makes a segment of several chunks.
     c.node_mut("main").kill_sidecar();
     c.node_mut("main").start_sidecar();
     let main = c.node("main");
     orders(main, 2001, 4000, "main");
+    main.sql(
+        "INSERT INTO partner (name, email) SELECT 'imported ' || g, repeat('i', 100) \
+         FROM generate_series(1, 20000) g",
+    );
     let written: i64 = main
         .sql(&format!(
             "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{lsn_at_cut}')::int8"

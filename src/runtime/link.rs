@@ -98,8 +98,10 @@ impl LinkError {
 
 /// How long opening a connection or the stream may take before the path counts as cut.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long reading one spool segment (8 MiB by default) from the upstream may take.
-const SEGMENT_TIMEOUT: Duration = Duration::from_secs(300);
+/// Spool segments are read from the upstream this much at a time...
+const PIECE_BYTES: i32 = 1 << 20;
+/// ...and each piece may take this long (1 MiB over a 128 kbit/s line takes about 65 s).
+const PIECE_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a spooler may take to finish its transaction and hand the slot over.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(120);
 /// A stream silent this long gets its path probed: an idle upstream sends nothing, and a
@@ -498,16 +500,26 @@ async fn replay_spool(
     status.state(LinkState::Replaying, Some(&detail)).await;
     let (mut txn, mut skipped) = (None, None);
     for segment in &segments {
-        let reading = "reading a spool segment from the upstream";
-        let events = within(
-            SEGMENT_TIMEOUT,
-            reading,
-            spool::read_segment(control, slot, segment),
-        )
-        .await??;
-        for event in events {
-            handle_event(event, filter, apply, &mut txn, &mut skipped, progress, link).await?;
+        // A piece at a time: memory holds a piece and a chunk, whatever the segment's size.
+        let mut reader = segment.reader();
+        let mut offset = 0;
+        while offset < segment.bytes {
+            let piece = within(
+                PIECE_TIMEOUT,
+                "reading a spool segment from the upstream",
+                segment.read(control, offset, PIECE_BYTES),
+            )
+            .await??;
+            if piece.is_empty() {
+                break; // shorter than cataloged: `finish` says it is truncated
+            }
+            offset += piece.len() as i64;
+            let events = reader.feed(&piece).map_err(|e| segment.damaged(slot, e))?;
+            for event in events {
+                handle_event(event, filter, apply, &mut txn, &mut skipped, progress, link).await?;
+            }
         }
+        reader.finish().map_err(|e| segment.damaged(slot, e))?;
     }
     apply.wait_durable().await?;
     let deleted = within(

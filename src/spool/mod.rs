@@ -38,7 +38,7 @@ use crate::node::connect::{connect, ConnectError};
 use crate::pgoutput::{self, Message};
 use crate::runtime::ShutdownRx;
 use crate::stream::{NodeStream, StreamError};
-use format::{Relations, SegmentWriter};
+use format::{FormatError, Relations, SegmentReader, SegmentWriter};
 
 /// How often the slots are looked at.
 const POLL: Duration = Duration::from_secs(5);
@@ -62,8 +62,6 @@ pub enum SpoolError {
         #[source]
         source: tokio_postgres::Error,
     },
-    #[error("a transaction of more than {limit} bytes (spool.max_transaction_bytes) cannot be spooled; the slot keeps its WAL until the peer returns")]
-    TooLarge { limit: u64 },
     #[error("spool segment {end_lsn} of slot {slot}: {source}; the changes in it cannot be replayed: the peer must be joined again (walsync remove-node, then walsync join)")]
     Damaged {
         slot: String,
@@ -210,6 +208,7 @@ async fn spool_slot(
         content: 0,
         txn_has_content: false,
         started: Instant::now(),
+        object: None,
     };
     let mut idle_end: Option<Lsn> = None;
     let mut tick = tokio::time::interval(HANDOVER_CHECK);
@@ -226,6 +225,14 @@ async fn spool_slot(
                     Ok(w) => w,
                     Err(e) => break Err(e),
                 };
+                // Only walsync's own bookkeeping since the last segment (this spool's
+                // catalog rows among it), which no peer applies: let it pass, so the slot
+                // can be acknowledged past it.
+                if spool.content == 0 && !spool.seg.is_empty() {
+                    if let Err(e) = spool.discard(&ctl).await {
+                        break Err(e);
+                    }
+                }
                 let old = spool.content > 0 && spool.started.elapsed() >= SEGMENT_MAX_AGE;
                 if !spool.seg.is_empty() && (wanted || old) {
                     match spool.write(&mut ctl, slot).await {
@@ -249,11 +256,11 @@ async fn spool_slot(
                         idle_end = Some((*wal_end).into());
                     }
                     spool.observe(&ev);
-                    if spool.seg.in_transaction() && spool.seg.len() as u64 > cfg.max_transaction_bytes {
-                        break Err(SpoolError::TooLarge { limit: cfg.max_transaction_bytes });
+                    if let Err(e) = spool.store_full_chunks(&ctl).await {
+                        break Err(e);
                     }
                     if matches!(ev, ReplicationEvent::Commit { .. })
-                        && spool.seg.len() as u64 >= cfg.segment_bytes
+                        && spool.seg.len() >= cfg.segment_bytes
                     {
                         match spool.write(&mut ctl, slot).await {
                             Ok(end) => stream.ack(end),
@@ -298,6 +305,10 @@ struct Spool {
     content: u32,
     txn_has_content: bool,
     started: Instant,
+    /// The segment's large object while it is written: its oid and how much is in it.
+    /// It is written inside a transaction on the spooler's connection, committed with
+    /// its catalog row.
+    object: Option<(u32, i64)>,
 }
 
 impl Spool {
@@ -331,8 +342,53 @@ impl Spool {
         }
     }
 
-    /// Writes the segment (whole transactions only) and its catalog row in one synchronous
-    /// transaction; returns the LSN the slot may be acknowledged up to.
+    /// Appends `chunk` to the segment's large object, opening both the transaction and
+    /// the object on the first chunk.
+    async fn store(&mut self, ctl: &Client, chunk: &[u8]) -> Result<(), SpoolError> {
+        let (oid, offset) = match self.object {
+            Some(o) => o,
+            None => {
+                ctl.batch_execute("BEGIN")
+                    .await
+                    .map_err(sql("opening a spool transaction"))?;
+                let oid: u32 = ctl
+                    .query_one("SELECT lo_create(0)", &[])
+                    .await
+                    .map_err(sql("creating a spool segment"))?
+                    .get(0);
+                (oid, 0)
+            }
+        };
+        ctl.execute("SELECT lo_put($1, $2, $3)", &[&oid, &offset, &chunk])
+            .await
+            .map_err(sql("writing a spool segment"))?;
+        self.object = Some((oid, offset + chunk.len() as i64));
+        Ok(())
+    }
+
+    /// Drops the segment being filled (and its large object, if one was started).
+    async fn discard(&mut self, ctl: &Client) -> Result<(), SpoolError> {
+        self.seg = SegmentWriter::new(self.rels.iter());
+        self.started = Instant::now();
+        if self.object.take().is_some() {
+            ctl.batch_execute("ROLLBACK")
+                .await
+                .map_err(sql("dropping a spool segment of bookkeeping only"))?;
+        }
+        Ok(())
+    }
+
+    /// Stores the chunks the segment has filled: memory holds one chunk, whatever the
+    /// size of a transaction.
+    async fn store_full_chunks(&mut self, ctl: &Client) -> Result<(), SpoolError> {
+        while let Some(chunk) = self.seg.take_chunk() {
+            self.store(ctl, &chunk).await?;
+        }
+        Ok(())
+    }
+
+    /// Finishes the segment (whole transactions only) and commits it with its catalog row,
+    /// synchronously; returns the LSN the slot may be acknowledged up to.
     async fn write(&mut self, ctl: &mut Client, slot: &str) -> Result<Lsn, SpoolError> {
         let seg = std::mem::replace(&mut self.seg, SegmentWriter::new(self.rels.iter()));
         self.content = 0;
@@ -341,27 +397,20 @@ impl Spool {
             unreachable!("written only with a committed transaction in it")
         };
         let txns = seg.transactions() as i32;
-        let bytes = seg.finish();
-        let tx = ctl
-            .transaction()
-            .await
-            .map_err(sql("opening a transaction"))?;
-        let oid: u32 = tx
-            .query_one("SELECT lo_from_bytea(0, $1)", &[&bytes])
-            .await
-            .map_err(sql("writing a spool segment"))?
-            .get(0);
-        tx.execute(
+        let rest = seg.finish();
+        self.store(ctl, &rest).await?;
+        let (oid, bytes) = self.object.take().expect("stored just now");
+        ctl.execute(
             "INSERT INTO walsync.spool_segments (slot, end_lsn, start_lsn, data, bytes, transactions) \
              VALUES ($1, $2::text::pg_lsn, $3::text::pg_lsn, $4, $5, $6)",
-            &[&slot, &end.to_string(), &start.to_string(), &oid, &(bytes.len() as i64), &txns],
+            &[&slot, &end.to_string(), &start.to_string(), &oid, &bytes, &txns],
         )
         .await
         .map_err(sql("cataloging a spool segment"))?;
-        tx.commit()
+        ctl.batch_execute("COMMIT")
             .await
             .map_err(sql("committing a spool segment"))?;
-        tracing::debug!(slot, %end, bytes = bytes.len(), txns, "spool segment written");
+        tracing::debug!(slot, %end, bytes, txns, "spool segment written");
         Ok(end)
     }
 }
@@ -465,22 +514,34 @@ pub async fn segments_after(
         .collect())
 }
 
-/// The events of a segment, read over `control` and checked.
-pub async fn read_segment(
-    control: &Client,
-    slot: &str,
-    segment: &Segment,
-) -> Result<Vec<ReplicationEvent>, SpoolError> {
-    let bytes: Vec<u8> = control
-        .query_one("SELECT lo_get($1)", &[&segment.oid])
-        .await
-        .map_err(sql(format!("reading spool segment {}", segment.end_lsn)))?
-        .get(0);
-    format::decode(&bytes).map_err(|source| SpoolError::Damaged {
-        slot: slot.to_string(),
-        end_lsn: segment.end_lsn.to_string(),
-        source,
-    })
+impl Segment {
+    /// The next `len` stored bytes of the segment from `offset`, read over `control`.
+    pub async fn read(
+        &self,
+        control: &Client,
+        offset: i64,
+        len: i32,
+    ) -> Result<Vec<u8>, SpoolError> {
+        Ok(control
+            .query_one("SELECT lo_get($1, $2, $3)", &[&self.oid, &offset, &len])
+            .await
+            .map_err(sql(format!("reading spool segment {}", self.end_lsn)))?
+            .get(0))
+    }
+
+    /// The error for damage found in this segment.
+    pub fn damaged(&self, slot: &str, source: FormatError) -> SpoolError {
+        SpoolError::Damaged {
+            slot: slot.to_string(),
+            end_lsn: self.end_lsn.to_string(),
+            source,
+        }
+    }
+
+    /// A reader for this segment's stored bytes.
+    pub fn reader(&self) -> SegmentReader {
+        SegmentReader::default()
+    }
 }
 
 /// Deletes the segments of `slot` wholly applied downstream (`durable`: the target's
