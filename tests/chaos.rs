@@ -110,16 +110,7 @@ fn long_backlog_one_branch_cut_while_everyone_sells() {
 #[test]
 fn flapping_link_cut_and_restored_every_few_hundred_ms() {
     let mut x = Chaos::new("flapping_link");
-    let until = Instant::now() + Duration::from_secs(12);
-    while Instant::now() < until {
-        x.cut("branch1");
-        x.write_on("branch1", 3);
-        x.write_on("main", 3);
-        x.heal("branch1");
-        x.write_on("branch2", 2);
-        let pause = 100 + x.rng.below(300);
-        std::thread::sleep(Duration::from_millis(pause));
-    }
+    x.flap("branch1", Duration::from_secs(12));
     x.assert_converged();
 }
 
@@ -314,16 +305,7 @@ fn network_layer_faults_in_namespaces_link_down_slow_and_flapping() {
     x.assert_converged();
     x.throttle_link("branch2", None);
 
-    let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until {
-        x.cut("main");
-        x.write_on("branch1", 2);
-        x.write_on("main", 2);
-        x.heal("main");
-        x.write_on("branch2", 2);
-        let pause = 100 + x.rng.below(300);
-        std::thread::sleep(Duration::from_millis(pause));
-    }
+    x.flap("main", Duration::from_secs(10));
     x.assert_converged();
 }
 

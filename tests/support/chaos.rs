@@ -217,6 +217,21 @@ impl Chaos {
         self.links_of(node).for_each(Netns::heal);
     }
 
+    /// `node`'s links cut and restored every 100-400 ms (seeded) for `how_long`, while
+    /// branch1 and main sell during each cut and branch2 between cuts.
+    pub fn flap(&mut self, node: &str, how_long: Duration) {
+        let until = Instant::now() + how_long;
+        while Instant::now() < until {
+            self.cut(node);
+            self.write_on("branch1", 3);
+            self.write_on("main", 3);
+            self.heal(node);
+            self.write_on("branch2", 2);
+            let pause = 100 + self.rng.below(300);
+            std::thread::sleep(Duration::from_millis(pause));
+        }
+    }
+
     /// Limits the bandwidth of `node`'s links to `kbit` kbit/s (`None`: unlimited);
     /// network-layer mode only.
     pub fn throttle_link(&self, node: &str, kbit: Option<u32>) {
