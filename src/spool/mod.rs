@@ -211,6 +211,8 @@ async fn spool_slot(
         object: None,
     };
     let mut idle_end: Option<Lsn> = None;
+    // A link waits for the slot: the segment ends at the next transaction boundary.
+    let mut wanted = false;
     let mut tick = tokio::time::interval(HANDOVER_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
@@ -218,13 +220,15 @@ async fn spool_slot(
             biased;
             _ = shutdown.changed() => break Ok(()),
             _ = tick.tick() => {
-                if spool.seg.in_transaction() {
-                    continue;
+                if !wanted {
+                    wanted = match handover_wanted(&ctl).await {
+                        Ok(w) => w,
+                        Err(e) => break Err(e),
+                    };
                 }
-                let wanted = match handover_wanted(&ctl).await {
-                    Ok(w) => w,
-                    Err(e) => break Err(e),
-                };
+                if spool.seg.in_transaction() {
+                    continue; // the segment ends at this transaction's commit
+                }
                 // Only walsync's own bookkeeping since the last segment (this spool's
                 // catalog rows among it), which no peer applies: let it pass, so the slot
                 // can be acknowledged past it.
@@ -260,11 +264,15 @@ async fn spool_slot(
                         break Err(e);
                     }
                     if matches!(ev, ReplicationEvent::Commit { .. })
-                        && spool.seg.len() >= cfg.segment_bytes
+                        && (wanted || spool.seg.len() >= cfg.segment_bytes)
                     {
                         match spool.write(&mut ctl, slot).await {
                             Ok(end) => stream.ack(end),
                             Err(e) => break Err(e),
+                        }
+                        if wanted {
+                            info!(slot, "spooling: the peer's link is back; handing the slot over");
+                            break Ok(());
                         }
                     }
                 }
