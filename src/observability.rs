@@ -19,3 +19,18 @@ pub fn init_tracing(default: &str) {
         .with_target(false)
         .try_init();
 }
+
+/// The full cause chain of an error, on one line, for logs.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let msg = c.to_string();
+        if !s.contains(&msg) {
+            s.push_str(": ");
+            s.push_str(&msg);
+        }
+        cur = c.source();
+    }
+    s
+}

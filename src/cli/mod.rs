@@ -100,7 +100,7 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", crate::runtime::link::error_chain(e.as_ref()));
+            eprintln!("error: {}", crate::observability::error_chain(e.as_ref()));
             ExitCode::from(2)
         }
     }

@@ -189,7 +189,7 @@ async fn view(name: String, dsn: &Dsn, step: u32) -> NodeView {
         },
         Err(e) => NodeView {
             name,
-            report: Err(crate::runtime::link::error_chain(e.as_ref())),
+            report: Err(crate::observability::error_chain(e.as_ref())),
             ddl: HashSet::new(),
         },
     }

@@ -19,6 +19,7 @@ use crate::lsn::Lsn;
 use crate::merge::{MergeError, OriginFilter};
 use crate::node::connect::{connect, ConnectError};
 use crate::node::names::PgName;
+use crate::observability::error_chain;
 use crate::pgoutput::{self, DecodeError, Message};
 use crate::runtime::backoff::Backoff;
 use crate::runtime::status::{LinkState, StatusReporter};
@@ -201,21 +202,6 @@ impl Liveness {
             }),
         }
     }
-}
-
-/// The full cause chain of an error, on one line, for logs.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let msg = c.to_string();
-        if !s.contains(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        cur = c.source();
-    }
-    s
 }
 
 pub async fn run_link(

@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use pgwire_replication::ReplicationEvent;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::Client;
@@ -36,7 +37,6 @@ use crate::lsn::Lsn;
 use crate::merge::replicates_relation;
 use crate::node::connect::{connect, ConnectError};
 use crate::pgoutput::{self, Message};
-use crate::runtime::ShutdownRx;
 use crate::stream::{NodeStream, StreamError};
 use format::{FormatError, Relations, SegmentReader, SegmentWriter};
 
@@ -82,7 +82,7 @@ fn lock_name(slot: &str) -> String {
 }
 
 /// Watches this node's `walsync_to_*` slots until shutdown; spools those whose peer is away.
-pub async fn run_spooler(config: Config, mut shutdown: ShutdownRx) {
+pub async fn run_spooler(config: Config, mut shutdown: watch::Receiver<bool>) {
     if !config.spool.enabled {
         return;
     }
@@ -136,7 +136,7 @@ pub async fn run_spooler(config: Config, mut shutdown: ShutdownRx) {
                     slot,
                     tokio::spawn(async move {
                         if let Err(e) = spool_slot(&dsn, &name, &cfg, stop.clone()).await {
-                            warn!(slot = %name, error = %crate::runtime::link::error_chain(&e), retry_in_s = ERROR_BACKOFF.as_secs(), "spooling stopped");
+                            warn!(slot = %name, error = %crate::observability::error_chain(&e), retry_in_s = ERROR_BACKOFF.as_secs(), "spooling stopped");
                             let mut stop = stop;
                             tokio::select! {
                                 _ = tokio::time::sleep(ERROR_BACKOFF) => {}
@@ -158,7 +158,7 @@ async fn spool_slot(
     dsn: &Dsn,
     slot: &str,
     cfg: &SpoolConfig,
-    mut shutdown: ShutdownRx,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SpoolError> {
     let app = format!("walsync spool {slot}");
     let mut ctl = connect(dsn, &app).await?;
