@@ -193,31 +193,29 @@ pub fn render(node: &str, report: Option<&Json>) -> String {
             }
         }
     }
-    out.family(
-        "walsync_slot_active",
-        "gauge",
-        "1 while the slot's peer is streaming from it.",
-    );
-    for s in &slots {
-        let v = (s["active"] == true) as u8 as f64;
-        out.sample(
+    let flags: [(&str, &str, fn(&Json) -> bool); 3] = [
+        (
             "walsync_slot_active",
-            &[("slot", s["slot"].as_str().unwrap_or(""))],
-            v,
-        );
-    }
-    out.family(
-        "walsync_slot_wal_lost",
-        "gauge",
-        "1 when the slot lost WAL its peer needed (the peer must be copied again).",
-    );
-    for s in &slots {
-        let v = (s["wal_status"] == "lost") as u8 as f64;
-        out.sample(
+            "1 while the slot is read: by its peer, or by this node's spooler while the peer is away.",
+            |s| s["active"] == true,
+        ),
+        (
+            "walsync_slot_spooling",
+            "1 while this node's spooler reads the slot for its absent peer.",
+            |s| s["spooling"] == true,
+        ),
+        (
             "walsync_slot_wal_lost",
-            &[("slot", s["slot"].as_str().unwrap_or(""))],
-            v,
-        );
+            "1 when the slot lost WAL its peer needed (the peer must be copied again).",
+            |s| s["wal_status"] == "lost",
+        ),
+    ];
+    for (name, help, is_set) in flags {
+        out.family(name, "gauge", help);
+        for s in &slots {
+            let v = is_set(s) as u8 as f64;
+            out.sample(name, &[("slot", s["slot"].as_str().unwrap_or(""))], v);
+        }
     }
     out.family(
         "walsync_conflicts_total",
@@ -318,7 +316,7 @@ mod tests {
                           "seconds_since_last_source_commit": null}],
             "slots": [{"slot": "walsync_to_branch1", "active": false, "wal_status": "lost",
                        "retained_wal_bytes": 1048576, "lag_bytes": 4096, "safe_wal_bytes": null,
-                       "spool_bytes": 65536}],
+                       "spool_bytes": 65536, "spooling": true}],
             "conflicts": {"by_kind": {"insert_exists": 3}},
             "sequences": [{"share_left": 0.5, "partitioned": true}, {"share_left": 0.25, "partitioned": false}],
             "ddl_warnings": [], "problems": ["slot lost"],
@@ -335,6 +333,8 @@ mod tests {
             "walsync_slot_lag_bytes{slot=\"walsync_to_branch1\"} 4096",
             "walsync_slot_wal_lost{slot=\"walsync_to_branch1\"} 1",
             "walsync_slot_spooled_bytes{slot=\"walsync_to_branch1\"} 65536",
+            "walsync_slot_spooling{slot=\"walsync_to_branch1\"} 1",
+            "walsync_slot_active{slot=\"walsync_to_branch1\"} 0",
             "walsync_conflicts_total{kind=\"insert_exists\"} 3",
             "walsync_sequence_headroom_ratio_min 0.25",
             "walsync_sequences_unpartitioned 1",
