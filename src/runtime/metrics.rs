@@ -7,6 +7,9 @@
 use std::time::Duration;
 
 use serde_json::Value as Json;
+
+/// A 0/1 gauge per slot: metric name, help, and when it is 1.
+type SlotFlag = (&'static str, &'static str, fn(&Json) -> bool);
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
@@ -193,7 +196,7 @@ pub fn render(node: &str, report: Option<&Json>) -> String {
             }
         }
     }
-    let flags: [(&str, &str, fn(&Json) -> bool); 3] = [
+    let flags: [SlotFlag; 3] = [
         (
             "walsync_slot_active",
             "1 while the slot is read: by its peer, or by this node's spooler while the peer is away.",
