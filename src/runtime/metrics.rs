@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use serde_json::Value as Json;
 
-/// A 0/1 gauge per slot: metric name, help, and when it is 1.
-type SlotFlag = (&'static str, &'static str, fn(&Json) -> bool);
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
@@ -18,6 +16,9 @@ use crate::config::Config;
 use crate::node::connect::connect;
 use crate::report::gather;
 use crate::runtime::ShutdownRx;
+
+/// A 0/1 gauge per slot: metric name, help, and when it is 1.
+type SlotFlag = (&'static str, &'static str, fn(&Json) -> bool);
 
 /// A request must arrive whole within this, and fit in this many bytes.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
