@@ -7,7 +7,6 @@
 use std::time::Duration;
 
 use serde_json::Value as Json;
-
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tracing::debug;
