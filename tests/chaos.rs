@@ -225,17 +225,9 @@ fn a_branch_cut_long_enough_to_be_spooled_while_main_is_killed_and_crashed() {
             .parse::<i64>()
             .unwrap()
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while spooled(&x, "main") == 0 || spooled(&x, "branch1") == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "both ends spool within 120 s of the cut:\n{}",
-            x.c.logs()
-        );
-        for n in NODES {
-            x.write_on(n, 5);
-        }
-    }
+    x.sell_until("both ends to spool", Duration::from_secs(120), |x| {
+        spooled(x, "main") > 0 && spooled(x, "branch1") > 0
+    });
     x.kill_sidecar("main");
     for n in NODES {
         x.write_on(n, 20);
@@ -243,17 +235,11 @@ fn a_branch_cut_long_enough_to_be_spooled_while_main_is_killed_and_crashed() {
     x.import_on("main", 3_000);
     x.crash_postgres("main");
     let before = spooled(&x, "main");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while spooled(&x, "main") <= before {
-        assert!(
-            Instant::now() < deadline,
-            "main spools again after its crash:\n{}",
-            x.c.logs()
-        );
-        for n in NODES {
-            x.write_on(n, 5);
-        }
-    }
+    x.sell_until(
+        "main to spool again after its crash",
+        Duration::from_secs(120),
+        |x| spooled(x, "main") > before,
+    );
     x.assert_converged();
     for n in NODES {
         assert_eq!(spooled(&x, n), 0, "{n} deleted every replayed segment");

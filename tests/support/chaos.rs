@@ -217,6 +217,22 @@ impl Chaos {
         self.links_of(node).for_each(Netns::heal);
     }
 
+    /// Every node sells (a few transactions each, again and again) until `done` holds;
+    /// fails, with the sidecars' logs, if it does not within `within`.
+    pub fn sell_until(&mut self, what: &str, within: Duration, done: impl Fn(&Chaos) -> bool) {
+        let deadline = Instant::now() + within;
+        while !done(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {within:?} waiting for {what}:\n{}",
+                self.c.logs()
+            );
+            for n in NODES {
+                self.write_on(n, 5);
+            }
+        }
+    }
+
     /// `node`'s links cut and restored every 100-400 ms (seeded) for `how_long`, while
     /// branch1 and main sell during each cut and branch2 between cuts.
     pub fn flap(&mut self, node: &str, how_long: Duration) {
