@@ -19,6 +19,7 @@ use crate::lsn::Lsn;
 use crate::merge::{MergeError, OriginFilter};
 use crate::node::connect::{connect, ConnectError};
 use crate::node::names::PgName;
+use crate::node::setup::wait_slot_released;
 use crate::observability::error_chain;
 use crate::pgoutput::{self, DecodeError, Message};
 use crate::runtime::backoff::Backoff;
@@ -697,25 +698,12 @@ async fn release_slot(
                     what: format!("terminating walsender {pid}"),
                     source,
                 })?;
-            // Wait (bounded) until the slot is released.
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            loop {
-                let active: Option<i32> = client
-                    .query_one(
-                        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&slot],
-                    )
-                    .await
-                    .map_err(|source| ApplyError::Sql {
-                        what: format!("reading slot {slot}"),
-                        source,
-                    })?
-                    .get(0);
-                if active.is_none() || tokio::time::Instant::now() > deadline {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            wait_slot_released(client, slot, Duration::from_secs(10))
+                .await
+                .map_err(|source| ApplyError::Sql {
+                    what: format!("reading slot {slot}"),
+                    source,
+                })?;
         }
     }
     Ok(())
