@@ -64,12 +64,14 @@ pub async fn gather(
             "SELECT slot_name::text, active, coalesce(wal_status, '-'), \
                     pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::int8, confirmed_flush_lsn::text, \
                     pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8, safe_wal_size, \
-                    (SELECT count(*) FROM walsync.spool_segments g WHERE g.slot = s.slot_name), \
-                    (SELECT coalesce(sum(bytes), 0)::int8 FROM walsync.spool_segments g WHERE g.slot = s.slot_name), \
-                    (SELECT min(created_at)::text FROM walsync.spool_segments g WHERE g.slot = s.slot_name), \
+                    g.segments, g.bytes, g.since, \
                     EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.active_pid \
                             AND a.application_name LIKE 'walsync spool %') \
-             FROM pg_replication_slots s WHERE slot_name LIKE 'walsync\\_to\\_%' ORDER BY 1",
+             FROM pg_replication_slots s \
+             CROSS JOIN LATERAL (SELECT count(*) AS segments, coalesce(sum(bytes), 0)::int8 AS bytes, \
+                                        min(created_at)::text AS since \
+                                 FROM walsync.spool_segments WHERE slot = s.slot_name) g \
+             WHERE slot_name LIKE 'walsync\\_to\\_%' ORDER BY 1",
             &[],
         )
         .await?

@@ -222,6 +222,15 @@ fn show(b: u8) -> String {
     }
 }
 
+/// The relation an Insert, Update or Delete message changes, read from its header only
+/// (the tuple is not decoded); `None` for any other message.
+pub fn changed_relation(buf: &[u8]) -> Option<u32> {
+    match buf {
+        [b'I' | b'U' | b'D', a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
 /// Decode one pgoutput v1 message (the XLogData payload, starting at the tag byte).
 pub fn decode(buf: &Bytes) -> Result<Message, DecodeError> {
     let Some(&tag) = buf.first() else {

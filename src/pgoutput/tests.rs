@@ -639,3 +639,24 @@ fn mutated_messages_never_panic() {
     }
     eprintln!("{decoded} of 200000 mutants decoded");
 }
+
+#[test]
+fn changed_relation_reads_the_header_of_row_changes_only() {
+    for name in [
+        "insert_items",
+        "update_items_qty",
+        "update_items_pk",
+        "delete_items",
+    ] {
+        let id = match dec(name) {
+            Message::Insert(m) => m.relation_id,
+            Message::Update(m) => m.relation_id,
+            Message::Delete(m) => m.relation_id,
+            other => panic!("{name}: {other:?}"),
+        };
+        assert_eq!(changed_relation(&bytes_of(name)), Some(id), "{name}");
+    }
+    assert_eq!(changed_relation(b"R\0\0\0\x01"), None);
+    assert_eq!(changed_relation(b"I\0\0"), None);
+    assert_eq!(changed_relation(b""), None);
+}

@@ -36,6 +36,7 @@ use crate::config::{Config, Dsn, SpoolConfig};
 use crate::lsn::Lsn;
 use crate::merge::replicates_relation;
 use crate::node::connect::{connect, ConnectError};
+use crate::node::setup::wait_slot_released;
 use crate::pgoutput::{self, Message};
 use crate::stream::{NodeStream, StreamError};
 use format::{FormatError, Relations, SegmentReader, SegmentWriter};
@@ -283,22 +284,7 @@ async fn spool_slot(
     };
     stream.close().await;
     // Let the walsender go before the lock does, so the waiting link can start at once.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let active: Option<bool> = ctl
-            .query_opt(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await
-            .ok()
-            .flatten()
-            .map(|r| r.get(0));
-        if active != Some(true) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let _ = wait_slot_released(&ctl, slot, Duration::from_secs(10)).await;
     result
 }
 
@@ -324,16 +310,20 @@ impl Spool {
         match ev {
             ReplicationEvent::XLogData { data, .. } => {
                 self.rels.observe(data);
-                match pgoutput::decode(data) {
-                    Ok(Message::Relation(r)) => {
-                        self.names
-                            .insert(r.id, replicates_relation(&r.namespace, &r.name));
+                // Row changes are told apart by their header: no tuple is decoded here.
+                match data.first() {
+                    Some(b'R') => {
+                        if let Ok(Message::Relation(r)) = pgoutput::decode(data) {
+                            self.names
+                                .insert(r.id, replicates_relation(&r.namespace, &r.name));
+                        }
                     }
-                    Ok(Message::Insert(m)) => self.touch(m.relation_id),
-                    Ok(Message::Update(m)) => self.touch(m.relation_id),
-                    Ok(Message::Delete(m)) => self.touch(m.relation_id),
-                    Ok(Message::Truncate(_)) => self.txn_has_content = true,
-                    _ => {}
+                    Some(b'T') => self.txn_has_content = true,
+                    _ => {
+                        if let Some(id) = pgoutput::changed_relation(data) {
+                            self.touch(id);
+                        }
+                    }
                 }
             }
             ReplicationEvent::Commit { .. } => {
