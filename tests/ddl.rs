@@ -380,3 +380,91 @@ fn ddl_replay_apply_brings_a_node_whose_schema_is_behind_up_to_date_before_its_l
     let (ok, status) = walsync(&["status", "--config", &config]);
     assert!(ok, "{status}");
 }
+
+/// Captured DDL is data written by whoever may run DDL on a peer; replaying it must run
+/// that one statement and nothing smuggled beside it (docs/security.md).
+#[test]
+fn hostile_or_unusual_captured_ddl_runs_only_its_own_statement_and_the_links_go_on() {
+    let mut c = TestCluster::new(
+        "ddl-hostile",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    // A role whose name needs quoting, on every server (roles are not replicated).
+    for n in &c.nodes {
+        n.sql(
+            "SET session_replication_role = replica; \
+             CREATE ROLE \"Store \"\"Manager\"\"\"; \
+             GRANT CREATE ON SCHEMA public TO \"Store \"\"Manager\"\"\"",
+        );
+    }
+    c.start();
+    c.node("main").sql(
+        "CREATE TABLE victim (id int PRIMARY KEY, note text); INSERT INTO victim VALUES (1, 'keep me')",
+    );
+    for n in ["branch1", "branch2"] {
+        c.wait_rows(n, "victim", 1);
+    }
+
+    // 1. SQL smuggled in the search_path: set on main, where it is just an odd schema name.
+    c.node("main").sql(
+        "SELECT set_config('search_path', 's;DROP/**/TABLE/**/public.victim;--', false); \
+         CREATE TABLE public.after_odd_path (id int PRIMARY KEY)",
+    );
+    // 2. An empty search_path, as a pg_dump script sets it.
+    c.node("main").sql(
+        "SELECT pg_catalog.set_config('search_path', '', false); \
+         CREATE TABLE public.from_dump (id int PRIMARY KEY)",
+    );
+    // 3. A statement ending in a `--` comment, by a role that needs quoting and may not
+    //    write walsync's tables: whatever follows the DDL must run as the applier again.
+    c.node("main").sql(
+        "SET SESSION AUTHORIZATION \"Store \"\"Manager\"\"\"; \
+         CREATE TABLE public.manager_notes (id int PRIMARY KEY, note text) -- the manager's own table",
+    );
+    // 4. Bodies in dollar quotes, with semicolons inside.
+    c.node("main").sql(
+        "CREATE FUNCTION public.add_one(i int) RETURNS int LANGUAGE sql AS $$ SELECT i + 1; $$; \
+         CREATE FUNCTION public.stamp() RETURNS trigger LANGUAGE plpgsql AS $body$ \
+           BEGIN NEW.note := coalesce(NEW.note, '') || ';'; RETURN NEW; END $body$",
+    );
+    c.node("main")
+        .sql("INSERT INTO partner (name) VALUES ('after the odd ddl')");
+
+    for n in ["branch1", "branch2"] {
+        c.wait_rows(n, "partner", 1);
+        let node = c.node(n);
+        assert_eq!(
+            node.sql("SELECT note FROM victim"),
+            "keep me",
+            "{n}: the table named in the search_path survives"
+        );
+        assert_eq!(
+            node.sql(
+                "SELECT string_agg(tablename, ',' ORDER BY tablename) FROM pg_tables \
+                 WHERE tablename IN ('after_odd_path', 'from_dump', 'manager_notes')"
+            ),
+            "after_odd_path,from_dump,manager_notes",
+            "{n}: every DDL statement replayed"
+        );
+        assert_eq!(
+            node.sql("SELECT tableowner FROM pg_tables WHERE tablename = 'manager_notes'"),
+            "Store \"Manager\"",
+            "{n}: replayed as the role that ran it"
+        );
+        assert_eq!(node.sql("SELECT public.add_one(41)"), "42");
+        assert_eq!(
+            node.sql("SELECT count(*) FROM pg_proc WHERE proname = 'stamp'"),
+            "1"
+        );
+    }
+    // The links go on: rows into the new tables follow.
+    c.node("main")
+        .sql("INSERT INTO manager_notes VALUES (1, 'count the till')");
+    for n in ["branch1", "branch2"] {
+        c.wait_rows(n, "manager_notes", 1);
+    }
+    c.wait_converged("victim");
+    c.wait_converged("partner");
+}

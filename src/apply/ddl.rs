@@ -8,7 +8,7 @@
 //! replayed statement is not captured again.
 
 use super::{ApplyError, ApplyWorker, Gone};
-use crate::ddl::{columns_filled_per_node, replay_sql, statement_to_replay};
+use crate::ddl::{columns_filled_per_node, statement_to_replay};
 use crate::pgoutput::Insert;
 
 impl ApplyWorker {
@@ -69,10 +69,8 @@ impl ApplyWorker {
             tracing::warn!(link = %self.link, ddl = %id, "skipping ddl as the operator asked (walsync ddl-replay --skip)");
             return Ok(true);
         }
-        let sql = replay_sql(&search_path, &role, &statement);
         tracing::info!(link = %self.link, ddl = %id, statement = %statement, "replaying ddl");
-        self.client
-            .batch_execute(&sql)
+        run_captured_ddl(&self.client, &search_path, &role, &statement)
             .await
             .map_err(|e| ApplyError::Ddl {
                 id: id.clone(),
@@ -104,4 +102,32 @@ impl ApplyWorker {
         }
         Ok(true)
     }
+}
+
+/// Runs one captured DDL statement in the open transaction of `client`, as the role that
+/// ran it and with its search_path, then puts both back.
+///
+/// Nothing captured is pasted into SQL text (the capture is written by whoever may run DDL
+/// on a peer, and this session may be a superuser): the search_path and the role travel
+/// as bound parameters of `set_config`, and the statement, which is one piece of
+/// pg_query's split and nothing else, goes alone through the extended protocol, which
+/// refuses a string with more than one statement in it. The resets are calls of their
+/// own, so a trailing `--` comment in the statement cannot reach them.
+pub(crate) async fn run_captured_ddl(
+    client: &tokio_postgres::Client,
+    search_path: &str,
+    role: &str,
+    statement: &str,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "SELECT pg_catalog.set_config('search_path', $1, true), \
+                    pg_catalog.set_config('role', $2, true)",
+            &[&search_path, &role],
+        )
+        .await?;
+    client.execute(statement, &[]).await?;
+    client.batch_execute("RESET ROLE").await?;
+    client.batch_execute("RESET search_path").await?;
+    Ok(())
 }

@@ -16,6 +16,7 @@
 pub mod catalog;
 mod conflict;
 mod ddl;
+pub(crate) use ddl::run_captured_ddl;
 mod dropped;
 mod param;
 pub mod pipeline;

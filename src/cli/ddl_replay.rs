@@ -13,7 +13,7 @@ use std::collections::HashSet;
 use std::process::ExitCode;
 
 use super::{CliResult, ConfigArg};
-use crate::ddl::{replay_sql, statement_to_replay};
+use crate::ddl::statement_to_replay;
 use crate::node::connect::connect;
 
 #[derive(Debug, clap::Args)]
@@ -135,10 +135,9 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
                 .into(),
         );
     }
-    let mut local = local;
     for p in pending.iter().filter(|p| !p.skip) {
         let id = format!("{}/{}", p.key.0, p.key.1);
-        apply_one(&mut local, p).await.map_err(|e| {
+        apply_one(&local, p).await.map_err(|e| {
             format!(
                 "ddl {id} failed on node {}: {e}; nothing after it was applied. Fix it by hand, then \
                  `walsync ddl-replay --skip {id}` and --apply again",
@@ -171,33 +170,45 @@ struct Pending {
 /// Runs one captured statement here and logs it, in one transaction, in replica mode
 /// (not captured again): as the applier would when the link delivers it.
 async fn apply_one(
-    client: &mut tokio_postgres::Client,
+    client: &tokio_postgres::Client,
     p: &Pending,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let statement = statement_to_replay(&p.query, p.statement_index)?;
-    let txn = client.transaction().await?;
-    txn.batch_execute("SET LOCAL session_replication_role = replica")
+    client
+        .batch_execute("BEGIN; SET LOCAL session_replication_role = replica")
         .await?;
-    txn.batch_execute(&replay_sql(&p.search_path, &p.role, &statement))
-        .await
-        .map_err(|e| crate::apply::server_message(&e))?;
-    txn.execute(
-        "INSERT INTO walsync.ddl_log (origin, seq, statement_index, query, command_tag, \
-           object_identities, search_path, role, captured_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::timestamptz)",
-        &[
-            &p.key.0,
-            &p.key.1,
-            &p.statement_index,
-            &p.query,
-            &p.command_tag,
-            &p.object_identities,
-            &p.search_path,
-            &p.role,
-            &p.captured_at,
-        ],
-    )
-    .await?;
-    txn.commit().await?;
+    let applied = async {
+        crate::apply::run_captured_ddl(client, &p.search_path, &p.role, &statement)
+            .await
+            .map_err(|e| crate::apply::server_message(&e))?;
+        client
+            .execute(
+                "INSERT INTO walsync.ddl_log (origin, seq, statement_index, query, command_tag, \
+                   object_identities, search_path, role, captured_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::timestamptz)",
+                &[
+                    &p.key.0,
+                    &p.key.1,
+                    &p.statement_index,
+                    &p.query,
+                    &p.command_tag,
+                    &p.object_identities,
+                    &p.search_path,
+                    &p.role,
+                    &p.captured_at,
+                ],
+            )
+            .await
+            .map_err(|e| crate::apply::server_message(&e))?;
+        Ok::<(), String>(())
+    }
+    .await;
+    match applied {
+        Ok(()) => client.batch_execute("COMMIT").await?,
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e.into());
+        }
+    }
     Ok(())
 }

@@ -75,15 +75,6 @@ fn fires_event_trigger(node: &NodeEnum) -> bool {
     ) && !matches!(node, NodeEnum::SelectStmt(s) if s.into_clause.is_none())
 }
 
-/// The SQL that replays `statement` as the role that ran it, with its search_path, inside
-/// the current transaction.
-pub fn replay_sql(search_path: &str, role: &str, statement: &str) -> String {
-    format!(
-        "SET LOCAL search_path TO {search_path}; SET LOCAL ROLE {}; {statement}; RESET ROLE; RESET search_path",
-        crate::merge::statements::quote_ident(role)
-    )
-}
-
 /// The statement to run on a target for the `index`-th (1-based) DDL statement of `query`.
 pub fn statement_to_replay(query: &str, index: i32) -> Result<String, DdlError> {
     let pieces = pg_query::split_with_parser(query).map_err(|e| DdlError::Parse(e.to_string()))?;
