@@ -1,6 +1,6 @@
 //! The real thing: Odoo 16's Point of Sale install (2,863 DDL strings, as Odoo sent them)
 //! on main while branch2 is cut off, on databases restored from a real Odoo dump
-//! (../shared/fixtures/odoo, see its README).
+//! (tests/fixtures/odoo, see its README).
 
 mod support;
 
@@ -11,7 +11,7 @@ use support::*;
 use walsync::localpg::LocalCluster;
 
 fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/odoo")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/odoo")
 }
 
 fn psql_odoo(pg: &LocalCluster, sql: &str) -> String {
