@@ -266,10 +266,21 @@ impl Dsn {
         &self.0
     }
 
+    /// The settings tokio-postgres reads; the TLS parameters are in [`Dsn::tls`].
     pub fn parse(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        self.0
-            .parse()
+        let (rest, _) = self.split()?;
+        rest.parse()
             .map_err(|e| ConfigError::Invalid(format!("dsn {self} does not parse: {e}; use a URL (postgres://user@host:5432/db) or key=value pairs")))
+    }
+
+    /// The TLS parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`).
+    pub fn tls(&self) -> Result<crate::node::tls::TlsSettings, ConfigError> {
+        Ok(self.split()?.1)
+    }
+
+    fn split(&self) -> Result<(String, crate::node::tls::TlsSettings), ConfigError> {
+        crate::node::tls::split_dsn(&self.0)
+            .map_err(|e| ConfigError::Invalid(format!("dsn {self}: {e}")))
     }
 }
 

@@ -24,7 +24,9 @@ pub async fn gather(
             "SELECT p.link, coalesce(s.state, 'unknown'), s.detail, s.since::text, p.source_lsn::text, \
                     p.source_commit_time::text, p.transactions, s.clock_offset_ms, \
                     extract(epoch FROM now() - p.source_commit_time)::float8, \
-                    extract(epoch FROM now() - s.since)::float8 \
+                    extract(epoch FROM now() - s.since)::float8, \
+                    (SELECT bool_and(t.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl t USING (pid) \
+                     WHERE a.application_name = 'walsync ' || p.link || ' apply') \
              FROM walsync.link_progress p LEFT JOIN walsync.link_status s USING (link) ORDER BY 1",
             &[],
         )
@@ -37,6 +39,9 @@ pub async fn gather(
                 "last_source_commit": r.get::<_, Option<String>>(5), "transactions": r.get::<_, i64>(6),
                 "clock_offset_ms": r.get::<_, Option<f64>>(7), "seconds_since_last_source_commit": r.get::<_, Option<f64>>(8),
                 "seconds_in_state": r.get::<_, Option<f64>>(9),
+                // Whether the link's apply session into this node is encrypted (TLS), as
+                // the server sees it; null while no apply session is connected.
+                "apply_tls": r.get::<_, Option<bool>>(10),
             })
         })
         .collect();
@@ -66,7 +71,8 @@ pub async fn gather(
                     pg_wal_lsn_diff(pg_current_wal_lsn(), confirmed_flush_lsn)::int8, safe_wal_size, \
                     g.segments, g.bytes, g.since, \
                     EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.active_pid \
-                            AND a.application_name LIKE 'walsync spool %') \
+                            AND a.application_name LIKE 'walsync spool %'), \
+                    (SELECT t.ssl FROM pg_stat_ssl t WHERE t.pid = s.active_pid) \
              FROM pg_replication_slots s \
              CROSS JOIN LATERAL (SELECT count(*) AS segments, coalesce(sum(bytes), 0)::int8 AS bytes, \
                                         min(created_at)::text AS since \
@@ -83,6 +89,8 @@ pub async fn gather(
                 "lag_bytes": r.get::<_, Option<i64>>(5), "safe_wal_bytes": r.get::<_, Option<i64>>(6),
                 "spool_segments": r.get::<_, i64>(7), "spool_bytes": r.get::<_, i64>(8),
                 "spool_since": r.get::<_, Option<String>>(9), "spooling": r.get::<_, bool>(10),
+                // Whether the stream reading this slot is encrypted; null while none reads it.
+                "stream_tls": r.get::<_, Option<bool>>(11),
             })
         })
         .collect();

@@ -54,6 +54,15 @@ pub async fn run(args: StatusArgs) -> CliResult {
     })
 }
 
+/// A connection's encryption as the server sees it (`pg_stat_ssl`).
+fn encryption(tls: &Json) -> &'static str {
+    match tls.as_bool() {
+        Some(true) => "tls",
+        Some(false) => "plain",
+        None => "",
+    }
+}
+
 fn print_text(name: &str, r: &Json) {
     println!(
         "node {name} (id {} of {})",
@@ -70,13 +79,14 @@ fn print_text(name: &str, r: &Json) {
             .map(|o| format!("{o:+.0} ms"))
             .unwrap_or_else(|| "-".into());
         println!(
-            "  {:<24} {:<10} since {:<32} applied {:>8} transactions, last source commit {}  clock offset {}",
+            "  {:<24} {:<10} since {:<32} applied {:>8} transactions, last source commit {}  clock offset {}  {}",
             l["link"].as_str().unwrap_or(""),
             l["state"].as_str().unwrap_or(""),
             l["since"].as_str().unwrap_or("-"),
             l["transactions"],
             l["last_source_commit"].as_str().unwrap_or("-"),
-            offset
+            offset,
+            encryption(&l["apply_tls"])
         );
         if let Some(d) = l["detail"].as_str() {
             println!("      {d}");
@@ -92,7 +102,7 @@ fn print_text(name: &str, r: &Json) {
             None => String::new(),
         };
         println!(
-            "  {:<28} {:<9} WAL retained {:>12} bytes, peer behind by {:>12} bytes  ({}{safe})",
+            "  {:<28} {:<9} WAL retained {:>12} bytes, peer behind by {:>12} bytes  ({}{safe})  {}",
             s["slot"].as_str().unwrap_or(""),
             match (s["active"] == true, s["spooling"] == true) {
                 (true, true) => "spooling",
@@ -101,7 +111,8 @@ fn print_text(name: &str, r: &Json) {
             },
             s["retained_wal_bytes"],
             s["lag_bytes"],
-            s["wal_status"].as_str().unwrap_or("")
+            s["wal_status"].as_str().unwrap_or(""),
+            encryption(&s["stream_tls"])
         );
         if s["spool_segments"].as_i64().unwrap_or(0) > 0 {
             println!(

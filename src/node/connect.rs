@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::warn;
 
 use crate::config::Dsn;
@@ -23,23 +23,26 @@ pub enum ConnectError {
     #[error("cannot connect to {dsn}: {hint}")]
     Connect {
         dsn: String,
-        hint: &'static str,
+        hint: String,
         #[source]
         source: tokio_postgres::Error,
     },
 }
 
 impl ConnectError {
-    /// A wrong password or a missing database will not fix itself by retrying.
+    /// A wrong password, a missing database or a refused certificate will not fix itself
+    /// by retrying.
     pub fn is_permanent(&self) -> bool {
         match self {
             ConnectError::Dsn(_) => true,
-            ConnectError::Connect { source, .. } => matches!(
-                source.code(),
-                Some(c) if *c == SqlState::INVALID_PASSWORD
-                    || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
-                    || *c == SqlState::INVALID_CATALOG_NAME
-            ),
+            ConnectError::Connect { source, .. } => {
+                matches!(
+                    source.code(),
+                    Some(c) if *c == SqlState::INVALID_PASSWORD
+                        || *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION
+                        || *c == SqlState::INVALID_CATALOG_NAME
+                ) || tls_failure(source).is_some()
+            }
         }
     }
 }
@@ -47,6 +50,12 @@ impl ConnectError {
 /// Connects with the pinned session settings and spawns the connection task.
 pub async fn connect(dsn: &Dsn, application_name: &str) -> Result<Client, ConnectError> {
     let mut cfg = dsn.parse()?;
+    let tls = dsn.tls()?;
+    let connector = crate::node::tls::MakeRustls::new(&tls).map_err(|e| {
+        ConnectError::Dsn(crate::config::ConfigError::Invalid(format!(
+            "dsn {dsn}: {e}"
+        )))
+    })?;
     cfg.application_name(application_name);
     cfg.options(SESSION_OPTIONS);
     if cfg.get_connect_timeout().is_none() {
@@ -67,13 +76,20 @@ pub async fn connect(dsn: &Dsn, application_name: &str) -> Result<Client, Connec
     if cfg.get_tcp_user_timeout().is_none() {
         cfg.tcp_user_timeout(Duration::from_secs(60));
     }
-    let (client, connection) = cfg.connect(NoTls).await.map_err(|source| {
+    let (client, connection) = cfg.connect(connector).await.map_err(|source| {
         let hint = match source.code() {
-            Some(c) if *c == SqlState::INVALID_PASSWORD => "password authentication failed: check the user and password in the dsn",
-            Some(c) if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => "the server refused this user (pg_hba.conf or role): check the user in the dsn and pg_hba.conf",
-            Some(c) if *c == SqlState::INVALID_CATALOG_NAME => "the database does not exist: check the database name in the dsn",
-            Some(_) => "the server refused the connection",
-            None => "the server is unreachable: check host, port and that PostgreSQL is running",
+            Some(c) if *c == SqlState::INVALID_PASSWORD => "password authentication failed: check the user and password in the dsn".to_string(),
+            Some(c) if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => "the server refused this user (pg_hba.conf or role): check the user in the dsn and pg_hba.conf".to_string(),
+            Some(c) if *c == SqlState::INVALID_CATALOG_NAME => "the database does not exist: check the database name in the dsn".to_string(),
+            Some(_) => "the server refused the connection".to_string(),
+            None => match tls_failure(&source) {
+                Some(explained) => explained,
+                // tokio-postgres says so in words only (no SQLSTATE, no error type).
+                None if crate::observability::error_chain(&source).contains("server does not support TLS") => {
+                    tls.explain(&host_of(&cfg), "the server does not support TLS")
+                }
+                None => "the server is unreachable: check host, port and that PostgreSQL is running".to_string(),
+            },
         };
         ConnectError::Connect { dsn: dsn.to_string(), hint, source }
     })?;
@@ -84,4 +100,26 @@ pub async fn connect(dsn: &Dsn, application_name: &str) -> Result<Client, Connec
         }
     });
     Ok(client)
+}
+
+/// The explained TLS failure in `e`'s causes, if the handshake is what failed.
+fn tls_failure(e: &tokio_postgres::Error) -> Option<String> {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(t) = c.downcast_ref::<crate::node::tls::TlsError>() {
+            return Some(t.to_string());
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// The first host of a connection's settings, for messages.
+pub fn host_of(cfg: &tokio_postgres::Config) -> String {
+    match cfg.get_hosts().first() {
+        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+        None => "localhost".to_string(),
+    }
 }

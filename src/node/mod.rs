@@ -3,3 +3,4 @@
 pub mod connect;
 pub mod names;
 pub mod setup;
+pub mod tls;

@@ -19,6 +19,9 @@ use crate::node::names::PUBLICATION;
 pub enum StreamError {
     #[error(transparent)]
     Dsn(#[from] crate::config::ConfigError),
+    /// The TLS handshake failed or the server offers no TLS the dsn requires.
+    #[error("replication stream from {dsn}: {explained}")]
+    Tls { dsn: String, explained: String },
     #[error("replication stream from {dsn}")]
     Wire {
         dsn: String,
@@ -28,13 +31,14 @@ pub enum StreamError {
 }
 
 impl StreamError {
+    /// Credentials or certificates: retrying soon will not help.
     pub fn is_auth(&self) -> bool {
         matches!(
             self,
             StreamError::Wire {
                 source: PgWireError::Auth(_),
                 ..
-            }
+            } | StreamError::Tls { .. }
         )
     }
 }
@@ -67,7 +71,17 @@ impl NodeStream {
             dsn: shown.clone(),
             source,
         };
-        let client = ReplicationClient::connect(rcfg).await.map_err(wire)?;
+        let client = match ReplicationClient::connect(rcfg).await {
+            Ok(client) => client,
+            Err(PgWireError::Tls(failure)) => {
+                let host = crate::node::connect::host_of(&dsn.parse()?);
+                return Err(StreamError::Tls {
+                    dsn: shown,
+                    explained: dsn.tls()?.explain(&host, &failure),
+                });
+            }
+            Err(e) => return Err(wire(e)),
+        };
         client_started(client, shown).await
     }
 
@@ -122,12 +136,8 @@ pub fn replication_config(
     application_name: &str,
 ) -> Result<ReplicationConfig, StreamError> {
     let cfg = dsn.parse()?;
-    let host = match cfg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".to_string(),
-    };
+    let host = crate::node::connect::host_of(&cfg);
+    let tls = dsn.tls()?.replication(&host);
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
     let user = cfg.get_user().unwrap_or("postgres").to_string();
     let password = cfg
@@ -143,6 +153,7 @@ pub fn replication_config(
         .with_buffer_size(BUFFER_EVENTS)
         .with_max_message_size(MAX_MESSAGE_BYTES)
         .with_options(SESSION_OPTIONS.replace(" -c client_encoding=UTF8", ""))
-        .with_application_name(application_name);
+        .with_application_name(application_name)
+        .with_tls(tls);
     Ok(rcfg)
 }
