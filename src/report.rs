@@ -116,6 +116,20 @@ pub async fn gather(
         )
         .await?;
     let (conflicts, conflicts_24h): (i64, i64) = (c.get(0), c.get(1));
+    let parked: i64 = client
+        .query_one(
+            "SELECT count(*) FROM walsync.conflicts WHERE outcome = 'parked' AND reapplied_at IS NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if parked > 0 {
+        problems.push(format!(
+            "{parked} row(s) parked: they collide on a unique key no rule settles and were not written here; \
+             see them with `walsync conflicts --outcome parked`, settle the two rows by hand, then \
+             `walsync conflicts reapply ID` (or `walsync conflicts resolve ID` if nothing needs writing)"
+        ));
+    }
     let by_kind: serde_json::Map<String, Json> = client
         .query(
             "SELECT kind, count(*) FROM walsync.conflicts GROUP BY kind ORDER BY kind",

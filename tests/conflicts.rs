@@ -652,3 +652,110 @@ fn node_local_tables_and_columns_stay_on_each_node() {
         assert_eq!(n.count("walsync.conflicts"), 0, "{}", n.name);
     }
 }
+
+/// Odoo's shapes of unique index: a partial one (`account_move_unique_name`), one on an
+/// expression (`ir_filters_name_model_uid_unique_action_index`), and a key with no text
+/// column (`res_users_settings (user_id)`).
+const INDEXES: &str = "
+CREATE TABLE account_move (id serial PRIMARY KEY, name varchar NOT NULL DEFAULT '/', journal_id integer NOT NULL,
+  state varchar NOT NULL DEFAULT 'draft', sequence_prefix varchar, sequence_number integer);
+CREATE UNIQUE INDEX account_move_unique_name ON account_move (name, journal_id) WHERE state = 'posted' AND name <> '/';
+CREATE TABLE ir_filters (id serial PRIMARY KEY, name varchar NOT NULL, user_id integer);
+CREATE UNIQUE INDEX ir_filters_name_uid ON ir_filters (lower(name), COALESCE(user_id, -1));
+CREATE TABLE res_users_settings (id serial PRIMARY KEY, user_id integer NOT NULL UNIQUE, lang varchar);
+";
+
+#[test]
+fn collisions_on_partial_and_expression_indexes_are_renamed_and_the_rest_parked_without_stopping_a_link(
+) {
+    let schema = format!("{RETAIL_SCHEMA}{INDEXES}");
+    let mut c = TestCluster::new(
+        "partialidx",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        &schema,
+    );
+    c.start();
+    cut(&mut c);
+    // Two stores close their sessions: each posts the next entry of the shared journal,
+    // as Odoo does (a draft, then posted under the name computed from its own copy).
+    for (n, filter) in [("branch1", "Big Sales"), ("branch2", "big sales")] {
+        c.node(n)
+            .sql("INSERT INTO account_move (journal_id) VALUES (1) RETURNING id");
+        c.node(n).sql(
+            "UPDATE account_move SET state = 'posted', name = 'POSS/2026/0001', \
+               sequence_prefix = 'POSS/2026/', sequence_number = 1",
+        );
+        c.node(n).sql(&format!(
+            "INSERT INTO ir_filters (name, user_id) VALUES ('{filter}', 5); \
+             INSERT INTO res_users_settings (user_id, lang) VALUES (7, '{n}')"
+        ));
+    }
+    // A draft with the default name is not in the partial index: no collision.
+    c.node("main")
+        .sql("INSERT INTO account_move (journal_id) VALUES (1)");
+    heal(&mut c);
+    for t in ["account_move", "ir_filters"] {
+        c.wait_converged(t);
+    }
+    let main = c.node("main");
+    assert_eq!(
+        main.count("account_move"),
+        3,
+        "no journal entry is thrown away"
+    );
+    // branch2 posted later: its entry keeps the name; branch1's is renamed everywhere.
+    let branch1_move = c
+        .node("branch1")
+        .sql("SELECT id FROM account_move WHERE state = 'posted' AND id % 16 = 2");
+    assert_eq!(
+        main.sql(
+            "SELECT string_agg(name, ',' ORDER BY name) FROM account_move WHERE state = 'posted'"
+        ),
+        format!("POSS/2026/0001,POSS/2026/0001 [conflict #{branch1_move}]")
+    );
+    assert_eq!(
+        main.sql("SELECT string_agg(DISTINCT sequence_prefix || sequence_number, ',') FROM account_move WHERE state = 'posted'"),
+        "POSS/2026/1",
+        "Odoo's next number in the journal reads these, which stay as they were"
+    );
+    assert_eq!(
+        main.sql("SELECT count(*) FROM ir_filters WHERE name LIKE 'Big Sales [conflict #%'"),
+        "1",
+        "the older filter is renamed"
+    );
+    // The settings row with the same user on two stores: no rule settles it yet, so the
+    // second one a node sees is parked there, recorded, and everything else flows.
+    c.node("branch1")
+        .sql("INSERT INTO partner (name) VALUES ('after the collisions')");
+    for n in ["main", "branch2"] {
+        c.wait_rows(n, "partner WHERE name = 'after the collisions'", 1);
+    }
+    let parked = |n: &Node| {
+        n.sql("SELECT count(*) FROM walsync.conflicts WHERE outcome = 'parked' AND table_name = 'res_users_settings'")
+            .parse::<i64>()
+            .unwrap()
+    };
+    wait_for(
+        "the second settings row to be parked",
+        DEADLINE,
+        || c.nodes.iter().map(parked).sum::<i64>() >= 1,
+        || c.logs(),
+    );
+    for n in &c.nodes {
+        assert_eq!(
+            n.sql("SELECT count(*) FROM res_users_settings WHERE user_id = 7"),
+            "1",
+            "{}: one settings row per user",
+            n.name
+        );
+        if parked(n) > 0 {
+            let (ok, out) = n.walsync(&["status"]);
+            assert!(!ok && out.contains("parked"), "{out}");
+            let (ok, list) = n.walsync(&["conflicts", "--outcome", "parked"]);
+            assert!(ok && list.contains("res_users_settings"), "{list}");
+        }
+        let (_, status) = n.walsync(&["status"]);
+        assert!(!status.contains("stopped"), "{}: {status}", n.name);
+    }
+}

@@ -3,7 +3,7 @@
 use tokio_postgres::Client;
 
 use super::ApplyError;
-use crate::merge::statements::{TargetTable, UniqueKey};
+use crate::merge::statements::{IndexLookup, TargetTable, UniqueKey};
 
 /// The table `schema.name` on the target: its writable columns (generated and dropped
 /// ones left out) and the columns of its primary key, or else its replica identity index.
@@ -53,7 +53,7 @@ pub async fn target_table(
     let uniques = unique_keys(client, oid, &columns, &what())
         .await?
         .into_iter()
-        .filter(|u| u.columns != key)
+        .filter(|u| u.lookup.is_some() || u.columns != key)
         .collect();
     Ok(Some(TargetTable {
         schema: schema.to_string(),
@@ -64,58 +64,129 @@ pub async fn target_table(
     }))
 }
 
-/// The table's unique keys other than the primary key, on plain columns and enforced at
-/// once (an expression, a predicate or a deferred check is left out: its collisions stop
-/// the link with an error instead of being settled).
+/// The table's unique indexes other than the primary key. Plain ones (columns compared
+/// with `=`, checked at once) are found by their columns; an index on expressions, a
+/// partial one or a deferrable one carries an [`IndexLookup`]: its own definition, which
+/// finds colliding rows whatever it computes.
 async fn unique_keys(
     client: &Client,
     oid: u32,
     columns: &[String],
     what: &str,
 ) -> Result<Vec<UniqueKey>, ApplyError> {
+    // Per index: its key positions (a column name, or '' for an expression) with their
+    // SQL, the columns it reads anywhere (pg_depend holds them, expressions and
+    // predicate included), their types, and its predicate.
     let rows = client
         .query(
             "SELECT c.relname::text, \
-               array_agg(a.attname::text ORDER BY k.ord), \
-               array_agg(t.typname::text ORDER BY k.ord), \
-               array_agg(a.atttypmod ORDER BY k.ord) \
+               (i.indpred IS NULL AND i.indexprs IS NULL AND i.indimmediate), \
+               (SELECT array_agg(coalesce(a.attname::text, '') ORDER BY k.ord) \
+                  FROM unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) \
+                  LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+                  WHERE k.ord <= i.indnkeyatts), \
+               (SELECT array_agg(pg_get_indexdef(i.indexrelid, k::int, true) ORDER BY k) \
+                  FROM generate_series(1, i.indnkeyatts) k), \
+               (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a \
+                  WHERE a.attrelid = i.indrelid AND a.attnum > 0 AND NOT a.attisdropped \
+                    AND (a.attnum = ANY (i.indkey::int2[]) OR EXISTS ( \
+                      SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                        AND d.objid = i.indexrelid AND d.refclassid = 'pg_class'::regclass \
+                        AND d.refobjid = i.indrelid AND d.refobjsubid = a.attnum))), \
+               (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FROM pg_attribute a \
+                  WHERE a.attrelid = i.indrelid AND a.attnum > 0 AND NOT a.attisdropped \
+                    AND (a.attnum = ANY (i.indkey::int2[]) OR EXISTS ( \
+                      SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                        AND d.objid = i.indexrelid AND d.refclassid = 'pg_class'::regclass \
+                        AND d.refobjid = i.indrelid AND d.refobjsubid = a.attnum))), \
+               pg_get_expr(i.indpred, i.indrelid, true) \
              FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
-             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             JOIN pg_type t ON t.oid = a.atttypid \
-             WHERE i.indrelid = $1 AND i.indisunique AND NOT i.indisprimary AND i.indimmediate \
-               AND i.indpred IS NULL AND i.indexprs IS NULL \
-             GROUP BY c.relname ORDER BY c.relname",
+             WHERE i.indrelid = $1 AND i.indisunique AND NOT i.indisprimary AND i.indisvalid \
+             ORDER BY c.relname",
             &[&oid],
         )
         .await
         .map_err(ApplyError::sql(what))?;
-    Ok(rows
-        .iter()
-        .filter_map(|r| {
-            let names: Vec<String> = r.get(1);
-            let types: Vec<String> = r.get(2);
-            let typmods: Vec<i32> = r.get(3);
-            let idx: Option<Vec<usize>> = names
+    let mut keys = Vec::new();
+    for r in &rows {
+        let plain: bool = r.get(1);
+        let positions: Vec<String> = r.get::<_, Option<Vec<String>>>(2).unwrap_or_default();
+        let key_sql: Vec<String> = r.get::<_, Option<Vec<String>>>(3).unwrap_or_default();
+        let read: Vec<String> = r.get::<_, Option<Vec<String>>>(4).unwrap_or_default();
+        let types: Vec<String> = r.get::<_, Option<Vec<String>>>(5).unwrap_or_default();
+        let predicate: Option<String> = r.get(6);
+        let index_of = |name: &str| columns.iter().position(|c| c == name);
+        // The columns whose values make the key: plain positions, and the columns an
+        // expression position reads (not the predicate's: renaming those changes which
+        // rows the index covers, not their key).
+        let mut key_columns: Vec<String> = Vec::new();
+        for (position, sql) in positions.iter().zip(&key_sql) {
+            let names = if position.is_empty() {
+                crate::ddl::columns_read(sql)
+            } else {
+                vec![position.clone()]
+            };
+            for n in names {
+                if !key_columns.contains(&n) {
+                    key_columns.push(n);
+                }
+            }
+        }
+        let type_of = |name: &str| {
+            read.iter()
+                .position(|c| c == name)
+                .map(|i| types[i].as_str())
+        };
+        let renamable = key_columns.iter().find_map(|name| {
+            let ty = type_of(name)?;
+            let limit = if ty == "text" || ty == "citext" || ty == "character varying" {
+                None
+            } else if let Some(n) = ty
+                .strip_prefix("character varying(")
+                .and_then(|t| t.strip_suffix(')'))
+            {
+                Some(n.parse::<usize>().ok()?)
+            } else {
+                return None;
+            };
+            Some((index_of(name)?, limit))
+        });
+        let name: String = r.get(0);
+        if plain {
+            let Some(idx) = positions
                 .iter()
-                .map(|n| columns.iter().position(|c| c == n))
-                .collect();
-            let idx = idx?;
-            let renamable = (0..idx.len())
-                .find(|&i| matches!(types[i].as_str(), "text" | "varchar" | "citext"))
-                .map(|i| {
-                    // varchar(n) stores n + 4 (the varlena header) in atttypmod.
-                    let limit = (types[i] == "varchar" && typmods[i] > 4)
-                        .then(|| (typmods[i] - 4) as usize);
-                    (idx[i], limit)
-                });
-            Some(UniqueKey {
-                name: r.get(0),
+                .map(|p| index_of(p))
+                .collect::<Option<Vec<usize>>>()
+            else {
+                continue;
+            };
+            keys.push(UniqueKey {
+                name,
                 columns: idx,
                 renamable,
-            })
-        })
-        .collect())
+                lookup: None,
+            });
+        } else {
+            let Some(idx) = read
+                .iter()
+                .map(|p| index_of(p))
+                .collect::<Option<Vec<usize>>>()
+            else {
+                continue;
+            };
+            keys.push(UniqueKey {
+                name,
+                columns: idx,
+                renamable,
+                lookup: Some(IndexLookup {
+                    keys: key_sql,
+                    predicate,
+                    types,
+                }),
+            });
+        }
+    }
+    Ok(keys)
 }
 
 /// The first column of every row of `sql` run with the table's oid.

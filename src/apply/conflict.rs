@@ -10,6 +10,7 @@
 //! the loser's text value is renamed (decision 0004).
 
 use serde_json::Value as Json;
+use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
 use super::param::Param;
@@ -39,6 +40,14 @@ pub(super) struct Record {
     pub outcome: &'static str,
     /// What a rename wrote, or what was dropped here.
     pub detail: Option<String>,
+}
+
+/// What settling an incoming row's unique keys left to do.
+enum Settled {
+    /// Write this row (its losing values renamed, if any).
+    Write(Tuple),
+    /// Nothing: the row collides on a key no rule settles and was parked.
+    Parked,
 }
 
 /// A local row that holds an incoming row's values on a unique key (not the primary key).
@@ -245,9 +254,13 @@ impl ApplyWorker {
             };
         }
         if self.is_careful() && !matches!(decision, Decision::SkipAndRecord(..)) {
-            new = self
+            match self
                 .settle_unique_keys(id, new, &key, ConflictKind::UpdateExists)
-                .await?;
+                .await?
+            {
+                Settled::Write(settled) => new = settled,
+                Settled::Parked => return Ok(()),
+            }
         }
         let write = self
             .map_for(id)
@@ -333,9 +346,13 @@ impl ApplyWorker {
             .map_for(id)
             .expect("mapped")
             .key_values(None, Some(&ins.new))?;
-        let new = self
+        let new = match self
             .settle_unique_keys(id, ins.new.clone(), &key, ConflictKind::InsertExists)
-            .await?;
+            .await?
+        {
+            Settled::Write(new) => new,
+            Settled::Parked => return Ok(()),
+        };
         let map = self.map_for(id).expect("mapped");
         let write = map.insert(&new)?;
         let overwrite = map.overwrite(&new)?;
@@ -359,16 +376,20 @@ impl ApplyWorker {
             return Ok(());
         }
         let Some(local) = self.read_local(id, &key).await? else {
-            return Err(ApplyError::Conflict {
-                table: self.table_name(id),
-                kind: "insert_exists",
-                detail: format!(
-                    "the row {} collides with a different row here on a unique index walsync cannot settle \
-                     (an expression or partial index, or a deferred constraint); \
-                     resolve it by hand (change or remove one of the two rows), then the link resumes",
-                    self.source_image(id, &ins.new)
-                ),
-            });
+            // Another unique index refused it, one whose collisions were not found above
+            // (it reads a column this change does not send).
+            let why = "the row collides with another row here on a unique index whose rows could not be read";
+            self.park(
+                id,
+                ConflictKind::InsertExists,
+                &key,
+                &new,
+                None,
+                "(unknown)",
+                why,
+            )
+            .await?;
+            return Ok(());
         };
         let decision = self
             .policy_of(id)
@@ -390,12 +411,12 @@ impl ApplyWorker {
         mut new: Tuple,
         key: &[Value],
         mut kind: ConflictKind,
-    ) -> Result<Tuple, ApplyError> {
+    ) -> Result<Settled, ApplyError> {
         let map = self.map_for(id).expect("mapped");
         let uniques = map.target.uniques.clone();
         let key_text = texts(key);
         let mut collisions = Vec::new();
-        for unique in uniques {
+        for (u, unique) in uniques.into_iter().enumerate() {
             let map = self.map_for(id).expect("mapped");
             let values: Option<Vec<Value>> = unique
                 .columns
@@ -403,14 +424,21 @@ impl ApplyWorker {
                 .map(
                     |&c| match map.source_index_of_target(c).map(|s| &new.0[s]) {
                         Some(v @ Value::Text(_)) | Some(v @ Value::Binary(_)) => Some(v.clone()),
-                        // NULLs never collide; an unsent column is not changed by this write.
+                        // An index's expression or predicate may read a NULL.
+                        Some(Value::Null) if unique.lookup.is_some() => Some(Value::Null),
+                        // NULLs never collide on plain columns; an unsent column is not
+                        // changed by this write (and a write that still collides is
+                        // parked by `write_or_park`).
                         _ => None,
                     },
                 )
                 .collect();
             let Some(values) = values else { continue };
-            let shape = Shape::ReadByColumns {
-                columns: unique.columns.clone(),
+            let shape = match unique.lookup {
+                Some(_) => Shape::ReadByIndex { unique: u },
+                None => Shape::ReadByColumns {
+                    columns: unique.columns.clone(),
+                },
             };
             for local in self.read_locked(id, shape, &values).await? {
                 if self.key_of_local(id, &local) != key_text {
@@ -428,12 +456,10 @@ impl ApplyWorker {
         let rule = self.policy_of(id).rule;
         for Collision { unique, local } in collisions {
             let Some((column, limit)) = unique.renamable else {
-                return Err(self.unsettled(
-                    id,
-                    &unique,
-                    &new,
-                    "it has no text column to rename the losing row's value in",
-                ));
+                let why = "it has no text column to rename the losing row's value in";
+                return self
+                    .park(id, kind, key, &new, Some(local), &unique.name, why)
+                    .await;
             };
             let (remote_wins, rule_name) = rule.remote_wins(&remote, &local.version);
             let map = self.map_for(id).expect("mapped");
@@ -446,12 +472,10 @@ impl ApplyWorker {
                 (text_of(&new.0[s]), key_text.clone())
             };
             let Some(value) = renamed(&loser_value.unwrap_or_default(), &loser_key, limit) else {
-                return Err(self.unsettled(
-                    id,
-                    &unique,
-                    &new,
-                    "its text column is too short to hold a renamed value",
-                ));
+                let why = "its text column is too short to hold a renamed value";
+                return self
+                    .park(id, kind, key, &new, Some(local), &unique.name, why)
+                    .await;
             };
             let outcome = if remote_wins {
                 "local_renamed"
@@ -491,21 +515,41 @@ impl ApplyWorker {
             };
             self.record(id, record).await?;
         }
-        Ok(new)
+        Ok(Settled::Write(new))
     }
 
-    /// The error for a collision on `unique` that cannot be settled by renaming.
-    fn unsettled(&self, id: u32, unique: &UniqueKey, new: &Tuple, why: &str) -> ApplyError {
-        ApplyError::Conflict {
-            table: self.table_name(id),
-            kind: "insert_exists",
-            detail: format!(
-                "the row {} collides with another row here on unique key {}, and {why}; \
-                 resolve it by hand (change or remove one of the two rows), then the link resumes",
-                self.source_image(id, new),
-                unique.name
-            ),
-        }
+    /// Parks an incoming row that collides on a unique key no rule settles: it is not
+    /// written here, its whole image is recorded (outcome `parked`, a problem `walsync
+    /// status` shows), and the link goes on with everything else.
+    #[allow(clippy::too_many_arguments)]
+    async fn park(
+        &mut self,
+        id: u32,
+        kind: ConflictKind,
+        key: &[Value],
+        new: &Tuple,
+        local: Option<LocalRow>,
+        index: &str,
+        why: &str,
+    ) -> Result<Settled, ApplyError> {
+        tracing::warn!(
+            link = %self.link, table = %self.table_name(id), key = %self.key_image(id, key),
+            index, why, "row parked: a unique collision no rule settles"
+        );
+        let record = Record {
+            kind,
+            key: self.key_image(id, key),
+            local: local.map(|l| (self.local_image(id, &l), l.version)),
+            remote: self.source_image(id, new),
+            rule: "none_applies",
+            outcome: "parked",
+            detail: Some(format!(
+                "unique key {index}: {why}; the incoming row was not written here. Settle the two rows by hand \
+                 (change or merge them on one node), then walsync conflicts reapply this record if the row is still wanted"
+            )),
+        };
+        self.record(id, record).await?;
+        Ok(Settled::Parked)
     }
 
     /// A local row's primary key values as text (target key order).
@@ -557,8 +601,31 @@ impl ApplyWorker {
         };
         if apply {
             if let Some(write) = write {
-                let tag = Tag::Row { relation_id };
-                self.execute(relation_id, write, tag).await?;
+                if self.is_careful() {
+                    if let Some(refused) = self.write_or_park(relation_id, write).await? {
+                        let kind = match decision {
+                            Decision::Apply => ConflictKind::UpdateExists,
+                            Decision::ApplyAndRecord(kind, _)
+                            | Decision::SkipAndRecord(kind, _) => kind,
+                        };
+                        let record = Record {
+                            kind,
+                            key: self.key_image(relation_id, key),
+                            local: local.map(|l| (self.local_image(relation_id, &l), l.version)),
+                            remote: remote_image,
+                            rule: "none_applies",
+                            outcome: "parked",
+                            detail: Some(format!(
+                                "{refused}; the incoming change was not written here. Settle the two rows by hand, \
+                                 then walsync conflicts reapply this record if the change is still wanted"
+                            )),
+                        };
+                        return self.record(relation_id, record).await;
+                    }
+                } else {
+                    let tag = Tag::Row { relation_id };
+                    self.execute(relation_id, write, tag).await?;
+                }
             }
         }
         if let Some((kind, rule, outcome)) = record {
@@ -574,6 +641,51 @@ impl ApplyWorker {
             self.record(relation_id, record).await?;
         }
         Ok(())
+    }
+
+    /// In careful mode: writes one change inside a savepoint and waits for the answer.
+    /// A unique violation (a key no lookup found, a rename that still collides) rolls
+    /// the change back and is returned as the server's message, for the caller to park
+    /// the row; the transaction goes on.
+    async fn write_or_park(
+        &mut self,
+        relation_id: u32,
+        write: RowWrite,
+    ) -> Result<Option<String>, ApplyError> {
+        self.flush_inserts().await?;
+        let stmt = self.statement(relation_id, write.shape).await?;
+        self.flush().await?;
+        let table = self.table_name(relation_id);
+        let what = |what: &str| format!("{what} ({table})");
+        self.client
+            .batch_execute("SAVEPOINT walsync_careful_row")
+            .await
+            .map_err(ApplyError::sql(what("opening a savepoint")))?;
+        self.rows_in_txn += 1;
+        match self
+            .client
+            .execute_raw(&stmt, write.params.iter().map(Param))
+            .await
+        {
+            Ok(_) => {
+                self.client
+                    .batch_execute("RELEASE SAVEPOINT walsync_careful_row")
+                    .await
+                    .map_err(ApplyError::sql(what("releasing a savepoint")))?;
+                Ok(None)
+            }
+            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT walsync_careful_row")
+                    .await
+                    .map_err(ApplyError::sql(what("rolling back to a savepoint")))?;
+                Ok(Some(super::server_message(&e)))
+            }
+            Err(source) => Err(ApplyError::Sql {
+                what: what("applying a change"),
+                source,
+            }),
+        }
     }
 
     pub(super) async fn record(&mut self, relation_id: u32, r: Record) -> Result<(), ApplyError> {

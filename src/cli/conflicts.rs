@@ -26,6 +26,10 @@ pub struct ConflictsArgs {
     /// Only this kind (insert_exists, update_origin_differs, update_missing, delete_origin_differs, delete_missing).
     #[arg(long, global = true)]
     pub kind: Option<String>,
+    /// Only this outcome (remote_applied, local_kept, skipped, columns_merged, local_renamed,
+    /// remote_renamed, parked).
+    #[arg(long, global = true)]
+    pub outcome: Option<String>,
     /// Only conflicts detected at or after this time (e.g. "2026-11-25 14:00+00").
     #[arg(long, global = true)]
     pub since: Option<String>,
@@ -42,6 +46,8 @@ pub enum ConflictsAction {
     Show { id: i64 },
     /// Write the losing version of a conflict again, as a new local write.
     Reapply { id: i64 },
+    /// Mark a parked row as settled by hand, writing nothing (status stops showing it).
+    Resolve { id: i64 },
 }
 
 const COLUMNS: &str = "id, detected_at::text, link, kind, table_schema, table_name, key::text, \
@@ -91,9 +97,10 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
                         "SELECT {COLUMNS} FROM walsync.conflicts \
                          WHERE ($1::text IS NULL OR table_schema = $1) AND ($2::text IS NULL OR table_name = $2) \
                            AND ($3::text IS NULL OR kind = $3) AND ($4::text IS NULL OR detected_at >= $4::timestamptz) \
+                           AND ($5::text IS NULL OR outcome = $5) \
                          ORDER BY id"
                     ),
-                    &[&schema, &table, &args.kind, &args.since],
+                    &[&schema, &table, &args.kind, &args.since, &args.outcome],
                 )
                 .await?;
             if args.json {
@@ -145,6 +152,20 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
             Ok(ExitCode::SUCCESS)
         }
         ConflictsAction::Reapply { id } => reapply(&mut client, id).await,
+        ConflictsAction::Resolve { id } => {
+            let n = client
+                .execute(
+                    "UPDATE walsync.conflicts SET reapplied_at = now() \
+                     WHERE id = $1 AND outcome = 'parked' AND reapplied_at IS NULL",
+                    &[&id],
+                )
+                .await?;
+            if n == 0 {
+                return Err(format!("conflict {id} on node {} is not a parked row waiting to be settled (see `walsync conflicts show {id}`)", me.name).into());
+            }
+            println!("conflict {id}: marked settled; nothing was written");
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

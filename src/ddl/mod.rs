@@ -154,6 +154,28 @@ pub fn columns_filled_per_node(statement: &str) -> Vec<String> {
     columns
 }
 
+/// The column names an SQL expression over one table reads (`lower(name::text)` reads
+/// `name`), in order of appearance; empty if it does not parse.
+pub fn columns_read(expression: &str) -> Vec<String> {
+    let Ok(parsed) = pg_query::parse(
+        &format!("SELECT {expression}"),
+        pg_query::ParserOptions::DEFAULT,
+    ) else {
+        return Vec::new();
+    };
+    let mut names = Vec::new();
+    for (node, ..) in parsed.protobuf.nodes() {
+        if let pg_query::NodeRef::ColumnRef(c) = node {
+            if let Some(Some(NodeEnum::String(s))) = c.fields.last().map(|f| f.node.as_ref()) {
+                if !names.contains(&s.sval) {
+                    names.push(s.sval.clone());
+                }
+            }
+        }
+    }
+    names
+}
+
 /// `CREATE TABLE AS` / `SELECT INTO` rewritten to create the table without its rows.
 fn structure_only(node: &NodeEnum, version: i32) -> Option<String> {
     let ctas = match node {
@@ -272,6 +294,20 @@ mod tests {
             columns_filled_per_node("CREATE TABLE t (at timestamp DEFAULT now())").is_empty(),
             "a new table has no rows"
         );
+    }
+
+    #[test]
+    fn the_columns_an_index_expression_reads_are_found() {
+        assert_eq!(columns_read("lower((name)::text)"), ["name"]);
+        assert_eq!(
+            columns_read("COALESCE(user_id, '-1'::integer)"),
+            ["user_id"]
+        );
+        assert_eq!(
+            columns_read("(\"Weird Col\" || lower(t.code))"),
+            ["Weird Col", "code"]
+        );
+        assert!(columns_read("((").is_empty());
     }
 
     #[test]

@@ -17,7 +17,8 @@ pub struct TargetTable {
     pub columns: Vec<String>,
     /// Indexes into `columns` of the primary key (or replica identity index).
     pub key: Vec<usize>,
-    /// Its other unique keys on plain columns (no expression, no predicate).
+    /// Its unique indexes other than the primary key: plain, partial, on expressions
+    /// and deferrable ones.
     pub uniques: Vec<UniqueKey>,
 }
 
@@ -31,6 +32,25 @@ pub struct UniqueKey {
     /// The first text column of the key and its length limit in characters: where the
     /// losing row of a collision is renamed. `None`: no text column, no renaming.
     pub renamable: Option<(usize, Option<usize>)>,
+    /// How to find the rows that collide when the key is not plain columns compared
+    /// with `=`: `None` for a plain unique key, whose `columns` are the key.
+    pub lookup: Option<IndexLookup>,
+}
+
+/// A unique index on expressions, with a predicate (partial) or checked at commit
+/// (deferrable): its rows are found by evaluating the index's own definition on the
+/// incoming row's values and on the table's rows. Then [`UniqueKey::columns`] are every
+/// column the definition reads, in parameter order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IndexLookup {
+    /// Each key column of the index as SQL over the table's column names
+    /// (`pg_get_indexdef(index, k, true)`): a column name or an expression.
+    pub keys: Vec<String>,
+    /// The index's `WHERE` clause, if it is partial.
+    pub predicate: Option<String>,
+    /// The SQL type of each of [`UniqueKey::columns`] (`format_type`), to cast the
+    /// incoming row's values to.
+    pub types: Vec<String>,
 }
 
 impl TargetTable {
@@ -103,6 +123,12 @@ pub enum Shape {
     /// unique key's), with parameters in that order.
     ReadByColumns {
         columns: Vec<usize>,
+    },
+    /// As `ReadLocal`, but the rows that collide on the target's `uniques[unique]`, an
+    /// index with a [`IndexLookup`]; parameters are the incoming row's values of that
+    /// key's `columns`, in that order.
+    ReadByIndex {
+        unique: usize,
     },
 }
 
@@ -414,8 +440,11 @@ impl RelationMap {
                     rows: 1
                 })
             ),
-            Shape::ReadLocal => read_locked(t, &t.key),
-            Shape::ReadByColumns { columns } => read_locked(t, columns),
+            Shape::ReadLocal => read_locked(t, &columns_equal(t, &t.key)),
+            Shape::ReadByColumns { columns } => read_locked(t, &columns_equal(t, columns)),
+            Shape::ReadByIndex { unique } => {
+                read_locked(t, &index_collides(t, &t.uniques[*unique]))
+            }
             Shape::Copy { columns } => format!(
                 "COPY {} ({}) FROM STDIN",
                 t.qualified(),
@@ -438,7 +467,7 @@ impl RelationMap {
 /// it; a join would keep what it had read from the row's older version (EvalPlanQual
 /// re-uses the other relations' rows), so the version would be stale and the decision
 /// wrong.
-fn read_locked(t: &TargetTable, columns: &[usize]) -> String {
+fn read_locked(t: &TargetTable, condition: &str) -> String {
     format!(
         "SELECT {}, \
            (SELECT r.roname::text FROM pg_replication_origin r \
@@ -446,20 +475,50 @@ fn read_locked(t: &TargetTable, columns: &[usize]) -> String {
            (extract(epoch FROM (pg_xact_commit_timestamp_origin(t.xmin)).timestamp) * 1000000)::int8 \
              - 946684800000000 \
          FROM {} t \
-         WHERE {} FOR UPDATE OF t",
+         WHERE {condition} FOR UPDATE OF t",
         t.columns
             .iter()
             .map(|c| format!("t.{}::text", quote_ident(c)))
             .collect::<Vec<_>>()
             .join(", "),
         t.qualified(),
-        columns
-            .iter()
-            .enumerate()
-            .map(|(n, &k)| format!("t.{} = ${}", quote_ident(&t.columns[k]), n + 1))
-            .collect::<Vec<_>>()
-            .join(" AND ")
     )
+}
+
+/// `columns` of the row `t` equal `$1..$n`.
+fn columns_equal(t: &TargetTable, columns: &[usize]) -> String {
+    columns
+        .iter()
+        .enumerate()
+        .map(|(n, &k)| format!("t.{} = ${}", quote_ident(&t.columns[k]), n + 1))
+        .collect::<Vec<_>>()
+        .join(" AND ")
+}
+
+/// The row `t` holds what the incoming row (its values of `unique.columns` in
+/// `$1..$n`) would hold in the index `unique`: the index's key expressions are equal on
+/// both, and both satisfy its predicate. The incoming row is a derived table whose
+/// columns carry the table's column names, so the index's own SQL reads it unchanged.
+/// NULL keys never match (`=`), as in a unique index.
+fn index_collides(t: &TargetTable, unique: &UniqueKey) -> String {
+    let lookup = unique
+        .lookup
+        .as_ref()
+        .expect("ReadByIndex is made only for keys with a lookup");
+    let keys = lookup.keys.join(", ");
+    let incoming = unique
+        .columns
+        .iter()
+        .zip(&lookup.types)
+        .enumerate()
+        .map(|(n, (&c, ty))| format!("${}::{ty} AS {}", n + 1, quote_ident(&t.columns[c])))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let (inner, outer) = match &lookup.predicate {
+        Some(p) => (format!(" WHERE {p}"), format!(" AND ({p})")),
+        None => (String::new(), String::new()),
+    };
+    format!("({keys}) = (SELECT {keys} FROM (SELECT {incoming}) incoming{inner}){outer}")
 }
 
 /// PostgreSQL's limit on parameters in one statement (the protocol's Int16 count).

@@ -101,6 +101,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "spool",
         sql: include_str!("../../migrations/0010_spool.sql"),
     },
+    Migration {
+        version: 11,
+        name: "parked_rows",
+        sql: include_str!("../../migrations/0011_parked_rows.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.
