@@ -89,6 +89,30 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub spool: SpoolConfig,
+    #[serde(default)]
+    pub status: StatusConfig,
+}
+
+/// When `walsync status`, `/readyz` and the metrics call something a problem.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// A link down or retrying, or a slot without a reader, for longer than this is a
+    /// problem (status exits 1). Shorter cuts are a store's normal life.
+    #[serde(default = "default_alert_after_s")]
+    pub alert_after_s: u64,
+}
+
+impl Default for StatusConfig {
+    fn default() -> Self {
+        StatusConfig {
+            alert_after_s: default_alert_after_s(),
+        }
+    }
+}
+
+fn default_alert_after_s() -> u64 {
+    60
 }
 
 /// Spooling for peers away a long time (docs/decisions/0006): the sidecar next to a slot
@@ -553,6 +577,7 @@ const SECTION_KEYS: &[(&str, &[&str])] = &[
     ("node", &["name", "id", "dsn"]),
     ("apply", &["reconnect_min_ms", "reconnect_max_ms"]),
     ("metrics", &["listen"]),
+    ("status", &["alert_after_s"]),
     (
         "spool",
         &["enabled", "after_bytes", "after_s", "segment_bytes"],
@@ -578,8 +603,10 @@ fn apply_env(
         let rest = &var["WALSYNC_".len()..];
         let lower = rest.to_ascii_lowercase();
         // Variables that are not config keys but belong to the binary itself.
-        if matches!(lower.as_str(), "config" | "log" | "start_timeout")
-            || NOT_CONFIG_PREFIXES.iter().any(|p| lower.starts_with(p))
+        if matches!(
+            lower.as_str(),
+            "config" | "log" | "log_format" | "start_timeout"
+        ) || NOT_CONFIG_PREFIXES.iter().any(|p| lower.starts_with(p))
         {
             continue;
         }

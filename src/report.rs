@@ -5,30 +5,56 @@
 use serde_json::{json, Value as Json};
 use tokio_postgres::Client;
 
+use crate::runtime::status::HEARTBEAT_STALE_S;
 use crate::sequences::ids_left;
 
 /// A sequence needs attention below this share of its ids left.
 const HEADROOM_WARN: f64 = 0.10;
 
 /// The report of the node `client` is connected to (see `walsync status --json`).
+///
+/// Link states are derived from facts that age out: a link whose runner has not stamped
+/// its heartbeat for [`HEARTBEAT_STALE_S`] is `down` (since its last heartbeat), whatever
+/// it last wrote. A link down or retrying, or a slot without a reader, for longer than
+/// `alert_after_s` is a problem, as is a stopped link or a parked row.
 pub async fn gather(
     client: &Client,
     step: u32,
+    alert_after_s: u64,
 ) -> Result<Json, Box<dyn std::error::Error + Send + Sync>> {
     let mut problems: Vec<String> = Vec::new();
+    let initialised: bool = client
+        .query_one("SELECT to_regclass('walsync.node') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !initialised {
+        return Err("this node has no walsync schema: it was never initialised (run walsync init with its config first)".into());
+    }
     let node = client
         .query_one("SELECT name, id, step FROM walsync.node", &[])
         .await?;
     let links: Vec<Json> = client
         .query(
-            "SELECT p.link, coalesce(s.state, 'unknown'), s.detail, s.since::text, p.source_lsn::text, \
+            "SELECT p.link, \
+                    CASE WHEN s.state IS NULL THEN 'unknown' WHEN l.down THEN 'down' ELSE s.state END, \
+                    CASE WHEN l.down AND s.state <> 'down' \
+                         THEN 'no sidecar has run this link since ' || coalesce(s.heartbeat_at::text, 'an older walsync') \
+                              || ': the sidecar that runs it is stopped or cannot reach this node' \
+                         ELSE s.detail END, \
+                    (CASE WHEN l.down AND s.state <> 'down' THEN coalesce(s.heartbeat_at, s.since) ELSE s.since END)::text, \
+                    p.source_lsn::text, \
                     p.source_commit_time::text, p.transactions, s.clock_offset_ms, \
                     extract(epoch FROM now() - p.source_commit_time)::float8, \
-                    extract(epoch FROM now() - s.since)::float8, \
+                    extract(epoch FROM now() - CASE WHEN l.down AND s.state <> 'down' \
+                                                    THEN coalesce(s.heartbeat_at, s.since) ELSE s.since END)::float8, \
                     (SELECT bool_and(t.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl t USING (pid) \
-                     WHERE a.application_name = 'walsync ' || p.link || ' apply') \
-             FROM walsync.link_progress p LEFT JOIN walsync.link_status s USING (link) ORDER BY 1",
-            &[],
+                     WHERE a.application_name = 'walsync ' || p.link || ' apply'), \
+                    s.heartbeat_at::text \
+             FROM walsync.link_progress p LEFT JOIN walsync.link_status s USING (link) \
+             CROSS JOIN LATERAL (SELECT s.state IS NOT NULL AND (s.state = 'down' OR s.heartbeat_at IS NULL \
+                                  OR s.heartbeat_at < now() - make_interval(secs => $1)) AS down) l \
+             ORDER BY 1",
+            &[&(HEARTBEAT_STALE_S as f64)],
         )
         .await?
         .iter()
@@ -42,6 +68,7 @@ pub async fn gather(
                 // Whether the link's apply session into this node is encrypted (TLS), as
                 // the server sees it; null while no apply session is connected.
                 "apply_tls": r.get::<_, Option<bool>>(10),
+                "heartbeat_at": r.get::<_, Option<String>>(11),
             })
         })
         .collect();
@@ -56,12 +83,18 @@ pub async fn gather(
                 ));
             }
         }
-        if l["state"] == "stopped" {
-            problems.push(format!(
-                "link {} is stopped: {}",
-                l["link"].as_str().unwrap_or(""),
-                l["detail"].as_str().unwrap_or("")
-            ));
+        let link = l["link"].as_str().unwrap_or("");
+        let detail = l["detail"].as_str().unwrap_or("");
+        let for_s = l["seconds_in_state"].as_f64().unwrap_or(0.0);
+        match l["state"].as_str() {
+            Some("stopped") => problems.push(format!("link {link} is stopped: {detail}")),
+            Some("down") if for_s > alert_after_s as f64 => problems.push(format!(
+                "link {link} has been down for {for_s:.0} s: {detail}"
+            )),
+            Some("retrying") if for_s > alert_after_s as f64 => problems.push(format!(
+                "link {link} has been retrying for {for_s:.0} s: {detail}"
+            )),
+            _ => {}
         }
     }
     let slots: Vec<Json> = client
@@ -72,7 +105,9 @@ pub async fn gather(
                     g.segments, g.bytes, g.since, \
                     EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.active_pid \
                             AND a.application_name LIKE 'walsync spool %'), \
-                    (SELECT t.ssl FROM pg_stat_ssl t WHERE t.pid = s.active_pid) \
+                    (SELECT t.ssl FROM pg_stat_ssl t WHERE t.pid = s.active_pid), \
+                    (SELECT extract(epoch FROM now() - a.inactive_since)::float8 \
+                     FROM walsync.slot_activity a WHERE a.slot = s.slot_name AND NOT s.active) \
              FROM pg_replication_slots s \
              CROSS JOIN LATERAL (SELECT count(*) AS segments, coalesce(sum(bytes), 0)::int8 AS bytes, \
                                         min(created_at)::text AS since \
@@ -91,10 +126,22 @@ pub async fn gather(
                 "spool_since": r.get::<_, Option<String>>(9), "spooling": r.get::<_, bool>(10),
                 // Whether the stream reading this slot is encrypted; null while none reads it.
                 "stream_tls": r.get::<_, Option<bool>>(11),
+                // Seconds without a reader, as this node's sidecar saw it (null: active,
+                // or no sidecar has watched it since it became inactive).
+                "inactive_seconds": r.get::<_, Option<f64>>(12),
             })
         })
         .collect();
     for s in &slots {
+        if let Some(idle) = s["inactive_seconds"]
+            .as_f64()
+            .filter(|&i| i > alert_after_s as f64)
+        {
+            problems.push(format!(
+                "slot {} has had no reader for {idle:.0} s: its peer's link is down (see that node's status)",
+                s["slot"].as_str().unwrap_or("")
+            ));
+        }
         if s["wal_status"] == "unreserved" {
             problems.push(format!(
                 "slot {} holds more WAL than max_wal_size; {} more bytes of WAL and it loses what its peer needs",
@@ -189,6 +236,7 @@ pub async fn gather(
     });
 
     Ok(json!({
+        "version": env!("CARGO_PKG_VERSION"),
         "node": { "name": node.get::<_, String>(0), "id": node.get::<_, i32>(1), "step": node.get::<_, i32>(2) },
         "links_in": links,
         "slots": slots,

@@ -125,7 +125,7 @@ fn status_cluster_shows_every_node_what_it_lacks_and_who_cannot_be_reached() {
     assert!(text.contains("walsync_to_branch2"), "{text}");
     c.node_mut("branch2").pg.stop().unwrap();
     let (ok, text) = walsync(&["status", "--cluster", "--json", "--config", &config]);
-    assert!(ok, "a cut-off branch alone needs no person:\n{text}");
+    assert!(!ok, "a node that cannot be reached needs a person:\n{text}");
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let b2 = v["nodes"]
         .as_array()
@@ -134,8 +134,17 @@ fn status_cluster_shows_every_node_what_it_lacks_and_who_cannot_be_reached() {
         .find(|n| n["node"] == "branch2")
         .unwrap();
     assert_eq!(b2["reachable"], false, "{text}");
+    assert_eq!(b2["refused"], false, "unreachable, not refused: {text}");
     assert!(
         b2["error"].as_str().unwrap().contains("cannot connect"),
+        "{text}"
+    );
+    assert!(
+        v["problems"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p.as_str().unwrap().starts_with("branch2: unreachable")),
         "{text}"
     );
 }

@@ -1,7 +1,8 @@
 //! `walsync status --config FILE [--json]`: this node at a glance — its links in and
 //! their state, its slots (what peers have not taken yet), conflicts, clock offsets and
-//! sequence headroom. Exits 1 when something needs a human: a stopped link, a slot that
-//! lost its WAL, a sequence with under 10 % of its ids left.
+//! sequence headroom. Exits 1 when something needs a human: a stopped link, a link down or
+//! retrying or a slot without a reader for longer than `[status] alert_after_s`, a parked
+//! row, a slot that lost its WAL, a sequence with under 10 % of its ids left.
 //!
 //! `--cluster`: every node this config reaches (from the hub of a star: all of them), one
 //! block each — links in, slots out, conflicts, DDL it has not applied yet — and every
@@ -40,7 +41,7 @@ pub async fn run(args: StatusArgs) -> CliResult {
     }
     let me = config.this_node();
     let client = connect(&me.dsn, "walsync status").await?;
-    let report = gather(&client, config.cluster.step).await?;
+    let report = gather(&client, config.cluster.step, config.status.alert_after_s).await?;
     let needs_human = report["problems"].as_array().is_some_and(|p| !p.is_empty());
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -175,15 +176,17 @@ fn print_text(name: &str, r: &Json) {
 /// One node's block of the cluster view.
 struct NodeView {
     name: String,
-    report: Result<Json, String>,
+    /// The report, or why it could not be read and whether the node refused walsync
+    /// (credentials, pg_hba, a certificate) rather than could not be reached.
+    report: Result<Json, (String, bool)>,
     /// `origin/seq` of every DDL statement logged here.
     ddl: HashSet<String>,
 }
 
-async fn view(name: String, dsn: &Dsn, step: u32) -> NodeView {
+async fn view(name: String, dsn: &Dsn, step: u32, alert_after_s: u64) -> NodeView {
     let read = async {
         let client = connect(dsn, "walsync status").await?;
-        let report = gather(&client, step).await?;
+        let report = gather(&client, step, alert_after_s).await?;
         let ddl: HashSet<String> = client
             .query("SELECT origin || '/' || seq FROM walsync.ddl_log", &[])
             .await?
@@ -198,20 +201,26 @@ async fn view(name: String, dsn: &Dsn, step: u32) -> NodeView {
             report: Ok(report),
             ddl,
         },
-        Err(e) => NodeView {
-            name,
-            report: Err(crate::observability::error_chain(e.as_ref())),
-            ddl: HashSet::new(),
-        },
+        Err(e) => {
+            let refused = e
+                .downcast_ref::<crate::node::connect::ConnectError>()
+                .is_some_and(|c| c.is_permanent());
+            NodeView {
+                name,
+                report: Err((crate::observability::error_chain(e.as_ref()), refused)),
+                ddl: HashSet::new(),
+            }
+        }
     }
 }
 
 async fn cluster(config: &Config, as_json: bool) -> CliResult {
     let me = config.this_node();
     let step = config.cluster.step;
-    let mut views = vec![view(me.name.to_string(), &me.dsn, step).await];
+    let alert = config.status.alert_after_s;
+    let mut views = vec![view(me.name.to_string(), &me.dsn, step, alert).await];
     for (p, _) in config.peer_nodes() {
-        views.push(view(p.name.to_string(), &p.dsn, step).await);
+        views.push(view(p.name.to_string(), &p.dsn, step, alert).await);
     }
     // DDL a node lacks: logged on some reachable node, authored elsewhere, not here.
     let all: HashSet<&String> = views.iter().flat_map(|v| &v.ddl).collect();
@@ -234,7 +243,17 @@ async fn cluster(config: &Config, as_json: bool) -> CliResult {
                     json!({"node": v.name, "reachable": true, "pending_ddl": pending, "report": r}),
                 );
             }
-            Err(e) => nodes.push(json!({"node": v.name, "reachable": false, "error": e})),
+            Err((e, refused)) => {
+                let what = if *refused {
+                    "refused walsync's connection"
+                } else {
+                    "unreachable"
+                };
+                problems.push(format!("{}: {what}: {e}", v.name));
+                nodes.push(
+                    json!({"node": v.name, "reachable": false, "refused": refused, "error": e}),
+                );
+            }
         }
     }
     if as_json {
@@ -264,7 +283,12 @@ fn print_node_block(n: &Json) {
     let name = n["node"].as_str().unwrap_or("");
     if n["reachable"] != true {
         println!(
-            "== {name}: unreachable ({})",
+            "== {name}: {} ({})",
+            if n["refused"] == true {
+                "refused walsync's connection"
+            } else {
+                "unreachable"
+            },
             n["error"].as_str().unwrap_or("")
         );
         return;

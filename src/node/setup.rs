@@ -106,6 +106,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "parked_rows",
         sql: include_str!("../../migrations/0011_parked_rows.sql"),
     },
+    Migration {
+        version: 12,
+        name: "liveness",
+        sql: include_str!("../../migrations/0012_liveness.sql"),
+    },
+    Migration {
+        version: 13,
+        name: "capture_guards",
+        sql: include_str!("../../migrations/0013_capture_guards.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.
@@ -463,10 +473,14 @@ async fn run_migrations(
 ) -> Result<(), SetupError> {
     client
         .batch_execute(
-            "CREATE SCHEMA IF NOT EXISTS walsync; \
+            // Replica mode, as every migration: on a re-run (an upgrade) the event
+            // triggers exist, and walsync's own schema is never DDL for the peers.
+            "BEGIN; SET LOCAL session_replication_role = replica; \
+             CREATE SCHEMA IF NOT EXISTS walsync; \
              CREATE TABLE IF NOT EXISTS walsync.schema_migrations ( \
                 version integer PRIMARY KEY, name text NOT NULL, \
-                applied_at timestamptz NOT NULL DEFAULT now())",
+                applied_at timestamptz NOT NULL DEFAULT now()); \
+             COMMIT",
         )
         .await
         .map_err(sql_err(me, "creating schema walsync"))?;

@@ -63,10 +63,32 @@ pub async fn run_guard(config: Config, mut shutdown: ShutdownRx) {
             }
             Err(e) => debug!(node = %me.name, error = %e, "guard could not partition sequences"),
         }
+        if let Err(e) = track_slot_activity(client).await {
+            debug!(node = %me.name, error = %e, "guard could not note which slots have a reader");
+        }
         match set_replica_identity_full(client, &me).await {
             Ok(0) => {}
             Ok(n) => info!(node = %me.name, tables = n, "set REPLICA IDENTITY FULL on new tables"),
             Err(e) => debug!(node = %me.name, error = %e, "guard could not set replica identity"),
         }
     }
+}
+
+/// Notes since when each walsync slot of this node has had no reader
+/// (`walsync.slot_activity`), for `walsync status`: PostgreSQL 15 does not keep it.
+/// Writes only when a slot's activity changed, so an idle node writes nothing.
+async fn track_slot_activity(client: &tokio_postgres::Client) -> Result<(), tokio_postgres::Error> {
+    client
+        .batch_execute(
+            "WITH s AS (SELECT slot_name::text AS slot, active FROM pg_replication_slots \
+                        WHERE slot_name LIKE 'walsync\\_to\\_%') \
+             INSERT INTO walsync.slot_activity AS a (slot, inactive_since) \
+             SELECT s.slot, CASE WHEN s.active THEN NULL ELSE now() END FROM s \
+             LEFT JOIN walsync.slot_activity o ON o.slot = s.slot \
+             WHERE o.slot IS NULL OR s.active <> (o.inactive_since IS NULL) \
+             ON CONFLICT (slot) DO UPDATE SET inactive_since = excluded.inactive_since; \
+             DELETE FROM walsync.slot_activity a WHERE NOT EXISTS \
+               (SELECT 1 FROM pg_replication_slots s WHERE s.slot_name = a.slot)",
+        )
+        .await
 }

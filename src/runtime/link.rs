@@ -23,7 +23,7 @@ use crate::node::setup::wait_slot_released;
 use crate::observability::error_chain;
 use crate::pgoutput::{self, DecodeError, Message};
 use crate::runtime::backoff::Backoff;
-use crate::runtime::status::{LinkState, StatusReporter};
+use crate::runtime::status::{LinkState, StatusReporter, HEARTBEAT_EVERY};
 use crate::spool::{self, SpoolError};
 use crate::stream::{NodeStream, StreamError};
 
@@ -245,6 +245,9 @@ pub async fn run_link(
         };
         careful_txns = 0;
         if *shutdown.borrow() {
+            status
+                .state(LinkState::Down, Some("its sidecar was stopped"))
+                .await;
             info!(link = %name, "stopped");
             return;
         }
@@ -283,9 +286,24 @@ pub async fn run_link(
                 wait
             }
         };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => {}
+        // The wait is the link's life too: its heartbeat goes on (retrying, stopped).
+        let until = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until.min(tokio::time::Instant::now() + HEARTBEAT_EVERY)) => {}
+                _ = shutdown.changed() => break,
+            }
+            if tokio::time::Instant::now() >= until {
+                break;
+            }
+            status.heartbeat().await;
+        }
+        if *shutdown.borrow() {
+            status
+                .state(LinkState::Down, Some("its sidecar was stopped"))
+                .await;
+            info!(link = %name, "stopped");
+            return;
         }
     }
 }
@@ -402,8 +420,11 @@ async fn run_session(
             r = apply.settle_next(), if apply.has_in_flight() => r.map_err(LinkError::from),
             // 3. how far the target has flushed: durable commits get acknowledged
             _ = flush_tick.tick(), if apply.needs_flush_check() => apply.check_flush().await.map_err(LinkError::from),
-            // 4. a stream silent for a while: is the upstream still reachable?
-            _ = liveness.tick() => liveness.check().await,
+            // 4. every few seconds: is the upstream still reachable? and this link's heartbeat
+            _ = liveness.tick() => {
+                status.heartbeat().await;
+                liveness.check().await
+            }
             // 5. the next event of the stream
             ev = stream.recv() => match ev {
                 Ok(Some(ev)) => {
@@ -501,6 +522,7 @@ async fn replay_spool(
                 break; // shorter than cataloged: `finish` says it is truncated
             }
             offset += piece.len() as i64;
+            status.heartbeat().await;
             let events = reader.feed(&piece).map_err(|e| segment.damaged(slot, e))?;
             for event in events {
                 handle_event(event, filter, apply, &mut txn, &mut skipped, progress, link).await?;

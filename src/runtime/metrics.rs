@@ -92,28 +92,32 @@ async fn answer(mut socket: TcpStream, config: &Config) -> std::io::Result<()> {
     socket.shutdown().await
 }
 
+/// Ready: the node's database answers, walsync is initialised there, and nothing needs
+/// a person (the problems `walsync status` lists, which age in: a link down or
+/// retrying, or a slot without a reader, for longer than `[status] alert_after_s`).
 async fn ready(config: &Config) -> Result<(), String> {
     let me = config.this_node();
     let client = connect(&me.dsn, "walsync readyz")
         .await
         .map_err(|e| e.to_string())?;
-    client
-        .query_one("SELECT 1 FROM walsync.node", &[])
+    let report = gather(&client, config.cluster.step, config.status.alert_after_s)
         .await
-        .map(|_| ())
-        .map_err(|e| {
-            format!(
-                "walsync is not initialised on node {} ({e}): run walsync init",
-                me.name
-            )
-        })
+        .map_err(|e| format!("node {}: {e}", me.name))?;
+    match report["problems"].as_array() {
+        Some(problems) if !problems.is_empty() => Err(problems
+            .iter()
+            .map(|p| p.as_str().unwrap_or(""))
+            .collect::<Vec<_>>()
+            .join("\n")),
+        _ => Ok(()),
+    }
 }
 
 async fn metrics(config: &Config) -> String {
     let me = config.this_node();
     let node = me.name.to_string();
     let report = match connect(&me.dsn, "walsync metrics").await {
-        Ok(client) => gather(&client, config.cluster.step)
+        Ok(client) => gather(&client, config.cluster.step, config.status.alert_after_s)
             .await
             .map_err(|e| e.to_string()),
         Err(e) => Err(e.to_string()),
@@ -148,11 +152,11 @@ pub fn render(node: &str, report: Option<&Json>) -> String {
     out.family(
         "walsync_link_state",
         "gauge",
-        "1 for the state each link into this node is in (streaming, replaying: applying what was spooled while it was away, retrying: cut off or failing, stopped: needs a person).",
+        "1 for the state each link into this node is in (streaming, replaying: applying what was spooled while it was away, retrying: cut off or failing, stopped: needs a person, down: no sidecar runs it).",
     );
     for l in &links {
         let link = l["link"].as_str().unwrap_or("");
-        for state in ["streaming", "replaying", "retrying", "stopped"] {
+        for state in ["streaming", "replaying", "retrying", "stopped", "down"] {
             let v = (l["state"].as_str() == Some(state)) as u8 as f64;
             out.sample("walsync_link_state", &[("link", link), ("state", state)], v);
         }

@@ -18,6 +18,10 @@ use crate::node::connect::connect;
 pub const CLOCK_OFFSET_WARN_MS: f64 = 1000.0;
 /// How often the offset is recomputed and stored.
 const OFFSET_EVERY: Duration = Duration::from_secs(10);
+/// How often a running link stamps its heartbeat on its target.
+pub const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+/// A link whose heartbeat is older than this is shown `down`: three heartbeats missed.
+pub const HEARTBEAT_STALE_S: u64 = 20;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_US: i64 = 946_684_800_000_000;
@@ -40,6 +44,9 @@ pub enum LinkState {
     Stopped,
     /// Applying what a spooler kept while the link was away, before streaming.
     Replaying,
+    /// Its sidecar stopped (written on a clean stop; a dead sidecar shows as down once
+    /// its heartbeat is older than [`HEARTBEAT_STALE_S`]).
+    Down,
 }
 
 impl LinkState {
@@ -49,6 +56,7 @@ impl LinkState {
             LinkState::Retrying => "retrying",
             LinkState::Stopped => "stopped",
             LinkState::Replaying => "replaying",
+            LinkState::Down => "down",
         }
     }
 }
@@ -58,6 +66,7 @@ pub struct StatusReporter {
     target: Dsn,
     client: Option<Client>,
     last_offset_at: Option<Instant>,
+    last_heartbeat_at: Option<Instant>,
     warned: bool,
 }
 
@@ -68,6 +77,7 @@ impl StatusReporter {
             target,
             client: None,
             last_offset_at: None,
+            last_heartbeat_at: None,
             warned: false,
         }
     }
@@ -91,14 +101,44 @@ impl StatusReporter {
         };
         let r = client
             .execute(
-                "INSERT INTO walsync.link_status AS s (link, state, detail) VALUES ($1, $2, $3) \
+                "INSERT INTO walsync.link_status AS s (link, state, detail, heartbeat_at) VALUES ($1, $2, $3, now()) \
                  ON CONFLICT (link) DO UPDATE SET state = excluded.state, detail = excluded.detail, \
-                   since = CASE WHEN s.state = excluded.state THEN s.since ELSE now() END, updated_at = now()",
-                &[&link, &state.as_str(), &detail],
+                   since = CASE WHEN s.state = excluded.state \
+                                 AND s.heartbeat_at > now() - make_interval(secs => $4) \
+                                THEN s.since ELSE now() END, \
+                   updated_at = now(), heartbeat_at = now()",
+                &[&link, &state.as_str(), &detail, &(HEARTBEAT_STALE_S as f64)],
+            )
+            .await;
+        self.last_heartbeat_at = Some(Instant::now());
+        if let Err(e) = r {
+            debug!(link = %link, error = %e, "could not record the link state");
+            self.client = None;
+        }
+    }
+
+    /// Stamps that this link's runner is alive, at most every [`HEARTBEAT_EVERY`]:
+    /// `walsync status` shows a link whose heartbeat went stale as `down`.
+    pub async fn heartbeat(&mut self) {
+        if self
+            .last_heartbeat_at
+            .is_some_and(|t| t.elapsed() < HEARTBEAT_EVERY)
+        {
+            return;
+        }
+        self.last_heartbeat_at = Some(Instant::now());
+        let link = self.link.clone();
+        let Some(client) = self.client().await else {
+            return;
+        };
+        let r = client
+            .execute(
+                "UPDATE walsync.link_status SET heartbeat_at = now() WHERE link = $1",
+                &[&link],
             )
             .await;
         if let Err(e) = r {
-            debug!(link = %link, error = %e, "could not record the link state");
+            debug!(link = %link, error = %e, "could not stamp the link's heartbeat");
             self.client = None;
         }
     }
