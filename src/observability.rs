@@ -1,5 +1,6 @@
 //! Logging: lowercase fragments with fields, to stderr. `WALSYNC_LOG` (or `RUST_LOG`) sets
-//! the filter, e.g. `WALSYNC_LOG=walsync=debug`.
+//! the filter, e.g. `WALSYNC_LOG=walsync=debug`; `WALSYNC_LOG_FORMAT=json` writes one JSON
+//! object a line.
 
 use std::io::IsTerminal;
 
@@ -12,12 +13,18 @@ pub fn init_tracing(default: &str) {
         .or_else(|| std::env::var("RUST_LOG").ok())
         .map(EnvFilter::new)
         .unwrap_or_else(|| EnvFilter::new(default));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    // One JSON object a line for log shippers; otherwise text for people.
+    let _ = if std::env::var("WALSYNC_LOG_FORMAT").is_ok_and(|f| f == "json") {
+        builder.json().with_ansi(false).try_init()
+    } else {
+        builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init()
+    };
 }
 
 /// The full cause chain of an error, on one line, for logs.

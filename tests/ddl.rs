@@ -468,3 +468,45 @@ fn hostile_or_unusual_captured_ddl_runs_only_its_own_statement_and_the_links_go_
     c.wait_converged("victim");
     c.wait_converged("partner");
 }
+
+/// Schema walsync is walsync's own: a user object cannot land there by accident (a role
+/// named walsync finds it first in the default search_path), walsync's own objects
+/// cannot be dropped from an ordinary session, and re-running init captures nothing.
+#[test]
+fn schema_walsync_stays_walsyncs_own_and_a_rerun_init_captures_nothing() {
+    let mut c = TestCluster::new("ddl-own-schema", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    for n in &c.nodes {
+        n.sql("SET session_replication_role = replica; CREATE ROLE walsync SUPERUSER");
+    }
+    c.start();
+    let a = c.node("a");
+    let captured = |n: &Node| n.sql("SELECT count(*) FROM walsync.ddl_log WHERE origin = 'a'");
+    // The docs' role name, the default search_path: refused, with the way out.
+    let err = a
+        .try_sql("SET SESSION AUTHORIZATION walsync; CREATE TABLE vouchers (id int PRIMARY KEY)")
+        .unwrap_err();
+    assert!(
+        err.contains("schema walsync holds walsync's own objects") && err.contains("search_path"),
+        "{err}"
+    );
+    let err = a.try_sql("DROP TABLE walsync.conflicts").unwrap_err();
+    assert!(err.contains("was not dropped"), "{err}");
+    assert_eq!(captured(a), "0");
+    // Qualified, it lands in public and replicates.
+    a.sql("SET SESSION AUTHORIZATION walsync; CREATE TABLE public.vouchers (id int PRIMARY KEY)");
+    c.wait_rows("b", "pg_tables WHERE tablename = 'vouchers'", 1);
+    assert_eq!(captured(a), "1");
+
+    // Re-running init on a live node (as an upgrade does) captures none of its own DDL.
+    let (ok, out) = walsync(&["init", "--config", a.config.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        captured(a),
+        "1",
+        "init's own statements are not DDL for the peers"
+    );
+    a.sql("INSERT INTO vouchers VALUES (1)");
+    c.wait_rows("b", "vouchers", 1);
+    let (ok, status) = c.node("b").walsync(&["status"]);
+    assert!(ok, "{status}");
+}

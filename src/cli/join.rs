@@ -157,11 +157,15 @@ async fn prepare_here(
     source: &NodeRef,
     restart: bool,
 ) -> Result<(), Error> {
+    // Replica mode: walsync's own objects are never captured DDL (migration 0013 refuses
+    // them from an ordinary session once a copy brought the event triggers).
     here.batch_execute(
-        "CREATE SCHEMA IF NOT EXISTS walsync; \
+        "BEGIN; SET LOCAL session_replication_role = replica; \
+         CREATE SCHEMA IF NOT EXISTS walsync; \
          CREATE TABLE IF NOT EXISTS walsync.join_state ( \
            singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), source text NOT NULL, \
-           started_at timestamptz NOT NULL DEFAULT now(), finished_at timestamptz, start_lsn text)",
+           started_at timestamptz NOT NULL DEFAULT now(), finished_at timestamptz, start_lsn text); \
+         COMMIT",
     )
     .await?;
     let state = here

@@ -21,7 +21,10 @@ use crate::config::{Config, ConfigError};
 #[command(
     name = "walsync",
     version,
-    about = "Two-way PostgreSQL replication for stores that lose their link"
+    about = "Two-way PostgreSQL replication for stores that lose their link",
+    after_help = "Exit status: 0 all is well; 1 something needs a person (status: a stopped or long-down link, \
+a parked row, ...); 2 an error (bad config, unreachable node, failed command).\n\
+Logs go to stderr: WALSYNC_LOG sets the filter (e.g. walsync=debug), WALSYNC_LOG_FORMAT=json one JSON object a line."
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -60,6 +63,7 @@ pub enum Command {
     /// Forget a node on this node and its peers: its slots, origin and links' progress.
     RemoveNode(remove_node::RemoveNodeArgs),
     /// Measure catch-up speed against native logical replication (and peak memory on one huge transaction).
+    #[command(hide = true)]
     Bench(bench::BenchArgs),
 }
 
