@@ -112,6 +112,50 @@ fn a_branch_joins_a_running_cluster_while_orders_are_written_and_ends_identical(
         main.sql("SELECT count(*) FROM pg_replication_origin WHERE roname = 'walsync_branch2'"),
         "0"
     );
+
+    // Fenced: its sidecar, restarted as a service manager would, exits and says why;
+    // nothing of it reaches main, and its origin is not made again there.
+    c.node("branch2")
+        .sql("INSERT INTO partner (name) VALUES ('written after the removal')");
+    let (ok, run) = walsync(&["run", "--config", config.to_str().unwrap()]);
+    assert!(
+        !ok && run.contains("node branch2 was removed from the cluster")
+            && run.contains("walsync join"),
+        "{run}"
+    );
+    let main = c.node("main");
+    assert_eq!(
+        main.count("partner WHERE name = 'written after the removal'"),
+        0
+    );
+    assert_eq!(
+        main.sql("SELECT count(*) FROM pg_replication_origin WHERE roname = 'walsync_branch2'"),
+        "0"
+    );
+
+    // Bringing it back: its database made anew, a fresh join.
+    let fresh =
+        LocalCluster::start(&c.dir.join("branch2-again"), "branch2").expect("start branch2");
+    let again = c.dir.join("branch2-again.toml");
+    std::fs::write(
+        &again,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace(&c.node("branch2").pg.dsn(), &fresh.dsn()),
+    )
+    .unwrap();
+    let (ok, joined) = walsync(&["join", "--config", again.to_str().unwrap()]);
+    assert!(
+        ok && joined.contains("main: no longer refuses branch2"),
+        "{joined}"
+    );
+    let node = c.node_mut("branch2");
+    node.pg = fresh;
+    node.config = again;
+    node.start_sidecar();
+    c.node("branch2")
+        .sql("INSERT INTO partner (name) VALUES ('back again')");
+    c.wait_rows("main", "partner WHERE name = 'back again'", 1);
 }
 
 #[test]

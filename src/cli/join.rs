@@ -55,6 +55,30 @@ pub async fn run(args: JoinArgs) -> CliResult {
 
     let slot = PgName::slot_to(&me.name);
     let src = connect(&source.dsn, "walsync join").await?;
+    // A node removed earlier comes back with this fresh copy: its peers stop refusing it.
+    if crate::node::fence::clear_removal(&src, me.name.as_str()).await? {
+        println!(
+            "{}: no longer refuses {} (it was removed earlier)",
+            source.name, me.name
+        );
+    }
+    for (p, _) in config.peer_nodes() {
+        if p.name == source.name {
+            continue;
+        }
+        let cleared = async {
+            let client = connect(&p.dsn, "walsync join").await?;
+            Ok::<_, Error>(crate::node::fence::clear_removal(&client, me.name.as_str()).await?)
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(20), cleared).await {
+            Ok(Ok(true)) => println!("{}: no longer refuses {}", p.name, me.name),
+            Ok(Ok(false)) => {}
+            _ => println!(
+                "{}: not reachable now; if {} was removed earlier, run walsync join again once it is",
+                p.name, me.name
+            ),
+        }
+    }
     let existing: bool = src
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
@@ -177,7 +201,8 @@ async fn prepare_here(
     match state {
         Some(r) if r.get::<_, bool>(2) => {
             return Err(format!(
-                "node {} joined from {} already; nothing to do",
+                "node {} joined from {} already; nothing to do. A node removed with walsync remove-node \
+                 comes back with a fresh join: recreate its database empty, then run walsync join",
                 me.name,
                 r.get::<_, String>(0)
             )

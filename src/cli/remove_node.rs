@@ -1,7 +1,9 @@
 //! `walsync remove-node --config FILE NAME`: forgets a node on this node and on every
 //! peer this config reaches (run it on the hub of a star to reach every branch): its slot
 //! (`walsync_to_NAME`, so no WAL is kept for it any more), its replication origin and its
-//! links' bookkeeping. Stop the removed node's sidecar first; remove it from the configs.
+//! links' bookkeeping, and records the removal so that its links are refused by name at
+//! both ends from then on (crate::node::fence). Stop the removed node's sidecar first;
+//! remove it from the configs. A fresh `walsync join` brings it back.
 //! An applier session still holding the origin is ended; its link reconnects by itself.
 
 use std::process::ExitCode;
@@ -35,13 +37,32 @@ pub async fn run(args: RemoveNodeArgs) -> CliResult {
     let (slot, origin) = (PgName::slot_to(&gone), PgName::origin_of(&gone));
     let mut failed = 0;
     for (name, dsn) in nodes {
-        match forget(&dsn, &slot, &origin, gone.as_str()).await {
+        match forget(&dsn, &slot, &origin, gone.as_str(), me.name.as_str()).await {
             Ok(done) if done.is_empty() => println!("{name}: nothing of {gone} here"),
             Ok(done) => println!("{name}: {}", done.join(", ")),
             Err(e) => {
                 failed += 1;
                 println!("{name}: FAILED: {e}");
             }
+        }
+    }
+    // The removed node itself, if this config reaches it: its sidecar then exits at its
+    // next start even before it hears from a peer.
+    if let Some((p, _)) = config
+        .peer_nodes()
+        .into_iter()
+        .find(|(p, _)| p.name == gone)
+    {
+        let fenced = async {
+            let client = connect(&p.dsn, "walsync remove-node").await?;
+            crate::node::fence::record_removal(&client, gone.as_str(), me.name.as_str()).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(20), fenced).await {
+            Ok(Ok(())) => println!(
+                "{gone}: recorded its removal there too (its sidecar will refuse to start)"
+            ),
+            _ => println!("{gone}: not reachable; its peers refuse its links all the same"),
         }
     }
     if failed > 0 {
@@ -94,9 +115,13 @@ async fn forget(
     slot: &str,
     origin: &str,
     gone: &str,
+    removed_on: &str,
 ) -> Result<Vec<String>, Box<dyn std::error::Error + Send + Sync>> {
     let client = connect(dsn, "walsync remove-node").await?;
     let mut done = Vec::new();
+    // First the fence: from now on this node refuses the removed node's links.
+    crate::node::fence::record_removal(&client, gone, removed_on).await?;
+    done.push(format!("refuses {gone}'s links from now on"));
     // A spooler reading the slot for the absent node (crate::spool) lets go of it.
     let spooler: Option<i32> = client
         .query_opt(

@@ -5,12 +5,14 @@ use std::process::ExitCode;
 use tracing::info;
 
 use super::{CliResult, ConfigArg};
+use crate::node::connect::connect;
 use crate::node::setup::check_initialised;
 use crate::runtime::{metrics, run_sidecar, shutdown_channel};
 
 pub async fn run(arg: &ConfigArg) -> CliResult {
     let config = arg.load()?;
     check_initialised(&config).await?;
+    refuse_if_removed(&config).await?;
     let (tx, rx) = shutdown_channel();
     if let Some(addr) = config.metrics.listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -27,6 +29,35 @@ pub async fn run(arg: &ConfigArg) -> CliResult {
     info!(node = %config.node.name, id = config.node.id, "sidecar starting");
     run_sidecar(&config, rx).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A removed node's sidecar exits instead of resuming, when its own database or any
+/// peer it reaches (within a few seconds) records the removal (crate::node::fence).
+async fn refuse_if_removed(config: &crate::config::Config) -> Result<(), String> {
+    let me = config.this_node();
+    let mut dsns = vec![me.dsn.clone()];
+    dsns.extend(config.peer_nodes().into_iter().map(|(p, _)| p.dsn));
+    let checks = dsns.iter().map(|dsn| async {
+        let check = async {
+            let client = connect(dsn, "walsync run check").await.ok()?;
+            crate::node::fence::removed(&client, &[me.name.as_str()])
+                .await
+                .ok()?
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), check)
+            .await
+            .ok()
+            .flatten()
+    });
+    match futures_util::future::join_all(checks)
+        .await
+        .into_iter()
+        .flatten()
+        .next()
+    {
+        Some(removal) => Err(removal.to_string()),
+        None => Ok(()),
+    }
 }
 
 pub async fn wait_for_signal() {

@@ -1,6 +1,7 @@
 //! A node: its names, connections and preparation (`walsync init`).
 
 pub mod connect;
+pub mod fence;
 pub mod names;
 pub mod setup;
 pub mod tls;

@@ -116,6 +116,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "capture_guards",
         sql: include_str!("../../migrations/0013_capture_guards.sql"),
     },
+    Migration {
+        version: 14,
+        name: "removed_nodes",
+        sql: include_str!("../../migrations/0014_removed_nodes.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.

@@ -52,6 +52,9 @@ pub enum LinkError {
     Unresponsive { what: &'static str, after: Duration },
     #[error("slot {slot} does not exist on {node}: run walsync init on {node}")]
     NoSlot { slot: String, node: String },
+    /// One end of the link was removed from the cluster: the link is not run.
+    #[error("{0}")]
+    Removed(crate::node::fence::Removal),
     /// The upstream answers, but not on this stream's connection (it died in a cut that
     /// healed before anyone noticed): the stream is opened again.
     #[error("the upstream answers, but its walsender for this link {0}; reconnecting")]
@@ -71,6 +74,9 @@ pub enum Disposition {
     /// Needs a human (schema difference, credentials, setup): the link waits at the
     /// longest backoff, retrying so that it resumes by itself once fixed.
     HaltPeer,
+    /// One end was removed from the cluster: the link ends for good (a fresh join of
+    /// that node and a restart of this sidecar bring it back).
+    Fenced,
 }
 
 impl LinkError {
@@ -79,6 +85,7 @@ impl LinkError {
             LinkError::Apply(ApplyError::FastPathHitUniqueKey { .. }) => {
                 Disposition::RetryCarefully
             }
+            LinkError::Removed(_) => Disposition::Fenced,
             LinkError::Connect(e) if e.is_permanent() => Disposition::HaltPeer,
             LinkError::Stream(e) if e.is_auth() || matches!(e, StreamError::Dsn(_)) => {
                 Disposition::HaltPeer
@@ -256,17 +263,21 @@ pub async fn run_link(
         }
         let wait = match result {
             Ok(()) => backoff.next_wait(),
+            Err(e) if e.disposition() == Disposition::Fenced => {
+                error!(link = %name, error = %e, "link not run: one of its nodes was removed from the cluster");
+                return;
+            }
             Err(e) => {
                 let d = e.disposition();
                 let wait = match d {
                     Disposition::HaltPeer => backoff.max(),
                     Disposition::Retry => backoff.next_wait(),
-                    Disposition::RetryCarefully => Duration::ZERO,
+                    Disposition::RetryCarefully | Disposition::Fenced => Duration::ZERO,
                 };
                 let state = match d {
                     Disposition::HaltPeer => Some(LinkState::Stopped),
                     Disposition::Retry => Some(LinkState::Retrying),
-                    Disposition::RetryCarefully => None,
+                    Disposition::RetryCarefully | Disposition::Fenced => None,
                 };
                 if let Some(state) = state {
                     status.state(state, Some(&error_chain(&e))).await;
@@ -282,6 +293,7 @@ pub async fn run_link(
                     Disposition::HaltPeer => {
                         error!(link = %name, error = %error_chain(&e), retry_in_ms = wait.as_millis() as u64, "link stopped: needs an operator")
                     }
+                    Disposition::Fenced => unreachable!("handled above"),
                 }
                 wait
             }
@@ -341,6 +353,7 @@ async fn run_session(
         connect(&spec.to.dsn, &apply_app),
     )
     .await??;
+    refuse_removed(&target, spec).await?;
     end_stale_appliers(&target, &apply_app, &link).await?;
     let mut apply =
         ApplyWorker::new(target, link.clone(), PgName::origin_of(&spec.to.name)).await?;
@@ -356,6 +369,7 @@ async fn run_session(
         connect(&spec.from.dsn, &control_app),
     )
     .await??;
+    refuse_removed(&control, spec).await?;
     let taken = within(
         OPEN_TIMEOUT,
         "reaching the upstream",
@@ -655,6 +669,25 @@ async fn decide(
 /// whose connection outlived it (a sidecar killed while its TCP connection stayed open, a
 /// COPY abandoned half-way) may still hold an open transaction: its row locks and its
 /// uncommitted keys would make this session wait for ever on the same rows.
+/// Refuses the link if the node `client` is connected to records either end as removed.
+async fn refuse_removed(client: &tokio_postgres::Client, spec: &LinkSpec) -> Result<(), LinkError> {
+    let names = [spec.from.name.as_str(), spec.to.name.as_str()];
+    let removal = within(
+        OPEN_TIMEOUT,
+        "checking for removed nodes",
+        crate::node::fence::removed(client, &names),
+    )
+    .await?
+    .map_err(|source| ApplyError::Sql {
+        what: "reading walsync.removed_nodes".into(),
+        source,
+    })?;
+    match removal {
+        Some(r) => Err(LinkError::Removed(r)),
+        None => Ok(()),
+    }
+}
+
 async fn end_stale_appliers(
     target: &tokio_postgres::Client,
     apply_app: &str,
