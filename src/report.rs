@@ -194,7 +194,7 @@ pub async fn gather(
     let ddl_warnings: Vec<Json> = client
         .query(
             "SELECT origin || '/' || seq, detected_at::text, warning, statement FROM walsync.ddl_warnings \
-             ORDER BY detected_at DESC LIMIT 20",
+             WHERE resolved_at IS NULL ORDER BY detected_at DESC LIMIT 20",
             &[],
         )
         .await?

@@ -122,19 +122,33 @@ fn an_edit_made_after_seeing_the_other_nodes_edit_is_no_conflict() {
     c.start();
     c.node("a")
         .sql("INSERT INTO product (id, name, price) VALUES (1, 'Soap', 2)");
+    // A row with a boolean: compared in the walsender's text form ('t', not 'true').
+    c.node("a")
+        .sql("INSERT INTO partner (id, name, active) VALUES (1, 'Ana', true)");
     c.wait_rows("b", "product", 1);
+    c.wait_rows("b", "partner", 1);
     c.node("b").sql("UPDATE product SET price = 3 WHERE id = 1");
+    c.node("b")
+        .sql("UPDATE partner SET name = 'Ana B' WHERE id = 1");
     wait_for(
-        "a to see b's price",
+        "a to see b's edits",
         DEADLINE,
-        || c.node("a").sql("SELECT price FROM product") == "3.00",
+        || {
+            c.node("a").sql("SELECT price FROM product") == "3.00"
+                && c.node("a").sql("SELECT name FROM partner") == "Ana B"
+        },
         || c.logs(),
     );
     c.node("a").sql("UPDATE product SET price = 4 WHERE id = 1");
+    c.node("a")
+        .sql("UPDATE partner SET name = 'Ana A' WHERE id = 1");
     wait_for(
-        "b to see a's price",
+        "b to see a's edits",
         DEADLINE,
-        || c.node("b").sql("SELECT price FROM product") == "4.00",
+        || {
+            c.node("b").sql("SELECT price FROM product") == "4.00"
+                && c.node("b").sql("SELECT name FROM partner") == "Ana A"
+        },
         || c.logs(),
     );
     for n in &c.nodes {

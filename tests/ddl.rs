@@ -206,20 +206,50 @@ fn rows_before_and_after_an_alter_in_one_transaction_all_arrive() {
 
 #[test]
 fn a_column_added_with_values_computed_per_node_is_reported() {
-    let mut c = TestCluster::new("ddl-volatile", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    let mut c = TestCluster::new(
+        "ddl-volatile",
+        Topology::Star,
+        &["a", "b", "x"],
+        RETAIL_SCHEMA,
+    );
     c.start();
+    // Rows written on every node: most of them not by the node that will run the DDL.
+    for n in ["a", "b", "x"] {
+        c.node(n).sql(&format!(
+            "INSERT INTO partner (name) SELECT '{n} ' || g FROM generate_series(1, 20) g"
+        ));
+    }
+    for n in ["a", "b", "x"] {
+        c.wait_rows(n, "partner", 60);
+    }
     c.node("a")
-        .sql("INSERT INTO partner (id, name) VALUES (1, 'Ana')");
-    c.wait_rows("b", "partner", 1);
-    c.node("a")
-        .sql("ALTER TABLE partner ADD COLUMN seen timestamptz DEFAULT clock_timestamp()");
+        .sql("ALTER TABLE partner ADD COLUMN seen timestamptz DEFAULT now()");
     c.wait_rows("b", "walsync.ddl_warnings", 1);
+    c.wait_rows("x", "walsync.ddl_warnings", 1);
     let cfg = c.node("b").config.to_str().unwrap().to_string();
     let (_, out) = walsync(&["status", "--config", &cfg]);
     assert!(out.contains("seen") && out.contains("UPDATE"), "{out}");
-    // The documented fix: set the column on the author; it replicates as data.
+    // The documented fix: set the column on the author; it replicates as data, and the
+    // rows that differ on purpose are not a conflict each.
     c.node("a").sql("UPDATE partner SET seen = seen");
     c.wait_converged("partner");
+    for n in ["a", "b", "x"] {
+        assert_eq!(
+            c.node(n).sql("SELECT count(*) FROM walsync.conflicts"),
+            "0",
+            "{n}: the repair is no conflict storm"
+        );
+    }
+    let id = c
+        .node("b")
+        .sql("SELECT origin || '/' || seq FROM walsync.ddl_warnings");
+    let (ok, out) = walsync(&["ddl-replay", "--config", &cfg, "--resolve-warning", &id]);
+    assert!(ok, "{out}");
+    let (_, out) = walsync(&["status", "--config", &cfg]);
+    assert!(
+        !out.contains("filled by this node"),
+        "the warning is closed: {out}"
+    );
 }
 
 #[test]

@@ -8,7 +8,8 @@
 //! replayed statement is not captured again.
 
 use super::{ApplyError, ApplyWorker, Gone};
-use crate::ddl::{columns_filled_per_node, statement_to_replay};
+use crate::ddl::{altered_table, columns_filled_per_node, statement_to_replay};
+use crate::merge::statements::quote_ident;
 use crate::pgoutput::Insert;
 
 impl ApplyWorker {
@@ -87,18 +88,43 @@ impl ApplyWorker {
         if !columns.is_empty() {
             let warning = format!(
                 "column(s) {} were filled by this node with its own values (a volatile default or a serial type), \
-                 so existing rows differ from the author's: run an UPDATE that sets them on the author, it replicates as data",
+                 so existing rows differ from the author's: run an UPDATE that sets them to themselves on the author \
+                 (it replicates as data; until this warning is resolved those columns do not count as conflicts), \
+                 then walsync ddl-replay --resolve-warning {id} on this node",
                 columns.join(", ")
             );
             tracing::warn!(link = %self.link, ddl = %id, %warning, "ddl leaves rows different from the author's");
+            // The table as the statement named it, found with the captured search_path.
+            let table = match altered_table(&statement) {
+                Some((Some(schema), name)) => {
+                    format!("{}.{}", quote_ident(&schema), quote_ident(&name))
+                }
+                Some((None, name)) => quote_ident(&name),
+                None => String::new(),
+            };
             self.client
                 .execute(
-                    "INSERT INTO walsync.ddl_warnings (origin, seq, statement, warning) VALUES ($1, $2, $3, $4) \
+                    "SELECT pg_catalog.set_config('search_path', $1, true)",
+                    &[&search_path],
+                )
+                .await
+                .map_err(ApplyError::sql("setting the captured search_path"))?;
+            self.client
+                .execute(
+                    "INSERT INTO walsync.ddl_warnings (origin, seq, statement, warning, table_schema, table_name, columns) \
+                     SELECT $1, $2, $3, $4, n.nspname, c.relname, $6 \
+                     FROM (SELECT pg_catalog.to_regclass(nullif($5, '')) AS oid) t \
+                     LEFT JOIN pg_catalog.pg_class c ON c.oid = t.oid \
+                     LEFT JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
                      ON CONFLICT DO NOTHING",
-                    &[&origin, &seq_num, &statement, &warning],
+                    &[&origin, &seq_num, &statement, &warning, &table, &columns],
                 )
                 .await
                 .map_err(ApplyError::sql("recording a ddl warning"))?;
+            self.client
+                .batch_execute("RESET search_path")
+                .await
+                .map_err(ApplyError::sql("resetting the search_path"))?;
         }
         Ok(true)
     }

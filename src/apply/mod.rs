@@ -125,6 +125,9 @@ struct RelationPolicy {
     counters: Vec<usize>,
     /// Source column indexes of the node-local columns.
     local_columns: Vec<usize>,
+    /// Source column indexes of columns an open DDL warning says each node filled with
+    /// its own values: left out when telling a sequential edit from a conflict.
+    per_node_columns: Vec<usize>,
     rule: Rule,
     merge_columns: bool,
 }
@@ -594,10 +597,11 @@ impl ApplyWorker {
             dropped::without_dropped_columns(&self.client, &entry.source, &target).await?;
         let map = RelationMap::new(&source, target)?;
         let key = (entry.source.namespace.clone(), entry.source.name.clone());
-        let policy = match self.policies.get(&key) {
+        let mut policy = match self.policies.get(&key) {
             Some(p) => RelationPolicy {
                 counters: map.source_indexes_of(&p.counters),
                 local_columns: map.source_indexes_of(&p.local_columns),
+                per_node_columns: Vec::new(),
                 rule: Rule {
                     prefer: p.prefer.as_deref().map(|n| format!("walsync_{n}")),
                 },
@@ -605,6 +609,17 @@ impl ApplyWorker {
             },
             None => RelationPolicy::default(),
         };
+        let warned: Vec<String> = self
+            .client
+            .query_one(
+                "SELECT coalesce(array_agg(DISTINCT c), '{}') FROM walsync.ddl_warnings w, unnest(w.columns) c \
+                 WHERE w.resolved_at IS NULL AND w.table_schema = $1 AND w.table_name = $2",
+                &[&map.target.schema, &map.target.name],
+            )
+            .await
+            .map_err(ApplyError::sql("reading walsync.ddl_warnings"))?
+            .get(0);
+        policy.per_node_columns = map.source_indexes_of(&warned);
         if let Some(e) = self.relations.get_mut(&relation_id) {
             e.map = Some(map);
             e.policy = policy;

@@ -23,6 +23,11 @@ pub struct DdlReplayArgs {
     /// Skip the captured statement ORIGIN/SEQ on this node (as named in the link's error).
     #[arg(long, value_name = "ORIGIN/SEQ")]
     pub skip: Option<String>,
+    /// Close the DDL warning ORIGIN/SEQ on this node (after the repair UPDATE on the
+    /// author has replicated): status stops showing it and its columns count again when
+    /// telling conflicts from sequential edits.
+    #[arg(long, value_name = "ORIGIN/SEQ", conflicts_with_all = ["apply", "skip"])]
+    pub resolve_warning: Option<String>,
     /// Show what would be applied (the default).
     #[arg(long, conflicts_with_all = ["apply", "skip"])]
     pub dry_run: bool,
@@ -36,15 +41,27 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
     let config = args.config.load()?;
     let me = config.this_node();
     let local = connect(&me.dsn, "walsync ddl-replay").await?;
+    if let Some(id) = &args.resolve_warning {
+        let (origin, seq) = origin_seq(id, "--resolve-warning")?;
+        let n = local
+            .execute(
+                "UPDATE walsync.ddl_warnings SET resolved_at = now() \
+                 WHERE origin = $1 AND seq = $2 AND resolved_at IS NULL",
+                &[&origin, &seq],
+            )
+            .await?;
+        if n == 0 {
+            return Err(format!(
+                "node {}: no open ddl warning {id} (walsync status lists them)",
+                me.name
+            )
+            .into());
+        }
+        println!("node {}: ddl warning {id} resolved", me.name);
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(id) = &args.skip {
-        let (origin, seq) = id
-            .split_once('/')
-            .and_then(|(o, s)| Some((o.to_string(), s.parse::<i64>().ok()?)))
-            .ok_or_else(|| {
-                format!(
-                    "--skip {id}: expected ORIGIN/SEQ, e.g. main/42, as the link's error names it"
-                )
-            })?;
+        let (origin, seq) = origin_seq(id, "--skip")?;
         local
             .execute(
                 "INSERT INTO walsync.ddl_skip (origin, seq) VALUES ($1, $2) ON CONFLICT DO NOTHING",
@@ -151,6 +168,15 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
         me.name
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `ORIGIN/SEQ` as the link's errors and status name a captured statement.
+fn origin_seq(id: &str, flag: &str) -> Result<(String, i64), String> {
+    id.split_once('/')
+        .and_then(|(o, s)| Some((o.to_string(), s.parse::<i64>().ok()?)))
+        .ok_or_else(|| {
+            format!("{flag} {id}: expected ORIGIN/SEQ, e.g. main/42, as status names it")
+        })
 }
 
 /// A captured statement a peer has and this node has not applied.

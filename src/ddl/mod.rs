@@ -154,6 +154,19 @@ pub fn columns_filled_per_node(statement: &str) -> Vec<String> {
     columns
 }
 
+/// The table an `ALTER TABLE` statement changes: (schema if written, name).
+pub fn altered_table(statement: &str) -> Option<(Option<String>, String)> {
+    let parsed = pg_query::parse(statement, pg_query::ParserOptions::DEFAULT).ok()?;
+    let raw = parsed.protobuf.stmts.first()?;
+    let Some(NodeEnum::AlterTableStmt(alter)) = raw.stmt.as_ref().and_then(|n| n.node.as_ref())
+    else {
+        return None;
+    };
+    let rel = alter.relation.as_ref()?;
+    let schema = (!rel.schemaname.is_empty()).then(|| rel.schemaname.clone());
+    Some((schema, rel.relname.clone()))
+}
+
 /// The column names an SQL expression over one table reads (`lower(name::text)` reads
 /// `name`), in order of appearance; empty if it does not parse.
 pub fn columns_read(expression: &str) -> Vec<String> {
@@ -294,6 +307,19 @@ mod tests {
             columns_filled_per_node("CREATE TABLE t (at timestamp DEFAULT now())").is_empty(),
             "a new table has no rows"
         );
+    }
+
+    #[test]
+    fn the_table_an_alter_changes_is_named() {
+        assert_eq!(
+            altered_table("ALTER TABLE public.orders ADD COLUMN at timestamptz DEFAULT now()"),
+            Some((Some("public".into()), "orders".into()))
+        );
+        assert_eq!(
+            altered_table("ALTER TABLE \"Orders\" ADD COLUMN n serial"),
+            Some((None, "Orders".into()))
+        );
+        assert_eq!(altered_table("CREATE TABLE t (id int)"), None);
     }
 
     #[test]

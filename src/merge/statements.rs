@@ -478,7 +478,13 @@ fn read_locked(t: &TargetTable, condition: &str) -> String {
          WHERE {condition} FOR UPDATE OF t",
         t.columns
             .iter()
-            .map(|c| format!("t.{}::text", quote_ident(c)))
+            // The type's output function, as the walsender prints a change's values
+            // (`format('%s', ..)`), not the cast to text: `true::text` is 'true' where
+            // the output is 't', and `inet::text` adds a netmask the output leaves out.
+            .map(|c| {
+                let c = quote_ident(c);
+                format!("CASE WHEN t.{c} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{c}) END")
+            })
             .collect::<Vec<_>>()
             .join(", "),
         t.qualified(),

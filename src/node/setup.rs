@@ -121,6 +121,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "removed_nodes",
         sql: include_str!("../../migrations/0014_removed_nodes.sql"),
     },
+    Migration {
+        version: 15,
+        name: "warned_columns",
+        sql: include_str!("../../migrations/0015_warned_columns.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.
