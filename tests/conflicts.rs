@@ -249,6 +249,12 @@ fn delete_against_update_and_delete_against_delete_converge() {
     assert!(ok, "{out}");
     c.wait_rows("b", "partner", 1);
     assert_eq!(c.node("b").sql("SELECT name FROM partner"), "one, edited");
+    // Twice would write over whatever was edited since: refused.
+    let (ok, out) = walsync(&["conflicts", "--config", &cfg, "reapply", &id]);
+    assert!(!ok && out.contains("already"), "{out}");
+    // A kind that does not exist is an error, not an empty list.
+    let (ok, out) = walsync(&["conflicts", "--config", &cfg, "--kind", "bogus"]);
+    assert!(!ok && out.contains("update_origin_differs"), "{out}");
     let (ok, out) = walsync(&["conflicts", "--config", &cfg, "--json"]);
     assert!(ok, "{out}");
     let list: serde_json::Value = serde_json::from_str(&out).unwrap();

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use serde_json::{json, Value as Json};
 
 use super::{CliResult, ConfigArg};
+use crate::merge::conflict::{ConflictKind, OUTCOMES};
 use crate::merge::statements::quote_ident;
 use crate::node::connect::connect;
 
@@ -23,7 +24,8 @@ pub struct ConflictsArgs {
     /// Only conflicts on this table (`name` or `schema.name`).
     #[arg(long, global = true)]
     pub table: Option<String>,
-    /// Only this kind (insert_exists, update_origin_differs, update_missing, delete_origin_differs, delete_missing).
+    /// Only this kind (insert_exists, update_exists, multiple_unique_conflicts, update_origin_differs,
+    /// update_missing, delete_origin_differs, delete_missing, table_dropped, column_dropped).
     #[arg(long, global = true)]
     pub kind: Option<String>,
     /// Only this outcome (remote_applied, local_kept, skipped, columns_merged, local_renamed,
@@ -82,6 +84,21 @@ fn row_json(r: &tokio_postgres::Row) -> Json {
 
 pub async fn run(args: ConflictsArgs) -> CliResult {
     let config = args.config.load()?;
+    if let Some(kind) = &args.kind {
+        if ConflictKind::parse(kind).is_none() {
+            let kinds: Vec<&str> = ConflictKind::ALL.iter().map(|k| k.as_str()).collect();
+            return Err(format!("--kind {kind}: no such kind; one of {}", kinds.join(", ")).into());
+        }
+    }
+    if let Some(outcome) = &args.outcome {
+        if !OUTCOMES.contains(&outcome.as_str()) {
+            return Err(format!(
+                "--outcome {outcome}: no such outcome; one of {}",
+                OUTCOMES.join(", ")
+            )
+            .into());
+        }
+    }
     let me = config.this_node();
     let mut client = connect(&me.dsn, "walsync conflicts").await?;
     match args.action.unwrap_or(ConflictsAction::List) {
@@ -105,7 +122,7 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
                 .await?;
             if args.json {
                 let all: Vec<Json> = rows.iter().map(row_json).collect();
-                println!("{}", serde_json::to_string_pretty(&all)?);
+                super::print_out(&serde_json::to_string_pretty(&all)?);
                 return Ok(ExitCode::SUCCESS);
             }
             if rows.is_empty() {
@@ -127,7 +144,7 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
                     }
                     _ => "-".to_string(),
                 };
-                println!(
+                super::print_out(&format!(
                     "{:>6}  {:<26}  {:<22}  {:<24}  {:<14}  {:<16}  {}",
                     j["id"],
                     j["detected_at"].as_str().unwrap_or(""),
@@ -136,7 +153,7 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
                     j["outcome"].as_str().unwrap_or(""),
                     winner.trim_start_matches("walsync_"),
                     j["key"]
-                );
+                ));
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -180,6 +197,13 @@ async fn reapply(client: &mut tokio_postgres::Client, id: i64) -> CliResult {
         .await?
         .ok_or_else(|| format!("no conflict {id} on this node"))?;
     let j = row_json(&row);
+    if let Some(at) = j["reapplied_at"].as_str() {
+        return Err(format!(
+            "conflict {id} was reapplied (or resolved) at {at} already; writing it again could undo a later edit. \
+             See `walsync conflicts show {id}` and change the row by hand if needed"
+        )
+        .into());
+    }
     match j["outcome"].as_str() {
         Some("local_renamed" | "remote_renamed") => {
             return Err(format!(

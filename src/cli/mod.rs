@@ -111,3 +111,17 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 pub type CliResult = Result<ExitCode, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Prints a line on stdout; a reader that went away (`walsync conflicts --json | head`)
+/// ends the command quietly instead of a panic on the broken pipe.
+pub fn print_out(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{line}") {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: writing to stdout: {e}");
+        std::process::exit(2);
+    }
+}

@@ -44,7 +44,7 @@ pub async fn run(args: StatusArgs) -> CliResult {
     let report = gather(&client, config.cluster.step, config.status.alert_after_s).await?;
     let needs_human = report["problems"].as_array().is_some_and(|p| !p.is_empty());
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        super::print_out(&serde_json::to_string_pretty(&report)?);
     } else {
         print_text(&me.name.to_string(), &report);
     }
@@ -258,7 +258,7 @@ async fn cluster(config: &Config, as_json: bool) -> CliResult {
     }
     if as_json {
         let out = json!({"nodes": nodes, "problems": problems});
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        super::print_out(&serde_json::to_string_pretty(&out)?);
     } else {
         for n in &nodes {
             print_node_block(n);

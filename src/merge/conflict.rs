@@ -45,7 +45,35 @@ impl ConflictKind {
             ConflictKind::ColumnDropped => "column_dropped",
         }
     }
+
+    pub const ALL: [ConflictKind; 9] = [
+        ConflictKind::InsertExists,
+        ConflictKind::UpdateOriginDiffers,
+        ConflictKind::UpdateExists,
+        ConflictKind::UpdateMissing,
+        ConflictKind::DeleteOriginDiffers,
+        ConflictKind::DeleteMissing,
+        ConflictKind::MultipleUniqueConflicts,
+        ConflictKind::TableDropped,
+        ConflictKind::ColumnDropped,
+    ];
+
+    /// The kind named `s` (as `as_str` writes it).
+    pub fn parse(s: &str) -> Option<ConflictKind> {
+        ConflictKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
 }
+
+/// Every outcome a conflict record can have (migration 0011's check).
+pub const OUTCOMES: [&str; 7] = [
+    "remote_applied",
+    "local_kept",
+    "skipped",
+    "columns_merged",
+    "local_renamed",
+    "remote_renamed",
+    "parked",
+];
 
 /// Who last wrote a version: replication origin name (`walsync_<node>`) and commit time
 /// in microseconds since 2000-01-01 UTC (`None`: unknown, e.g. written before
