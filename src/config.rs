@@ -196,6 +196,11 @@ pub struct TablePolicy {
     /// insert still carries them.
     #[serde(default)]
     pub local_columns: Vec<String>,
+    /// Unique indexes (by name) whose collisions park the incoming row instead of
+    /// renaming the loser's text value: keys that name one entity, where a renamed value
+    /// would be junk (`mail_followers (res_model, res_id, partner_id)`).
+    #[serde(default)]
+    pub park_unique: Vec<String>,
 }
 
 /// How much of a row one conflict decision covers.
@@ -491,10 +496,11 @@ impl Config {
             let decides = !t.counters.is_empty()
                 || t.prefer.is_some()
                 || t.merge == MergeMode::Columns
-                || !t.local_columns.is_empty();
+                || !t.local_columns.is_empty()
+                || !t.park_unique.is_empty();
             if !decides && !t.local {
                 return Err(ConfigError::Invalid(format!(
-                    "[[tables]] {:?} sets no policy (counters = [\"column\", ...], prefer = \"node\", merge = \"columns\", local = true or local_columns = [\"column\", ...])",
+                    "[[tables]] {:?} sets no policy (counters = [\"column\", ...], prefer = \"node\", merge = \"columns\", local = true, local_columns = [\"column\", ...] or park_unique = [\"index\", ...])",
                     t.name
                 )));
             }

@@ -20,11 +20,16 @@ fn psql_odoo(pg: &LocalCluster, sql: &str) -> String {
 
 /// A database created as Odoo creates it, with the base-only Odoo dump restored.
 fn restore_odoo_base(pg: &LocalCluster) {
+    restore_odoo(pg, "odoo16_base.sql.gz");
+}
+
+/// A database created as Odoo creates it, with the Odoo dump `file` restored.
+fn restore_odoo(pg: &LocalCluster, file: &str) {
     pg.psql("CREATE ROLE odoo LOGIN").unwrap();
     pg.psql("CREATE DATABASE odoo OWNER odoo TEMPLATE template0 ENCODING 'UTF8' LC_COLLATE 'C' LC_CTYPE 'C.UTF-8'")
         .unwrap();
-    let dump = std::fs::File::open(fixtures().join("odoo16_base.sql.gz"))
-        .expect("fixture odoo16_base.sql.gz");
+    let dump = std::fs::File::open(fixtures().join(file))
+        .unwrap_or_else(|e| panic!("fixture {file}: {e}"));
     let mut gunzip = Command::new("gunzip")
         .arg("-c")
         .stdin(dump)
@@ -214,4 +219,159 @@ fn point_of_sale_installed_on_main_while_a_branch_is_cut_reaches_every_node() {
             n.name
         );
     }
+}
+
+/// docs/odoo.md's table policies, as every node's config carries them.
+const ODOO_POLICIES: &str = r#"
+[[tables]]
+name = "bus_bus"
+local = true
+
+[[tables]]
+name = "bus_presence"
+local = true
+
+[[tables]]
+name = "ir_cron"
+local_columns = ["nextcall", "lastcall"]
+
+[[tables]]
+name = "stock_quant"
+counters = ["quantity", "reserved_quantity"]
+
+[[tables]]
+name = "mail_followers"
+park_unique = ["mail_followers_mail_followers_res_partner_res_model_id_uniq"]
+"#;
+
+/// What two stores sharing Odoo's default PoS journal do while cut off from each other,
+/// on the real Odoo 16 PoS schema: none of it stops a link (issue: never stuck).
+#[test]
+fn collisions_odoo_makes_during_a_cut_are_settled_or_parked_and_no_link_stops() {
+    let mut c = TestCluster::new_in(
+        "odoo-collide",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        "odoo",
+        &|pg: &LocalCluster| restore_odoo(pg, "odoo16_pos.sql.gz"),
+        ODOO_POLICIES,
+    );
+    c.start();
+    fn marker(c: &TestCluster, n: &str, name: &str) {
+        psql_odoo(
+            &c.node(n).pg,
+            &format!(
+                "INSERT INTO res_partner (name, active, type) VALUES ('{name}', true, 'contact')"
+            ),
+        );
+    }
+    fn has(c: &TestCluster, n: &str, name: &str) -> bool {
+        psql_odoo(
+            &c.node(n).pg,
+            &format!("SELECT count(*) FROM res_partner WHERE name = '{name}'"),
+        ) == "1"
+    }
+    marker(&c, "main", "before the cut");
+    for n in ["branch1", "branch2"] {
+        wait_for(
+            &format!("{n} to stream"),
+            DEADLINE,
+            || has(&c, n, "before the cut"),
+            || c.logs(),
+        );
+    }
+    c.stop();
+    for n in ["branch1", "branch2"] {
+        let pg = &c.node(n).pg;
+        // Closing a session: a draft entry in the shared POSS journal, then posted under
+        // the next name each store computed from its own copy of the journal.
+        let id = psql_odoo(
+            pg,
+            "INSERT INTO account_move (journal_id, currency_id, company_id, state, move_type, auto_post, date, name) \
+             SELECT j.id, co.currency_id, co.id, 'draft', 'entry', 'no', current_date, '/' \
+             FROM account_journal j JOIN res_company co ON co.id = j.company_id WHERE j.code = 'POSS' \
+             RETURNING id",
+        );
+        let id = id.lines().next().unwrap().to_string();
+        psql_odoo(
+            pg,
+            &format!(
+                "UPDATE account_move SET state = 'posted', name = 'POSS/2026/00001', \
+                   sequence_prefix = 'POSS/2026/', sequence_number = 1 WHERE id = {id}"
+            ),
+        );
+        // The admin's first login at each store creates their settings; the same
+        // follower is added on both.
+        psql_odoo(pg, "INSERT INTO res_users_settings (user_id) VALUES (2)");
+        psql_odoo(
+            pg,
+            "INSERT INTO mail_followers (res_model, res_id, partner_id) VALUES ('res.partner', 999999, 3)",
+        );
+    }
+    c.start();
+    let checksum = |pg: &LocalCluster| {
+        psql_odoo(
+            pg,
+            "SELECT count(*) || ':' || md5(string_agg(md5(t::text), '' ORDER BY md5(t::text))) FROM account_move t",
+        )
+    };
+    wait_for(
+        "account_move identical on every node",
+        DEADLINE,
+        || {
+            let sums: Vec<String> = c.nodes.iter().map(|n| checksum(&n.pg)).collect();
+            sums.windows(2).all(|w| w[0] == w[1])
+        },
+        || c.logs(),
+    );
+    marker(&c, "branch1", "after the collisions");
+    for n in ["main", "branch2"] {
+        wait_for(
+            &format!("{n} to get what branch1 wrote after the collisions"),
+            DEADLINE,
+            || has(&c, n, "after the collisions"),
+            || c.logs(),
+        );
+    }
+    for n in &c.nodes {
+        let q = |sql: &str| psql_odoo(&n.pg, sql);
+        assert_eq!(
+            q("SELECT count(*) FROM account_move WHERE name LIKE 'POSS/2026/00001%' AND state = 'posted'"),
+            "2",
+            "{}: both stores' entries are kept",
+            n.name
+        );
+        assert_eq!(
+            q("SELECT count(*) FROM account_move WHERE name LIKE 'POSS/2026/00001 [conflict #%'"),
+            "1",
+            "{}: the older one is renamed",
+            n.name
+        );
+        assert_eq!(
+            q("SELECT count(*) FROM res_users_settings WHERE user_id = 2"),
+            "1"
+        );
+        assert_eq!(
+            q("SELECT count(*) FROM mail_followers WHERE res_model = 'res.partner' AND res_id = 999999"),
+            "1"
+        );
+        let (_, status) = n.walsync(&["status"]);
+        assert!(!status.contains(" stopped "), "{}: {status}", n.name);
+    }
+    let parked: i64 = c
+        .nodes
+        .iter()
+        .map(|n| {
+            psql_odoo(
+                &n.pg,
+                "SELECT count(*) FROM walsync.conflicts WHERE outcome = 'parked'",
+            )
+            .parse::<i64>()
+            .unwrap()
+        })
+        .sum();
+    assert!(
+        parked >= 2,
+        "the settings and the follower are parked where they met: {parked}"
+    );
 }

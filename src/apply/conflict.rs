@@ -458,6 +458,12 @@ impl ApplyWorker {
         let remote = self.remote_version();
         let rule = self.policy_of(id).rule;
         for Collision { unique, local } in collisions {
+            if self.policy_of(id).park_unique.contains(&unique.name) {
+                let why = "the table's policy parks collisions on this key (park_unique)";
+                return self
+                    .park(id, kind, key, &new, Some(local), &unique.name, why)
+                    .await;
+            }
             let Some((column, limit)) = unique.renamable else {
                 let why = "it has no text column to rename the losing row's value in";
                 return self

@@ -128,6 +128,8 @@ struct RelationPolicy {
     /// Source column indexes of columns an open DDL warning says each node filled with
     /// its own values: left out when telling a sequential edit from a conflict.
     per_node_columns: Vec<usize>,
+    /// Unique indexes whose collisions park the incoming row rather than rename.
+    park_unique: Vec<String>,
     rule: Rule,
     merge_columns: bool,
 }
@@ -602,6 +604,7 @@ impl ApplyWorker {
                 counters: map.source_indexes_of(&p.counters),
                 local_columns: map.source_indexes_of(&p.local_columns),
                 per_node_columns: Vec::new(),
+                park_unique: p.park_unique.clone(),
                 rule: Rule {
                     prefer: p.prefer.as_deref().map(|n| format!("walsync_{n}")),
                 },
