@@ -8,6 +8,7 @@
 //!
 //! Pure modules (no I/O): [`pgoutput`], [`merge`], [`lsn`], [`config`] (parsing).
 
+pub mod advice;
 pub mod apply;
 pub mod cli;
 pub mod config;

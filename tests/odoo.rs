@@ -374,4 +374,44 @@ fn collisions_odoo_makes_during_a_cut_are_settled_or_parked_and_no_link_stops() 
         parked >= 2,
         "the settings and the follower are parked where they met: {parked}"
     );
+
+    // Seen coming: a second shop made with Odoo's defaults shares the POSS journal, and
+    // status and init say what a cut will do with it, and the fix.
+    psql_odoo(
+        &c.node("main").pg,
+        "INSERT INTO pos_config SELECT (jsonb_populate_record(NULL::pos_config, \
+           to_jsonb(p) || jsonb_build_object('id', nextval('pos_config_id_seq'), 'name', 'Shop 2'))).* \
+         FROM pos_config p WHERE p.name = 'Shop'",
+    );
+    let (_, status) = c.node("main").walsync(&["status"]);
+    assert!(
+        status.contains("share the sale journal POSS") && status.contains("its own sale journal"),
+        "{status}"
+    );
+    assert!(status.contains("ir_attachment.location"), "{status}");
+    assert!(
+        status.contains("settled by renaming") && status.contains("parking the second row"),
+        "{status}"
+    );
+    let (_, json) = c.node("main").walsync(&["status", "--json"]);
+    let v: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {json}"));
+    let listed = |k: &str, index: &str| {
+        v["setup"]["unique_keys"][k]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i.as_str().unwrap().ends_with(index))
+    };
+    assert!(listed("renamed", "account_move_unique_name"), "{json}");
+    assert!(
+        listed("parked", "res_users_settings_unique_user_id"),
+        "{json}"
+    );
+    assert!(
+        listed("parked", "mail_followers_res_partner_res_model_id_uniq"),
+        "{json}"
+    );
+    let (ok, init) = c.node("main").walsync(&["init"]);
+    assert!(ok && init.contains("share the sale journal POSS"), "{init}");
 }

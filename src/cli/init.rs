@@ -19,5 +19,12 @@ pub async fn run(arg: &ConfigArg) -> CliResult {
             println!("  {a}");
         }
     }
+    // What a cut will do with this setup, with the fixes (best effort: init succeeded).
+    let me = config.this_node();
+    if let Ok(client) = crate::node::connect::connect(&me.dsn, "walsync init").await {
+        if let Ok(setup) = crate::advice::gather(&client, &config).await {
+            super::status::print_setup(&setup);
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

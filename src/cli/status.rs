@@ -41,7 +41,8 @@ pub async fn run(args: StatusArgs) -> CliResult {
     }
     let me = config.this_node();
     let client = connect(&me.dsn, "walsync status").await?;
-    let report = gather(&client, config.cluster.step, config.status.alert_after_s).await?;
+    let mut report = gather(&client, config.cluster.step, config.status.alert_after_s).await?;
+    report["setup"] = crate::advice::gather(&client, &config).await?;
     let needs_human = report["problems"].as_array().is_some_and(|p| !p.is_empty());
     if args.json {
         super::print_out(&serde_json::to_string_pretty(&report)?);
@@ -162,6 +163,7 @@ fn print_text(name: &str, r: &Json) {
         );
         println!("  {}", w["statement"].as_str().unwrap_or(""));
     }
+    print_setup(&r["setup"]);
     let problems = r["problems"].as_array().cloned().unwrap_or_default();
     if problems.is_empty() {
         println!("\nnothing needs attention");
@@ -170,6 +172,20 @@ fn print_text(name: &str, r: &Json) {
         for p in problems {
             println!("  - {}", p.as_str().unwrap_or(""));
         }
+    }
+}
+
+/// Setup warnings (what a cut will do) and how unique-key collisions will be settled.
+pub fn print_setup(setup: &Json) {
+    let keys = &setup["unique_keys"];
+    let count = |k: &str| keys[k].as_array().map_or(0, |a| a.len());
+    println!(
+        "\nunique keys: {} settled by renaming the loser's value, {} parking the second row (status --json lists them)",
+        count("renamed"),
+        count("parked")
+    );
+    for w in setup["warnings"].as_array().cloned().unwrap_or_default() {
+        println!("  setup: {}", w.as_str().unwrap_or(""));
     }
 }
 

@@ -1,0 +1,181 @@
+//! Setups that will collide during a cut, seen before they do: `walsync init` and
+//! `walsync status` print these with the fix. Nothing here needs a person now (status
+//! does not exit 1 for them); they say what a cut will do.
+//!
+//! Generic: which unique indexes settle their collisions by renaming the loser's value
+//! and which park the incoming row (docs/conflicts.md). Odoo's, when its tables are
+//! there: PoS configs sharing a journal, `no_gap` sequences, attachments in the
+//! filestore, scheduled actions running on a branch (docs/odoo.md).
+
+use serde_json::{json, Value as Json};
+use tokio_postgres::Client;
+
+use crate::config::{Config, Topology};
+
+/// Setup warnings and the unique-key settlement of the node `client` is connected to.
+pub async fn gather(client: &Client, config: &Config) -> Result<Json, tokio_postgres::Error> {
+    let mut warnings = Vec::new();
+    let odoo: bool = client
+        .query_one(
+            "SELECT to_regclass('public.ir_module_module') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if odoo {
+        odoo_warnings(client, config, &mut warnings).await?;
+    }
+    let unique_keys = unique_key_settlement(client, config).await?;
+    Ok(json!({ "warnings": warnings, "unique_keys": unique_keys }))
+}
+
+/// Whether the table exists (an Odoo without that module has not got it).
+async fn has(client: &Client, table: &str) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await?
+        .get(0))
+}
+
+async fn odoo_warnings(
+    client: &Client,
+    config: &Config,
+    warnings: &mut Vec<String>,
+) -> Result<(), tokio_postgres::Error> {
+    if has(client, "public.pos_config").await? {
+        for r in client
+            .query(
+                "SELECT j.code::text, string_agg(c.name::text, ', ' ORDER BY c.id) \
+                 FROM pos_config c JOIN account_journal j ON j.id = c.journal_id \
+                 WHERE c.active GROUP BY j.code HAVING count(*) > 1",
+                &[],
+            )
+            .await?
+        {
+            let (journal, configs): (String, String) = (r.get(0), r.get(1));
+            warnings.push(format!(
+                "PoS configs {configs} share the sale journal {journal}: stores that post in it while cut off \
+                 post entries with the same name, which walsync renames (docs/odoo.md). Fix: give each store's \
+                 PoS config its own sale journal (Point of Sale > Configuration > Settings > Accounting)"
+            ));
+        }
+        if has(client, "public.pos_config_pos_payment_method_rel").await? {
+            for r in client
+                .query(
+                    "SELECT j.code::text, string_agg(DISTINCT c.name::text, ', ') \
+                     FROM pos_config_pos_payment_method_rel rel \
+                     JOIN pos_config c ON c.id = rel.pos_config_id AND c.active \
+                     JOIN pos_payment_method m ON m.id = rel.pos_payment_method_id \
+                     JOIN account_journal j ON j.id = m.journal_id \
+                     WHERE j.type IN ('cash', 'bank') GROUP BY j.code HAVING count(DISTINCT c.id) > 1",
+                    &[],
+                )
+                .await?
+            {
+                let (journal, configs): (String, String) = (r.get(0), r.get(1));
+                warnings.push(format!(
+                    "PoS configs {configs} take payments into the same {journal} journal: cash and bank \
+                     statements of two stores cut off at once collide. Fix: one cash (and bank) payment method \
+                     with its own journal per store"
+                ));
+            }
+        }
+    }
+    if has(client, "public.ir_sequence").await? {
+        let no_gap: i64 = client
+            .query_one(
+                "SELECT count(*) FROM ir_sequence WHERE implementation = 'no_gap' AND active",
+                &[],
+            )
+            .await?
+            .get(0);
+        if no_gap > 0 {
+            warnings.push(format!(
+                "{no_gap} no_gap sequence(s) (ir_sequence.implementation): each numbers from one shared row, \
+                 so two nodes using one while cut off hand out the same numbers. Fix: give each branch its own \
+                 (SELECT name, code FROM ir_sequence WHERE implementation = 'no_gap')"
+            ));
+        }
+    }
+    if has(client, "public.ir_config_parameter").await? {
+        let location: Option<String> = client
+            .query_opt(
+                "SELECT value FROM ir_config_parameter WHERE key = 'ir_attachment.location'",
+                &[],
+            )
+            .await?
+            .map(|r| r.get(0));
+        if location.as_deref().unwrap_or("file") == "file" {
+            warnings.push(
+                "attachments are stored in each node's filestore (ir_attachment.location is 'file'): their \
+                 rows replicate, their files do not. Fix: store them in the database, or sync the filestores \
+                 (docs/odoo.md, \"Attachments\")"
+                    .to_string(),
+            );
+        }
+    }
+    let branch = config.cluster.topology == Topology::Star
+        && config.cluster.hub.as_deref() != Some(config.node.name.as_str());
+    if branch && has(client, "public.ir_cron").await? {
+        let ran: i64 = client
+            .query_one(
+                "SELECT count(*) FROM ir_cron WHERE active AND lastcall > (now() AT TIME ZONE 'UTC') - interval '1 day'",
+                &[],
+            )
+            .await?
+            .get(0);
+        if ran > 0 {
+            warnings.push(format!(
+                "{ran} scheduled action(s) ran on this branch in the last day (ir_cron.lastcall): actions that \
+                 send mail or create records then run on several nodes over the same rows. Fix: start this \
+                 branch's Odoo with --max-cron-threads=0 (docs/odoo.md)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Every unique index other than a primary key on the replicated tables, by how its
+/// collisions are settled: `renamed` (a text column in its key) or `parked` (none, or
+/// the table's `park_unique`).
+async fn unique_key_settlement(
+    client: &Client,
+    config: &Config,
+) -> Result<Json, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT n.nspname::text, t.relname::text, c.relname::text, \
+               EXISTS (SELECT 1 FROM pg_attribute a \
+                       WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]) \
+                         AND a.atttypid IN ('text'::regtype, 'varchar'::regtype)) \
+               OR (i.indexprs IS NOT NULL AND EXISTS ( \
+                       SELECT 1 FROM pg_depend d JOIN pg_attribute a \
+                         ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
+                       WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid \
+                         AND a.atttypid IN ('text'::regtype, 'varchar'::regtype))) \
+             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace \
+             WHERE i.indisunique AND NOT i.indisprimary AND t.relkind IN ('r', 'p') \
+               AND n.nspname NOT IN ('walsync', 'pg_catalog', 'information_schema') \
+               AND n.nspname NOT LIKE 'pg\\_%' \
+             ORDER BY 1, 2, 3",
+            &[],
+        )
+        .await?;
+    let mut renamed = Vec::new();
+    let mut parked = Vec::new();
+    for r in &rows {
+        let (schema, table, index, text): (String, String, String, bool) =
+            (r.get(0), r.get(1), r.get(2), r.get(3));
+        let policy_parks = config.tables.iter().any(|t| {
+            t.qualified() == (schema.clone(), table.clone()) && t.park_unique.contains(&index)
+        });
+        let name = format!("{schema}.{table}: {index}");
+        if text && !policy_parks {
+            renamed.push(name);
+        } else {
+            parked.push(name);
+        }
+    }
+    Ok(json!({ "renamed": renamed, "parked": parked }))
+}
