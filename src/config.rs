@@ -26,12 +26,9 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("config file {path}: {source}")]
-    Parse {
-        path: PathBuf,
-        #[source]
-        source: toml::de::Error,
-    },
+    /// The parser's message with any password in the echoed line masked.
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
     #[error("environment variable {var}: {reason}")]
     Env { var: String, reason: String },
     #[error("config: {0}")]
@@ -295,19 +292,44 @@ impl Dsn {
         &self.0
     }
 
-    /// The settings tokio-postgres reads; the TLS parameters are in [`Dsn::tls`].
+    /// The settings tokio-postgres reads; the TLS parameters are in [`Dsn::tls`]. A DSN
+    /// without a password takes it from the password file, as libpq does
+    /// (crate::node::passfile).
     pub fn parse(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        let (rest, _) = self.split()?;
-        rest.parse()
-            .map_err(|e| ConfigError::Invalid(format!("dsn {self} does not parse: {e}; use a URL (postgres://user@host:5432/db) or key=value pairs")))
+        let (rest, taken) = self.split()?;
+        let mut cfg: tokio_postgres::Config = rest
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("dsn {self} does not parse: {e}; use a URL (postgres://user@host:5432/db) or key=value pairs")))?;
+        if cfg.get_password().is_none() {
+            if let Some(path) = crate::node::passfile::location(taken.passfile.as_deref()) {
+                let host = crate::node::connect::host_of(&cfg);
+                let port = cfg.get_ports().first().copied().unwrap_or(5432);
+                let user = cfg.get_user().unwrap_or("postgres").to_string();
+                let db = cfg.get_dbname().unwrap_or(&user).to_string();
+                if let Some(pw) = crate::node::passfile::lookup(&path, &host, port, &db, &user) {
+                    cfg.password(pw);
+                }
+            }
+        }
+        Ok(cfg)
     }
 
     /// The TLS parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`).
     pub fn tls(&self) -> Result<crate::node::tls::TlsSettings, ConfigError> {
-        Ok(self.split()?.1)
+        Ok(self.split()?.1.tls)
     }
 
-    fn split(&self) -> Result<(String, crate::node::tls::TlsSettings), ConfigError> {
+    /// The DSN for a libpq program (pg_dump, pg_restore) and its password apart, to pass
+    /// in `PGPASSWORD` rather than on a command line everyone on the host can read.
+    pub fn for_libpq(&self) -> Result<(String, Option<String>), ConfigError> {
+        let password = self
+            .parse()?
+            .get_password()
+            .map(|p| String::from_utf8_lossy(p).into_owned());
+        Ok((without_password(&self.0), password))
+    }
+
+    fn split(&self) -> Result<(String, crate::node::tls::Taken), ConfigError> {
         crate::node::tls::split_dsn(&self.0)
             .map_err(|e| ConfigError::Invalid(format!("dsn {self}: {e}")))
     }
@@ -322,6 +344,45 @@ impl fmt::Display for Dsn {
 impl fmt::Debug for Dsn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Dsn({self})")
+    }
+}
+
+/// A connection string without its password (URL userinfo or `password` pair).
+fn without_password(dsn: &str) -> String {
+    if let Some((scheme, rest)) = dsn.split_once("://") {
+        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let rest = match rest[..authority_end].rfind('@') {
+            Some(at) => match rest[..at].find(':') {
+                Some(colon) => format!("{}{}", &rest[..colon], &rest[at..]),
+                None => rest.to_string(),
+            },
+            None => rest.to_string(),
+        };
+        // A password in the query: drop that parameter.
+        let rest = match rest.split_once('?') {
+            Some((base, query)) => {
+                let kept: Vec<&str> = query
+                    .split('&')
+                    .filter(|p| !p.starts_with("password="))
+                    .collect();
+                if kept.is_empty() {
+                    base.to_string()
+                } else {
+                    format!("{base}?{}", kept.join("&"))
+                }
+            }
+            None => rest,
+        };
+        return format!("{scheme}://{rest}");
+    }
+    match crate::node::tls::key_values(dsn) {
+        Ok(pairs) => pairs
+            .into_iter()
+            .filter(|(k, _, _)| k != "password")
+            .map(|(_, _, raw)| raw)
+            .collect::<Vec<_>>()
+            .join(" "),
+        Err(_) => dsn.to_string(),
     }
 }
 
@@ -353,18 +414,47 @@ pub fn redact_password(dsn: &str) -> String {
 fn redact_kv(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
-    while let Some(pos) = rest.find("password=") {
-        out.push_str(&rest[..pos + "password=".len()]);
-        out.push_str("***");
-        let after = &rest[pos + "password=".len()..];
-        let end = if let Some(quoted) = after.strip_prefix('\'') {
-            quoted.find('\'').map(|i| i + 2).unwrap_or(after.len())
-        } else {
-            after.find([' ', '&']).unwrap_or(after.len())
+    while let Some(pos) = rest.find("password") {
+        let after_key = &rest[pos + "password".len()..];
+        let trimmed = after_key.trim_start();
+        let Some(value) = trimmed.strip_prefix('=') else {
+            out.push_str(&rest[..pos + "password".len()]);
+            rest = after_key;
+            continue;
         };
-        rest = &after[end..];
+        let value = value.trim_start();
+        out.push_str(&rest[..pos]);
+        out.push_str("password=***");
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            quoted.find('\'').map(|i| i + 2).unwrap_or(value.len())
+        } else {
+            value.find([' ', '&', '"', '\n']).unwrap_or(value.len())
+        };
+        rest = &value[end..];
     }
     out.push_str(rest);
+    out
+}
+
+/// Masks every password in free text that may quote connection strings (a TOML parse
+/// error echoes the offending line): URL userinfo and `password = ...` pairs.
+pub fn redact_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find("://") {
+        let start = rest[..pos]
+            .rfind(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        let end = rest[pos..]
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+            .map(|i| pos + i)
+            .unwrap_or(rest.len());
+        out.push_str(&redact_kv(&rest[..start]));
+        out.push_str(&redact_password(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(&redact_kv(rest));
     out
 }
 
@@ -409,9 +499,9 @@ impl Config {
         path: &Path,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
-        let parse_err = |source| ConfigError::Parse {
+        let parse_err = |source: toml::de::Error| ConfigError::Parse {
             path: path.to_path_buf(),
-            source,
+            message: redact_text(&source.to_string()),
         };
         let mut table: toml::Table = toml::from_str(text).map_err(parse_err)?;
         let overridden = apply_env(&mut table, env)?;
@@ -599,10 +689,38 @@ fn apply_env(
     table: &mut toml::Table,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<bool, ConfigError> {
-    let mut vars: Vec<(String, String)> = env
+    let given: Vec<(String, String)> = env
         .into_iter()
         .filter(|(k, _)| k.starts_with("WALSYNC_"))
         .collect();
+    // `WALSYNC_<X>_FILE=/path`: the value of WALSYNC_<X> read from that file (container
+    // secrets, a DSN with its password kept out of the environment). Both is an error.
+    let mut vars: Vec<(String, String)> = Vec::with_capacity(given.len());
+    for (var, raw) in &given {
+        let lower = var.to_ascii_lowercase();
+        let Some(base) = var.strip_suffix("_FILE").filter(|_| {
+            !NOT_CONFIG_PREFIXES
+                .iter()
+                .any(|p| lower["walsync_".len()..].starts_with(p))
+        }) else {
+            vars.push((var.clone(), raw.clone()));
+            continue;
+        };
+        if given.iter().any(|(k, _)| k == base) {
+            return Err(ConfigError::Env {
+                var: var.clone(),
+                reason: format!("{base} is set too: set one of them"),
+            });
+        }
+        let text = std::fs::read_to_string(raw).map_err(|e| ConfigError::Env {
+            var: var.clone(),
+            reason: format!("cannot read {raw}: {e}"),
+        })?;
+        vars.push((
+            base.to_string(),
+            text.trim_end_matches(['\n', '\r']).to_string(),
+        ));
+    }
     vars.sort();
     let mut changed = false;
     for (var, raw) in vars {

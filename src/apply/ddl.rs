@@ -8,7 +8,7 @@
 //! replayed statement is not captured again.
 
 use super::{ApplyError, ApplyWorker, Gone};
-use crate::ddl::{altered_table, columns_filled_per_node, statement_to_replay};
+use crate::ddl::{altered_table, columns_filled_per_node, redact_secrets, statement_to_replay};
 use crate::merge::statements::quote_ident;
 use crate::pgoutput::Insert;
 
@@ -43,7 +43,7 @@ impl ApplyWorker {
         let id = format!("{origin}/{seq}");
         let statement = statement_to_replay(&query, index).map_err(|e| ApplyError::Ddl {
             id: id.clone(),
-            statement: query.clone(),
+            statement: redact_secrets(&query),
             reason: e.to_string(),
         })?;
         // Everything before the DDL, in stream order, first.
@@ -70,12 +70,12 @@ impl ApplyWorker {
             tracing::warn!(link = %self.link, ddl = %id, "skipping ddl as the operator asked (walsync ddl-replay --skip)");
             return Ok(true);
         }
-        tracing::info!(link = %self.link, ddl = %id, statement = %statement, "replaying ddl");
+        tracing::info!(link = %self.link, ddl = %id, statement = %redact_secrets(&statement), "replaying ddl");
         run_captured_ddl(&self.client, &search_path, &role, &statement)
             .await
             .map_err(|e| ApplyError::Ddl {
                 id: id.clone(),
-                statement: statement.clone(),
+                statement: redact_secrets(&statement),
                 reason: super::server_message(&e),
             })?;
         // Tables here may have changed shape: their maps are read again when next needed.

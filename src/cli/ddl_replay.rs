@@ -127,6 +127,7 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
     pending.sort_by(|a, b| (&a.captured_at, &a.key).cmp(&(&b.captured_at, &b.key)));
     for p in &pending {
         let statement = statement_to_replay(&p.query, p.statement_index)
+            .map(|s| crate::ddl::redact_secrets(&s))
             .unwrap_or_else(|e| format!("(cannot replay: {e})"));
         let mark = if p.skip { "  [to skip]" } else { "" };
         println!(

@@ -317,8 +317,16 @@ fn copy(
         }
         Ok(())
     };
+    // Passwords go to the programs in PGPASSWORD, not on their command lines (which
+    // every user of the host can read in the process list).
+    let (source_dsn, source_password) = source.dsn.for_libpq()?;
+    let (my_dsn, my_password) = me.dsn.for_libpq()?;
+    let mut dump_cmd = Command::new(pg_program("pg_dump"));
+    if let Some(pw) = &source_password {
+        dump_cmd.env("PGPASSWORD", pw);
+    }
     run(
-        Command::new(pg_program("pg_dump"))
+        dump_cmd
             .args([
                 "--format=custom",
                 "--exclude-schema=walsync",
@@ -331,7 +339,7 @@ fn copy(
             .arg("--file")
             .arg(dump)
             .arg("--dbname")
-            .arg(source.dsn.expose()),
+            .arg(&source_dsn),
         &format!("pg_dump of {}", source.name),
     )?;
     // Everything but what belongs to walsync on the source: its event triggers (their
@@ -354,11 +362,15 @@ fn copy(
         .collect();
     let list_file = dump.with_extension("list");
     std::fs::write(&list_file, keep)?;
-    let mut child = Command::new(pg_program("pg_restore"))
+    let mut restore_cmd = Command::new(pg_program("pg_restore"));
+    if let Some(pw) = &my_password {
+        restore_cmd.env("PGPASSWORD", pw);
+    }
+    let mut child = restore_cmd
         .args(["--verbose", "--exit-on-error", "--use-list"])
         .arg(&list_file)
         .arg("--dbname")
-        .arg(me.dsn.expose())
+        .arg(&my_dsn)
         .arg(dump)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -115,6 +115,34 @@ fn passwords_are_masked_in_display_and_debug() {
         redact_password("postgres://u@h/d?password=x&sslmode=off"),
         "postgres://u@h/d?password=***&sslmode=off"
     );
+    assert_eq!(
+        redact_password("host=h password = secret dbname=d"),
+        "host=h password=*** dbname=d"
+    );
+    // A TOML error echoes the line it stopped at: no password in it.
+    let broken = BRANCH.replacen("dsn = \"", "dsn = \"host=h password = hunter2 ", 1) + "\n[node\n";
+    let err = load(&broken, &[]).unwrap_err().to_string();
+    assert!(!err.contains("hunter2") && !err.contains("s3cret"), "{err}");
+    let err = Config::from_toml(
+        "[node]\ndsn = \"postgres://u:hunter2@h/d\" x\n",
+        std::path::Path::new("c.toml"),
+        Vec::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(!err.contains("hunter2"), "{err}");
+}
+
+#[test]
+fn a_dsn_for_pg_dump_carries_no_password() {
+    let dsn = Dsn::new("host=h user=u password='a b' dbname=d");
+    let (text, password) = dsn.for_libpq().unwrap();
+    assert_eq!(text, "host=h user=u dbname=d");
+    assert_eq!(password.as_deref(), Some("a b"));
+    let dsn = Dsn::new("postgres://u:pw@h:5432/d?sslmode=disable");
+    let (text, password) = dsn.for_libpq().unwrap();
+    assert_eq!(text, "postgres://u@h:5432/d?sslmode=disable");
+    assert_eq!(password.as_deref(), Some("pw"));
 }
 
 #[test]
@@ -241,4 +269,34 @@ fn a_local_table_sets_nothing_else() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("local = true"), "{err}");
+}
+
+#[test]
+fn a_setting_can_come_from_a_file_named_by_a_file_variable() {
+    let dir = std::env::temp_dir().join(format!("walsync-secret-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let secret = dir.join("dsn");
+    std::fs::write(
+        &secret,
+        "host=db user=walsync password=from-a-secret dbname=odoo\n",
+    )
+    .unwrap();
+    let file_var = ("WALSYNC_NODE_DSN_FILE", secret.to_str().unwrap());
+    let c = load(BRANCH, &[file_var]).unwrap();
+    assert_eq!(
+        c.node.dsn.expose(),
+        "host=db user=walsync password=from-a-secret dbname=odoo"
+    );
+    let both = load(BRANCH, &[file_var, ("WALSYNC_NODE_DSN", "host=x")])
+        .unwrap_err()
+        .to_string();
+    assert!(both.contains("set one of them"), "{both}");
+    let missing = load(BRANCH, &[("WALSYNC_NODE_DSN_FILE", "/nonexistent/walsync")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        missing.contains("cannot read /nonexistent/walsync"),
+        "{missing}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }

@@ -154,6 +154,44 @@ pub fn columns_filled_per_node(statement: &str) -> Vec<String> {
     columns
 }
 
+/// `statement` with the literal after every `password` masked, for logs and messages:
+/// `CREATE USER MAPPING ... OPTIONS (password 'x')` replicates like any DDL, but its
+/// secret never appears in clear outside the statement that runs.
+pub fn redact_secrets(statement: &str) -> String {
+    let lower = statement.to_ascii_lowercase();
+    let mut out = String::with_capacity(statement.len());
+    let mut from = 0;
+    while let Some(found) = lower[from..].find("password") {
+        let after = from + found + "password".len();
+        let rest = &statement[after..];
+        let skipped = rest.len() - rest.trim_start_matches([' ', '\t', '\n', '=']).len();
+        let literal_at = after + skipped;
+        if statement[literal_at..].starts_with('\'') {
+            // The literal ends at a quote not doubled ('' is a quote inside it).
+            let bytes = statement.as_bytes();
+            let mut i = literal_at + 1;
+            while i < bytes.len() {
+                if bytes[i] == b'\'' {
+                    if bytes.get(i + 1) == Some(&b'\'') {
+                        i += 2;
+                        continue;
+                    }
+                    break;
+                }
+                i += 1;
+            }
+            out.push_str(&statement[from..literal_at]);
+            out.push_str("'***'");
+            from = (i + 1).min(statement.len());
+        } else {
+            out.push_str(&statement[from..after]);
+            from = after;
+        }
+    }
+    out.push_str(&statement[from..]);
+    out
+}
+
 /// The table an `ALTER TABLE` statement changes: (schema if written, name).
 pub fn altered_table(statement: &str) -> Option<(Option<String>, String)> {
     let parsed = pg_query::parse(statement, pg_query::ParserOptions::DEFAULT).ok()?;
@@ -306,6 +344,22 @@ mod tests {
         assert!(
             columns_filled_per_node("CREATE TABLE t (at timestamp DEFAULT now())").is_empty(),
             "a new table has no rows"
+        );
+    }
+
+    #[test]
+    fn passwords_in_captured_ddl_are_masked_for_logs() {
+        assert_eq!(
+            redact_secrets("CREATE USER MAPPING FOR odoo SERVER hq OPTIONS (user 'u', password 'it''s secret')"),
+            "CREATE USER MAPPING FOR odoo SERVER hq OPTIONS (user 'u', password '***')"
+        );
+        assert_eq!(
+            redact_secrets("ALTER USER MAPPING FOR odoo SERVER hq OPTIONS (SET PASSWORD 'x')"),
+            "ALTER USER MAPPING FOR odoo SERVER hq OPTIONS (SET PASSWORD '***')"
+        );
+        assert_eq!(
+            redact_secrets("CREATE TABLE password_policy (id int)"),
+            "CREATE TABLE password_policy (id int)"
         );
     }
 

@@ -3,5 +3,6 @@
 pub mod connect;
 pub mod fence;
 pub mod names;
+pub mod passfile;
 pub mod setup;
 pub mod tls;

@@ -97,8 +97,10 @@ pub struct TlsSettings {
     pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
-/// The libpq keys this module takes out of a DSN.
+/// The libpq keys this module takes out of a DSN (the TLS ones, and `passfile`, which
+/// crate::node::passfile reads).
 const TLS_KEYS: &[&str] = &[
+    "passfile",
     "sslmode",
     "sslrootcert",
     "sslcert",
@@ -110,9 +112,18 @@ const TLS_KEYS: &[&str] = &[
     "sslcompression",
 ];
 
-/// Splits a DSN into what tokio-postgres reads (TLS keys removed, `sslmode` mapped to one
-/// of its three) and the TLS settings. Errors name the parameter and what to write.
-pub fn split_dsn(dsn: &str) -> Result<(String, TlsSettings), String> {
+/// What [`split_dsn`] takes out of a DSN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Taken {
+    pub tls: TlsSettings,
+    /// The DSN's `passfile`, if it names one.
+    pub passfile: Option<String>,
+}
+
+/// Splits a DSN into what tokio-postgres reads (TLS keys and `passfile` removed, `sslmode`
+/// mapped to one of its three) and what was taken out. Errors name the parameter and
+/// what to write.
+pub fn split_dsn(dsn: &str) -> Result<(String, Taken), String> {
     let (rest, pairs) =
         if let Some((base, query)) = dsn.split_once("://").and_then(|_| dsn.split_once('?')) {
             let mut kept = Vec::new();
@@ -222,18 +233,22 @@ pub fn split_dsn(dsn: &str) -> Result<(String, TlsSettings), String> {
     } else {
         format!("{rest}{sep}sslmode={pg_mode}")
     };
+    let passfile = value("passfile").map(str::to_string);
     Ok((
         rest,
-        TlsSettings {
-            mode,
-            root_cert,
-            client_cert,
+        Taken {
+            tls: TlsSettings {
+                mode,
+                root_cert,
+                client_cert,
+            },
+            passfile,
         },
     ))
 }
 
 /// `key=value` pairs of a libpq connection string: key, unquoted value, raw text.
-fn key_values(s: &str) -> Result<Vec<(String, String, String)>, String> {
+pub(crate) fn key_values(s: &str) -> Result<Vec<(String, String, String)>, String> {
     let mut out = Vec::new();
     let mut chars = s.char_indices().peekable();
     loop {
@@ -627,10 +642,12 @@ mod tests {
 
     #[test]
     fn url_query_parameters_are_taken_out_and_the_rest_kept() {
-        let (rest, tls) = split_dsn(
-            "postgres://u:p@db.example:5432/odoo?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.crt&application_name=x",
+        let (rest, taken) = split_dsn(
+            "postgres://u:p@db.example:5432/odoo?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.crt&application_name=x&passfile=%2Fp",
         )
         .unwrap();
+        let tls = taken.tls;
+        assert_eq!(taken.passfile.as_deref(), Some("/p"));
         assert_eq!(
             rest,
             "postgres://u:p@db.example:5432/odoo?application_name=x&sslmode=require"
@@ -646,6 +663,7 @@ mod tests {
             "host=db port=5432 password='it\\'s secret' sslmode = verify-ca sslrootcert='/etc/my ca.crt' dbname=odoo",
         )
         .unwrap_or_else(|e| panic!("{e}"));
+        let tls = tls.tls;
         assert_eq!(tls.mode, SslMode::VerifyCa);
         assert_eq!(
             tls.root_cert,
@@ -659,12 +677,12 @@ mod tests {
     #[test]
     fn the_default_is_prefer_and_require_with_a_root_certificate_checks_the_chain() {
         let (rest, tls) = split_dsn("postgres://u@h/db").unwrap();
-        assert_eq!(tls.mode, SslMode::Prefer);
+        assert_eq!(tls.tls.mode, SslMode::Prefer);
         assert_eq!(rest, "postgres://u@h/db?sslmode=prefer");
         let (_, tls) = split_dsn("host=h sslmode=require sslrootcert=/ca.crt").unwrap();
-        assert_eq!(tls.mode, SslMode::VerifyCa);
+        assert_eq!(tls.tls.mode, SslMode::VerifyCa);
         let (_, tls) = split_dsn("host=h sslmode=disable").unwrap();
-        assert_eq!(tls.mode, SslMode::Disable);
+        assert_eq!(tls.tls.mode, SslMode::Disable);
     }
 
     #[test]
@@ -686,7 +704,9 @@ mod tests {
 
     #[test]
     fn a_verify_full_replication_connection_to_an_address_checks_that_address() {
-        let (_, tls) = split_dsn("host=127.0.0.1 sslmode=verify-full sslrootcert=/ca.crt").unwrap();
+        let (_, taken) =
+            split_dsn("host=127.0.0.1 sslmode=verify-full sslrootcert=/ca.crt").unwrap();
+        let tls = taken.tls;
         let r = tls.replication("127.0.0.1");
         assert_eq!(r.mode, pgwire_replication::SslMode::VerifyFull);
         assert_eq!(r.sni_hostname.as_deref(), Some("127.0.0.1"));
