@@ -52,6 +52,39 @@ fn metrics_health_and_readiness_are_served_by_the_sidecar() {
     );
     assert_eq!(get(port, "/readyz").0, "HTTP/1.1 200 OK");
     assert_eq!(get(port, "/nope").0, "HTTP/1.1 404 Not Found");
+    // Many scrapers at once: one report, over one connection to the node.
+    let main = c.node("main");
+    let most = std::sync::atomic::AtomicI64::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let scrapers: Vec<_> = (0..16)
+            .map(|_| {
+                s.spawn(|| {
+                    for _ in 0..5 {
+                        assert!(get(port, "/metrics").1.contains("walsync_node_up"));
+                    }
+                })
+            })
+            .collect();
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let n: i64 = main
+                    .sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'walsync metrics'")
+                    .parse()
+                    .unwrap();
+                most.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        for t in scrapers {
+            t.join().unwrap();
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    assert_eq!(
+        most.load(std::sync::atomic::Ordering::Relaxed),
+        1,
+        "one metrics connection whatever the number of scrapers"
+    );
     let body = std::cell::RefCell::new(String::new());
     wait_for(
         "the link into main to show as streaming with its transaction",

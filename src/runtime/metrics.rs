@@ -1,10 +1,14 @@
 //! The sidecar's HTTP endpoint (`[metrics] listen`): `/metrics` in Prometheus' text format,
-//! `/healthz` (the sidecar answers) and `/readyz` (its node's database answers and walsync
-//! is initialised there). Each scrape reads the node's report ([`crate::report`]) fresh,
-//! so the figures are those `walsync status` shows. A bare HTTP/1.1 server: one request
-//! per connection, GET only, no dependency for it.
+//! `/healthz` (the sidecar answers) and `/readyz` (its node's database answers, walsync
+//! is initialised there and nothing needs a person). Both read the node's report
+//! ([`crate::report`]), the figures `walsync status` shows, from a cache at most
+//! [`REPORT_MAX_AGE`] old, filled over one database connection kept for it: however many
+//! scrapers ask, the node sees at most one walsync metrics session and one report per
+//! interval. A bare HTTP/1.1 server: one request per connection, GET only, no dependency
+//! for it.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::Value as Json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,7 +27,51 @@ type SlotFlag = (&'static str, &'static str, fn(&Json) -> bool);
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 const REQUEST_MAX: usize = 8192;
 
+/// A report this recent is served again rather than read anew.
+pub const REPORT_MAX_AGE: Duration = Duration::from_secs(2);
+
+/// The last report read, and the one connection it is read over.
+#[derive(Default)]
+struct Cache {
+    client: Option<tokio_postgres::Client>,
+    report: Option<(Instant, Result<Json, String>)>,
+}
+
+/// Shared by every request. A tokio mutex, held across the report's queries on purpose:
+/// a request that finds the report stale reads it while the others wait for that read,
+/// so one connection and one read serve them all.
+type SharedCache = Arc<tokio::sync::Mutex<Cache>>;
+
+/// The node's report, at most [`REPORT_MAX_AGE`] old.
+async fn report(config: &Config, cache: &SharedCache) -> Result<Json, String> {
+    let mut cache = cache.lock().await;
+    if let Some((at, r)) = &cache.report {
+        if at.elapsed() < REPORT_MAX_AGE {
+            return r.clone();
+        }
+    }
+    if cache.client.as_ref().is_none_or(|c| c.is_closed()) {
+        let me = config.this_node();
+        cache.client = connect(&me.dsn, "walsync metrics").await.ok();
+    }
+    let r = match &cache.client {
+        Some(client) => gather(client, config.cluster.step, config.status.alert_after_s)
+            .await
+            .map_err(|e| e.to_string()),
+        None => Err(format!(
+            "cannot reach node {}'s database",
+            config.this_node().name
+        )),
+    };
+    if r.is_err() {
+        cache.client = None;
+    }
+    cache.report = Some((Instant::now(), r.clone()));
+    r
+}
+
 pub async fn serve(listener: TcpListener, config: Config, mut shutdown: ShutdownRx) {
+    let cache = SharedCache::default();
     loop {
         let (socket, _) = tokio::select! {
             biased;
@@ -37,15 +85,20 @@ pub async fn serve(listener: TcpListener, config: Config, mut shutdown: Shutdown
             },
         };
         let config = config.clone();
+        let cache = cache.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(socket, &config).await {
+            if let Err(e) = answer(socket, &config, &cache).await {
                 debug!(error = %e, "metrics endpoint: request failed");
             }
         });
     }
 }
 
-async fn answer(mut socket: TcpStream, config: &Config) -> std::io::Result<()> {
+async fn answer(
+    mut socket: TcpStream,
+    config: &Config,
+    cache: &SharedCache,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(1024);
     let read = tokio::time::timeout(REQUEST_DEADLINE, async {
         let mut chunk = [0u8; 1024];
@@ -67,11 +120,11 @@ async fn answer(mut socket: TcpStream, config: &Config) -> std::io::Result<()> {
     let (method, path) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
     let (status, body) = match (method, path) {
         ("GET", "/healthz") => ("200 OK", "ok\n".to_string()),
-        ("GET", "/readyz") => match ready(config).await {
+        ("GET", "/readyz") => match ready(config, cache).await {
             Ok(()) => ("200 OK", "ready\n".to_string()),
             Err(why) => ("503 Service Unavailable", format!("not ready: {why}\n")),
         },
-        ("GET", "/metrics") => ("200 OK", metrics(config).await),
+        ("GET", "/metrics") => ("200 OK", metrics(config, cache).await),
         ("GET", _) => (
             "404 Not Found",
             "not found: try /metrics, /healthz or /readyz\n".to_string(),
@@ -95,14 +148,10 @@ async fn answer(mut socket: TcpStream, config: &Config) -> std::io::Result<()> {
 /// Ready: the node's database answers, walsync is initialised there, and nothing needs
 /// a person (the problems `walsync status` lists, which age in: a link down or
 /// retrying, or a slot without a reader, for longer than `[status] alert_after_s`).
-async fn ready(config: &Config) -> Result<(), String> {
-    let me = config.this_node();
-    let client = connect(&me.dsn, "walsync readyz")
+async fn ready(config: &Config, cache: &SharedCache) -> Result<(), String> {
+    let report = report(config, cache)
         .await
-        .map_err(|e| e.to_string())?;
-    let report = gather(&client, config.cluster.step, config.status.alert_after_s)
-        .await
-        .map_err(|e| format!("node {}: {e}", me.name))?;
+        .map_err(|e| format!("node {}: {e}", config.this_node().name))?;
     match report["problems"].as_array() {
         Some(problems) if !problems.is_empty() => Err(problems
             .iter()
@@ -113,16 +162,9 @@ async fn ready(config: &Config) -> Result<(), String> {
     }
 }
 
-async fn metrics(config: &Config) -> String {
-    let me = config.this_node();
-    let node = me.name.to_string();
-    let report = match connect(&me.dsn, "walsync metrics").await {
-        Ok(client) => gather(&client, config.cluster.step, config.status.alert_after_s)
-            .await
-            .map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    match report {
+async fn metrics(config: &Config, cache: &SharedCache) -> String {
+    let node = config.this_node().name.to_string();
+    match report(config, cache).await {
         Ok(r) => render(&node, Some(&r)),
         Err(e) => {
             debug!(error = %e, "metrics: cannot read the node");
