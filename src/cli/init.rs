@@ -5,8 +5,18 @@ use std::process::ExitCode;
 use super::{CliResult, ConfigArg};
 use crate::node::setup::init_node;
 
-pub async fn run(arg: &ConfigArg) -> CliResult {
-    let config = arg.load()?;
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Grant ROLE what a sidecar needs here, so that `walsync run` can use it instead of
+    /// a superuser (init itself runs as a superuser); the statements are printed.
+    #[arg(long, value_name = "ROLE")]
+    pub grant_to: Option<String>,
+}
+
+pub async fn run(args: &InitArgs) -> CliResult {
+    let config = args.config.load()?;
     let report = init_node(&config).await?;
     if report.actions.is_empty() {
         println!(
@@ -19,8 +29,24 @@ pub async fn run(arg: &ConfigArg) -> CliResult {
             println!("  {a}");
         }
     }
-    // What a cut will do with this setup, with the fixes (best effort: init succeeded).
     let me = config.this_node();
+    if let Some(role) = &args.grant_to {
+        let client = crate::node::connect::connect(&me.dsn, "walsync init").await?;
+        // Replica mode: these GRANTs are this node's own setup, not DDL for the peers.
+        client
+            .batch_execute("SET session_replication_role = replica")
+            .await?;
+        let apps = crate::node::rights::app_roles(&client).await?;
+        println!("node {}: granted {role} what a sidecar needs:", me.name);
+        for statement in crate::node::rights::grant_statements(role, &apps) {
+            client
+                .batch_execute(&statement)
+                .await
+                .map_err(|e| format!("{statement}: {}", crate::apply::server_message(&e)))?;
+            println!("  {statement};");
+        }
+    }
+    // What a cut will do with this setup, with the fixes (best effort: init succeeded).
     if let Ok(client) = crate::node::connect::connect(&me.dsn, "walsync init").await {
         if let Ok(setup) = crate::advice::gather(&client, &config).await {
             super::status::print_setup(&setup);

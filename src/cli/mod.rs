@@ -47,7 +47,7 @@ impl ConfigArg {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Prepare this node: check settings, create schema walsync, publication, slots, origins.
-    Init(ConfigArg),
+    Init(init::InitArgs),
     /// Run the sidecar: stream and apply this node's links until stopped (Ctrl-C / SIGTERM).
     Run(ConfigArg),
     /// Show walsync on three throwaway local PostgreSQL clusters: write, cut, heal, converge.
@@ -90,7 +90,7 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Init(c) => init::run(&c).await,
+            Command::Init(a) => init::run(&a).await,
             Command::Run(c) => run::run(&c).await,
             Command::Demo(a) => demo::run(a).await,
             Command::Bench(a) => bench::run(a).await,

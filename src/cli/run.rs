@@ -13,6 +13,7 @@ pub async fn run(arg: &ConfigArg) -> CliResult {
     let config = arg.load()?;
     check_initialised(&config).await?;
     refuse_if_removed(&config).await?;
+    check_rights(&config).await?;
     let (tx, rx) = shutdown_channel();
     if let Some(addr) = config.metrics.listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -29,6 +30,26 @@ pub async fn run(arg: &ConfigArg) -> CliResult {
     info!(node = %config.node.name, id = config.node.id, "sidecar starting");
     run_sidecar(&config, rx).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// A sidecar whose role is not a superuser needs the rights crate::node::rights lists on
+/// its node; it refuses to start without them, naming each with its GRANT.
+async fn check_rights(config: &crate::config::Config) -> Result<(), String> {
+    let me = config.this_node();
+    let Ok(client) = connect(&me.dsn, "walsync run check").await else {
+        return Ok(()); // unreachable now: the links say so and retry
+    };
+    let missing = crate::node::rights::missing(&client)
+        .await
+        .map_err(|e| format!("checking the sidecar's rights on node {}: {e}", me.name))?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "the sidecar's role lacks rights on node {} (run these as a superuser there, or walsync init --grant-to ROLE):\n  - {}",
+        me.name,
+        missing.join("\n  - ")
+    ))
 }
 
 /// A removed node's sidecar exits instead of resuming, when its own database or any

@@ -4,5 +4,6 @@ pub mod connect;
 pub mod fence;
 pub mod names;
 pub mod passfile;
+pub mod rights;
 pub mod setup;
 pub mod tls;

@@ -1,0 +1,82 @@
+//! A cluster whose sidecars connect with no superuser: `init --grant-to` gives the
+//! sidecar's role what it needs and says so, and `run` names a missing right.
+
+mod support;
+
+use support::*;
+use walsync::localpg::LocalCluster;
+
+#[test]
+fn a_cluster_runs_with_no_superuser_in_the_sidecars_dsns() {
+    // The tables belong to an application role, as Odoo's belong to odoo.
+    let prepare = |pg: &LocalCluster| {
+        pg.psql("CREATE ROLE shop LOGIN; GRANT CREATE ON SCHEMA public TO shop")
+            .unwrap();
+        pg.psql(&format!("SET ROLE shop; {RETAIL_SCHEMA}")).unwrap();
+    };
+    let mut c = TestCluster::new_in(
+        "least-privilege",
+        Topology::Mesh,
+        &["a", "b"],
+        "postgres",
+        &prepare,
+        "",
+    );
+    // init ran as a superuser; it grants the sidecar's role its rights and prints them.
+    for n in &c.nodes {
+        n.sql("CREATE ROLE walsync LOGIN");
+        let (ok, out) = n.walsync(&["init", "--grant-to", "walsync"]);
+        assert!(ok, "{out}");
+        assert!(
+            out.contains("GRANT SET ON PARAMETER session_replication_role TO \"walsync\"")
+                && out.contains("GRANT \"shop\" TO \"walsync\""),
+            "{out}"
+        );
+    }
+    for n in &mut c.nodes {
+        let text = std::fs::read_to_string(&n.config).unwrap();
+        std::fs::write(&n.config, text.replace("user=postgres", "user=walsync")).unwrap();
+    }
+    // A right missing: the sidecar refuses to start and names it with its GRANT.
+    c.node("a")
+        .sql("REVOKE SET ON PARAMETER session_replication_role FROM walsync");
+    let (ok, out) = walsync(&["run", "--config", c.node("a").config.to_str().unwrap()]);
+    assert!(
+        !ok && out.contains("GRANT SET ON PARAMETER session_replication_role TO \"walsync\""),
+        "{out}"
+    );
+    c.node("a")
+        .sql("GRANT SET ON PARAMETER session_replication_role TO walsync");
+
+    c.start();
+    c.node("a")
+        .sql("SET SESSION AUTHORIZATION shop; INSERT INTO partner (name) VALUES ('sold at a')");
+    c.node("b")
+        .sql("SET SESSION AUTHORIZATION shop; INSERT INTO partner (name) VALUES ('sold at b')");
+    c.wait_rows("a", "partner", 2);
+    c.wait_rows("b", "partner", 2);
+    // DDL by the application's role replays as that role.
+    c.node("a").sql(
+        "SET SESSION AUTHORIZATION shop; ALTER TABLE partner ADD COLUMN loyalty integer; \
+         UPDATE partner SET loyalty = 1",
+    );
+    c.wait_converged("partner");
+    assert_eq!(
+        c.node("b")
+            .sql("SELECT count(*) FROM partner WHERE loyalty = 1"),
+        "2"
+    );
+    for n in &c.nodes {
+        assert_eq!(
+            n.sql(
+                "SELECT string_agg(DISTINCT usename::text, ',') FROM pg_stat_activity \
+                 WHERE application_name LIKE 'walsync%'"
+            ),
+            "walsync",
+            "{}: every walsync session runs as the unprivileged role",
+            n.name
+        );
+        let (ok, out) = n.walsync(&["status"]);
+        assert!(ok, "{out}");
+    }
+}
