@@ -120,34 +120,107 @@ fn pick_engine() -> Option<Engine> {
 
 const PROJECT_PREFIX: &str = "walsync-test-";
 
-/// The compose project of this run and everything it made; removed on drop.
-struct Project {
-    engine: Engine,
-    name: String,
-    password: String,
-    walsync_image: String,
-    postgres_image: String,
+fn nanos() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos()
 }
 
-impl Project {
-    fn new(engine: Engine) -> Project {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let name = format!("{PROJECT_PREFIX}{}-{nanos}", std::process::id());
+/// The images of this run, made by scripts/container-images; the sidecar image (a tag of
+/// this run) is removed on drop, the base and PostgreSQL images stay as a cache.
+struct Images {
+    engine: Engine,
+    walsync: String,
+    postgres: String,
+}
+
+impl Images {
+    fn build(engine: Engine) -> Images {
         // A real local postgres:15 is used as it is; the stand-in is built otherwise.
-        let postgres_image = if image_exists(engine, "postgres:15") {
+        let postgres = if image_exists(engine, "postgres:15") {
             "postgres:15".to_string()
         } else {
             "localhost/walsync-postgres:15".to_string()
         };
+        let images = Images {
+            engine,
+            walsync: format!("localhost/walsync-test:{}-{}", std::process::id(), nanos()),
+            postgres,
+        };
+        let out = run(Command::new(repo("scripts/container-images")).args([
+            engine.bin(),
+            walsync_bin().to_str().unwrap(),
+            &images.walsync,
+            &images.postgres,
+        ]))
+        .unwrap_or_else(|e| panic!("scripts/container-images failed:\n{e}"));
+        eprint!("{out}");
+        images
+    }
+}
+
+impl Drop for Images {
+    fn drop(&mut self) {
+        let _ = run(Command::new(self.engine.bin()).args(["rmi", "-f", &self.walsync]));
+    }
+}
+
+/// A compose project of this run and everything it made; removed on drop.
+struct Project {
+    engine: Engine,
+    name: String,
+    /// The compose file, from the repository root.
+    file: &'static str,
+    /// Its nodes; with one node the services are `db` and `sync`, else `<node>_db`, `<node>_sync`.
+    nodes: Vec<&'static str>,
+    password: String,
+    env: Vec<(String, String)>,
+}
+
+impl Project {
+    /// `suffix` tells two projects of one run apart.
+    fn new(
+        engine: Engine,
+        images: &Images,
+        file: &'static str,
+        suffix: &str,
+        nodes: &[&'static str],
+    ) -> Project {
+        let n = nanos();
+        let password = format!("pw{n}");
         Project {
             engine,
-            walsync_image: format!("localhost/walsync-test:{}-{nanos}", std::process::id()),
-            password: format!("pw{nanos}"),
-            name,
-            postgres_image,
+            name: format!("{PROJECT_PREFIX}{}-{n}{suffix}", std::process::id()),
+            file,
+            nodes: nodes.to_vec(),
+            env: vec![
+                ("POSTGRES_PASSWORD".into(), password.clone()),
+                ("WALSYNC_IMAGE".into(), images.walsync.clone()),
+                ("WALSYNC_POSTGRES_IMAGE".into(), images.postgres.clone()),
+            ],
+            password,
+        }
+    }
+
+    fn with_env(mut self, key: &str, value: &str) -> Project {
+        self.env.push((key.into(), value.into()));
+        self
+    }
+
+    fn db(&self, node: &str) -> String {
+        if self.nodes.len() == 1 {
+            "db".into()
+        } else {
+            format!("{node}_db")
+        }
+    }
+
+    fn sync(&self, node: &str) -> String {
+        if self.nodes.len() == 1 {
+            "sync".into()
+        } else {
+            format!("{node}_sync")
         }
     }
 
@@ -155,7 +228,7 @@ impl Project {
         Command::new(self.engine.bin())
     }
 
-    /// `podman-compose` or `docker compose` on docker/compose.yaml, with this run's settings.
+    /// `podman-compose` or `docker compose` on the project's file, with its settings.
     fn compose(&self, args: &[&str]) -> Command {
         let mut cmd = match self.engine {
             Engine::Podman => Command::new("podman-compose"),
@@ -168,11 +241,9 @@ impl Project {
         cmd.arg("-p")
             .arg(&self.name)
             .arg("-f")
-            .arg(repo("docker/compose.yaml"))
+            .arg(repo(self.file))
             .args(args)
-            .env("POSTGRES_PASSWORD", &self.password)
-            .env("WALSYNC_IMAGE", &self.walsync_image)
-            .env("WALSYNC_POSTGRES_IMAGE", &self.postgres_image);
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
@@ -192,7 +263,7 @@ impl Project {
     fn sql(&self, node: &str, sql: &str) -> Result<String, String> {
         let mut child = self
             .engine_cmd()
-            .args(["exec", "-i", &self.container(&format!("{node}_db"))])
+            .args(["exec", "-i", &self.container(&self.db(node))])
             .args(["psql", "-U", "odoo", "-d", "odoo", "-X", "-q", "-A", "-t"])
             .args(["-v", "ON_ERROR_STOP=1"])
             .stdin(Stdio::piped())
@@ -225,7 +296,7 @@ impl Project {
     fn status(&self, node: &str) -> Result<(i32, Json), String> {
         let out = self
             .engine_cmd()
-            .args(["exec", &self.container(&format!("{node}_sync"))])
+            .args(["exec", &self.container(&self.sync(node))])
             .args(["walsync", "status", "--json"])
             .output()
             .map_err(|e| e.to_string())?;
@@ -291,11 +362,12 @@ impl Project {
     /// What a failure shows: every sidecar's log tail and link states.
     fn diag(&self) -> String {
         let mut s = String::new();
-        for node in NODES {
+        for node in &self.nodes {
             s += &format!(
-                "--- {node}_sync: links {:?}\n{}\n",
+                "--- {}: links {:?}\n{}\n",
+                self.sync(node),
                 self.link_states(node),
-                self.logs(&format!("{node}_sync"))
+                self.logs(&self.sync(node))
             );
         }
         s
@@ -422,7 +494,6 @@ impl Drop for Project {
     fn drop(&mut self) {
         let _ = run(&mut self.compose(&["down", "-v"]));
         Project::remove_everything_of(self.engine, &self.name);
-        let _ = run(self.engine_cmd().args(["rmi", "-f", &self.walsync_image]));
     }
 }
 
@@ -485,37 +556,30 @@ fn checksum_sql(table: &str) -> String {
     )
 }
 
+/// The engine to run, or `None` after saying what was skipped and why.
+fn engine_or_skip(what: &str) -> Option<Engine> {
+    let engine = pick_engine();
+    if engine.is_none() {
+        println!(
+            "SKIPPED: neither podman nor a Docker engine (with compose) is on this machine, so \
+             docker/Dockerfile and {what} were not built or run (scripts/setup --test installs \
+             podman, podman-compose, runc and debootstrap)"
+        );
+    }
+    engine
+}
+
 #[test]
 fn the_compose_topology_in_containers_converges_after_a_branch_is_cut_off_and_healed() {
-    let Some(engine) = pick_engine() else {
-        println!(
-            "SKIPPED the container test: neither podman nor a Docker engine (with compose) is \
-             on this machine, so docker/Dockerfile and docker/compose.yaml were not built or run \
-             (scripts/setup --test installs podman, podman-compose, runc and debootstrap)"
-        );
+    let Some(engine) = engine_or_skip("docker/compose.yaml") else {
         return;
     };
     let started = Instant::now();
     Project::remove_leftovers(engine);
-    let project = Project::new(engine);
-    eprintln!(
-        "engine {}, project {}, images {} and {}",
-        engine.bin(),
-        project.name,
-        project.walsync_image,
-        project.postgres_image
-    );
-
-    // --- images
-    let images = run(Command::new(repo("scripts/container-images")).args([
-        engine.bin(),
-        walsync_bin().to_str().unwrap(),
-        &project.walsync_image,
-        &project.postgres_image,
-    ]))
-    .unwrap_or_else(|e| panic!("scripts/container-images failed:\n{e}"));
-    eprint!("{images}");
+    let images = Images::build(engine);
     let images_s = started.elapsed().as_secs_f64();
+    let project = Project::new(engine, &images, "docker/compose.yaml", "", &NODES);
+    eprintln!("engine {}, project {}", engine.bin(), project.name);
 
     // --- 1. up: the databases and the sidecars, not the Odoo profile.
     let services = ["main_sync", "branch1_sync", "branch2_sync"];
@@ -768,4 +832,173 @@ fn the_compose_topology_in_containers_converges_after_a_branch_is_cut_off_and_he
         stops.join(", "),
         started.elapsed().as_secs_f64()
     );
+}
+
+/// Main and a store each with their own compose file, as docs/docker.md runs them at two
+/// sites: docker/main.compose.yaml (main's database published on a port of the host) and
+/// docker/branch.compose.yaml (a store's database and sidecar; main reached at that port
+/// through the host, as over the internet). The branch is copied from main with
+/// `compose run --rm sync join` while main sells, then runs both of its links.
+/// Assertions: join succeeds; sales on both sides reach the other; both tables identical;
+/// ids of their author's class; the stock counter; both links streaming in the branch's
+/// sidecar and `walsync status` exiting 0 on both sides.
+#[test]
+fn a_store_with_its_own_compose_file_joins_main_at_another_site_and_both_sell() {
+    let Some(engine) = engine_or_skip("docker/main.compose.yaml and docker/branch.compose.yaml")
+    else {
+        return;
+    };
+    let started = Instant::now();
+    Project::remove_leftovers(engine);
+    let images = Images::build(engine);
+    let port = std::net::TcpListener::bind("0.0.0.0:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let main = Project::new(
+        engine,
+        &images,
+        "docker/main.compose.yaml",
+        "-main",
+        &["main"],
+    )
+    .with_env("WALSYNC_MAIN_PORT", &port.to_string());
+    // The host as the store's containers reach it: what an address on the internet is here.
+    let host = match engine {
+        Engine::Podman => "host.containers.internal".to_string(),
+        Engine::Docker => run(Command::new("docker").args([
+            "network",
+            "inspect",
+            "bridge",
+            "--format",
+            "{{(index .IPAM.Config 0).Gateway}}",
+        ]))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .trim()
+        .to_string(),
+    };
+    let main_dsn = format!(
+        "host={host} port={port} user=odoo password={} dbname=odoo",
+        main.password
+    );
+    let store = Project::new(
+        engine,
+        &images,
+        "docker/branch.compose.yaml",
+        "-branch3",
+        &["branch3"],
+    )
+    .with_env("WALSYNC_NODE_NAME", "branch3")
+    .with_env("WALSYNC_NODE_ID", "4")
+    .with_env("WALSYNC_MAIN_DSN", &main_dsn);
+    eprintln!(
+        "engine {}, projects {} and {}",
+        engine.bin(),
+        main.name,
+        store.name
+    );
+
+    // Main: up (not the Odoo profile), initialised, tables, stock and a round of sales.
+    run(&mut main.compose(&["up", "-d", "--no-build", "db", "sync"]))
+        .unwrap_or_else(|e| panic!("compose up of main failed:\n{e}"));
+    wait_for(
+        "main's sidecar to initialise main",
+        START_DEADLINE,
+        || matches!(main.status("main"), Ok((0, r)) if r["node"]["name"] == "main"),
+        || main.diag(),
+    );
+    main.sql_ok(
+        "main",
+        &format!(
+            "{SCHEMA}\nINSERT INTO stock_quant (product_id, quantity) VALUES (1, {STOCK_START});\n{}",
+            sales_sql("main", "a", SALES_PER_ROUND)
+        ),
+    );
+
+    // The store: its database, the copy from main, then its sidecar.
+    run(&mut store.compose(&["up", "-d", "--no-build", "db"]))
+        .unwrap_or_else(|e| panic!("compose up of the store's database failed:\n{e}"));
+    wait_for(
+        "the store's database to accept connections",
+        START_DEADLINE,
+        || store.sql("branch3", "SELECT 1").is_ok(),
+        || store.logs("db"),
+    );
+    let joined = run(&mut store.compose(&["run", "--rm", "sync", "join"]))
+        .unwrap_or_else(|e| panic!("join failed:\n{e}\n{}", main.diag()));
+    assert!(joined.contains("branch3 joined from main"), "{joined}");
+    run(&mut store.compose(&["up", "-d", "--no-build", "db", "sync"]))
+        .unwrap_or_else(|e| panic!("compose up of the store failed:\n{e}"));
+
+    main.sql_ok("main", &sales_sql("main", "b", SALES_PER_ROUND));
+    store.sql_ok("branch3", &sales_sql("branch3", "a", SALES_PER_ROUND));
+    let total = 3 * SALES_PER_ROUND;
+    let checksums = || -> Vec<Vec<String>> {
+        [(&main, "main"), (&store, "branch3")]
+            .iter()
+            .map(|(p, n)| {
+                CHECKED_TABLES
+                    .iter()
+                    .map(|t| p.sql(n, &checksum_sql(t)).unwrap_or_else(|e| e))
+                    .collect()
+            })
+            .collect()
+    };
+    wait_for(
+        "main's and the store's tables identical",
+        CONVERGE_DEADLINE,
+        || {
+            let c = checksums();
+            c[0][0].starts_with(&format!("{total}:")) && c[0] == c[1]
+        },
+        || {
+            format!(
+                "checksums {:?}\n{}{}",
+                checksums(),
+                main.diag(),
+                store.diag()
+            )
+        },
+    );
+    let stock_end = STOCK_START - UNITS_PER_SALE * total as i64;
+    for (p, node) in [(&main, "main"), (&store, "branch3")] {
+        assert_eq!(
+            p.sql_ok(
+                node,
+                "SELECT count(*) FROM pos_order WHERE id % 16 <> CASE node WHEN 'main' THEN 1 WHEN 'branch3' THEN 4 END"
+            ),
+            "0",
+            "on {node}: an order with an id of another node's class"
+        );
+        assert_eq!(
+            p.sql_ok(
+                node,
+                "SELECT quantity FROM stock_quant WHERE product_id = 1"
+            ),
+            stock_end.to_string(),
+            "stock on {node}"
+        );
+    }
+    let streaming = |p: &Project, node: &str, link: &str| {
+        p.link_states(node)
+            .iter()
+            .any(|(l, s)| l == link && s == "streaming")
+    };
+    wait_for(
+        "both links streaming, each seen where it applies",
+        Duration::from_secs(60),
+        || {
+            streaming(&store, "branch3", "main->branch3")
+                && streaming(&main, "main", "branch3->main")
+        },
+        || format!("{}{}", main.diag(), store.diag()),
+    );
+    for (p, node) in [(&main, "main"), (&store, "branch3")] {
+        let (code, report) = p
+            .status(node)
+            .unwrap_or_else(|e| panic!("walsync status on {node}: {e}"));
+        assert_eq!(code, 0, "status on {node}: {}", report["problems"]);
+    }
+    eprintln!("site test: {:.0} s in all", started.elapsed().as_secs_f64());
 }
