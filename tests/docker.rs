@@ -62,6 +62,16 @@ fn the_compose_configs_load_and_form_a_star_around_main() {
             &["main"]
         };
         assert_eq!(peers, expected, "{node}");
+        // As stores behind NAT: each branch's sidecar runs both of its links, main's none.
+        let branch_runs_them = node != "main";
+        for p in &c.peers {
+            assert_eq!(
+                (p.links.pulls(), p.links.pushes()),
+                (branch_runs_them, branch_runs_them),
+                "{node}: links with {}",
+                p.name
+            );
+        }
     }
 }
 
