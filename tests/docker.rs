@@ -1,6 +1,8 @@
-//! The container files, checked without a Docker engine: the configs in docker/config load
-//! with walsync's own loader, and docker/entrypoint.sh configures a node from variables
-//! alone, waits for a PostgreSQL that is not up yet, initialises it and replicates.
+//! The container files, checked without a container engine: the configs in docker/config load
+//! with walsync's own loader (with the variables the compose files set) and carry
+//! docs/odoo.md's `[[tables]]` policies, and docker/entrypoint.sh configures a node from
+//! variables alone, waits for a PostgreSQL that is not up yet, initialises it and
+//! replicates. tests/container.rs builds the images and runs the compose files.
 
 mod support;
 
@@ -60,7 +62,89 @@ fn the_compose_configs_load_and_form_a_star_around_main() {
             &["main"]
         };
         assert_eq!(peers, expected, "{node}");
+        // As stores behind NAT: each branch's sidecar runs both of its links, main's none.
+        let branch_runs_them = node != "main";
+        for p in &c.peers {
+            assert_eq!(
+                (p.links.pulls(), p.links.pushes()),
+                (branch_runs_them, branch_runs_them),
+                "{node}: links with {}",
+                p.name
+            );
+        }
     }
+}
+
+/// The `[[tables]]` of a TOML text.
+fn tables_of(text: &str, what: &str) -> toml::Value {
+    let doc: toml::Value = toml::from_str(text).unwrap_or_else(|e| panic!("{what}: {e}"));
+    doc.get("tables")
+        .cloned()
+        .unwrap_or_else(|| panic!("{what} has no [[tables]]"))
+}
+
+#[test]
+fn every_compose_config_carries_the_table_policies_of_docs_odoo_md() {
+    let doc = std::fs::read_to_string(repo("docs/odoo.md")).unwrap();
+    let section = doc
+        .split("## Node-local tables and columns")
+        .nth(1)
+        .expect("docs/odoo.md: section Node-local tables and columns");
+    let block = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|b| b.split("```").next())
+        .expect("docs/odoo.md: a toml block in Node-local tables and columns");
+    let expected = tables_of(block, "docs/odoo.md's block");
+    for file in ["main", "branch1", "branch2", "site"] {
+        let path = repo(&format!("docker/config/{file}.toml"));
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            tables_of(&text, &path.display().to_string()),
+            expected,
+            "{}: [[tables]] differ from docs/odoo.md",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn the_site_config_with_the_site_compose_files_variables_makes_main_and_a_store() {
+    // What docker/main.compose.yaml and docker/branch.compose.yaml set on top of the file.
+    let path = repo("docker/config/site.toml");
+    let dsn = |host: &str| format!("host={host} port=5432 user=odoo password=pw dbname=odoo");
+    let main = Config::load(
+        &path,
+        [
+            ("WALSYNC_NODE_NAME".to_string(), "main".to_string()),
+            ("WALSYNC_NODE_ID".to_string(), "1".to_string()),
+            ("WALSYNC_NODE_DSN".to_string(), dsn("db")),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(main.node.name, "main");
+    assert_eq!(main.cluster.hub.as_deref(), Some("main"));
+    assert!(main.peers.is_empty(), "main at its site lists no branch");
+    let store = Config::load(
+        &path,
+        [
+            ("WALSYNC_NODE_NAME".to_string(), "branch3".to_string()),
+            ("WALSYNC_NODE_ID".to_string(), "4".to_string()),
+            ("WALSYNC_NODE_DSN".to_string(), dsn("db")),
+            ("WALSYNC_PEER_MAIN_ID".to_string(), "1".to_string()),
+            ("WALSYNC_PEER_MAIN_DSN".to_string(), dsn("main.example.com")),
+            ("WALSYNC_PEER_MAIN_LINKS".to_string(), "both".to_string()),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!((store.node.name.as_str(), store.node.id), ("branch3", 4));
+    assert_eq!(store.cluster.topology, Shape::Star);
+    let peers: Vec<&str> = store.peers.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(peers, ["main"]);
+    assert!(
+        store.peers[0].links.pulls() && store.peers[0].links.pushes(),
+        "a store runs both of its links with main"
+    );
 }
 
 /// `sh docker/entrypoint.sh ARGS` with no config file: only `vars` configure it.
