@@ -2,23 +2,9 @@
 
 mod support;
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 
 use support::*;
-
-/// `GET path` on `port`: (status line, body).
-fn get(port: u16, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    )
-}
 
 #[test]
 fn metrics_health_and_readiness_are_served_by_the_sidecar() {
@@ -47,11 +33,11 @@ fn metrics_health_and_readiness_are_served_by_the_sidecar() {
         || c.logs(),
     );
     assert_eq!(
-        get(port, "/healthz"),
+        http_get(port, "/healthz"),
         ("HTTP/1.1 200 OK".into(), "ok\n".into())
     );
-    assert_eq!(get(port, "/readyz").0, "HTTP/1.1 200 OK");
-    assert_eq!(get(port, "/nope").0, "HTTP/1.1 404 Not Found");
+    assert_eq!(http_get(port, "/readyz").0, "HTTP/1.1 200 OK");
+    assert_eq!(http_get(port, "/nope").0, "HTTP/1.1 404 Not Found");
     // Many scrapers at once: one report, over one connection to the node.
     let main = c.node("main");
     let most = std::sync::atomic::AtomicI64::new(0);
@@ -61,7 +47,7 @@ fn metrics_health_and_readiness_are_served_by_the_sidecar() {
             .map(|_| {
                 s.spawn(|| {
                     for _ in 0..5 {
-                        assert!(get(port, "/metrics").1.contains("walsync_node_up"));
+                        assert!(http_get(port, "/metrics").1.contains("walsync_node_up"));
                     }
                 })
             })
@@ -90,7 +76,7 @@ fn metrics_health_and_readiness_are_served_by_the_sidecar() {
         "the link into main to show as streaming with its transaction",
         DEADLINE,
         || {
-            let text = get(port, "/metrics").1;
+            let text = http_get(port, "/metrics").1;
             *body.borrow_mut() = text.clone();
             text.contains("walsync_link_state{link=\"branch1->main\",state=\"streaming\"} 1")
                 && text.lines().any(|l| {

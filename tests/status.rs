@@ -4,25 +4,11 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 
 use support::*;
 
 /// Problems after this long (the default is 60 s; docs/operations.md).
 const ALERT: &str = "\n[status]\nalert_after_s = 3\n";
-
-fn get(port: u16, path: &str) -> (String, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (
-        head.lines().next().unwrap_or("").to_string(),
-        body.to_string(),
-    )
-}
 
 fn link_state(n: &Node, link: &str) -> (String, f64) {
     let (_, out) = n.walsync(&["status", "--json"]);
@@ -98,10 +84,10 @@ fn a_stopped_or_killed_sidecar_shows_down_everywhere_and_status_exits_1() {
     assert!(!ok, "{cluster}");
     assert!(cluster.contains("b: link a->b has been down"), "{cluster}");
     // a's sidecar serves the same facts.
-    let (ready, why) = get(port, "/readyz");
+    let (ready, why) = http_get(port, "/readyz");
     assert!(ready.contains("503"), "{ready}: {why}");
     assert!(why.contains("walsync_to_b"), "{why}");
-    let metrics = get(port, "/metrics").1;
+    let metrics = http_get(port, "/metrics").1;
     assert!(metrics.contains("walsync_problems 1"), "{metrics}");
 
     // 2. Back: streaming again, `since` restarted, nothing to do.

@@ -87,20 +87,18 @@ async fn unique_keys(
                   WHERE k.ord <= i.indnkeyatts), \
                (SELECT array_agg(pg_get_indexdef(i.indexrelid, k::int, true) ORDER BY k) \
                   FROM generate_series(1, i.indnkeyatts) k), \
-               (SELECT array_agg(a.attname::text ORDER BY a.attnum) FROM pg_attribute a \
-                  WHERE a.attrelid = i.indrelid AND a.attnum > 0 AND NOT a.attisdropped \
-                    AND (a.attnum = ANY (i.indkey::int2[]) OR EXISTS ( \
-                      SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
-                        AND d.objid = i.indexrelid AND d.refclassid = 'pg_class'::regclass \
-                        AND d.refobjid = i.indrelid AND d.refobjsubid = a.attnum))), \
-               (SELECT array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) FROM pg_attribute a \
-                  WHERE a.attrelid = i.indrelid AND a.attnum > 0 AND NOT a.attisdropped \
-                    AND (a.attnum = ANY (i.indkey::int2[]) OR EXISTS ( \
-                      SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
-                        AND d.objid = i.indexrelid AND d.refclassid = 'pg_class'::regclass \
-                        AND d.refobjid = i.indrelid AND d.refobjsubid = a.attnum))), \
+               r.names, r.types, \
                pg_get_expr(i.indpred, i.indrelid, true) \
              FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             CROSS JOIN LATERAL ( \
+               SELECT array_agg(a.attname::text ORDER BY a.attnum) AS names, \
+                      array_agg(format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum) AS types \
+               FROM pg_attribute a \
+               WHERE a.attrelid = i.indrelid AND a.attnum > 0 AND NOT a.attisdropped \
+                 AND (a.attnum = ANY (i.indkey::int2[]) OR EXISTS ( \
+                   SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass \
+                     AND d.objid = i.indexrelid AND d.refclassid = 'pg_class'::regclass \
+                     AND d.refobjid = i.indrelid AND d.refobjsubid = a.attnum))) r \
              WHERE i.indrelid = $1 AND i.indisunique AND NOT i.indisprimary AND i.indisvalid \
              ORDER BY c.relname",
             &[&oid],

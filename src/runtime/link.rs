@@ -252,11 +252,7 @@ pub async fn run_link(
         };
         careful_txns = 0;
         if *shutdown.borrow() {
-            status
-                .state(LinkState::Down, Some("its sidecar was stopped"))
-                .await;
-            info!(link = %name, "stopped");
-            return;
+            return stopped(&name, &mut status).await;
         }
         if healthy {
             backoff.reset();
@@ -311,13 +307,18 @@ pub async fn run_link(
             status.heartbeat().await;
         }
         if *shutdown.borrow() {
-            status
-                .state(LinkState::Down, Some("its sidecar was stopped"))
-                .await;
-            info!(link = %name, "stopped");
-            return;
+            return stopped(&name, &mut status).await;
         }
     }
+}
+
+/// The link's end on shutdown: its target shows it down at once, not after its
+/// heartbeat ages.
+async fn stopped(name: &str, status: &mut StatusReporter) {
+    status
+        .state(LinkState::Down, Some("its sidecar was stopped"))
+        .await;
+    info!(link = %name, "stopped");
 }
 
 /// The transaction being read from the stream.

@@ -451,3 +451,18 @@ CREATE TABLE product (id serial PRIMARY KEY, name text NOT NULL, price numeric(1
 CREATE TABLE pos_order (id serial PRIMARY KEY, name text NOT NULL, partner_id integer REFERENCES partner(id), amount_total numeric(12,2), note jsonb, date_order timestamptz NOT NULL DEFAULT now());
 CREATE TABLE pos_order_line (id serial PRIMARY KEY, order_id integer NOT NULL REFERENCES pos_order(id) ON DELETE CASCADE, product_id integer NOT NULL REFERENCES product(id), qty numeric NOT NULL, price_unit numeric(12,2) NOT NULL);
 ";
+
+/// `GET path` on 127.0.0.1:`port` (a sidecar's metrics endpoint): (status line, body).
+pub fn http_get(port: u16, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to the metrics endpoint");
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
+}
