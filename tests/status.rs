@@ -4,7 +4,6 @@
 
 mod support;
 
-
 use support::*;
 
 /// Problems after this long (the default is 60 s; docs/operations.md).

@@ -1,12 +1,19 @@
 //! `walsync bench`: catch-up speed against PostgreSQL's native logical replication, in the
-//! same run on the same machine, and the sidecar's peak memory on one huge transaction.
+//! same run on the same machine, as a star's hub serves its branches; and the sidecar's
+//! peak memory on one huge transaction.
 //!
-//! Catch-up: a source cluster gets a backlog of `--rows` order lines in transactions of
-//! `--txn-rows` while both consumers are stopped (a native subscription, disabled, and a
-//! walsync link, not running), each on its own target cluster. Then each consumer in turn
-//! is started and timed until its target holds every row. The ratio is
-//! walsync rows/s ÷ native rows/s (above 1.0: walsync is faster). Absolute numbers depend
-//! on the machine; the ratio is what to compare.
+//! Catch-up: one upstream cluster ("main") and, per consumer kind, `--downstream` target
+//! clusters that all pull from it at once: native subscriptions (one per target, each
+//! with its own slot) and walsync sidecars (one per target, each running its link from
+//! main). Every cluster runs with PostgreSQL's default durability (`fsync = on`,
+//! `synchronous_commit = on` for clients; native's apply workers commit with the
+//! subscription's default `synchronous_commit = off`, walsync's applier likewise, and
+//! both acknowledge only what is flushed). For each `--txn-rows` size and each round, a
+//! backlog of `--rows` order lines is written on main while every consumer is stopped;
+//! then all native subscriptions start at once and are timed until the first target
+//! holds the backlog's first row and its last row, then the same for the walsync sidecars.
+//! The ratio is walsync rows/s ÷ native rows/s on the first target (above 1.0: walsync is
+//! faster); the median over the rounds is reported, with the time to the first row.
 //!
 //! Memory (`--big-txn N`): one source transaction of N rows is applied by a `walsync run`
 //! child process, whose peak RSS (VmHWM) is read from /proc when it is done.
@@ -24,15 +31,18 @@ use crate::runtime::{run_sidecar, shutdown_channel};
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Rows in the catch-up backlog (0 skips the catch-up comparison).
+    /// Rows in each catch-up backlog (0 skips the catch-up comparison).
     #[arg(long, default_value_t = 200_000)]
     pub rows: u64,
-    /// Rows per source transaction in the backlog.
-    #[arg(long, default_value_t = 100)]
-    pub txn_rows: u64,
-    /// Rounds of catch-up (a new backlog each); the median ratio is the result.
+    /// Rows per source transaction in the backlog; several sizes are measured in turn.
+    #[arg(long, value_delimiter = ',', default_values_t = [100u64, 10])]
+    pub txn_rows: Vec<u64>,
+    /// Rounds per size (a new backlog each); the median ratio is the result.
     #[arg(long, default_value_t = 3)]
     pub rounds: u32,
+    /// Targets that pull from the one upstream at once, per consumer kind.
+    #[arg(long, default_value_t = 2)]
+    pub downstream: u32,
     /// Also apply one transaction of this many rows and report the sidecar's peak RSS.
     #[arg(long, default_value_t = 0)]
     pub big_txn: u64,
@@ -47,10 +57,11 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 struct Bench {
     dir: PathBuf,
     source: LocalCluster,
-    native: LocalCluster,
-    walsync: LocalCluster,
-    config: Config,
-    config_path: PathBuf,
+    natives: Vec<LocalCluster>,
+    walsyncs: Vec<LocalCluster>,
+    /// One sidecar config per walsync target.
+    configs: Vec<Config>,
+    config_paths: Vec<PathBuf>,
 }
 
 pub async fn run(args: BenchArgs) -> CliResult {
@@ -60,9 +71,13 @@ pub async fn run(args: BenchArgs) -> CliResult {
     result
 }
 
-async fn start(dir: &Path, name: &'static str) -> Result<LocalCluster, BoxError> {
-    let path = dir.join(name);
-    Ok(tokio::task::spawn_blocking(move || LocalCluster::start(&path, name)).await??)
+async fn start(dir: &Path, name: String) -> Result<LocalCluster, BoxError> {
+    let path = dir.join(&name);
+    let pg = tokio::task::spawn_blocking(move || LocalCluster::start(&path, &name)).await??;
+    // PostgreSQL's default durability (the local clusters run with fsync off otherwise).
+    sql(&pg, "ALTER SYSTEM SET fsync = on").await?;
+    sql(&pg, "SELECT pg_reload_conf()").await?;
+    Ok(pg)
 }
 
 async fn sql(pg: &LocalCluster, sql: &str) -> Result<(), BoxError> {
@@ -79,12 +94,11 @@ async fn count(pg: &LocalCluster) -> Result<i64, BoxError> {
         .get(0))
 }
 
-/// Polls until the target holds the row with id `last` (the backlog's last row: source
-/// transactions apply in commit order, so every earlier row is there too); returns the
-/// time taken from `since`. An index probe, so that polling costs the target nothing.
+/// Polls until the target holds the row with id `id`; returns the time taken from
+/// `since`. An index probe, so that polling costs the target nothing.
 async fn wait_row(
     pg: &LocalCluster,
-    last: i32,
+    id: i32,
     since: Instant,
     deadline: Duration,
 ) -> Result<Duration, BoxError> {
@@ -93,13 +107,13 @@ async fn wait_row(
         .prepare("SELECT EXISTS (SELECT 1 FROM pos_order_line WHERE id = $1)")
         .await?;
     loop {
-        let there: bool = c.query_one(&probe, &[&last]).await?.get(0);
+        let there: bool = c.query_one(&probe, &[&id]).await?.get(0);
         if there {
             return Ok(since.elapsed());
         }
         if since.elapsed() > deadline {
             return Err(format!(
-                "{} lacks row {last} after {} s",
+                "{} lacks row {id} after {} s",
                 pg.name(),
                 deadline.as_secs()
             )
@@ -109,103 +123,185 @@ async fn wait_row(
     }
 }
 
-async fn max_id(pg: &LocalCluster) -> Result<i32, BoxError> {
-    let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
-    Ok(
-        c.query_one("SELECT coalesce(max(id), 0) FROM pos_order_line", &[])
-            .await?
-            .get(0),
-    )
+/// The first target's times to the backlog's first and last row, and every target's
+/// time to its last row.
+async fn time_targets(
+    targets: &[LocalCluster],
+    first: i32,
+    last: i32,
+    t0: Instant,
+) -> Result<(Duration, Duration), BoxError> {
+    let deadline = Duration::from_secs(1800);
+    let first_row = wait_row(&targets[0], first, t0, deadline).await?;
+    let mut all = Vec::new();
+    for t in targets {
+        all.push(wait_row(t, last, t0, deadline).await?);
+    }
+    Ok((first_row, all[0]))
 }
 
-async fn setup(dir: &Path) -> Result<Bench, BoxError> {
+async fn id_range(pg: &LocalCluster, above: i32) -> Result<(i32, i32), BoxError> {
+    let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
+    let r = c
+        .query_one(
+            "SELECT coalesce(min(id), 0), coalesce(max(id), 0) FROM pos_order_line WHERE id > $1",
+            &[&above],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1)))
+}
+
+async fn setup(dir: &Path, downstream: u32) -> Result<Bench, BoxError> {
     std::fs::create_dir_all(dir)?;
-    let source = start(dir, "source").await?;
-    let native = start(dir, "native").await?;
-    let walsync = start(dir, "walsync").await?;
-    for pg in [&source, &native, &walsync] {
+    let source = start(dir, "main".into()).await?;
+    let mut natives = Vec::new();
+    let mut walsyncs = Vec::new();
+    for i in 1..=downstream {
+        natives.push(start(dir, format!("native{i}")).await?);
+        walsyncs.push(start(dir, format!("branch{i}")).await?);
+    }
+    for pg in std::iter::once(&source).chain(&natives).chain(&walsyncs) {
         sql(pg, SCHEMA).await?;
     }
-    let text = format!(
-        "[cluster]\ntopology = \"mesh\"\n[node]\nname = \"target\"\nid = 2\ndsn = \"{}\"\n\
-         [[peers]]\nname = \"source\"\nid = 1\ndsn = \"{}\"\nlinks = \"pull\"\n",
-        walsync.dsn(),
+    // Main as a star's hub with every walsync target as a branch; each branch's sidecar
+    // pulls from main.
+    let mut main_text = format!(
+        "[cluster]\ntopology = \"star\"\nhub = \"main\"\n[node]\nname = \"main\"\nid = 1\ndsn = \"{}\"\n",
         source.dsn()
     );
-    let config_path = dir.join("target.toml");
-    std::fs::write(&config_path, &text)?;
-    let config = Config::from_toml(&text, &config_path, std::iter::empty())?;
-    let source_text = format!(
-        "[cluster]\ntopology = \"mesh\"\n[node]\nname = \"source\"\nid = 1\ndsn = \"{}\"\n\
-         [[peers]]\nname = \"target\"\nid = 2\ndsn = \"{}\"\nlinks = \"none\"\n",
-        source.dsn(),
-        walsync.dsn()
-    );
+    let mut configs = Vec::new();
+    let mut config_paths = Vec::new();
+    for (i, pg) in walsyncs.iter().enumerate() {
+        let (name, id) = (format!("branch{}", i + 1), i + 2);
+        main_text.push_str(&format!(
+            "[[peers]]\nname = \"{name}\"\nid = {id}\ndsn = \"{}\"\nlinks = \"none\"\n",
+            pg.dsn()
+        ));
+        let text = format!(
+            "[cluster]\ntopology = \"star\"\nhub = \"main\"\n[node]\nname = \"{name}\"\nid = {id}\ndsn = \"{}\"\n\
+             [[peers]]\nname = \"main\"\nid = 1\ndsn = \"{}\"\nlinks = \"pull\"\n",
+            pg.dsn(),
+            source.dsn()
+        );
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, &text)?;
+        configs.push(Config::from_toml(&text, &path, std::iter::empty())?);
+        config_paths.push(path);
+    }
     init_node(&Config::from_toml(
-        &source_text,
-        &config_path,
+        &main_text,
+        &dir.join("main.toml"),
         std::iter::empty(),
     )?)
     .await?;
-    init_node(&config).await?;
-    // The launcher starts a subscription's worker at most once per
-    // wal_retrieve_retry_interval (5 s by default): without this, every round after the
-    // first would charge native with that wait.
-    sql(
-        &native,
-        "ALTER SYSTEM SET wal_retrieve_retry_interval = '50ms'",
-    )
-    .await?;
-    sql(&native, "SELECT pg_reload_conf()").await?;
-    // The native subscription gets its own publication and slot on the source.
+    for c in &configs {
+        init_node(c).await?;
+    }
     sql(
         &source,
         "CREATE PUBLICATION bench_native FOR TABLE pos_order_line",
     )
     .await?;
-    sql(
-        &native,
-        &format!(
-            "CREATE SUBSCRIPTION bench_native CONNECTION '{}' PUBLICATION bench_native WITH (copy_data = false, enabled = false)",
-            source.dsn()
-        ),
-    )
-    .await?;
+    for (i, native) in natives.iter().enumerate() {
+        // The launcher starts a subscription's worker at most once per
+        // wal_retrieve_retry_interval (5 s by default): without this, every round after
+        // the first would charge native with that wait.
+        sql(
+            native,
+            "ALTER SYSTEM SET wal_retrieve_retry_interval = '50ms'",
+        )
+        .await?;
+        sql(native, "SELECT pg_reload_conf()").await?;
+        sql(
+            native,
+            &format!(
+                "CREATE SUBSCRIPTION bench_native CONNECTION '{}' PUBLICATION bench_native \
+                 WITH (copy_data = false, enabled = false, slot_name = 'bench_native_{}')",
+                source.dsn(),
+                i + 1
+            ),
+        )
+        .await?;
+    }
     Ok(Bench {
         dir: dir.to_path_buf(),
         source,
-        native,
-        walsync,
-        config,
-        config_path,
+        natives,
+        walsyncs,
+        configs,
+        config_paths,
     })
 }
 
+/// One size's results over its rounds.
+struct Rounds {
+    ratios: Vec<f64>,
+    native_rate: Vec<f64>,
+    walsync_rate: Vec<f64>,
+    native_first: Vec<f64>,
+    walsync_first: Vec<f64>,
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
-    println!("walsync bench: catch-up of a backlog, walsync vs native logical replication, same machine, same run");
-    let b = setup(dir).await?;
+    println!(
+        "walsync bench: catch-up of a backlog by {} targets pulling from one upstream at once, walsync vs native logical replication, same machine, same run, fsync on",
+        args.downstream.max(1)
+    );
+    let b = setup(dir, args.downstream.max(1)).await?;
     println!("clusters in {}", b.dir.display());
 
     let mut ok = true;
+    let mut summary = Vec::new();
     if args.rows > 0 {
-        let mut ratios = Vec::new();
-        for round in 1..=args.rounds.max(1) {
-            println!("\nround {round} of {}", args.rounds.max(1));
-            let (equal, ratio) = catch_up(&b, args).await?;
-            ok &= equal;
-            ratios.push(ratio);
+        for &size in &args.txn_rows {
+            let mut r = Rounds {
+                ratios: vec![],
+                native_rate: vec![],
+                walsync_rate: vec![],
+                native_first: vec![],
+                walsync_first: vec![],
+            };
+            for round in 1..=args.rounds.max(1) {
+                println!(
+                    "\n{size}-row transactions, round {round} of {}",
+                    args.rounds.max(1)
+                );
+                ok &= catch_up(&b, args.rows, size, &mut r).await?;
+            }
+            summary.push((size, r));
         }
-        ratios.sort_by(f64::total_cmp);
-        let median = ratios[ratios.len() / 2];
+        println!("\nmedian of {} rounds, first target:", args.rounds.max(1));
         println!(
-            "\nratio walsync/native over {} rounds: median {median:.2} (all: {})",
-            ratios.len(),
-            ratios
-                .iter()
-                .map(|r| format!("{r:.2}"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "{:<16}{:>14}{:>14}{:>8}{:>18}{:>18}",
+            "transactions",
+            "native rows/s",
+            "walsync rows/s",
+            "ratio",
+            "native 1st row s",
+            "walsync 1st row s"
         );
+        for (size, r) in &summary {
+            println!(
+                "{:<16}{:>14.0}{:>14.0}{:>8.2}{:>18.2}{:>18.2}   (ratios: {})",
+                format!("{size} rows"),
+                median(&r.native_rate),
+                median(&r.walsync_rate),
+                median(&r.ratios),
+                median(&r.native_first),
+                median(&r.walsync_first),
+                r.ratios
+                    .iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
     }
     if args.big_txn > 0 {
         big_transaction(&b, args.big_txn).await?;
@@ -217,67 +313,83 @@ async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
     })
 }
 
-/// One round: returns whether both targets hold every row, and the ratio.
-async fn catch_up(b: &Bench, args: &BenchArgs) -> Result<(bool, f64), BoxError> {
-    let txns = args.rows.div_ceil(args.txn_rows);
-    println!("backlog: {} rows in {txns} transactions of {} rows, written while both consumers are stopped", args.rows, args.txn_rows);
-    let start_count = count(&b.source).await?;
+/// One round: a backlog, then native, then walsync. Returns whether every target holds
+/// every row.
+async fn catch_up(b: &Bench, rows: u64, txn_rows: u64, r: &mut Rounds) -> Result<bool, BoxError> {
+    let txns = rows.div_ceil(txn_rows);
+    let (_, before) = id_range(&b.source, 0).await?;
     sql(
         &b.source,
         &format!(
             "DO $$ BEGIN FOR t IN 1..{txns} LOOP
                INSERT INTO pos_order_line (order_id, product_id, qty, price_unit, name)
-               SELECT t, 1 + g % 40, 1 + g % 3, 9.99, 'Product ' || g FROM generate_series(1, {}) g;
+               SELECT t, 1 + g % 40, 1 + g % 3, 9.99, 'Product ' || g FROM generate_series(1, {txn_rows}) g;
                COMMIT;
-             END LOOP; END $$",
-            args.txn_rows
+             END LOOP; END $$"
         ),
     )
     .await?;
-    let rows = count(&b.source).await?;
-    let new_rows = rows - start_count;
-    let last = max_id(&b.source).await?;
-    let deadline = Duration::from_secs(1800);
+    let total = count(&b.source).await?;
+    let (first, last) = id_range(&b.source, before).await?;
+    let new_rows = (txns * txn_rows) as f64;
 
-    // Native first, then walsync: one at a time, so neither competes for the 2 cores.
+    // Native first, then walsync: one kind at a time, so they do not compete for the cores.
     let t0 = Instant::now();
-    sql(&b.native, "ALTER SUBSCRIPTION bench_native ENABLE").await?;
-    let native = wait_row(&b.native, last, t0, deadline).await?;
-    sql(&b.native, "ALTER SUBSCRIPTION bench_native DISABLE").await?;
+    for n in &b.natives {
+        sql(n, "ALTER SUBSCRIPTION bench_native ENABLE").await?;
+    }
+    let native = time_targets(&b.natives, first, last, t0).await;
+    for n in &b.natives {
+        sql(n, "ALTER SUBSCRIPTION bench_native DISABLE").await?;
+    }
+    let (native_first, native_all) = native?;
 
     let (tx, rx) = shutdown_channel();
-    let config = b.config.clone();
     let t0 = Instant::now();
-    let sidecar = tokio::spawn(async move { run_sidecar(&config, rx).await });
-    let walsync = wait_row(&b.walsync, last, t0, deadline).await;
+    let sidecars: Vec<_> = b
+        .configs
+        .iter()
+        .map(|c| {
+            let (config, rx) = (c.clone(), rx.clone());
+            tokio::spawn(async move { run_sidecar(&config, rx).await })
+        })
+        .collect();
+    let walsync = time_targets(&b.walsyncs, first, last, t0).await;
     let _ = tx.send(true);
-    let _ = sidecar.await;
-    let walsync = walsync?;
+    for s in sidecars {
+        let _ = s.await;
+    }
+    let (walsync_first, walsync_all) = walsync?;
 
-    let native_rate = new_rows as f64 / native.as_secs_f64();
-    let walsync_rate = new_rows as f64 / walsync.as_secs_f64();
-    println!("{:<28}{:>12}{:>14}", "consumer", "seconds", "rows/s");
-    println!(
-        "{:<28}{:>12.2}{:>14.0}",
-        "native (subscription)",
-        native.as_secs_f64(),
-        native_rate
-    );
-    println!(
-        "{:<28}{:>12.2}{:>14.0}",
-        "walsync",
-        walsync.as_secs_f64(),
-        walsync_rate
-    );
+    let native_rate = new_rows / native_all.as_secs_f64();
+    let walsync_rate = new_rows / walsync_all.as_secs_f64();
     let ratio = walsync_rate / native_rate;
-    println!("ratio walsync/native: {ratio:.2}");
-    let (n, w) = (count(&b.native).await?, count(&b.walsync).await?);
-    let equal = n == rows && w == rows;
     println!(
-        "both targets hold all {rows} rows: {} (native {n}, walsync {w})",
-        if equal { "yes" } else { "NO" }
+        "native  {:>8.2} s {:>9.0} rows/s, first row after {:.2} s",
+        native_all.as_secs_f64(),
+        native_rate,
+        native_first.as_secs_f64()
     );
-    Ok((equal, ratio))
+    println!(
+        "walsync {:>8.2} s {:>9.0} rows/s, first row after {:.2} s; ratio {ratio:.2}",
+        walsync_all.as_secs_f64(),
+        walsync_rate,
+        walsync_first.as_secs_f64()
+    );
+    r.ratios.push(ratio);
+    r.native_rate.push(native_rate);
+    r.walsync_rate.push(walsync_rate);
+    r.native_first.push(native_first.as_secs_f64());
+    r.walsync_first.push(walsync_first.as_secs_f64());
+    let mut equal = true;
+    for t in b.natives.iter().chain(&b.walsyncs) {
+        let n = count(t).await?;
+        if n != total {
+            println!("{} holds {n} rows of {total}", t.name());
+            equal = false;
+        }
+    }
+    Ok(equal)
 }
 
 async fn big_transaction(b: &Bench, rows: u64) -> Result<(), BoxError> {
@@ -293,15 +405,15 @@ async fn big_transaction(b: &Bench, rows: u64) -> Result<(), BoxError> {
     let exe = std::env::current_exe()?;
     let mut child = std::process::Command::new(exe)
         .args(["run", "--config"])
-        .arg(&b.config_path)
+        .arg(&b.config_paths[0])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()?;
     let pid = child.id();
     let t0 = Instant::now();
     let mut peak_kb = 0u64;
-    let last = max_id(&b.source).await?;
-    let c = connect(&Dsn::new(b.walsync.dsn()), "walsync bench").await?;
+    let (_, last) = id_range(&b.source, 0).await?;
+    let c = connect(&Dsn::new(b.walsyncs[0].dsn()), "walsync bench").await?;
     loop {
         peak_kb = peak_kb.max(vm_hwm_kb(pid).unwrap_or(0));
         let there: bool = c

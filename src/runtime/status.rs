@@ -65,7 +65,8 @@ pub struct StatusReporter {
     link: String,
     target: Dsn,
     client: Option<Client>,
-    last_offset_at: Option<Instant>,
+    /// When the current window of offset samples began, and the largest sample in it.
+    offset_window: Option<(Instant, f64)>,
     last_heartbeat_at: Option<Instant>,
     warned: bool,
 }
@@ -76,7 +77,7 @@ impl StatusReporter {
             link,
             target,
             client: None,
-            last_offset_at: None,
+            offset_window: None,
             last_heartbeat_at: None,
             warned: false,
         }
@@ -143,17 +144,27 @@ impl StatusReporter {
         }
     }
 
-    /// Called with each message's send time; stores the offset every few seconds.
+    /// Called with each message's send time; stores the offset once per [`OFFSET_EVERY`].
+    ///
+    /// A sample is the true offset minus the message's delay on the way, so the largest
+    /// sample of a window is the best estimate: a message that sat in a buffer (the
+    /// first ones after a cut heals were sent up to a minute before) reads as a clock far
+    /// behind, and must not be what is stored.
     pub async fn server_time(&mut self, server_time_us: i64) {
-        if server_time_us == 0
-            || self
-                .last_offset_at
-                .is_some_and(|t| t.elapsed() < OFFSET_EVERY)
-        {
+        if server_time_us == 0 {
             return;
         }
-        self.last_offset_at = Some(Instant::now());
-        let offset = clock_offset_ms(server_time_us, SystemTime::now());
+        let sample = clock_offset_ms(server_time_us, SystemTime::now());
+        let (since, best) = match self.offset_window {
+            Some((since, best)) => (since, best.max(sample)),
+            None => (Instant::now(), sample),
+        };
+        if since.elapsed() < OFFSET_EVERY {
+            self.offset_window = Some((since, best));
+            return;
+        }
+        self.offset_window = Some((Instant::now(), sample));
+        let offset = best;
         if offset.abs() > CLOCK_OFFSET_WARN_MS && !self.warned {
             self.warned = true;
             warn!(link = %self.link, clock_offset_ms = offset, "the upstream's clock differs from ours by more than 1 s: last-writer-wins decides by these clocks; synchronise them (NTP)");
