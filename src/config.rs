@@ -227,6 +227,10 @@ pub struct ClusterConfig {
     pub hub: Option<String>,
     #[serde(default = "default_step")]
     pub step: u32,
+    /// Nodes whose captured DDL is run here; DDL from any other node is recorded and
+    /// shown, not run (a branch cannot push schema changes to main). None: every node.
+    #[serde(default)]
+    pub ddl_from: Option<Vec<String>>,
 }
 
 fn default_step() -> u32 {
@@ -473,6 +477,8 @@ pub struct LinkSpec {
     pub to: NodeRef,
     /// Whether `from` forwards transactions authored by third nodes (the hub of a star).
     pub from_forwards_others: bool,
+    /// `[cluster] ddl_from`: the nodes whose DDL is run on `to`.
+    pub ddl_from: Option<Vec<String>>,
 }
 
 impl LinkSpec {
@@ -522,6 +528,10 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "cluster.step = {step}: must be between 2 and 1024 (it is fixed when the cluster is created; 16 is the default)"
             )));
+        }
+        for name in self.cluster.ddl_from.iter().flatten() {
+            NodeName::parse(name)
+                .map_err(|e| ConfigError::Invalid(format!("cluster.ddl_from: {e}")))?;
         }
         let mut seen_names = BTreeMap::new();
         let mut seen_ids = BTreeMap::new();
@@ -653,6 +663,7 @@ impl Config {
                     from_forwards_others: self.is_hub(peer.name.as_str()),
                     from: peer.clone(),
                     to: me.clone(),
+                    ddl_from: self.cluster.ddl_from.clone(),
                 });
             }
             if run.pushes() {
@@ -660,6 +671,7 @@ impl Config {
                     from_forwards_others: self.is_hub(me.name.as_str()),
                     from: me.clone(),
                     to: peer,
+                    ddl_from: self.cluster.ddl_from.clone(),
                 });
             }
         }

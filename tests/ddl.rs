@@ -540,3 +540,44 @@ fn schema_walsync_stays_walsyncs_own_and_a_rerun_init_captures_nothing() {
     let (ok, status) = c.node("b").walsync(&["status"]);
     assert!(ok, "{status}");
 }
+
+/// `[cluster] ddl_from = ["main"]`: a branch cannot push schema changes to main; its
+/// statement is recorded and shown there, not run, and the link goes on.
+#[test]
+fn ddl_from_other_nodes_is_recorded_not_run() {
+    let mut c = TestCluster::new(
+        "ddl-from",
+        Topology::Star,
+        &["main", "branch1"],
+        RETAIL_SCHEMA,
+    );
+    for n in &c.nodes {
+        let text = std::fs::read_to_string(&n.config).unwrap();
+        std::fs::write(
+            &n.config,
+            text.replacen("[cluster]\n", "[cluster]\nddl_from = [\"main\"]\n", 1),
+        )
+        .unwrap();
+    }
+    c.start();
+    c.node("branch1")
+        .sql("CREATE TABLE public.branch_only (id int PRIMARY KEY)");
+    c.node("branch1")
+        .sql("INSERT INTO partner (name) VALUES ('after the refused ddl')");
+    c.wait_rows("main", "partner", 1);
+    assert_eq!(
+        c.node("main")
+            .sql("SELECT count(*) FROM pg_tables WHERE tablename = 'branch_only'"),
+        "0",
+        "not run on main"
+    );
+    let (_, status) = c.node("main").walsync(&["status"]);
+    assert!(
+        status.contains("accepts schema changes only from main") && status.contains("branch_only"),
+        "{status}"
+    );
+    // Main's own DDL still reaches the branch.
+    c.node("main")
+        .sql("CREATE TABLE public.from_main (id int PRIMARY KEY)");
+    c.wait_rows("branch1", "pg_tables WHERE tablename = 'from_main'", 1);
+}

@@ -70,6 +70,23 @@ impl ApplyWorker {
             tracing::warn!(link = %self.link, ddl = %id, "skipping ddl as the operator asked (walsync ddl-replay --skip)");
             return Ok(true);
         }
+        if let Some(accepted) = self.ddl_from.as_ref().filter(|a| !a.contains(&origin)) {
+            let warning = format!(
+                "not run here: [cluster] ddl_from accepts schema changes only from {}; make the change there \
+                 (rows that need it stop this link, naming what is missing), or undo it on {origin}",
+                accepted.join(", ")
+            );
+            tracing::warn!(link = %self.link, ddl = %id, %warning, "ddl from a node not in ddl_from");
+            self.client
+                .execute(
+                    "INSERT INTO walsync.ddl_warnings (origin, seq, statement, warning) VALUES ($1, $2, $3, $4) \
+                     ON CONFLICT DO NOTHING",
+                    &[&origin, &seq_num, &redact_secrets(&statement), &warning],
+                )
+                .await
+                .map_err(ApplyError::sql("recording a refused ddl"))?;
+            return Ok(true);
+        }
         tracing::info!(link = %self.link, ddl = %id, statement = %redact_secrets(&statement), "replaying ddl");
         run_captured_ddl(&self.client, &search_path, &role, &statement)
             .await

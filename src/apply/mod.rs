@@ -188,6 +188,8 @@ pub struct ApplyWorker {
     local_origin: String,
     /// Transactions still to apply in careful mode (inserts checked one by one).
     careful_txns: u32,
+    /// `[cluster] ddl_from`: the nodes whose DDL is run here; None: every node.
+    ddl_from: Option<Vec<String>>,
     /// The progress the next applied transaction builds on (see `record_progress`).
     last_progress: Lsn,
     /// The config's table policies per `(schema, table)`.
@@ -274,6 +276,7 @@ impl ApplyWorker {
             record_conflict: None,
             local_origin,
             careful_txns: 0,
+            ddl_from: None,
             last_progress: Lsn::ZERO,
             policies: HashMap::new(),
         })
@@ -680,6 +683,11 @@ impl ApplyWorker {
             client.execute_raw(&stmt, params.iter().map(Param)).await
         })
         .await
+    }
+
+    /// The nodes whose captured DDL runs here (`[cluster] ddl_from`; None: every node).
+    pub fn set_ddl_from(&mut self, nodes: Option<Vec<String>>) {
+        self.ddl_from = nodes;
     }
 
     /// The table policies this link applies with (the same on every node).

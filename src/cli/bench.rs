@@ -278,7 +278,7 @@ async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
         }
         println!("\nmedian of {} rounds, first target:", args.rounds.max(1));
         println!(
-            "{:<16}{:>14}{:>14}{:>8}{:>18}{:>18}",
+            "{:<16}{:>16}{:>16}{:>8}{:>18}{:>18}",
             "transactions",
             "native rows/s",
             "walsync rows/s",
@@ -288,7 +288,7 @@ async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
         );
         for (size, r) in &summary {
             println!(
-                "{:<16}{:>14.0}{:>14.0}{:>8.2}{:>18.2}{:>18.2}   (ratios: {})",
+                "{:<16}{:>16.0}{:>16.0}{:>8.2}{:>18.2}{:>18.2}   (ratios: {})",
                 format!("{size} rows"),
                 median(&r.native_rate),
                 median(&r.walsync_rate),

@@ -153,7 +153,16 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
                 .into(),
         );
     }
-    for p in pending.iter().filter(|p| !p.skip) {
+    // `[cluster] ddl_from`: statements from other nodes are not run here (the links
+    // record them the same way).
+    let accepted = |origin: &str| {
+        config
+            .cluster
+            .ddl_from
+            .as_ref()
+            .is_none_or(|a| a.iter().any(|n| n == origin))
+    };
+    for p in pending.iter().filter(|p| !p.skip && accepted(&p.key.0)) {
         let id = format!("{}/{}", p.key.0, p.key.1);
         apply_one(&local, p).await.map_err(|e| {
             format!(

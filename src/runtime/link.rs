@@ -360,6 +360,7 @@ async fn run_session(
         ApplyWorker::new(target, link.clone(), PgName::origin_of(&spec.to.name)).await?;
     apply.set_careful(careful_txns);
     apply.set_policies(tables);
+    apply.set_ddl_from(spec.ddl_from.clone());
     let mut progress = apply.progress().await?;
     // A connection to the upstream for the whole session: it holds the slot's spool lock,
     // so no spooler reads the slot while this link does (crate::spool).
