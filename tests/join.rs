@@ -93,6 +93,13 @@ fn a_branch_joins_a_running_cluster_while_orders_are_written_and_ends_identical(
     for n in &c.nodes {
         assert_eq!(n.count("walsync.conflicts"), 0, "{}", n.name);
     }
+    // Main's config does not list the new branch; its cluster view still shows it.
+    let main_cfg = c.node("main").config.to_str().unwrap().to_string();
+    let (_, cluster) = walsync(&["status", "--cluster", "--config", &main_cfg]);
+    assert!(
+        cluster.contains("== branch2: in the cluster") && cluster.contains("not in this config"),
+        "{cluster}"
+    );
     let (ok, again) = walsync(&["join", "--config", config.to_str().unwrap()]);
     assert!(!ok && again.contains("joined from main already"), "{again}");
 

@@ -455,21 +455,29 @@ impl ApplyWorker {
         if collisions.len() > 1 {
             kind = ConflictKind::MultipleUniqueConflicts;
         }
+        // A collision no rule settles parks the row before anything is renamed for the
+        // others: nothing of the incoming row is then written here.
+        let park_unique = self.policy_of(id).park_unique;
+        if let Some(i) = collisions
+            .iter()
+            .position(|c| park_unique.contains(&c.unique.name) || c.unique.renamable.is_none())
+        {
+            let Collision { unique, local } = collisions.swap_remove(i);
+            let why = if unique.renamable.is_none() {
+                "it has no text column to rename the losing row's value in"
+            } else {
+                "the table's policy parks collisions on this key (park_unique)"
+            };
+            return self
+                .park(id, kind, key, &new, Some(local), &unique.name, why)
+                .await;
+        }
         let remote = self.remote_version();
         let rule = self.policy_of(id).rule;
         for Collision { unique, local } in collisions {
-            if self.policy_of(id).park_unique.contains(&unique.name) {
-                let why = "the table's policy parks collisions on this key (park_unique)";
-                return self
-                    .park(id, kind, key, &new, Some(local), &unique.name, why)
-                    .await;
-            }
-            let Some((column, limit)) = unique.renamable else {
-                let why = "it has no text column to rename the losing row's value in";
-                return self
-                    .park(id, kind, key, &new, Some(local), &unique.name, why)
-                    .await;
-            };
+            let (column, limit) = unique
+                .renamable
+                .expect("a collision without a text column was parked above");
             let (remote_wins, rule_name) = rule.remote_wins(&remote, &local.version);
             let map = self.map_for(id).expect("mapped");
             let (loser_value, loser_key) = if remote_wins {

@@ -272,12 +272,34 @@ async fn cluster(config: &Config, as_json: bool) -> CliResult {
             }
         }
     }
+    // Nodes the reachable ones keep a slot for that this config does not name (a branch
+    // that joined later and is not in this file): shown, so that none goes unseen.
+    let known: HashSet<&str> = views.iter().map(|v| v.name.as_str()).collect();
+    let mut unlisted: Vec<String> = views
+        .iter()
+        .filter_map(|v| v.report.as_ref().ok())
+        .flat_map(|r| r["slots"].as_array().cloned().unwrap_or_default())
+        .filter_map(|s| {
+            s["slot"]
+                .as_str()
+                .and_then(|n| n.strip_prefix("walsync_to_"))
+                .map(str::to_string)
+        })
+        .filter(|n| !known.contains(n.as_str()))
+        .collect();
+    unlisted.sort();
+    unlisted.dedup();
     if as_json {
-        let out = json!({"nodes": nodes, "problems": problems});
+        let out = json!({"nodes": nodes, "problems": problems, "not_in_this_config": unlisted});
         super::print_out(&serde_json::to_string_pretty(&out)?);
     } else {
         for n in &nodes {
             print_node_block(n);
+        }
+        for n in &unlisted {
+            println!(
+                "== {n}: in the cluster (a slot is kept for it) but not in this config: add it to [[peers]] (links = \"none\" if another sidecar runs its links) to see it here"
+            );
         }
         if problems.is_empty() {
             println!("\nnothing needs attention");

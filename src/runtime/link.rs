@@ -289,7 +289,7 @@ pub async fn run_link(
                     Disposition::HaltPeer => {
                         error!(link = %name, error = %error_chain(&e), retry_in_ms = wait.as_millis() as u64, "link stopped: needs an operator")
                     }
-                    Disposition::Fenced => unreachable!("handled above"),
+                    Disposition::Fenced => {} // returned above
                 }
                 wait
             }
