@@ -199,6 +199,39 @@ fn all_nodes_cut_from_each_other_then_healed_in_turn() {
     x.assert_converged();
 }
 
+/// Scenario: stores_sharing_a_journal_collide_while_cut_and_no_link_stops
+///   1. while every node is cut off, each posts entries in the journal they share (the
+///      same names on several nodes, on a partial unique index) and saves filters whose
+///      names differ only in case (an index on lower(name)), amid its usual sales;
+///   2. after the heal every collision is settled by renaming the same losers on every
+///      node: every table is identical, nothing is lost, no link stopped.
+///
+/// Mechanics: all three nodes cut, as in all_cut; the collisions come back through the
+/// hub, which settles and forwards them while the branches settle their own.
+#[test]
+fn stores_sharing_a_journal_collide_while_cut_and_no_link_stops() {
+    let mut x = Chaos::new("unique_collisions");
+    for n in NODES {
+        x.cut(n);
+    }
+    for _ in 0..3 {
+        for n in NODES {
+            x.post_entry_on(n);
+            x.write_on(n, 5);
+        }
+    }
+    x.heal("main");
+    x.heal("branch1");
+    x.post_entry_on("branch2");
+    x.assert_converged();
+    for n in NODES {
+        let posted =
+            x.c.node(n)
+                .sql("SELECT count(*) FROM account_move WHERE state = 'posted'");
+        assert_eq!(posted, "10", "{n}: every posted entry kept");
+    }
+}
+
 #[test]
 fn a_slow_jittery_link_still_converges() {
     let mut x = Chaos::new("latency_jitter");

@@ -26,6 +26,11 @@ INSERT INTO product (id, name, price) SELECT g, 'product ' || g, g FROM generate
 SELECT setval('product_id_seq', 5);
 INSERT INTO stock_quant (id, product_id, quantity) VALUES (1, 1, 1000);
 SELECT setval('stock_quant_id_seq', 1);
+CREATE TABLE account_move (id serial PRIMARY KEY, name varchar NOT NULL DEFAULT '/', journal_id integer NOT NULL,
+  state varchar NOT NULL DEFAULT 'draft', sequence_number integer);
+CREATE UNIQUE INDEX account_move_unique_name ON account_move (name, journal_id) WHERE state = 'posted' AND name <> '/';
+CREATE TABLE ir_filters (id serial PRIMARY KEY, name varchar NOT NULL, user_id integer);
+CREATE UNIQUE INDEX ir_filters_name_uid ON ir_filters (lower(name), COALESCE(user_id, -1));
 ";
 
 /// Stock quantities are counters: sold on branches, received on main, all adding up. As in
@@ -334,6 +339,35 @@ impl Chaos {
         *self.ledger.orders.entry(node.to_string()).or_default() += 1;
         self.ledger.stock_moved += moved;
         self.ledger.rows += 6;
+    }
+
+    /// Closing a session as Odoo does with a journal shared by every store: a draft entry,
+    /// then posted under the next number of the journal as this node sees it (two nodes
+    /// cut off from each other post the same name), and a saved filter whose name may
+    /// differ from another node's only in case. Unique collisions, settled by renaming.
+    pub fn post_entry_on(&mut self, node: &str) {
+        let n = self.c.node(node);
+        let id = n.sql("INSERT INTO account_move (journal_id) VALUES (1) RETURNING id");
+        let id = id.lines().next().unwrap_or("").to_string();
+        n.sql(&format!(
+            "UPDATE account_move SET state = 'posted', \
+               sequence_number = (SELECT coalesce(max(sequence_number), 0) + 1 FROM account_move WHERE state = 'posted'), \
+               name = 'POSS/' || lpad(((SELECT coalesce(max(sequence_number), 0) + 1 FROM account_move WHERE state = 'posted'))::text, 5, '0') \
+             WHERE id = {id}"
+        ));
+        // The same name on every node but for its case: main "Today 1", branch1
+        // "today 1", ...; unique on each node, colliding between them.
+        let case = NODES.iter().position(|x| *x == node).unwrap_or(0);
+        let filter = ["Today", "today", "TODAY"][case];
+        n.sql(&format!(
+            "INSERT INTO ir_filters (name, user_id) \
+             SELECT '{filter} ' || (count(*) + 1), 2 FROM ir_filters"
+        ));
+        self.ledger.rows += 3;
+        if !self.extra_tables.iter().any(|t| t == "account_move") {
+            self.extra_tables.push("account_move".into());
+            self.extra_tables.push("ir_filters".into());
+        }
     }
 
     /// An import of `rows` partners in one transaction.
