@@ -17,7 +17,7 @@ use super::param::Param;
 use super::pipeline::Tag;
 use super::{ApplyError, ApplyWorker, Gone, RemoteTxn};
 use crate::merge::conflict::{
-    merge_columns, old_image_matches, renamed, row_image, ConflictKind, Decision, Version,
+    merge_columns, old_image_matches, renamed, row_image, ConflictKind, Decision, Outcome, Version,
     COLUMN_MERGE,
 };
 use crate::merge::statements::{RowWrite, Shape, UniqueKey};
@@ -37,7 +37,7 @@ pub(super) struct Record {
     pub local: Option<(Json, Version)>,
     pub remote: Json,
     pub rule: &'static str,
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     /// What a rename wrote, or what was dropped here.
     pub detail: Option<String>,
 }
@@ -495,9 +495,9 @@ impl ApplyWorker {
                     .await;
             };
             let outcome = if remote_wins {
-                "local_renamed"
+                Outcome::LocalRenamed
             } else {
-                "remote_renamed"
+                Outcome::RemoteRenamed
             };
             let detail = format!(
                 "unique key {}: {} = {}",
@@ -559,7 +559,7 @@ impl ApplyWorker {
             local: local.map(|l| (self.local_image(id, &l), l.version)),
             remote: self.source_image(id, new),
             rule: "none_applies",
-            outcome: "parked",
+            outcome: Outcome::Parked,
             detail: Some(format!(
                 "unique key {index}: {why}; the incoming row was not written here. Settle the two rows by hand \
                  (change or merge them on one node), then walsync conflicts reapply this record if the row is still wanted"
@@ -601,17 +601,17 @@ impl ApplyWorker {
             Decision::Apply => (true, None),
             Decision::ApplyAndRecord(kind, rule) => {
                 let outcome = if rule == COLUMN_MERGE {
-                    "columns_merged"
+                    Outcome::ColumnsMerged
                 } else {
-                    "remote_applied"
+                    Outcome::RemoteApplied
                 };
                 (true, Some((kind, rule, outcome)))
             }
             Decision::SkipAndRecord(kind, rule) => {
                 let outcome = if local.is_some() {
-                    "local_kept"
+                    Outcome::LocalKept
                 } else {
-                    "skipped"
+                    Outcome::Skipped
                 };
                 (false, Some((kind, rule, outcome)))
             }
@@ -631,7 +631,7 @@ impl ApplyWorker {
                             local: local.map(|l| (self.local_image(relation_id, &l), l.version)),
                             remote: remote_image,
                             rule: "none_applies",
-                            outcome: "parked",
+                            outcome: Outcome::Parked,
                             detail: Some(format!(
                                 "{refused}; the incoming change was not written here. Settle the two rows by hand, \
                                  then walsync conflicts reapply this record if the change is still wanted"
@@ -708,7 +708,7 @@ impl ApplyWorker {
     pub(super) async fn record(&mut self, relation_id: u32, r: Record) -> Result<(), ApplyError> {
         tracing::info!(
             link = %self.link, table = %self.table_name(relation_id), conflict = r.kind.as_str(),
-            outcome = r.outcome, key = %r.key, "conflict decided"
+            outcome = r.outcome.as_str(), key = %r.key, "conflict decided"
         );
         if self.record_conflict.is_none() {
             self.flush().await?;
@@ -757,7 +757,7 @@ impl ApplyWorker {
             txn.origin,
             txn.commit_time_us,
             r.rule.to_string(),
-            r.outcome.to_string(),
+            r.outcome.as_str().to_string(),
             r.detail,
         );
         let client = self.client.clone();

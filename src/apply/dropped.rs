@@ -229,7 +229,7 @@ impl ApplyWorker {
             local: None,
             remote: row_image(&names, &row.0),
             rule: DROPPED_HERE,
-            outcome: "skipped",
+            outcome: crate::merge::conflict::Outcome::Skipped,
             detail: Some(detail),
         };
         self.record(relation_id, record).await

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use serde_json::{json, Value as Json};
 
 use super::{CliResult, ConfigArg};
-use crate::merge::conflict::{ConflictKind, OUTCOMES};
+use crate::merge::conflict::{ConflictKind, Outcome};
 use crate::merge::statements::quote_ident;
 use crate::node::connect::connect;
 
@@ -91,10 +91,11 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
         }
     }
     if let Some(outcome) = &args.outcome {
-        if !OUTCOMES.contains(&outcome.as_str()) {
+        if Outcome::parse(outcome).is_none() {
+            let all: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
             return Err(format!(
                 "--outcome {outcome}: no such outcome; one of {}",
-                OUTCOMES.join(", ")
+                all.join(", ")
             )
             .into());
         }
@@ -135,14 +136,11 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
             );
             for r in &rows {
                 let j = row_json(r);
-                let winner = match j["outcome"].as_str() {
-                    Some("remote_applied" | "local_renamed") => {
-                        j["remote_origin"].as_str().unwrap_or("").to_string()
-                    }
-                    Some("local_kept" | "remote_renamed") => {
-                        j["local_origin"].as_str().unwrap_or("").to_string()
-                    }
-                    _ => "-".to_string(),
+                let outcome = j["outcome"].as_str().and_then(Outcome::parse);
+                let winner = match outcome.and_then(Outcome::remote_won) {
+                    Some(true) => j["remote_origin"].as_str().unwrap_or("").to_string(),
+                    Some(false) => j["local_origin"].as_str().unwrap_or("").to_string(),
+                    None => "-".to_string(),
                 };
                 super::print_out(&format!(
                     "{:>6}  {:<26}  {:<22}  {:<24}  {:<14}  {:<16}  {}",
@@ -204,8 +202,9 @@ async fn reapply(client: &mut tokio_postgres::Client, id: i64) -> CliResult {
         )
         .into());
     }
-    match j["outcome"].as_str() {
-        Some("local_renamed" | "remote_renamed") => {
+    let outcome = j["outcome"].as_str().and_then(Outcome::parse);
+    match outcome {
+        Some(Outcome::LocalRenamed | Outcome::RemoteRenamed) => {
             return Err(format!(
                 "conflict {id} lost nothing: both rows are kept, the loser renamed ({}); \
                  merge or rename them by hand if they are the same thing",
@@ -213,7 +212,7 @@ async fn reapply(client: &mut tokio_postgres::Client, id: i64) -> CliResult {
             )
             .into())
         }
-        Some("columns_merged") => {
+        Some(Outcome::ColumnsMerged) => {
             return Err(format!(
                 "conflict {id} is a column merge: each column kept the row-level winner's edit; \
                  see both images with `walsync conflicts show {id}` and UPDATE the columns you want by hand"
@@ -227,7 +226,7 @@ async fn reapply(client: &mut tokio_postgres::Client, id: i64) -> CliResult {
     let key = j["key"].as_object().cloned().unwrap_or_default();
     let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
     let losing_delete = j["kind"].as_str().is_some_and(|k| k.starts_with("delete_"))
-        && j["outcome"] == "local_kept";
+        && outcome == Some(Outcome::LocalKept);
     let (sql, params, what) = if losing_delete {
         let cond: Vec<String> = key
             .keys()
@@ -244,8 +243,8 @@ async fn reapply(client: &mut tokio_postgres::Client, id: i64) -> CliResult {
             "delete",
         )
     } else {
-        let loser = match j["outcome"].as_str() {
-            Some("remote_applied") => &j["local_row"],
+        let loser = match outcome {
+            Some(Outcome::RemoteApplied) => &j["local_row"],
             _ => &j["remote_row"],
         };
         let Some(image) = loser.as_object() else {

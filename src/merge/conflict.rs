@@ -64,16 +64,63 @@ impl ConflictKind {
     }
 }
 
-/// Every outcome a conflict record can have (migration 0011's check).
-pub const OUTCOMES: [&str; 7] = [
-    "remote_applied",
-    "local_kept",
-    "skipped",
-    "columns_merged",
-    "local_renamed",
-    "remote_renamed",
-    "parked",
-];
+/// What a conflict's decision did, as `walsync.conflicts.outcome` stores it (the check of
+/// migration 0011) and `walsync conflicts` reads it back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The incoming version was written over the local one.
+    RemoteApplied,
+    /// The local version stayed; the incoming one is recorded.
+    LocalKept,
+    /// Nothing to write (the row is gone here).
+    Skipped,
+    /// Each side's changed columns were kept (`merge = "columns"`).
+    ColumnsMerged,
+    /// Both rows stay; the local one's unique value was renamed.
+    LocalRenamed,
+    /// Both rows stay; the incoming one's unique value was renamed.
+    RemoteRenamed,
+    /// The incoming row collides on a key no rule settles: not written here.
+    Parked,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 7] = [
+        Outcome::RemoteApplied,
+        Outcome::LocalKept,
+        Outcome::Skipped,
+        Outcome::ColumnsMerged,
+        Outcome::LocalRenamed,
+        Outcome::RemoteRenamed,
+        Outcome::Parked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::RemoteApplied => "remote_applied",
+            Outcome::LocalKept => "local_kept",
+            Outcome::Skipped => "skipped",
+            Outcome::ColumnsMerged => "columns_merged",
+            Outcome::LocalRenamed => "local_renamed",
+            Outcome::RemoteRenamed => "remote_renamed",
+            Outcome::Parked => "parked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == s)
+    }
+
+    /// Whose version the row holds afterwards: the incoming one's author (`Some(true)`),
+    /// the local one's (`Some(false)`), or neither alone.
+    pub fn remote_won(self) -> Option<bool> {
+        match self {
+            Outcome::RemoteApplied | Outcome::LocalRenamed => Some(true),
+            Outcome::LocalKept | Outcome::RemoteRenamed => Some(false),
+            _ => None,
+        }
+    }
+}
 
 /// Who last wrote a version: replication origin name (`walsync_<node>`) and commit time
 /// in microseconds since 2000-01-01 UTC (`None`: unknown, e.g. written before
@@ -274,6 +321,19 @@ pub fn old_image_matches(old: &Tuple, local: &[Option<String>]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn outcomes_and_kinds_read_back_as_written() {
+        for o in Outcome::ALL {
+            assert_eq!(Outcome::parse(o.as_str()), Some(o));
+        }
+        for k in ConflictKind::ALL {
+            assert_eq!(ConflictKind::parse(k.as_str()), Some(k));
+        }
+        assert_eq!(Outcome::parse("bogus"), None);
+        assert_eq!(Outcome::LocalRenamed.remote_won(), Some(true));
+        assert_eq!(Outcome::Parked.remote_won(), None);
+    }
     use bytes::Bytes;
 
     fn v(origin: &str, t: i64) -> Version {
