@@ -48,6 +48,44 @@ fn a_cluster_runs_with_no_superuser_in_the_sidecars_dsns() {
     c.node("a")
         .sql("GRANT SET ON PARAMETER session_replication_role TO walsync");
 
+    // The sidecar's role may run init again on a node already set up (a container's
+    // entrypoint does at every start), but not set one up: nothing is changed then.
+    let (ok, out) = walsync(&["init", "--config", c.node("a").config.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    c.node("a").sql("CREATE DATABASE fresh");
+    let fresh = c.dir.join("a-fresh.toml");
+    std::fs::write(
+        &fresh,
+        std::fs::read_to_string(&c.node("a").config)
+            .unwrap()
+            .replacen("dbname=postgres", "dbname=fresh", 1),
+    )
+    .unwrap();
+    // The origin functions' rights are per database: given there, only the superuser's
+    // part of the setup is left.
+    c.node("a")
+        .pg
+        .psql_in(
+            "fresh",
+            "GRANT EXECUTE ON FUNCTION pg_replication_origin_session_setup(text), \
+             pg_replication_origin_session_reset(), \
+             pg_replication_origin_xact_setup(pg_lsn, timestamptz), pg_replication_origin_create(text) TO walsync",
+        )
+        .unwrap();
+    let (ok, out) = walsync(&["init", "--config", fresh.to_str().unwrap()]);
+    assert!(!ok && out.contains("needs a superuser once"), "{out}");
+    assert_eq!(
+        c.node("a")
+            .pg
+            .psql_in(
+                "fresh",
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'walsync'"
+            )
+            .unwrap(),
+        "0",
+        "a refused init changes nothing"
+    );
+
     c.start();
     c.node("a")
         .sql("SET SESSION AUTHORIZATION shop; INSERT INTO partner (name) VALUES ('sold at a')");

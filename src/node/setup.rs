@@ -148,6 +148,7 @@ pub async fn init_node(config: &Config) -> Result<SetupReport, SetupError> {
     let client = connect(&me.dsn, "walsync init").await?;
     check_server(&client, &me, config.peers.len()).await?;
     check_tables(&client, &me).await?;
+    check_superuser_needed(&client, &me).await?;
 
     let mut report = SetupReport::default();
     run_migrations(&client, &me, &mut report).await?;
@@ -420,6 +421,52 @@ async fn check_server(client: &Client, me: &NodeRef, peers: usize) -> Result<(),
     }
 }
 
+/// The first init of a node and each upgrade need a superuser: they create event triggers
+/// and a publication `FOR ALL TABLES`. Refused before anything is changed when that is
+/// needed and the role is not one; a node already set up can be initialised again by the
+/// sidecar's own role (the container's entrypoint does so at every start).
+async fn check_superuser_needed(client: &Client, me: &NodeRef) -> Result<(), SetupError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user), \
+                    to_regclass('walsync.schema_migrations') IS NOT NULL, \
+                    EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)",
+            &[&PUBLICATION],
+        )
+        .await
+        .map_err(sql_err(me, "checking what init has to create"))?;
+    let (superuser, has_schema, has_publication): (bool, bool, bool) =
+        (row.get(0), row.get(1), row.get(2));
+    if superuser {
+        return Ok(());
+    }
+    let latest = MIGRATIONS.last().map_or(0, |m| m.version);
+    let applied: i32 = if has_schema {
+        client
+            .query_one(
+                "SELECT coalesce(max(version), 0) FROM walsync.schema_migrations",
+                &[],
+            )
+            .await
+            .map_err(sql_err(me, "reading walsync.schema_migrations"))?
+            .get(0)
+    } else {
+        0
+    };
+    if applied < latest || !has_publication {
+        return Err(SetupError::NotReady {
+            node: me.name.to_string(),
+            problems: vec![
+                "setting this node up (or upgrading it) needs a superuser once: it creates event triggers and a \
+                 publication FOR ALL TABLES. Run walsync init with a superuser's dsn (WALSYNC_NODE_DSN=...) and \
+                 --grant-to ROLE for the sidecar's own role; nothing was changed"
+                    .to_string(),
+            ],
+        });
+    }
+    Ok(())
+}
+
 /// A table that logical replication cannot identify rows of would break the stream at its
 /// first UPDATE or DELETE; refuse it here instead, naming the tables and the fix.
 async fn check_tables(client: &Client, me: &NodeRef) -> Result<(), SetupError> {
@@ -481,19 +528,31 @@ async fn run_migrations(
     me: &NodeRef,
     report: &mut SetupReport,
 ) -> Result<(), SetupError> {
-    client
-        .batch_execute(
-            // Replica mode, as every migration: on a re-run (an upgrade) the event
-            // triggers exist, and walsync's own schema is never DDL for the peers.
-            "BEGIN; SET LOCAL session_replication_role = replica; \
+    let has_schema: bool = client
+        .query_one(
+            "SELECT to_regclass('walsync.schema_migrations') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(sql_err(me, "checking for schema walsync"))?
+        .get(0);
+    // (Creating it, even IF NOT EXISTS, needs CREATE on the database, which a re-run by
+    // the sidecar's own role has not.)
+    if !has_schema {
+        client
+            .batch_execute(
+                // Replica mode, as every migration: on a re-run (an upgrade) the event
+                // triggers exist, and walsync's own schema is never DDL for the peers.
+                "BEGIN; SET LOCAL session_replication_role = replica; \
              CREATE SCHEMA IF NOT EXISTS walsync; \
              CREATE TABLE IF NOT EXISTS walsync.schema_migrations ( \
                 version integer PRIMARY KEY, name text NOT NULL, \
                 applied_at timestamptz NOT NULL DEFAULT now()); \
              COMMIT",
-        )
-        .await
-        .map_err(sql_err(me, "creating schema walsync"))?;
+            )
+            .await
+            .map_err(sql_err(me, "creating schema walsync"))?;
+    }
     for m in MIGRATIONS {
         // One transaction per migration; the advisory lock keeps two inits from racing.
         // Replica mode: walsync's own objects are this node's, never DDL for the peers.
