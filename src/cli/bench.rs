@@ -240,6 +240,69 @@ struct Rounds {
     walsync_rate: Vec<f64>,
     native_first: Vec<f64>,
     walsync_first: Vec<f64>,
+    /// CPU seconds per 100,000 applied rows, every process of every path counted.
+    native_cpu: Vec<f64>,
+    walsync_cpu: Vec<f64>,
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: i32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / clock_ticks_per_second()
+}
+
+/// `getconf CLK_TCK`: 100 on Linux unless configured otherwise.
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The server processes on `pg` whose `application_name` is like `pattern`, or the
+/// subscription workers when `pattern` is None.
+async fn pids(pg: &LocalCluster, sql: &str) -> Result<Vec<i32>, BoxError> {
+    let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
+    Ok(c.query(sql, &[]).await?.iter().map(|r| r.get(0)).collect())
+}
+
+/// CPU seconds the processes of every path of one consumer kind have used: the
+/// walsenders on main and, on each target, `target_sql`'s processes.
+async fn path_cpu(
+    source: &LocalCluster,
+    sender_like: &str,
+    targets: &[LocalCluster],
+    target_sql: &str,
+) -> Result<f64, BoxError> {
+    let mut total = 0.0;
+    for pid in pids(
+        source,
+        &format!("SELECT pid FROM pg_stat_replication WHERE application_name LIKE '{sender_like}'"),
+    )
+    .await?
+    {
+        total += cpu_seconds(pid);
+    }
+    for t in targets {
+        for pid in pids(t, target_sql).await? {
+            total += cpu_seconds(pid);
+        }
+    }
+    Ok(total)
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -266,6 +329,8 @@ async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
                 walsync_rate: vec![],
                 native_first: vec![],
                 walsync_first: vec![],
+                native_cpu: vec![],
+                walsync_cpu: vec![],
             };
             for round in 1..=args.rounds.max(1) {
                 println!(
@@ -275,6 +340,19 @@ async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
                 ok &= catch_up(&b, args.rows, size, &mut r).await?;
             }
             summary.push((size, r));
+        }
+        println!(
+            "\nCPU seconds per 100,000 applied rows, every process of every path (median): native \
+             walsenders and apply workers; walsync walsenders, sidecars and apply backends"
+        );
+        for (size, r) in &summary {
+            println!(
+                "{:<16}native {:>6.2}   walsync {:>6.2}   ({:.2}x native)",
+                format!("{size} rows"),
+                median(&r.native_cpu),
+                median(&r.walsync_cpu),
+                median(&r.walsync_cpu) / median(&r.native_cpu)
+            );
         }
         println!("\nmedian of {} rounds, first target:", args.rounds.max(1));
         println!(
@@ -339,12 +417,23 @@ async fn catch_up(b: &Bench, rows: u64, txn_rows: u64, r: &mut Rounds) -> Result
         sql(n, "ALTER SUBSCRIPTION bench_native ENABLE").await?;
     }
     let native = time_targets(&b.natives, first, last, t0).await;
+    // The processes started with the subscriptions: their CPU so far is the catch-up's.
+    let native_cpu = path_cpu(
+        &b.source,
+        "bench_native%",
+        &b.natives,
+        "SELECT pid FROM pg_stat_subscription WHERE pid IS NOT NULL",
+    )
+    .await?;
     for n in &b.natives {
         sql(n, "ALTER SUBSCRIPTION bench_native DISABLE").await?;
     }
     let (native_first, native_all) = native?;
 
     let (tx, rx) = shutdown_channel();
+    // The sidecars run in this process: its CPU over the catch-up is theirs (and the
+    // polling for rows, which costs next to nothing).
+    let own_cpu_before = cpu_seconds(std::process::id() as i32);
     let t0 = Instant::now();
     let sidecars: Vec<_> = b
         .configs
@@ -355,6 +444,14 @@ async fn catch_up(b: &Bench, rows: u64, txn_rows: u64, r: &mut Rounds) -> Result
         })
         .collect();
     let walsync = time_targets(&b.walsyncs, first, last, t0).await;
+    let walsync_cpu = path_cpu(
+        &b.source,
+        "walsync main->%",
+        &b.walsyncs,
+        "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'walsync %->% apply'",
+    )
+    .await?
+        + (cpu_seconds(std::process::id() as i32) - own_cpu_before);
     let _ = tx.send(true);
     for s in sidecars {
         let _ = s.await;
@@ -381,6 +478,14 @@ async fn catch_up(b: &Bench, rows: u64, txn_rows: u64, r: &mut Rounds) -> Result
     r.walsync_rate.push(walsync_rate);
     r.native_first.push(native_first.as_secs_f64());
     r.walsync_first.push(walsync_first.as_secs_f64());
+    let applied = new_rows * b.natives.len() as f64;
+    r.native_cpu.push(native_cpu / applied * 100_000.0);
+    r.walsync_cpu.push(walsync_cpu / applied * 100_000.0);
+    println!(
+        "CPU per 100,000 applied rows: native {:.2} s, walsync {:.2} s",
+        native_cpu / applied * 100_000.0,
+        walsync_cpu / applied * 100_000.0
+    );
     let mut equal = true;
     for t in b.natives.iter().chain(&b.walsyncs) {
         let n = count(t).await?;
