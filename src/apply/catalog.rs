@@ -150,39 +150,33 @@ async fn unique_keys(
             Some((index_of(name)?, limit))
         });
         let name: String = r.get(0);
-        if plain {
-            let Some(idx) = positions
-                .iter()
-                .map(|p| index_of(p))
-                .collect::<Option<Vec<usize>>>()
-            else {
-                continue;
-            };
-            keys.push(UniqueKey {
-                name,
-                columns: idx,
-                renamable,
-                lookup: None,
-            });
+        // A plain key is found by its columns; any other by its definition, fed every
+        // column it reads.
+        let (found_by, lookup) = if plain {
+            (&positions, None)
         } else {
-            let Some(idx) = read
-                .iter()
-                .map(|p| index_of(p))
-                .collect::<Option<Vec<usize>>>()
-            else {
-                continue;
-            };
-            keys.push(UniqueKey {
-                name,
-                columns: idx,
-                renamable,
-                lookup: Some(IndexLookup {
+            (
+                &read,
+                Some(IndexLookup {
                     keys: key_sql,
                     predicate,
                     types,
                 }),
-            });
-        }
+            )
+        };
+        let Some(columns) = found_by
+            .iter()
+            .map(|p| index_of(p))
+            .collect::<Option<Vec<usize>>>()
+        else {
+            continue;
+        };
+        keys.push(UniqueKey {
+            name,
+            columns,
+            renamable,
+            lookup,
+        });
     }
     Ok(keys)
 }
