@@ -296,10 +296,18 @@ impl Dsn {
         &self.0
     }
 
-    /// The settings tokio-postgres reads; the TLS parameters are in [`Dsn::tls`]. A DSN
+    /// The settings tokio-postgres reads (the TLS parameters: [`Dsn::parts`]). A DSN
     /// without a password takes it from the password file, as libpq does
     /// (crate::node::passfile).
     pub fn parse(&self) -> Result<tokio_postgres::Config, ConfigError> {
+        Ok(self.parts()?.0)
+    }
+
+    /// The settings tokio-postgres reads and the TLS parameters (`sslmode`,
+    /// `sslrootcert`, `sslcert`, `sslkey`), from one reading of the string.
+    pub fn parts(
+        &self,
+    ) -> Result<(tokio_postgres::Config, crate::node::tls::TlsSettings), ConfigError> {
         let (rest, taken) = self.split()?;
         let mut cfg: tokio_postgres::Config = rest
             .parse()
@@ -315,12 +323,7 @@ impl Dsn {
                 }
             }
         }
-        Ok(cfg)
-    }
-
-    /// The TLS parameters (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`).
-    pub fn tls(&self) -> Result<crate::node::tls::TlsSettings, ConfigError> {
-        Ok(self.split()?.1.tls)
+        Ok((cfg, taken.tls))
     }
 
     /// The DSN for a libpq program (pg_dump, pg_restore) and its password apart, to pass

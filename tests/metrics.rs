@@ -15,13 +15,7 @@ fn metrics_health_and_readiness_are_served_by_the_sidecar() {
         RETAIL_SCHEMA,
     );
     let port = walsync::localpg::free_port();
-    let config = c.node("main").config.clone();
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    )
-    .unwrap();
+    c.node("main").listen_metrics(port);
     c.start();
     c.node("branch1")
         .sql("INSERT INTO partner (name) VALUES ('Ana'), ('Bo')");
@@ -102,12 +96,7 @@ fn a_metrics_address_in_use_stops_the_sidecar_with_a_clear_error() {
     let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = busy.local_addr().unwrap().port();
     let config = c.node("a").config.clone();
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    )
-    .unwrap();
+    c.node("a").listen_metrics(port);
     let (ok, out) = walsync(&["run", "--config", config.to_str().unwrap()]);
     assert!(!ok, "{out}");
     assert!(

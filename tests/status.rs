@@ -37,12 +37,7 @@ fn a_stopped_or_killed_sidecar_shows_down_everywhere_and_status_exits_1() {
     );
     let port = walsync::localpg::free_port();
     let a_config = c.node("a").config.clone();
-    let text = std::fs::read_to_string(&a_config).unwrap();
-    std::fs::write(
-        &a_config,
-        format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
-    )
-    .unwrap();
+    c.node("a").listen_metrics(port);
     c.start();
     c.node("a")
         .sql("INSERT INTO partner (name) VALUES ('first')");

@@ -148,10 +148,17 @@ impl ApplyWorker {
         let (Some(OldTuple::Full(old)), Some(local)) = (old, local) else {
             return false;
         };
+        let local = self.in_source_order(relation_id, local);
         // Columns each node filled on its own (an open DDL warning) differ on purpose.
-        let per_node = &self.policy_of(relation_id).per_node_columns;
-        let old = as_unsent(old, per_node);
-        old_image_matches(&old, &self.in_source_order(relation_id, local))
+        match self
+            .relations
+            .get(&relation_id)
+            .map(|e| &e.policy.per_node_columns)
+            .filter(|c| !c.is_empty())
+        {
+            Some(per_node) => old_image_matches(&as_unsent(old, per_node), &local),
+            None => old_image_matches(old, &local),
+        }
     }
 
     /// Reads the local row with `key` (locked) and decides an update or delete made on

@@ -30,8 +30,9 @@ pub async fn run(args: &InitArgs) -> CliResult {
         }
     }
     let me = config.this_node();
+    let client = crate::node::connect::connect(&me.dsn, "walsync init").await;
     if let Some(role) = &args.grant_to {
-        let client = crate::node::connect::connect(&me.dsn, "walsync init").await?;
+        let client = client.as_ref().map_err(|e| e.to_string())?;
         // Replica mode: these GRANTs are this node's own setup, not DDL for the peers.
         client
             .batch_execute("SET session_replication_role = replica")
@@ -47,8 +48,8 @@ pub async fn run(args: &InitArgs) -> CliResult {
         }
     }
     // What a cut will do with this setup, with the fixes (best effort: init succeeded).
-    if let Ok(client) = crate::node::connect::connect(&me.dsn, "walsync init").await {
-        if let Ok(setup) = crate::advice::gather(&client, &config).await {
+    if let Ok(client) = &client {
+        if let Ok(setup) = crate::advice::gather(client, &config).await {
             super::status::print_setup(&setup);
         }
     }

@@ -12,8 +12,7 @@ use crate::runtime::{metrics, run_sidecar, shutdown_channel};
 pub async fn run(arg: &ConfigArg) -> CliResult {
     let config = arg.load()?;
     check_initialised(&config).await?;
-    refuse_if_removed(&config).await?;
-    check_rights(&config).await?;
+    check_rights_and_fence(&config).await?;
     let (tx, rx) = shutdown_channel();
     if let Some(addr) = config.metrics.listen {
         let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -32,52 +31,48 @@ pub async fn run(arg: &ConfigArg) -> CliResult {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A sidecar whose role is not a superuser needs the rights crate::node::rights lists on
-/// its node; it refuses to start without them, naming each with its GRANT.
-async fn check_rights(config: &crate::config::Config) -> Result<(), String> {
+/// Before starting: a removed node's sidecar exits instead of resuming, when its own
+/// database or any peer it reaches (within a few seconds) records the removal
+/// (crate::node::fence); and a sidecar whose role is not a superuser needs the rights
+/// crate::node::rights lists on its node, each missing one named with its GRANT. Its
+/// own node is asked both over one connection; a node it cannot reach is skipped (the
+/// links say so and retry).
+async fn check_rights_and_fence(config: &crate::config::Config) -> Result<(), String> {
     let me = config.this_node();
-    let Ok(client) = connect(&me.dsn, "walsync run check").await else {
-        return Ok(()); // unreachable now: the links say so and retry
+    let name = me.name.as_str();
+    let own = async {
+        let Ok(client) = connect(&me.dsn, "walsync run check").await else {
+            return Ok(());
+        };
+        if let Ok(Some(removal)) = crate::node::fence::removed(&client, &[name]).await {
+            return Err(removal.to_string());
+        }
+        let missing = crate::node::rights::missing(&client)
+            .await
+            .map_err(|e| format!("checking the sidecar's rights on node {name}: {e}"))?;
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(format!(
+            "the sidecar's role lacks rights on node {name} (run these as a superuser there, or walsync init --grant-to ROLE):\n  - {}",
+            missing.join("\n  - ")
+        ))
     };
-    let missing = crate::node::rights::missing(&client)
-        .await
-        .map_err(|e| format!("checking the sidecar's rights on node {}: {e}", me.name))?;
-    if missing.is_empty() {
-        return Ok(());
-    }
-    Err(format!(
-        "the sidecar's role lacks rights on node {} (run these as a superuser there, or walsync init --grant-to ROLE):\n  - {}",
-        me.name,
-        missing.join("\n  - ")
-    ))
-}
-
-/// A removed node's sidecar exits instead of resuming, when its own database or any
-/// peer it reaches (within a few seconds) records the removal (crate::node::fence).
-async fn refuse_if_removed(config: &crate::config::Config) -> Result<(), String> {
-    let me = config.this_node();
-    let mut dsns = vec![me.dsn.clone()];
-    dsns.extend(config.peer_nodes().into_iter().map(|(p, _)| p.dsn));
-    let checks = dsns.iter().map(|dsn| async {
+    let peers = config.peer_nodes();
+    let fenced_by_peers = futures_util::future::join_all(peers.iter().map(|(p, _)| async {
         let check = async {
-            let client = connect(dsn, "walsync run check").await.ok()?;
-            crate::node::fence::removed(&client, &[me.name.as_str()])
-                .await
-                .ok()?
+            let client = connect(&p.dsn, "walsync run check").await.ok()?;
+            crate::node::fence::removed(&client, &[name]).await.ok()?
         };
         tokio::time::timeout(std::time::Duration::from_secs(10), check)
             .await
             .ok()
             .flatten()
-    });
-    match futures_util::future::join_all(checks)
-        .await
-        .into_iter()
-        .flatten()
-        .next()
-    {
+    }));
+    let (own, fenced) = tokio::join!(own, fenced_by_peers);
+    match fenced.into_iter().flatten().next() {
         Some(removal) => Err(removal.to_string()),
-        None => Ok(()),
+        None => own,
     }
 }
 

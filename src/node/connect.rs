@@ -49,8 +49,7 @@ impl ConnectError {
 
 /// Connects with the pinned session settings and spawns the connection task.
 pub async fn connect(dsn: &Dsn, application_name: &str) -> Result<Client, ConnectError> {
-    let mut cfg = dsn.parse()?;
-    let tls = dsn.tls()?;
+    let (mut cfg, tls) = dsn.parts()?;
     let connector = crate::node::tls::MakeRustls::new(&tls).map_err(|e| {
         ConnectError::Dsn(crate::config::ConfigError::Invalid(format!(
             "dsn {dsn}: {e}"

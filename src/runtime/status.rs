@@ -95,13 +95,30 @@ impl StatusReporter {
         self.client.as_ref()
     }
 
+    /// Runs one statement on the target over the reporter's connection. Best effort: a
+    /// failure is logged and the connection dropped, to be opened again next time.
+    /// `false` when the target could not be reached at all.
+    async fn write(
+        &mut self,
+        what: &str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> bool {
+        let Some(client) = self.client().await else {
+            return false;
+        };
+        if let Err(e) = client.execute(sql, params).await {
+            debug!(link = %self.link, error = %e, "could not record {what}");
+            self.client = None;
+        }
+        true
+    }
+
     pub async fn state(&mut self, state: LinkState, detail: Option<&str>) {
         let link = self.link.clone();
-        let Some(client) = self.client().await else {
-            return;
-        };
-        let r = client
-            .execute(
+        let written = self
+            .write(
+                "the link state",
                 "INSERT INTO walsync.link_status AS s (link, state, detail, heartbeat_at) VALUES ($1, $2, $3, now()) \
                  ON CONFLICT (link) DO UPDATE SET state = excluded.state, detail = excluded.detail, \
                    since = CASE WHEN s.state = excluded.state \
@@ -111,10 +128,8 @@ impl StatusReporter {
                 &[&link, &state.as_str(), &detail, &(HEARTBEAT_STALE_S as f64)],
             )
             .await;
-        self.last_heartbeat_at = Some(Instant::now());
-        if let Err(e) = r {
-            debug!(link = %link, error = %e, "could not record the link state");
-            self.client = None;
+        if written {
+            self.last_heartbeat_at = Some(Instant::now());
         }
     }
 
@@ -129,19 +144,12 @@ impl StatusReporter {
         }
         self.last_heartbeat_at = Some(Instant::now());
         let link = self.link.clone();
-        let Some(client) = self.client().await else {
-            return;
-        };
-        let r = client
-            .execute(
-                "UPDATE walsync.link_status SET heartbeat_at = now() WHERE link = $1",
-                &[&link],
-            )
-            .await;
-        if let Err(e) = r {
-            debug!(link = %link, error = %e, "could not stamp the link's heartbeat");
-            self.client = None;
-        }
+        self.write(
+            "the link's heartbeat",
+            "UPDATE walsync.link_status SET heartbeat_at = now() WHERE link = $1",
+            &[&link],
+        )
+        .await;
     }
 
     /// Called with each message's send time; stores the offset once per [`OFFSET_EVERY`].
@@ -170,19 +178,12 @@ impl StatusReporter {
             warn!(link = %self.link, clock_offset_ms = offset, "the upstream's clock differs from ours by more than 1 s: last-writer-wins decides by these clocks; synchronise them (NTP)");
         }
         let link = self.link.clone();
-        let Some(client) = self.client().await else {
-            return;
-        };
-        let r = client
-            .execute(
-                "UPDATE walsync.link_status SET clock_offset_ms = $2, updated_at = now() WHERE link = $1",
-                &[&link, &offset],
-            )
-            .await;
-        if let Err(e) = r {
-            debug!(link = %link, error = %e, "could not record the clock offset");
-            self.client = None;
-        }
+        self.write(
+            "the clock offset",
+            "UPDATE walsync.link_status SET clock_offset_ms = $2, updated_at = now() WHERE link = $1",
+            &[&link, &offset],
+        )
+        .await;
     }
 }
 

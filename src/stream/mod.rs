@@ -74,10 +74,11 @@ impl NodeStream {
         let client = match ReplicationClient::connect(rcfg).await {
             Ok(client) => client,
             Err(PgWireError::Tls(failure)) => {
-                let host = crate::node::connect::host_of(&dsn.parse()?);
+                let (cfg, tls) = dsn.parts()?;
+                let host = crate::node::connect::host_of(&cfg);
                 return Err(StreamError::Tls {
                     dsn: shown,
-                    explained: dsn.tls()?.explain(&host, &failure),
+                    explained: tls.explain(&host, &failure),
                 });
             }
             Err(e) => return Err(wire(e)),
@@ -135,9 +136,9 @@ pub fn replication_config(
     start: Lsn,
     application_name: &str,
 ) -> Result<ReplicationConfig, StreamError> {
-    let cfg = dsn.parse()?;
+    let (cfg, tls) = dsn.parts()?;
     let host = crate::node::connect::host_of(&cfg);
-    let tls = dsn.tls()?.replication(&host);
+    let tls = tls.replication(&host);
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
     let user = cfg.get_user().unwrap_or("postgres").to_string();
     let password = cfg

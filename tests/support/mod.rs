@@ -128,6 +128,16 @@ impl Node {
         output_text(walsync_command(self.netns.as_deref()).args(args))
     }
 
+    /// Gives this node's sidecar a metrics endpoint on 127.0.0.1:`port`.
+    pub fn listen_metrics(&self, port: u16) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        std::fs::write(
+            &self.config,
+            format!("{text}\n[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+        )
+        .unwrap();
+    }
+
     pub fn sidecar_log(&self) -> String {
         std::fs::read_to_string(self.pg.dir().join(format!("sidecar-{}.log", self.name)))
             .unwrap_or_default()
