@@ -11,6 +11,7 @@ use serde_json::{json, Value as Json};
 use tokio_postgres::Client;
 
 use crate::config::{Config, Topology};
+use crate::merge::keys::{settlement, Settlement, UniquePolicy};
 
 /// Setup warnings and the unique-key settlement of the node `client` is connected to.
 pub async fn gather(client: &Client, config: &Config) -> Result<Json, tokio_postgres::Error> {
@@ -136,8 +137,9 @@ async fn odoo_warnings(
 }
 
 /// Every unique index other than a primary key on the replicated tables, by how its
-/// collisions are settled: `renamed` (a text column in its key) or `parked` (none, or
-/// the table's `park_unique`).
+/// collisions are settled ([`settlement`], the rule the applier uses): `renamed` (a text
+/// column in its key), `merged` (none, or the table's `merge_unique`) or `parked` (the
+/// table's `park_unique`, or no primary key to merge by).
 async fn unique_key_settlement(
     client: &Client,
     config: &Config,
@@ -152,7 +154,8 @@ async fn unique_key_settlement(
                        SELECT 1 FROM pg_depend d JOIN pg_attribute a \
                          ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
                        WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid \
-                         AND a.atttypid IN ('text'::regtype, 'varchar'::regtype))) \
+                         AND a.atttypid IN ('text'::regtype, 'varchar'::regtype))), \
+               EXISTS (SELECT 1 FROM pg_index p WHERE p.indrelid = i.indrelid AND p.indisprimary) \
              FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
              JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace \
              WHERE i.indisunique AND NOT i.indisprimary AND t.relkind IN ('r', 'p') \
@@ -162,20 +165,24 @@ async fn unique_key_settlement(
             &[],
         )
         .await?;
-    let mut renamed = Vec::new();
-    let mut parked = Vec::new();
+    let (mut renamed, mut merged, mut parked) = (Vec::new(), Vec::new(), Vec::new());
     for r in &rows {
-        let (schema, table, index, text): (String, String, String, bool) =
-            (r.get(0), r.get(1), r.get(2), r.get(3));
-        let policy_parks = config.tables.iter().any(|t| {
-            t.qualified() == (schema.clone(), table.clone()) && t.park_unique.contains(&index)
-        });
+        let (schema, table, index, text, has_key): (String, String, String, bool, bool) =
+            (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4));
+        let policy = config
+            .tables
+            .iter()
+            .find(|t| t.qualified() == (schema.clone(), table.clone()));
+        let policy = UniquePolicy {
+            park: policy.map_or(&[], |t| &t.park_unique),
+            merge: policy.map_or(&[], |t| &t.merge_unique),
+        };
         let name = format!("{schema}.{table}: {index}");
-        if text && !policy_parks {
-            renamed.push(name);
-        } else {
-            parked.push(name);
+        match settlement(&index, text.then_some((0, None)), has_key, policy) {
+            Settlement::Rename { .. } => renamed.push(name),
+            Settlement::Merge => merged.push(name),
+            Settlement::Park { .. } => parked.push(name),
         }
     }
-    Ok(json!({ "renamed": renamed, "parked": parked }))
+    Ok(json!({ "renamed": renamed, "merged": merged, "parked": parked }))
 }

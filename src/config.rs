@@ -194,10 +194,15 @@ pub struct TablePolicy {
     #[serde(default)]
     pub local_columns: Vec<String>,
     /// Unique indexes (by name) whose collisions park the incoming row instead of
-    /// renaming the loser's text value: keys that name one entity, where a renamed value
-    /// would be junk (`mail_followers (res_model, res_id, partner_id)`).
+    /// settling it (renaming or merging).
     #[serde(default)]
     pub park_unique: Vec<String>,
+    /// Unique indexes (by name) whose collisions merge the two rows although the key has
+    /// a text column: keys that name one entity, where a renamed value would be junk
+    /// (`mail_followers (res_model, res_id, partner_id)`). Keys without a text column
+    /// merge anyway (decision 0008).
+    #[serde(default)]
+    pub merge_unique: Vec<String>,
 }
 
 /// How much of a row one conflict decision covers.
@@ -600,10 +605,17 @@ impl Config {
                 || t.prefer.is_some()
                 || t.merge == MergeMode::Columns
                 || !t.local_columns.is_empty()
-                || !t.park_unique.is_empty();
+                || !t.park_unique.is_empty()
+                || !t.merge_unique.is_empty();
             if !decides && !t.local {
                 return Err(ConfigError::Invalid(format!(
-                    "[[tables]] {:?} sets no policy (counters = [\"column\", ...], prefer = \"node\", merge = \"columns\", local = true, local_columns = [\"column\", ...] or park_unique = [\"index\", ...])",
+                    "[[tables]] {:?} sets no policy (counters = [\"column\", ...], prefer = \"node\", merge = \"columns\", local = true, local_columns = [\"column\", ...], park_unique = [\"index\", ...] or merge_unique = [\"index\", ...])",
+                    t.name
+                )));
+            }
+            if let Some(both) = t.park_unique.iter().find(|i| t.merge_unique.contains(i)) {
+                return Err(ConfigError::Invalid(format!(
+                    "[[tables]] {:?}: index {both:?} is in both park_unique and merge_unique; keep it in one",
                     t.name
                 )));
             }

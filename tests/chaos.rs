@@ -202,9 +202,12 @@ fn all_nodes_cut_from_each_other_then_healed_in_turn() {
 /// Scenario: stores_sharing_a_journal_collide_while_cut_and_no_link_stops
 ///   1. while every node is cut off, each posts entries in the journal they share (the
 ///      same names on several nodes, on a partial unique index) and saves filters whose
-///      names differ only in case (an index on lower(name)), amid its usual sales;
-///   2. after the heal every collision is settled by renaming the same losers on every
-///      node: every table is identical, nothing is lost, no link stopped.
+///      names differ only in case (an index on lower(name)), and the same cashiers log
+///      in for the first time (one settings row per user, with a volume row pointing at
+///      it), amid its usual sales;
+///   2. after the heal every collision is settled the same way on every node: entries and
+///      filters renamed, each user's settings merged into one row with one volume: every
+///      table is identical, nothing is lost, no link stopped.
 ///
 /// Mechanics: all three nodes cut, as in all_cut; the collisions come back through the
 /// hub, which settles and forwards them while the branches settle their own.
@@ -214,9 +217,10 @@ fn stores_sharing_a_journal_collide_while_cut_and_no_link_stops() {
     for n in NODES {
         x.cut(n);
     }
-    for _ in 0..3 {
+    for user in 1..=3 {
         for n in NODES {
             x.post_entry_on(n);
+            x.login_on(n, user);
             x.write_on(n, 5);
         }
     }
@@ -229,6 +233,19 @@ fn stores_sharing_a_journal_collide_while_cut_and_no_link_stops() {
             x.c.node(n)
                 .sql("SELECT count(*) FROM account_move WHERE state = 'posted'");
         assert_eq!(posted, "10", "{n}: every posted entry kept");
+        let n = x.c.node(n);
+        assert_eq!(
+            n.sql("SELECT count(*) || ' ' || count(DISTINCT user_id) FROM res_users_settings"),
+            "3 3",
+            "{}: one settings row per user",
+            n.name
+        );
+        assert_eq!(
+            n.sql("SELECT count(*) FROM res_users_settings_volumes v JOIN res_users_settings s ON s.id = v.user_setting_id"),
+            "3",
+            "{}: one volume per user's settings, none pointing at a row merged away",
+            n.name
+        );
     }
 }
 

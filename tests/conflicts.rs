@@ -683,10 +683,12 @@ CREATE UNIQUE INDEX account_move_unique_name ON account_move (name, journal_id) 
 CREATE TABLE ir_filters (id serial PRIMARY KEY, name varchar NOT NULL, user_id integer);
 CREATE UNIQUE INDEX ir_filters_name_uid ON ir_filters (lower(name), COALESCE(user_id, -1));
 CREATE TABLE res_users_settings (id serial PRIMARY KEY, user_id integer NOT NULL UNIQUE, lang varchar);
+CREATE TABLE settings_tag (id serial PRIMARY KEY, setting_id integer NOT NULL REFERENCES res_users_settings (id),
+  tag integer NOT NULL, UNIQUE (setting_id, tag));
 ";
 
 #[test]
-fn collisions_on_partial_and_expression_indexes_are_renamed_and_the_rest_parked_without_stopping_a_link(
+fn collisions_on_partial_and_expression_indexes_are_renamed_and_one_entity_twice_is_merged_without_stopping_a_link(
 ) {
     let schema = format!("{RETAIL_SCHEMA}{INDEXES}");
     let mut c = TestCluster::new(
@@ -696,6 +698,14 @@ fn collisions_on_partial_and_expression_indexes_are_renamed_and_the_rest_parked_
         &schema,
     );
     c.start();
+    // A setting of user 8 with a tag, made on branch2 and known everywhere.
+    c.node("branch2").sql(
+        "WITH s AS (INSERT INTO res_users_settings (user_id, lang) VALUES (8, 'branch2') RETURNING id) \
+         INSERT INTO settings_tag (setting_id, tag) SELECT id, 1 FROM s",
+    );
+    for n in ["main", "branch1"] {
+        c.wait_rows(n, "settings_tag", 1);
+    }
     cut(&mut c);
     // Two stores close their sessions: each posts the next entry of the shared journal,
     // as Odoo does (a draft, then posted under the name computed from its own copy).
@@ -707,10 +717,17 @@ fn collisions_on_partial_and_expression_indexes_are_renamed_and_the_rest_parked_
                sequence_prefix = 'POSS/2026/', sequence_number = 1",
         );
         c.node(n).sql(&format!(
-            "INSERT INTO ir_filters (name, user_id) VALUES ('{filter}', 5); \
-             INSERT INTO res_users_settings (user_id, lang) VALUES (7, '{n}')"
+            "INSERT INTO ir_filters (name, user_id) VALUES ('{filter}', 5)"
         ));
     }
+    // User 7's settings, with the same tag, made on branch1; on branch2 the settings of
+    // user 8 are given to user 7: the same entity twice, each with its own tag row.
+    c.node("branch1").sql(
+        "WITH s AS (INSERT INTO res_users_settings (user_id, lang) VALUES (7, 'branch1') RETURNING id) \
+         INSERT INTO settings_tag (setting_id, tag) SELECT id, 1 FROM s",
+    );
+    c.node("branch2")
+        .sql("UPDATE res_users_settings SET user_id = 7 WHERE user_id = 8");
     // A draft with the default name is not in the partial index: no collision.
     c.node("main")
         .sql("INSERT INTO account_move (journal_id) VALUES (1)");
@@ -744,37 +761,40 @@ fn collisions_on_partial_and_expression_indexes_are_renamed_and_the_rest_parked_
         "1",
         "the older filter is renamed"
     );
-    // The settings row with the same user on two stores: no rule settles it yet, so the
-    // second one a node sees is parked there, recorded, and everything else flows.
-    c.node("branch1")
-        .sql("INSERT INTO partner (name) VALUES ('after the collisions')");
-    for n in ["main", "branch2"] {
-        c.wait_rows(n, "partner WHERE name = 'after the collisions'", 1);
+    // The settings of user 7 on two stores are one entity: the row with the smaller key
+    // (branch1's, the first id branch1 handed out) stays on every node, the tag rows that
+    // became the same merge the same way, nothing points at the row merged away.
+    for t in ["res_users_settings", "settings_tag"] {
+        c.wait_converged(t);
     }
-    let parked = |n: &Node| {
-        n.sql("SELECT count(*) FROM walsync.conflicts WHERE outcome = 'parked' AND table_name = 'res_users_settings'")
-            .parse::<i64>()
-            .unwrap()
-    };
-    wait_for(
-        "the second settings row to be parked",
-        DEADLINE,
-        || c.nodes.iter().map(parked).sum::<i64>() >= 1,
-        || c.logs(),
-    );
+    let kept = c
+        .node("branch1")
+        .sql("SELECT min(id) FROM res_users_settings");
     for n in &c.nodes {
         assert_eq!(
-            n.sql("SELECT count(*) FROM res_users_settings WHERE user_id = 7"),
-            "1",
-            "{}: one settings row per user",
+            n.sql("SELECT string_agg(id || ':' || user_id || ':' || lang, ',') FROM res_users_settings"),
+            format!("{kept}:7:branch1"),
+            "{}: one settings row, the smaller key's",
             n.name
         );
-        if parked(n) > 0 {
-            let (ok, out) = n.walsync(&["status"]);
-            assert!(!ok && out.contains("parked"), "{out}");
-            let (ok, list) = n.walsync(&["conflicts", "--outcome", "parked"]);
-            assert!(ok && list.contains("res_users_settings"), "{list}");
-        }
+        assert_eq!(
+            n.sql("SELECT string_agg(setting_id || ':' || tag, ',') FROM settings_tag"),
+            format!("{kept}:1"),
+            "{}: one tag row, on the row that stayed",
+            n.name
+        );
+        assert_eq!(
+            n.sql(
+                "SELECT count(*) FROM walsync.merged_keys WHERE table_name = 'res_users_settings'"
+            ),
+            "1",
+            "{}: the merge is known here",
+            n.name
+        );
+        assert_eq!(
+            n.sql("SELECT count(*) FROM walsync.conflicts WHERE outcome = 'parked'"),
+            "0"
+        );
         let (_, status) = n.walsync(&["status"]);
         assert!(!status.contains("stopped"), "{}: {status}", n.name);
     }

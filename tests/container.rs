@@ -464,7 +464,7 @@ impl Project {
             let Some(rest) = name.trim().strip_prefix(PROJECT_PREFIX) else {
                 continue;
             };
-            let mut parts = rest.splitn(3, |c| c == '-' || c == '_');
+            let mut parts = rest.splitn(3, ['-', '_']);
             let (Some(pid), Some(nanos)) = (parts.next(), parts.next()) else {
                 continue;
             };

@@ -241,13 +241,13 @@ counters = ["quantity", "reserved_quantity"]
 
 [[tables]]
 name = "mail_followers"
-park_unique = ["mail_followers_mail_followers_res_partner_res_model_id_uniq"]
+merge_unique = ["mail_followers_mail_followers_res_partner_res_model_id_uniq"]
 "#;
 
 /// What two stores sharing Odoo's default PoS journal do while cut off from each other,
 /// on the real Odoo 16 PoS schema: none of it stops a link (issue: never stuck).
 #[test]
-fn collisions_odoo_makes_during_a_cut_are_settled_or_parked_and_no_link_stops() {
+fn collisions_odoo_makes_during_a_cut_are_renamed_or_merged_and_no_link_stops() {
     let mut c = TestCluster::new_in(
         "odoo-collide",
         Topology::Star,
@@ -300,23 +300,42 @@ fn collisions_odoo_makes_during_a_cut_are_settled_or_parked_and_no_link_stops() 
                    sequence_prefix = 'POSS/2026/', sequence_number = 1 WHERE id = {id}"
             ),
         );
-        // The admin's first login at each store creates their settings; the same
-        // follower is added on both.
-        psql_odoo(pg, "INSERT INTO res_users_settings (user_id) VALUES (2)");
+        // The admin's first login at each store creates their settings, and a call
+        // there sets a partner's volume in them; the same follower is added on both,
+        // with the default subtype (and on branch2 one more).
         psql_odoo(
             pg,
-            "INSERT INTO mail_followers (res_model, res_id, partner_id) VALUES ('res.partner', 999999, 3)",
+            "WITH s AS (INSERT INTO res_users_settings (user_id) VALUES (2) RETURNING id) \
+             INSERT INTO res_users_settings_volumes (user_setting_id, partner_id, volume) SELECT id, 3, 0.5 FROM s",
+        );
+        let extra = if n == "branch2" { ", (2)" } else { "" };
+        psql_odoo(
+            pg,
+            &format!(
+                "WITH f AS (INSERT INTO mail_followers (res_model, res_id, partner_id) VALUES ('res.partner', 999999, 3) RETURNING id) \
+                 INSERT INTO mail_followers_mail_message_subtype_rel SELECT f.id, s.id FROM f, (VALUES (1){extra}) s(id)"
+            ),
         );
     }
     c.start();
     let checksum = |pg: &LocalCluster| {
-        psql_odoo(
-            pg,
-            "SELECT count(*) || ':' || md5(string_agg(md5(t::text), '' ORDER BY md5(t::text))) FROM account_move t",
-        )
+        [
+            "account_move",
+            "res_users_settings",
+            "res_users_settings_volumes",
+            "mail_followers",
+            "mail_followers_mail_message_subtype_rel",
+        ]
+        .map(|t| {
+            psql_odoo(
+                pg,
+                &format!("SELECT count(*) || ':' || md5(string_agg(md5(t::text), '' ORDER BY md5(t::text))) FROM {t} t"),
+            )
+        })
+        .join(" ")
     };
     wait_for(
-        "account_move identical on every node",
+        "the tables that collided identical on every node",
         DEADLINE,
         || {
             let sums: Vec<String> = c.nodes.iter().map(|n| checksum(&n.pg)).collect();
@@ -347,33 +366,88 @@ fn collisions_odoo_makes_during_a_cut_are_settled_or_parked_and_no_link_stops() 
             "{}: the older one is renamed",
             n.name
         );
+        // One settings row, with the partner's volume once, and nothing pointing at
+        // the row merged away.
         assert_eq!(
             q("SELECT count(*) FROM res_users_settings WHERE user_id = 2"),
-            "1"
+            "1",
+            "{}",
+            n.name
         );
+        assert_eq!(
+            q("SELECT count(*) FROM res_users_settings_volumes v JOIN res_users_settings s ON s.id = v.user_setting_id \
+               WHERE s.user_id = 2 AND v.partner_id = 3"),
+            "1",
+            "{}",
+            n.name
+        );
+        assert_eq!(
+            q("SELECT count(*) FROM res_users_settings_volumes v \
+               WHERE NOT EXISTS (SELECT 1 FROM res_users_settings s WHERE s.id = v.user_setting_id)"),
+            "0",
+            "{}: no volume left pointing at the merged-away settings",
+            n.name
+        );
+        // One follower, with both stores' subtypes.
         assert_eq!(
             q("SELECT count(*) FROM mail_followers WHERE res_model = 'res.partner' AND res_id = 999999"),
             "1"
         );
+        assert_eq!(
+            q("SELECT string_agg(r.mail_message_subtype_id::text, ',' ORDER BY r.mail_message_subtype_id) FROM mail_followers_mail_message_subtype_rel r \
+               JOIN mail_followers f ON f.id = r.mail_followers_id WHERE f.res_id = 999999"),
+            "1,2",
+            "{}",
+            n.name
+        );
+        assert_eq!(
+            q(
+                "SELECT count(*) FROM mail_followers_mail_message_subtype_rel r \
+               WHERE NOT EXISTS (SELECT 1 FROM mail_followers f WHERE f.id = r.mail_followers_id)"
+            ),
+            "0",
+            "{}: no subtype left on the merged-away follower",
+            n.name
+        );
         let (_, status) = n.walsync(&["status"]);
         assert!(!status.contains(" stopped "), "{}: {status}", n.name);
     }
-    let parked: i64 = c
-        .nodes
-        .iter()
-        .map(|n| {
+    let count = |sql: &str| -> i64 {
+        c.nodes
+            .iter()
+            .map(|n| psql_odoo(&n.pg, sql).parse::<i64>().unwrap())
+            .sum()
+    };
+    let merged = count(
+        "SELECT count(*) FROM walsync.conflicts WHERE outcome = 'merged' \
+         AND table_name IN ('res_users_settings', 'mail_followers')",
+    );
+    assert!(
+        merged >= 2,
+        "the settings and the follower are merged where they met: {merged}\n{}",
+        c.logs()
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM walsync.conflicts WHERE outcome = 'parked'"),
+        0,
+        "nothing parked"
+    );
+    // The merge is known on every node, whoever decided it.
+    for n in &c.nodes {
+        assert_eq!(
             psql_odoo(
                 &n.pg,
-                "SELECT count(*) FROM walsync.conflicts WHERE outcome = 'parked'",
-            )
-            .parse::<i64>()
-            .unwrap()
-        })
-        .sum();
-    assert!(
-        parked >= 2,
-        "the settings and the follower are parked where they met: {parked}"
-    );
+                "SELECT count(*) FROM walsync.merged_keys WHERE table_name = 'res_users_settings'"
+            ),
+            "1",
+            "{}",
+            n.name
+        );
+    }
+    let (ok, shown) = c
+        .node("main")
+        .walsync(&["conflicts", "--outcome", "merged"]);
+    assert!(ok && shown.contains("res_users_settings"), "{shown}");
 
     // Seen coming: a second shop made with Odoo's defaults shares the POSS journal, and
     // status and init say what a cut will do with it, and the fix.
@@ -390,7 +464,7 @@ fn collisions_odoo_makes_during_a_cut_are_settled_or_parked_and_no_link_stops() 
     );
     assert!(status.contains("ir_attachment.location"), "{status}");
     assert!(
-        status.contains("settled by renaming") && status.contains("parking the second row"),
+        status.contains("settled by renaming") && status.contains("by merging the two rows"),
         "{status}"
     );
     let (_, json) = c.node("main").walsync(&["status", "--json"]);
@@ -405,11 +479,11 @@ fn collisions_odoo_makes_during_a_cut_are_settled_or_parked_and_no_link_stops() 
     };
     assert!(listed("renamed", "account_move_unique_name"), "{json}");
     assert!(
-        listed("parked", "res_users_settings_unique_user_id"),
+        listed("merged", "res_users_settings_unique_user_id"),
         "{json}"
     );
     assert!(
-        listed("parked", "mail_followers_res_partner_res_model_id_uniq"),
+        listed("merged", "mail_followers_res_partner_res_model_id_uniq"),
         "{json}"
     );
     let (ok, init) = c.node("main").walsync(&["init"]);

@@ -20,7 +20,11 @@ use crate::merge::conflict::{
     merge_columns, old_image_matches, renamed, row_image, ConflictKind, Decision, Outcome, Version,
     COLUMN_MERGE,
 };
+use crate::merge::keys::{settlement, stays, Settlement, TableName, UniquePolicy};
 use crate::merge::statements::{RowWrite, Shape, UniqueKey};
+
+/// The rule recorded for a merge (decision 0008).
+const SMALLER_KEY_STAYS: &str = "smaller_key_stays";
 use crate::pgoutput::{Delete, Insert, OldTuple, Tuple, Update, Value};
 
 /// The local version of a row, read under a row lock.
@@ -48,6 +52,8 @@ enum Settled {
     Write(Tuple),
     /// Nothing: the row collides on a key no rule settles and was parked.
     Parked,
+    /// Nothing: the row was the same entity as a local row, merged into it.
+    Merged,
 }
 
 /// A local row that holds an incoming row's values on a unique key (not the primary key).
@@ -61,6 +67,24 @@ impl ApplyWorker {
         self.open
             .clone()
             .expect("a change is applied inside an open target transaction")
+    }
+
+    /// `upd` with its references to merged-away rows redirected, old image and new.
+    async fn redirected_update(&mut self, upd: &Update) -> Result<Option<Update>, ApplyError> {
+        let id = upd.relation_id;
+        let new = self.redirected(id, &upd.new).await?;
+        let old = match &upd.old {
+            Some(OldTuple::Full(old)) => self.redirected(id, old).await?.map(OldTuple::Full),
+            _ => None,
+        };
+        if new.is_none() && old.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(Update {
+            relation_id: id,
+            old: old.or_else(|| upd.old.clone()),
+            new: new.unwrap_or_else(|| upd.new.clone()),
+        }))
     }
 
     /// Reads the local row with this key (target key order), locked.
@@ -197,6 +221,16 @@ impl ApplyWorker {
     /// An update of a relation whose target is known and complete.
     pub(super) async fn update_mapped(&mut self, upd: &Update) -> Result<(), ApplyError> {
         let id = upd.relation_id;
+        // References to rows merged away name the rows they merged into, in the old image
+        // too, so that it still matches the local row (decision 0008).
+        let redirected;
+        let upd = match self.redirected_update(upd).await? {
+            Some(u) => {
+                redirected = u;
+                &redirected
+            }
+            None => upd,
+        };
         let policy = self.policy_of(id);
         if !policy.local_columns.is_empty() {
             // Node-local columns are neither written nor compared: as if not sent.
@@ -269,7 +303,7 @@ impl ApplyWorker {
                 .await?
             {
                 Settled::Write(settled) => new = settled,
-                Settled::Parked => return Ok(()),
+                Settled::Parked | Settled::Merged => return Ok(()),
             }
         }
         let write = self
@@ -333,6 +367,20 @@ impl ApplyWorker {
     /// A delete from a relation whose target is known and complete.
     pub(super) async fn delete_mapped(&mut self, del: &Delete) -> Result<(), ApplyError> {
         let id = del.relation_id;
+        let redirected;
+        let del = match &del.old {
+            OldTuple::Full(old) => match self.redirected(id, old).await? {
+                Some(old) => {
+                    redirected = Delete {
+                        relation_id: id,
+                        old: OldTuple::Full(old),
+                    };
+                    &redirected
+                }
+                None => del,
+            },
+            OldTuple::Key(_) => del,
+        };
         let map = self.map_for(id).expect("mapped");
         let key = map.key_values(Some(&del.old), None)?;
         let write = map.delete(&del.old)?;
@@ -361,7 +409,7 @@ impl ApplyWorker {
             .await?
         {
             Settled::Write(new) => new,
-            Settled::Parked => return Ok(()),
+            Settled::Parked | Settled::Merged => return Ok(()),
         };
         let map = self.map_for(id).expect("mapped");
         let write = map.insert(&new)?;
@@ -462,29 +510,80 @@ impl ApplyWorker {
         if collisions.len() > 1 {
             kind = ConflictKind::MultipleUniqueConflicts;
         }
-        // A collision no rule settles parks the row before anything is renamed for the
-        // others: nothing of the incoming row is then written here.
-        let park_unique = self.policy_of(id).park_unique;
-        if let Some(i) = collisions
-            .iter()
-            .position(|c| park_unique.contains(&c.unique.name) || c.unique.renamable.is_none())
+        // A collision no rule settles parks the row before anything is renamed or merged
+        // for the others: nothing of the incoming row is then written here.
+        let policy = self.policy_of(id);
+        let has_key = !self.map_for(id).expect("mapped").target.key.is_empty();
+        let settle = |u: &UniqueKey| {
+            settlement(
+                &u.name,
+                u.renamable,
+                has_key,
+                UniquePolicy {
+                    park: &policy.park_unique,
+                    merge: &policy.merge_unique,
+                },
+            )
+        };
+        if let Some((i, why)) =
+            collisions
+                .iter()
+                .enumerate()
+                .find_map(|(i, c)| match settle(&c.unique) {
+                    Settlement::Park { why } => Some((i, why)),
+                    _ => None,
+                })
         {
             let Collision { unique, local } = collisions.swap_remove(i);
-            let why = if unique.renamable.is_none() {
-                "it has no text column to rename the losing row's value in"
-            } else {
-                "the table's policy parks collisions on this key (park_unique)"
-            };
             return self
                 .park(id, kind, key, &new, Some(local), &unique.name, why)
                 .await;
         }
+        // The same entity twice: the row with the smaller primary key stays. If a local
+        // row stays, the incoming one merges into it and nothing else of it matters.
+        let (merges, renames): (Vec<Collision>, Vec<Collision>) = collisions
+            .into_iter()
+            .partition(|c| settle(&c.unique) == Settlement::Merge);
+        let table = self.target_name(id);
+        if let Some(c) = merges
+            .iter()
+            .find(|c| !stays(&key_text, &self.key_of_local(id, &c.local)))
+        {
+            let winner = self.key_of_local(id, &c.local);
+            let merged = self.merge_rows(&table, &key_text, &winner).await?;
+            let detail = format!(
+                "unique key {}: the same entity on two nodes; the incoming row {} merged into the local row {} \
+                 (the smaller key stays); {}",
+                c.unique.name,
+                Json::from(key_text.clone()),
+                Json::from(winner.clone()),
+                merged.describe()
+            );
+            self.record_merge(id, kind, key, &new, &c.local, detail)
+                .await?;
+            return Ok(Settled::Merged);
+        }
+        for c in &merges {
+            let loser = self.key_of_local(id, &c.local);
+            let merged = self.merge_rows(&table, &loser, &key_text).await?;
+            let detail = format!(
+                "unique key {}: the same entity on two nodes; the local row {} merged into the incoming row {} \
+                 (the smaller key stays); {}",
+                c.unique.name,
+                Json::from(loser.clone()),
+                Json::from(key_text.clone()),
+                merged.describe()
+            );
+            self.record_merge(id, kind, key, &new, &c.local, detail)
+                .await?;
+        }
+        let collisions = renames;
         let remote = self.remote_version();
         let rule = self.policy_of(id).rule;
         for Collision { unique, local } in collisions {
-            let (column, limit) = unique
-                .renamable
-                .expect("a collision without a text column was parked above");
+            let Settlement::Rename { column, limit } = settle(&unique) else {
+                unreachable!("parks and merges were settled above");
+            };
             let (remote_wins, rule_name) = rule.remote_wins(&remote, &local.version);
             let map = self.map_for(id).expect("mapped");
             let (loser_value, loser_key) = if remote_wins {
@@ -574,6 +673,34 @@ impl ApplyWorker {
         };
         self.record(id, record).await?;
         Ok(Settled::Parked)
+    }
+
+    /// Records a merge of the incoming row `new` with the local row `local`.
+    async fn record_merge(
+        &mut self,
+        id: u32,
+        kind: ConflictKind,
+        key: &[Value],
+        new: &Tuple,
+        local: &LocalRow,
+        detail: String,
+    ) -> Result<(), ApplyError> {
+        let record = Record {
+            kind,
+            key: self.key_image(id, key),
+            local: Some((self.local_image(id, local), local.version.clone())),
+            remote: self.source_image(id, new),
+            rule: SMALLER_KEY_STAYS,
+            outcome: Outcome::Merged,
+            detail: Some(detail),
+        };
+        self.record(id, record).await
+    }
+
+    /// The target table of a mapped relation.
+    fn target_name(&self, id: u32) -> TableName {
+        let t = &self.map_for(id).expect("mapped").target;
+        (t.schema.clone(), t.name.clone())
     }
 
     /// A local row's primary key values as text (target key order).

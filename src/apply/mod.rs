@@ -18,6 +18,7 @@ mod conflict;
 mod ddl;
 pub(crate) use ddl::run_captured_ddl;
 mod dropped;
+pub mod merged;
 mod param;
 pub mod pipeline;
 
@@ -33,6 +34,7 @@ use tokio_postgres::{Client, Statement};
 use crate::config::{MergeMode, TablePolicy};
 use crate::lsn::Lsn;
 use crate::merge::conflict::Rule;
+use crate::merge::keys::{ForeignKey, TableName};
 use crate::merge::replicates_relation;
 use crate::merge::statements::{
     batch_sizes, copy_text_row, RelationMap, RowWrite, Shape, StatementError,
@@ -106,6 +108,9 @@ struct RelationEntry {
     /// What this node dropped of it (found with the map): its changes are recorded, not
     /// applied, for the dropped part.
     gone: Gone,
+    /// Its foreign keys into other tables' primary keys: read the first time a change
+    /// of it is applied while any merge is known (decision 0008).
+    fks: Option<Vec<ForeignKey>>,
 }
 
 /// A relation the upstream still sends, that this node dropped (wholly or some columns).
@@ -128,8 +133,10 @@ struct RelationPolicy {
     /// Source column indexes of columns an open DDL warning says each node filled with
     /// its own values: left out when telling a sequential edit from a conflict.
     per_node_columns: Vec<usize>,
-    /// Unique indexes whose collisions park the incoming row rather than rename.
+    /// Unique indexes whose collisions park the incoming row rather than settle it.
     park_unique: Vec<String>,
+    /// Unique indexes whose collisions merge the two rows although they could rename.
+    merge_unique: Vec<String>,
     rule: Rule,
     merge_columns: bool,
 }
@@ -194,6 +201,14 @@ pub struct ApplyWorker {
     last_progress: Lsn,
     /// The config's table policies per `(schema, table)`.
     policies: HashMap<(String, String), TablePolicy>,
+    /// Every merge this node knows, shared with the node's other appliers here.
+    merged: merged::SharedKeys,
+    /// Rows of `walsync.merged_keys` when last read, and whether a later count differed
+    /// (another sidecar merged): the map is read again before the next transaction.
+    merged_count: i64,
+    merged_stale: bool,
+    /// Tables merged into, with the foreign keys that point at them.
+    merge_targets: HashMap<TableName, merged::MergeTarget>,
 }
 
 impl ApplyWorker {
@@ -279,6 +294,10 @@ impl ApplyWorker {
             ddl_from: None,
             last_progress: Lsn::ZERO,
             policies: HashMap::new(),
+            merged: merged::SharedKeys::default(),
+            merged_count: 0,
+            merged_stale: true,
+            merge_targets: HashMap::new(),
         })
     }
 
@@ -317,6 +336,7 @@ impl ApplyWorker {
                 gone: Gone::Nothing,
                 source: rel,
                 map: None,
+                fks: None,
             },
         );
         Ok(())
@@ -340,10 +360,19 @@ impl ApplyWorker {
         Ok(replicates_relation(namespace, name) && !local)
     }
 
+    /// Merges are known to every applier of `shared` (one target node's, in this process).
+    pub fn share_merges(&mut self, shared: merged::SharedKeys) {
+        self.merged = shared;
+        self.merged_stale = true;
+    }
+
     /// Opens the target transaction for `txn` (idempotent within one transaction).
     pub async fn begin(&mut self, txn: &RemoteTxn) -> Result<(), ApplyError> {
         if self.open.is_some() {
             return Ok(());
+        }
+        if self.merged_stale {
+            self.reload_merged().await?;
         }
         if self.session_origin.as_deref() != Some(txn.origin.as_str()) {
             let mut sql = String::new();
@@ -435,6 +464,11 @@ impl ApplyWorker {
                 self.bounded
                     .extend(self.unbounded.drain(..).map(|end| (position, end)));
             }
+            (Tag::MergedKeys, Ok(count)) => {
+                if count as i64 != self.merged_count {
+                    self.merged_stale = true;
+                }
+            }
             (Tag::FlushPosition, Ok(flushed)) => {
                 self.flush_check_in_flight = false;
                 while let Some(&(bound, end)) = self.bounded.front() {
@@ -488,6 +522,12 @@ impl ApplyWorker {
                     source,
                 })
             }
+            (Tag::MergedKeys, Err(source)) => {
+                return Err(ApplyError::Sql {
+                    what: "counting walsync.merged_keys".into(),
+                    source,
+                })
+            }
             (Tag::InsertPosition | Tag::FlushPosition, Err(source)) => {
                 return Err(ApplyError::Sql {
                     what: "reading the target's WAL positions".into(),
@@ -535,6 +575,15 @@ impl ApplyWorker {
         let client = self.client.clone();
         self.send(Tag::FlushPosition, 64, async move {
             read_lsn(&client, "SELECT pg_current_wal_flush_lsn()::text").await
+        })
+        .await?;
+        // A merge another sidecar decided on this node: seen here within one check.
+        let client = self.client.clone();
+        self.send(Tag::MergedKeys, 64, async move {
+            let row = client
+                .query_one("SELECT count(*) FROM walsync.merged_keys", &[])
+                .await?;
+            Ok(row.get::<_, i64>(0) as u64)
         })
         .await
     }
@@ -608,6 +657,7 @@ impl ApplyWorker {
                 local_columns: map.source_indexes_of(&p.local_columns),
                 per_node_columns: Vec::new(),
                 park_unique: p.park_unique.clone(),
+                merge_unique: p.merge_unique.clone(),
                 rule: Rule {
                     prefer: p.prefer.as_deref().map(|n| format!("walsync_{n}")),
                 },
@@ -717,6 +767,9 @@ impl ApplyWorker {
         if self.is_ddl_log(id) && !self.replay_ddl(ins).await? {
             return Ok(());
         }
+        if self.is_merged_keys(id) {
+            return self.learn_merge(ins).await;
+        }
         self.ensure_map(id).await?;
         match self.gone_of(id) {
             Gone::Nothing => self.insert_mapped(ins).await,
@@ -727,6 +780,18 @@ impl ApplyWorker {
     /// An insert into a relation whose target is known and complete.
     async fn insert_mapped(&mut self, ins: &Insert) -> Result<(), ApplyError> {
         let id = ins.relation_id;
+        // References to rows merged away name the rows they merged into (decision 0008).
+        let redirected;
+        let ins = match self.redirected(id, &ins.new).await? {
+            Some(new) => {
+                redirected = Insert {
+                    relation_id: id,
+                    new,
+                };
+                &redirected
+            }
+            None => ins,
+        };
         if self.is_careful() {
             return self.insert_carefully(ins).await;
         }

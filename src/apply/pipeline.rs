@@ -38,6 +38,8 @@ pub enum Tag {
     InsertPosition,
     /// A read of the target's flushed WAL position (answers it as a u64).
     FlushPosition,
+    /// A count of `walsync.merged_keys` (answers it as a u64).
+    MergedKeys,
     /// Anything else (BEGIN, origin setup, TRUNCATE).
     Other { what: &'static str },
 }

@@ -212,6 +212,16 @@ async fn reapply(client: &mut tokio_postgres::Client, id: i64) -> CliResult {
             )
             .into())
         }
+        Some(Outcome::Merged) => {
+            return Err(format!(
+                "conflict {id} is a merge of one entity created on two nodes ({}). It cannot be undone by \
+                 writing a row back: the rows that pointed at the merged-away row point at the one that stayed \
+                 on every node, and walsync.merged_keys sends later ones there too. The merged-away row is \
+                 kept in `walsync conflicts show {id}`; copy what you need from it into the row that stayed",
+                j["detail"].as_str().unwrap_or("")
+            )
+            .into())
+        }
         Some(Outcome::ColumnsMerged) => {
             return Err(format!(
                 "conflict {id} is a column merge: each column kept the row-level winner's edit; \

@@ -37,7 +37,7 @@ pub async fn run(args: &InitArgs) -> CliResult {
         client
             .batch_execute("SET session_replication_role = replica")
             .await?;
-        let apps = crate::node::rights::app_roles(&client).await?;
+        let apps = crate::node::rights::app_roles(client).await?;
         println!("node {}: granted {role} what a sidecar needs:", me.name);
         for statement in crate::node::rights::grant_statements(role, &apps) {
             client

@@ -180,8 +180,9 @@ pub fn print_setup(setup: &Json) {
     let keys = &setup["unique_keys"];
     let count = |k: &str| keys[k].as_array().map_or(0, |a| a.len());
     println!(
-        "\nunique keys: {} settled by renaming the loser's value, {} parking the second row (status --json lists them)",
+        "\nunique keys: {} settled by renaming the loser's value, {} by merging the two rows, {} parking the second row (status --json lists them)",
         count("renamed"),
+        count("merged"),
         count("parked")
     );
     for w in setup["warnings"].as_array().cloned().unwrap_or_default() {

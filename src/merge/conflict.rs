@@ -82,10 +82,13 @@ pub enum Outcome {
     RemoteRenamed,
     /// The incoming row collides on a key no rule settles: not written here.
     Parked,
+    /// The two rows were one entity: one stays, the other's references point at it and
+    /// it goes (decision 0008; `detail` says which stayed).
+    Merged,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 7] = [
+    pub const ALL: [Outcome; 8] = [
         Outcome::RemoteApplied,
         Outcome::LocalKept,
         Outcome::Skipped,
@@ -93,6 +96,7 @@ impl Outcome {
         Outcome::LocalRenamed,
         Outcome::RemoteRenamed,
         Outcome::Parked,
+        Outcome::Merged,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -104,6 +108,7 @@ impl Outcome {
             Outcome::LocalRenamed => "local_renamed",
             Outcome::RemoteRenamed => "remote_renamed",
             Outcome::Parked => "parked",
+            Outcome::Merged => "merged",
         }
     }
 

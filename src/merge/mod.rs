@@ -6,6 +6,7 @@
 //! reason: every node must reach the same answer from the same inputs.
 
 pub mod conflict;
+pub mod keys;
 pub mod statements;
 
 use crate::node::names::{NameError, NodeName, PgName};
@@ -47,9 +48,10 @@ impl OriginFilter {
 }
 
 /// Whether rows of this relation travel between nodes. walsync's own bookkeeping
-/// (progress, conflicts, identity) is per node; only the DDL log travels with the data.
+/// (progress, conflicts, identity) is per node; only the DDL log and the merged keys
+/// (decision 0008) travel with the data.
 pub fn replicates_relation(namespace: &str, name: &str) -> bool {
-    namespace != "walsync" || name == "ddl_log"
+    namespace != "walsync" || name == "ddl_log" || name == "merged_keys"
 }
 
 #[cfg(test)]
@@ -104,6 +106,7 @@ mod tests {
     fn only_the_ddl_log_of_walsyncs_schema_travels() {
         assert!(replicates_relation("public", "pos_order"));
         assert!(replicates_relation("walsync", "ddl_log"));
+        assert!(replicates_relation("walsync", "merged_keys"));
         assert!(!replicates_relation("walsync", "link_progress"));
         assert!(!replicates_relation("walsync", "conflicts"));
     }

@@ -126,6 +126,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "warned_columns",
         sql: include_str!("../../migrations/0015_warned_columns.sql"),
     },
+    Migration {
+        version: 16,
+        name: "merged_rows",
+        sql: include_str!("../../migrations/0016_merged_rows.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.

@@ -5,6 +5,9 @@
 //! creates or restarts at run time) and sets REPLICA IDENTITY FULL on new tables. Both
 //! steps are idempotent and change nothing when all is in order.
 //!
+//! It also re-points rows that still name a row merged away in the last minutes
+//! (`apply::merged::sweep`): rows written while the merge was being decided.
+//!
 //! DDL is covered at once by the event trigger of migration 0008, in the creating
 //! transaction; what is left for the guard is what DDL does not show (`setval`) and
 //! objects from before that migration.
@@ -65,6 +68,16 @@ pub async fn run_guard(config: Config, mut shutdown: ShutdownRx) {
         }
         if let Err(e) = track_slot_activity(client).await {
             debug!(node = %me.name, error = %e, "guard could not note which slots have a reader");
+        }
+        match crate::apply::merged::sweep(client, me.name.as_str()).await {
+            Ok(0) => {}
+            Ok(n) => {
+                info!(node = %me.name, rows = n, "re-pointed rows that still named a row merged away")
+            }
+            Err(e) => {
+                debug!(node = %me.name, error = %e, "guard could not re-point rows of merged keys");
+                let _ = client.batch_execute("ROLLBACK").await;
+            }
         }
         match set_replica_identity_full(client, &me).await {
             Ok(0) => {}

@@ -13,6 +13,7 @@ use pgwire_replication::ReplicationEvent;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
+use crate::apply::merged::SharedKeys;
 use crate::apply::{ApplyError, ApplyWorker, RemoteTxn};
 use crate::config::{ApplyConfig, LinkSpec, TablePolicy};
 use crate::lsn::Lsn;
@@ -216,6 +217,7 @@ pub async fn run_link(
     spec: LinkSpec,
     cfg: ApplyConfig,
     tables: Vec<TablePolicy>,
+    merges: SharedKeys,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let name = spec.name();
@@ -233,6 +235,7 @@ pub async fn run_link(
         let session = run_session(
             &spec,
             &tables,
+            &merges,
             &mut shutdown,
             &mut healthy,
             careful_txns,
@@ -333,6 +336,7 @@ struct SourceTxn {
 async fn run_session(
     spec: &LinkSpec,
     tables: &[TablePolicy],
+    merges: &SharedKeys,
     shutdown: &mut watch::Receiver<bool>,
     healthy: &mut bool,
     careful_txns: u32,
@@ -360,6 +364,7 @@ async fn run_session(
         ApplyWorker::new(target, link.clone(), PgName::origin_of(&spec.to.name)).await?;
     apply.set_careful(careful_txns);
     apply.set_policies(tables);
+    apply.share_merges(merges.clone());
     apply.set_ddl_from(spec.ddl_from.clone());
     let mut progress = apply.progress().await?;
     // A connection to the upstream for the whole session: it holds the slot's spool lock,

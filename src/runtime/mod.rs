@@ -6,10 +6,13 @@ pub mod link;
 pub mod metrics;
 pub mod status;
 
+use std::collections::HashMap;
+
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::info;
 
+use crate::apply::merged::SharedKeys;
 use crate::config::Config;
 
 /// Sends `true` once to stop every task.
@@ -28,12 +31,16 @@ pub async fn run_sidecar(config: &Config, shutdown: ShutdownRx) {
     if links.is_empty() {
         info!(node = %config.node.name, "no links to run here (every peer runs its links with this node)");
     }
+    // The appliers into one node share the merges known there (decision 0008).
+    let mut merges: HashMap<String, SharedKeys> = HashMap::new();
     for spec in links {
         info!(link = %spec.name(), from = %spec.from.dsn, to = %spec.to.dsn, "starting link");
+        let shared = merges.entry(spec.to.name.to_string()).or_default().clone();
         tasks.spawn(link::run_link(
             spec,
             config.apply.clone(),
             config.tables.clone(),
+            shared,
             shutdown.clone(),
         ));
     }

@@ -31,6 +31,10 @@ CREATE TABLE account_move (id serial PRIMARY KEY, name varchar NOT NULL DEFAULT 
 CREATE UNIQUE INDEX account_move_unique_name ON account_move (name, journal_id) WHERE state = 'posted' AND name <> '/';
 CREATE TABLE ir_filters (id serial PRIMARY KEY, name varchar NOT NULL, user_id integer);
 CREATE UNIQUE INDEX ir_filters_name_uid ON ir_filters (lower(name), COALESCE(user_id, -1));
+CREATE TABLE res_users_settings (id serial PRIMARY KEY, user_id integer NOT NULL UNIQUE, lang varchar);
+CREATE TABLE res_users_settings_volumes (id serial PRIMARY KEY,
+  user_setting_id integer NOT NULL REFERENCES res_users_settings (id), partner_id integer NOT NULL, volume numeric,
+  UNIQUE (user_setting_id, partner_id));
 ";
 
 /// Stock quantities are counters: sold on branches, received on main, all adding up. As in
@@ -367,6 +371,21 @@ impl Chaos {
         if !self.extra_tables.iter().any(|t| t == "account_move") {
             self.extra_tables.push("account_move".into());
             self.extra_tables.push("ir_filters".into());
+        }
+    }
+
+    /// A cashier's first login at this store, as Odoo's mail module does it: their
+    /// settings row (one per user) and a partner's call volume in it. Two stores cut off
+    /// from each other create the same user's settings twice: one entity, merged.
+    pub fn login_on(&mut self, node: &str, user: u32) {
+        self.c.node(node).sql(&format!(
+            "INSERT INTO res_users_settings (user_id, lang) VALUES ({user}, '{node}') ON CONFLICT (user_id) DO NOTHING; \
+             INSERT INTO res_users_settings_volumes (user_setting_id, partner_id, volume) \
+             SELECT id, 1, 0.5 FROM res_users_settings WHERE user_id = {user} ON CONFLICT DO NOTHING"
+        ));
+        if !self.extra_tables.iter().any(|t| t == "res_users_settings") {
+            self.extra_tables.push("res_users_settings".into());
+            self.extra_tables.push("res_users_settings_volumes".into());
         }
     }
 
