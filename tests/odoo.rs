@@ -308,6 +308,15 @@ fn collisions_odoo_makes_during_a_cut_are_renamed_or_merged_and_no_link_stops() 
             "WITH s AS (INSERT INTO res_users_settings (user_id) VALUES (2) RETURNING id) \
              INSERT INTO res_users_settings_volumes (user_setting_id, partner_id, volume) SELECT id, 3, 0.5 FROM s",
         );
+        // Each store's manager creates a cashier with the same login.
+        psql_odoo(
+            pg,
+            &format!(
+                "WITH p AS (INSERT INTO res_partner (name, active, type) VALUES ('Cashier of {n}', true, 'contact') RETURNING id) \
+                 INSERT INTO res_users (login, partner_id, company_id, active, notification_type, share) \
+                 SELECT 'cashier', p.id, 1, true, 'email', false FROM p"
+            ),
+        );
         let extra = if n == "branch2" { ", (2)" } else { "" };
         psql_odoo(
             pg,
@@ -321,6 +330,7 @@ fn collisions_odoo_makes_during_a_cut_are_renamed_or_merged_and_no_link_stops() 
     let checksum = |pg: &LocalCluster| {
         [
             "account_move",
+            "res_users",
             "res_users_settings",
             "res_users_settings_volumes",
             "mail_followers",
@@ -386,6 +396,16 @@ fn collisions_odoo_makes_during_a_cut_are_renamed_or_merged_and_no_link_stops() 
                WHERE NOT EXISTS (SELECT 1 FROM res_users_settings s WHERE s.id = v.user_setting_id)"),
             "0",
             "{}: no volume left pointing at the merged-away settings",
+            n.name
+        );
+        // Both cashiers stay, each with their own partner; the older one's login renamed.
+        assert_eq!(
+            q("SELECT string_agg(CASE WHEN u.login = 'cashier' THEN 'kept' ELSE 'renamed' END, ',' ORDER BY u.login) \
+               FROM res_users u JOIN res_partner p ON p.id = u.partner_id \
+               WHERE u.login LIKE 'cashier%' AND p.name LIKE 'Cashier of %' \
+                 AND (u.login = 'cashier' OR u.login = 'cashier [conflict #' || u.id || ']')"),
+            "kept,renamed",
+            "{}",
             n.name
         );
         // One follower, with both stores' subtypes.
