@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::node::names::{NameError, NodeName};
+use crate::names::{NameError, NodeName};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {

@@ -16,6 +16,7 @@ pub mod ddl;
 pub mod localpg;
 pub mod lsn;
 pub mod merge;
+pub mod names;
 pub mod node;
 pub mod observability;
 pub mod pgoutput;

@@ -9,7 +9,7 @@
 
 use super::{ApplyError, ApplyWorker, Gone};
 use crate::ddl::{altered_table, columns_filled_per_node, redact_secrets, statement_to_replay};
-use crate::merge::statements::quote_ident;
+use crate::names::quote_ident;
 use crate::pgoutput::Insert;
 
 impl ApplyWorker {

@@ -18,7 +18,7 @@ use tokio_postgres::Client;
 use super::param::Param;
 use super::{ApplyError, ApplyWorker};
 use crate::merge::keys::{redirect, stays, ForeignKey, KeyMap, TableName};
-use crate::merge::statements::quote_ident;
+use crate::names::quote_ident;
 use crate::pgoutput::{Insert, Tuple, Value};
 
 /// The merges known to every applier of one node in this process.

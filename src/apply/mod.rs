@@ -39,6 +39,7 @@ use crate::merge::replicates_relation;
 use crate::merge::statements::{
     batch_sizes, copy_text_row, RelationMap, RowWrite, Shape, StatementError,
 };
+use crate::names::quote_literal;
 use crate::node::setup::ensure_origin;
 use crate::pgoutput::{Insert, Relation, Truncate, Value};
 use param::Param;
@@ -965,10 +966,6 @@ async fn read_lsn(client: &Client, sql: &str) -> Result<u64, tokio_postgres::Err
         _ => None,
     });
     Ok(lsn.map(|l| l.0).unwrap_or(UNREADABLE_LSN))
-}
-
-fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
 
 /// The server's own message of an error, or the client's description when there is none.

@@ -12,7 +12,7 @@ use serde_json::{json, Value as Json};
 
 use super::{CliResult, ConfigArg};
 use crate::merge::conflict::{ConflictKind, Outcome};
-use crate::merge::statements::quote_ident;
+use crate::names::quote_ident;
 use crate::node::connect::connect;
 
 #[derive(Debug, clap::Args)]

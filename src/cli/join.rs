@@ -27,8 +27,8 @@ use tokio_postgres::Client;
 use super::{CliResult, ConfigArg};
 use crate::config::{Config, NodeRef, Topology};
 use crate::lsn::Lsn;
+use crate::names::PgName;
 use crate::node::connect::connect;
-use crate::node::names::PgName;
 use crate::node::setup::init_node;
 use crate::stream::replication_config;
 
@@ -232,7 +232,7 @@ async fn prepare_here(
             for s in schemas {
                 here.batch_execute(&format!(
                     "DROP SCHEMA {} CASCADE",
-                    crate::merge::statements::quote_ident(&s)
+                    crate::names::quote_ident(&s)
                 ))
                 .await?;
             }

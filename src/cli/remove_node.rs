@@ -10,8 +10,8 @@ use std::process::ExitCode;
 
 use super::{CliResult, ConfigArg};
 use crate::config::Dsn;
+use crate::names::{NodeName, PgName};
 use crate::node::connect::connect;
-use crate::node::names::{NodeName, PgName};
 
 #[derive(Debug, clap::Args)]
 pub struct RemoveNodeArgs {

@@ -9,7 +9,7 @@ pub mod conflict;
 pub mod keys;
 pub mod statements;
 
-use crate::node::names::{NameError, NodeName, PgName};
+use crate::names::{NameError, NodeName, PgName};
 
 /// The loop-prevention rule of one link `upstream -> downstream`.
 ///

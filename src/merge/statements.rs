@@ -7,6 +7,7 @@
 //! nodes. Unchanged TOAST values (`u`) are left out of an UPDATE's SET list: the target
 //! keeps what it has (PostgreSQL docs, "Logical Replication Message Formats", TupleData).
 
+use crate::names::quote_ident;
 use crate::pgoutput::{OldTuple, Relation, Tuple, Value};
 
 /// A table on the target as its catalog describes it.
@@ -137,10 +138,6 @@ pub enum Shape {
 pub struct RowWrite {
     pub shape: Shape,
     pub params: Vec<Value>,
-}
-
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
 }
 
 impl RelationMap {

@@ -1,8 +1,7 @@
-//! A node: its names, connections and preparation (`walsync init`).
+//! A node: its connections and preparation (`walsync init`).
 
 pub mod connect;
 pub mod fence;
-pub mod names;
 pub mod passfile;
 pub mod rights;
 pub mod setup;

@@ -16,7 +16,7 @@
 
 use tokio_postgres::Client;
 
-use crate::merge::statements::quote_ident;
+use crate::names::quote_ident;
 
 /// The replication-origin functions the applier calls (and remove-node / init).
 pub const ORIGIN_FUNCTIONS: [&str; 6] = [

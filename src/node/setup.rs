@@ -9,8 +9,8 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::config::{Config, NodeRef};
+use crate::names::{PgName, PUBLICATION};
 use crate::node::connect::{connect, ConnectError};
-use crate::node::names::{PgName, PUBLICATION};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {

@@ -12,8 +12,8 @@ use pgwire_replication::{PgWireError, ReplicationClient, ReplicationConfig, Repl
 
 use crate::config::Dsn;
 use crate::lsn::Lsn;
+use crate::names::PUBLICATION;
 use crate::node::connect::SESSION_OPTIONS;
-use crate::node::names::PUBLICATION;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {

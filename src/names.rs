@@ -1,4 +1,5 @@
-//! Names walsync gives to PostgreSQL objects, made and checked in one place.
+//! Names: the ones walsync gives to PostgreSQL objects, made and checked in one place,
+//! and the quoting of any name or value put into SQL text. Shared by every layer.
 //!
 //! A node name is `[a-z][a-z0-9_]*`, at most [`NodeName::MAX_LEN`] bytes, so that every
 //! derived name fits PostgreSQL's 63-byte identifier limit (NAMEDATALEN - 1) and needs no
@@ -121,4 +122,15 @@ mod tests {
         assert!(PgName::parse_origin("pg_16384").is_err());
         assert_eq!(PgName::slot_to(&n), "walsync_to_branch1");
     }
+}
+
+/// `s` as an SQL identifier, always quoted (`"a""b"`).
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// `s` as an SQL string literal (`'it''s'`); for the few statements that cannot take
+/// parameters.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
 }
