@@ -13,7 +13,6 @@ pub mod apply;
 pub mod cli;
 pub mod config;
 pub mod ddl;
-pub mod localpg;
 pub mod lsn;
 pub mod merge;
 pub mod names;

@@ -11,7 +11,7 @@ use std::process::{Child, Command};
 
 use support::*;
 use walsync::config::{Config, Topology as Shape};
-use walsync::localpg::LocalCluster;
+use walsync_testkit::localpg::LocalCluster;
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)

@@ -5,7 +5,7 @@ mod support;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use support::*;
-use walsync::localpg::LocalCluster;
+use walsync_testkit::localpg::LocalCluster;
 
 /// The new branch: an empty database on its own server, and a config naming main as its
 /// only peer with both links run by its own sidecar.

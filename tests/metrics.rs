@@ -14,7 +14,7 @@ fn metrics_health_and_readiness_are_served_by_the_sidecar() {
         &["main", "branch1"],
         RETAIL_SCHEMA,
     );
-    let port = walsync::localpg::free_port();
+    let port = walsync_testkit::localpg::free_port();
     c.node("main").listen_metrics(port);
     c.start();
     c.node("branch1")

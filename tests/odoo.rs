@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use support::*;
-use walsync::localpg::LocalCluster;
+use walsync_testkit::localpg::LocalCluster;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/odoo")

@@ -4,7 +4,7 @@
 mod support;
 
 use support::*;
-use walsync::localpg::LocalCluster;
+use walsync_testkit::localpg::LocalCluster;
 
 #[test]
 fn a_cluster_runs_with_no_superuser_in_the_sidecars_dsns() {

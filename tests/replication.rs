@@ -266,7 +266,8 @@ fn init_is_idempotent_and_refuses_bad_setups() {
     assert!(out.contains("unreachable"), "{out}");
 
     // Settings missing: wal_level and track_commit_timestamp named with their fix.
-    let mut plain = walsync::localpg::LocalCluster::start(&c.dir.join("plain"), "plain").unwrap();
+    let mut plain =
+        walsync_testkit::localpg::LocalCluster::start(&c.dir.join("plain"), "plain").unwrap();
     plain.psql("ALTER SYSTEM SET wal_level = replica").unwrap();
     plain
         .psql("ALTER SYSTEM SET track_commit_timestamp = off")
@@ -366,8 +367,8 @@ fn a_large_transaction_applies_in_bounded_memory() {
 #[test]
 fn run_on_a_node_that_was_never_initialised_says_so() {
     let dir = scratch_dir("not-init");
-    let pg = walsync::localpg::LocalCluster::start(&dir.join("a"), "a").unwrap();
-    let peer = walsync::localpg::LocalCluster::start(&dir.join("b"), "b").unwrap();
+    let pg = walsync_testkit::localpg::LocalCluster::start(&dir.join("a"), "a").unwrap();
+    let peer = walsync_testkit::localpg::LocalCluster::start(&dir.join("b"), "b").unwrap();
     let cfg = format!(
         "[cluster]\ntopology = \"mesh\"\n[node]\nname = \"a\"\nid = 1\ndsn = \"{}\"\n[[peers]]\nname = \"b\"\nid = 2\ndsn = \"{}\"\n",
         pg.dsn(),

@@ -35,7 +35,7 @@ fn a_stopped_or_killed_sidecar_shows_down_everywhere_and_status_exits_1() {
         RETAIL_SCHEMA,
         ALERT,
     );
-    let port = walsync::localpg::free_port();
+    let port = walsync_testkit::localpg::free_port();
     let a_config = c.node("a").config.clone();
     c.node("a").listen_metrics(port);
     c.start();
@@ -149,7 +149,7 @@ fn a_stopped_or_killed_sidecar_shows_down_everywhere_and_status_exits_1() {
 #[test]
 fn status_on_a_node_never_initialised_says_so() {
     let dir = scratch_dir("status-uninit");
-    let pg = walsync::localpg::LocalCluster::start(&dir.join("x"), "x").unwrap();
+    let pg = walsync_testkit::localpg::LocalCluster::start(&dir.join("x"), "x").unwrap();
     let config = dir.join("x.toml");
     std::fs::write(
         &config,

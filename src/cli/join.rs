@@ -289,11 +289,9 @@ async fn row_estimates(src: &Client) -> Result<HashMap<String, f64>, Error> {
 
 /// A PostgreSQL client program: next to the server binaries if found, else on PATH.
 fn pg_program(name: &str) -> PathBuf {
-    crate::localpg::bindir()
-        .ok()
+    crate::node::pgbin::bindir(&[name])
         .map(|d| d.join(name))
-        .filter(|p| p.exists())
-        .unwrap_or_else(|| PathBuf::from(name))
+        .unwrap_or_else(|_| PathBuf::from(name))
 }
 
 /// Dumps the source at `snapshot` and restores it here, reporting progress.

@@ -1,9 +1,7 @@
 //! The command line: one file per subcommand.
 
-pub mod bench;
 pub mod conflicts;
 pub mod ddl_replay;
-pub mod demo;
 pub mod init;
 pub mod join;
 pub mod remove_node;
@@ -50,8 +48,6 @@ pub enum Command {
     Init(init::InitArgs),
     /// Run the sidecar: stream and apply this node's links until stopped (Ctrl-C / SIGTERM).
     Run(ConfigArg),
-    /// Show walsync on three throwaway local PostgreSQL clusters: write, cut, heal, converge.
-    Demo(demo::DemoArgs),
     /// This node at a glance: links and their state, slots, conflicts, clock offsets, sequence headroom.
     Status(status::StatusArgs),
     /// List the conflicts this node decided, show one, or write a losing version again.
@@ -62,22 +58,31 @@ pub enum Command {
     Join(join::JoinArgs),
     /// Forget a node on this node and its peers: its slots, origin and links' progress.
     RemoveNode(remove_node::RemoveNodeArgs),
-    /// Measure catch-up speed against native logical replication (and peak memory on one huge transaction).
-    #[command(hide = true)]
-    Bench(bench::BenchArgs),
 }
 
 impl Cli {
-    /// The demo narrates on stdout; its sidecars only speak up about problems.
     pub fn default_log_filter(&self) -> &'static str {
-        match self.command {
-            Command::Demo(_) | Command::Bench(_) => "error",
-            _ => "walsync=info,warn",
-        }
+        "walsync=info,warn"
     }
 }
 
 pub fn run(cli: Cli) -> ExitCode {
+    block_on(async {
+        match cli.command {
+            Command::Init(a) => init::run(&a).await,
+            Command::Run(c) => run::run(&c).await,
+            Command::Conflicts(a) => conflicts::run(a).await,
+            Command::Status(a) => status::run(a).await,
+            Command::DdlReplay(a) => ddl_replay::run(a).await,
+            Command::Join(a) => join::run(a).await,
+            Command::RemoveNode(a) => remove_node::run(a).await,
+        }
+    })
+}
+
+/// Runs a command's future on a new runtime; its error is printed with its causes and
+/// exits 2.
+pub fn block_on(command: impl std::future::Future<Output = CliResult>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -88,19 +93,7 @@ pub fn run(cli: Cli) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let result = rt.block_on(async {
-        match cli.command {
-            Command::Init(a) => init::run(&a).await,
-            Command::Run(c) => run::run(&c).await,
-            Command::Demo(a) => demo::run(a).await,
-            Command::Bench(a) => bench::run(a).await,
-            Command::Conflicts(a) => conflicts::run(a).await,
-            Command::Status(a) => status::run(a).await,
-            Command::DdlReplay(a) => ddl_replay::run(a).await,
-            Command::Join(a) => join::run(a).await,
-            Command::RemoveNode(a) => remove_node::run(a).await,
-        }
-    });
+    let result = rt.block_on(command);
     match result {
         Ok(code) => code,
         Err(e) => {

@@ -3,6 +3,7 @@
 pub mod connect;
 pub mod fence;
 pub mod passfile;
+pub mod pgbin;
 pub mod rights;
 pub mod setup;
 pub mod tls;

@@ -13,7 +13,7 @@ pub mod chaos;
 pub mod fault_proxy;
 pub mod netns;
 
-use walsync::localpg::LocalCluster;
+use walsync_testkit::localpg::LocalCluster;
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
 

@@ -13,14 +13,19 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
-use super::CliResult;
-use crate::config::{Config, Dsn};
 use crate::localpg::LocalCluster;
-use crate::node::connect::connect;
-use crate::node::setup::init_node;
-use crate::runtime::{run_sidecar, shutdown_channel, ShutdownTx};
+use crate::RunResult as CliResult;
+use walsync::config::{Config, Dsn};
+use walsync::node::connect::connect;
+use walsync::node::setup::init_node;
+use walsync::runtime::{run_sidecar, shutdown_channel, ShutdownTx};
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "walsync-demo",
+    version,
+    about = "walsync on three throwaway local PostgreSQL clusters: write, cut, heal, converge"
+)]
 pub struct DemoArgs {
     /// Orders each node writes in each phase.
     #[arg(long, default_value_t = 25)]
@@ -83,7 +88,7 @@ pub async fn run(args: DemoArgs) -> CliResult {
     let mut nodes: Vec<DemoNode> = Vec::new();
     let outcome = tokio::select! {
         r = demo(&args, &dir, &mut nodes) => r,
-        _ = super::run::wait_for_signal() => {
+        _ = walsync::cli::run::wait_for_signal() => {
             println!("\ninterrupted: stopping and removing the demo clusters");
             Ok(ExitCode::from(130))
         }

@@ -22,14 +22,19 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use super::CliResult;
-use crate::config::{Config, Dsn};
 use crate::localpg::LocalCluster;
-use crate::node::connect::connect;
-use crate::node::setup::init_node;
-use crate::runtime::{run_sidecar, shutdown_channel};
+use crate::RunResult as CliResult;
+use walsync::config::{Config, Dsn};
+use walsync::node::connect::connect;
+use walsync::node::setup::init_node;
+use walsync::runtime::{run_sidecar, shutdown_channel};
 
-#[derive(Debug, clap::Args)]
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "walsync-bench",
+    version,
+    about = "Catch-up speed and CPU against native logical replication (and peak memory on one huge transaction)"
+)]
 pub struct BenchArgs {
     /// Rows in each catch-up backlog (0 skips the catch-up comparison).
     #[arg(long, default_value_t = 200_000)]
@@ -507,7 +512,15 @@ async fn big_transaction(b: &Bench, rows: u64) -> Result<(), BoxError> {
         ),
     )
     .await?;
-    let exe = std::env::current_exe()?;
+    // The sidecar a user runs, built next to this program (`cargo build --release --workspace`).
+    let exe = std::env::current_exe()?.with_file_name("walsync");
+    if !exe.is_file() {
+        return Err(format!(
+            "{} is missing: build the sidecar next to walsync-bench first (cargo build --release --workspace)",
+            exe.display()
+        )
+        .into());
+    }
     let mut child = std::process::Command::new(exe)
         .args(["run", "--config"])
         .arg(&b.config_paths[0])

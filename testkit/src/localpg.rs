@@ -643,82 +643,12 @@ impl Drop for LocalCluster {
     }
 }
 
-/// The bin directory of the PostgreSQL installation to use: `pg_config --bindir` if it
-/// has `initdb`, else the newest `/usr/lib/postgresql/<version>/bin`, else the directory
-/// of an `initdb` found on `PATH`. It must contain initdb, pg_ctl, postgres, psql and
+/// The bin directory of the PostgreSQL installation to use (see
+/// [`walsync::node::pgbin::bindir`]); it must contain initdb, pg_ctl, postgres, psql and
 /// pg_isready.
 pub fn bindir() -> Result<PathBuf, LocalPgError> {
-    let mut tried = Vec::new();
-
-    match Command::new("pg_config")
-        .arg("--bindir")
-        .stdin(Stdio::null())
-        .output()
-    {
-        Ok(out) if out.status.success() => {
-            let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-            match missing_programs(&dir) {
-                None => return Ok(dir),
-                Some(missing) => tried.push(format!(
-                    "pg_config --bindir says {}, which lacks {missing}",
-                    dir.display()
-                )),
-            }
-        }
-        Ok(out) => tried.push(format!(
-            "pg_config --bindir failed: {}",
-            command_output_text(&out)
-        )),
-        Err(e) => tried.push(format!("cannot run pg_config: {e}")),
-    }
-
-    let root = Path::new("/usr/lib/postgresql");
-    let mut versions: Vec<(Vec<u32>, PathBuf)> = fs::read_dir(root)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().into_string().ok()?;
-            let key = name
-                .split('.')
-                .map(|part| part.parse::<u32>().ok())
-                .collect::<Option<Vec<u32>>>()?;
-            Some((key, entry.path().join("bin")))
-        })
-        .collect();
-    versions.sort();
-    match versions
-        .iter()
-        .rev()
-        .find(|(_, dir)| missing_programs(dir).is_none())
-    {
-        Some((_, dir)) => return Ok(dir.clone()),
-        None if versions.is_empty() => tried.push(format!("no versions in {}", root.display())),
-        None => tried.push(format!("no complete bin directory in {}", root.display())),
-    }
-
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let initdb = dir.join("initdb");
-            if !initdb.is_file() {
-                continue;
-            }
-            // Follow symlinks (e.g. /usr/local/bin/initdb -> /usr/lib/postgresql/15/bin/initdb)
-            // so that the other programs are found next to the real initdb.
-            let real = fs::canonicalize(&initdb).unwrap_or(initdb);
-            if let Some(real_dir) = real.parent() {
-                match missing_programs(real_dir) {
-                    None => return Ok(real_dir.to_path_buf()),
-                    Some(missing) => tried.push(format!("{} lacks {missing}", real_dir.display())),
-                }
-            }
-        }
-        tried.push("no complete bin directory with initdb on PATH".to_owned());
-    }
-
-    Err(LocalPgError::NotInstalled {
-        detail: tried.join("; "),
-    })
+    walsync::node::pgbin::bindir(&REQUIRED_PROGRAMS)
+        .map_err(|detail| LocalPgError::NotInstalled { detail })
 }
 
 /// A TCP port on 127.0.0.1 that is free right now (the OS picks it) and that this process
@@ -1004,20 +934,6 @@ fn chown_tree(path: &Path, user: RunAs) -> Result<(), LocalPgError> {
     Ok(())
 }
 
-/// Which of [`REQUIRED_PROGRAMS`] `dir` lacks, as a list for messages; `None` if none.
-fn missing_programs(dir: &Path) -> Option<String> {
-    let missing: Vec<&str> = REQUIRED_PROGRAMS
-        .iter()
-        .copied()
-        .filter(|program| !dir.join(program).is_file())
-        .collect();
-    if missing.is_empty() {
-        None
-    } else {
-        Some(missing.join(", "))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1231,7 +1147,13 @@ mod tests {
     #[test]
     fn bindir_has_the_programs() {
         let dir = bindir().unwrap();
-        assert!(missing_programs(&dir).is_none(), "{}", dir.display());
+        for program in REQUIRED_PROGRAMS {
+            assert!(
+                dir.join(program).is_file(),
+                "{} lacks {program}",
+                dir.display()
+            );
+        }
     }
 
     #[test]
