@@ -94,6 +94,17 @@ impl fmt::Display for PgName {
     }
 }
 
+/// `s` as an SQL identifier, always quoted (`"a""b"`).
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// `s` as an SQL string literal (`'it''s'`); for the few statements that cannot take
+/// parameters.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,15 +133,4 @@ mod tests {
         assert!(PgName::parse_origin("pg_16384").is_err());
         assert_eq!(PgName::slot_to(&n), "walsync_to_branch1");
     }
-}
-
-/// `s` as an SQL identifier, always quoted (`"a""b"`).
-pub fn quote_ident(s: &str) -> String {
-    format!("\"{}\"", s.replace('"', "\"\""))
-}
-
-/// `s` as an SQL string literal (`'it''s'`); for the few statements that cannot take
-/// parameters.
-pub fn quote_literal(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
 }
