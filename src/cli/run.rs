@@ -7,7 +7,8 @@ use tracing::info;
 use super::{CliResult, ConfigArg};
 use crate::node::connect::connect;
 use crate::node::setup::check_initialised;
-use crate::runtime::{metrics, run_sidecar, shutdown_channel};
+use crate::runtime::{run_sidecar, shutdown_channel};
+use crate::status::metrics;
 
 pub async fn run(arg: &ConfigArg) -> CliResult {
     let config = arg.load()?;

@@ -20,7 +20,7 @@ use serde_json::json;
 use super::{CliResult, ConfigArg};
 use crate::config::{Config, Dsn};
 use crate::node::connect::connect;
-use crate::report::gather;
+use crate::status::report::gather;
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {

@@ -24,8 +24,8 @@ use crate::node::setup::wait_slot_released;
 use crate::observability::error_chain;
 use crate::pgoutput::{self, DecodeError, Message};
 use crate::runtime::backoff::Backoff;
-use crate::runtime::status::{LinkState, StatusReporter, HEARTBEAT_EVERY};
 use crate::spool::{self, SpoolError};
+use crate::status::link::{LinkState, StatusReporter, HEARTBEAT_EVERY};
 use crate::stream::{NodeStream, StreamError};
 
 const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(100);

@@ -3,8 +3,6 @@
 pub mod backoff;
 pub mod guard;
 pub mod link;
-pub mod metrics;
-pub mod status;
 
 use std::collections::HashMap;
 

@@ -17,8 +17,7 @@ use tracing::debug;
 
 use crate::config::Config;
 use crate::node::connect::connect;
-use crate::report::gather;
-use crate::runtime::ShutdownRx;
+use crate::status::report::gather;
 
 /// A 0/1 gauge per slot: metric name, help, and when it is 1.
 type SlotFlag = (&'static str, &'static str, fn(&Json) -> bool);
@@ -70,7 +69,11 @@ async fn report(config: &Config, cache: &SharedCache) -> Result<Json, String> {
     r
 }
 
-pub async fn serve(listener: TcpListener, config: Config, mut shutdown: ShutdownRx) {
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
     let cache = SharedCache::default();
     loop {
         let (socket, _) = tokio::select! {

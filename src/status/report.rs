@@ -5,8 +5,8 @@
 use serde_json::{json, Value as Json};
 use tokio_postgres::Client;
 
-use crate::runtime::status::HEARTBEAT_STALE_S;
 use crate::sequences::ids_left;
+use crate::status::link::HEARTBEAT_STALE_S;
 
 /// A sequence needs attention below this share of its ids left.
 const HEADROOM_WARN: f64 = 0.10;
@@ -74,7 +74,7 @@ pub async fn gather(
         .collect();
     for l in &links {
         if let Some(offset) = l["clock_offset_ms"].as_f64() {
-            if offset.abs() > crate::runtime::status::CLOCK_OFFSET_WARN_MS {
+            if offset.abs() > crate::status::link::CLOCK_OFFSET_WARN_MS {
                 problems.push(format!(
                     "link {}: the upstream's clock is {:.1} s {} this sidecar's: last-writer-wins decides by these clocks; synchronise them (NTP)",
                     l["link"].as_str().unwrap_or(""),
