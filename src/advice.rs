@@ -82,6 +82,19 @@ async fn odoo_warnings(
             }
         }
     }
+    let renamed_entries_keep_their_number = config.tables.iter().any(|t| {
+        t.qualified() == ("public".to_string(), "account_move".to_string())
+            && t.on_rename.contains_key("sequence_number")
+    });
+    if has(client, "public.account_move").await? && !renamed_entries_keep_their_number {
+        warnings.push(
+            "account_move has no on_rename policy: a journal entry renamed after a collision keeps its \
+             sequence_number, ties with the entry that kept the name, and Odoo may then number the journal's \
+             next entries from the renamed one or propose a name in use. Fix: [[tables]] name = \"account_move\" \
+             with on_rename = { sequence_number = \"0\" } on every node (docs/odoo.md)"
+                .to_string(),
+        );
+    }
     if has(client, "public.ir_sequence").await? {
         let no_gap: i64 = client
             .query_one(

@@ -11,11 +11,12 @@
 //! (`WALSYNC_PEER_MAIN_DSN`); a peer named in the environment only is added.
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::dsn::DsnError;
+pub use crate::dsn::{redact_password, redact_text, Dsn};
 use crate::names::{NameError, NodeName};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +36,12 @@ pub enum ConfigError {
     Invalid(String),
     #[error("config: {0}")]
     Name(#[from] NameError),
+}
+
+impl From<DsnError> for ConfigError {
+    fn from(e: DsnError) -> Self {
+        ConfigError::Invalid(e.0)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -203,6 +210,11 @@ pub struct TablePolicy {
     /// merge anyway (decision 0008).
     #[serde(default)]
     pub merge_unique: Vec<String>,
+    /// Columns the losing row of a rename also gets, as text (`{ sequence_number = "0" }`
+    /// on Odoo's `account_move`: the renamed entry must not tie with the one that kept
+    /// its name when Odoo looks for the journal's last number).
+    #[serde(default)]
+    pub on_rename: BTreeMap<String, String>,
 }
 
 /// How much of a row one conflict decision covers.
@@ -284,190 +296,6 @@ fn default_reconnect_min_ms() -> u64 {
 }
 fn default_reconnect_max_ms() -> u64 {
     10_000
-}
-
-/// A libpq connection string (URL or `key=value` form). Shown with its password masked.
-#[derive(Clone, Deserialize, PartialEq, Eq)]
-#[serde(transparent)]
-pub struct Dsn(String);
-
-impl Dsn {
-    pub fn new(s: impl Into<String>) -> Self {
-        Dsn(s.into())
-    }
-
-    /// The connection string itself, password included: for connecting only, never logging.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-
-    /// The settings tokio-postgres reads (the TLS parameters: [`Dsn::parts`]). A DSN
-    /// without a password takes it from the password file, as libpq does
-    /// (crate::node::passfile).
-    pub fn parse(&self) -> Result<tokio_postgres::Config, ConfigError> {
-        Ok(self.parts()?.0)
-    }
-
-    /// The settings tokio-postgres reads and the TLS parameters (`sslmode`,
-    /// `sslrootcert`, `sslcert`, `sslkey`), from one reading of the string.
-    pub fn parts(
-        &self,
-    ) -> Result<(tokio_postgres::Config, crate::node::tls::TlsSettings), ConfigError> {
-        let (rest, taken) = self.split()?;
-        let mut cfg: tokio_postgres::Config = rest
-            .parse()
-            .map_err(|e| ConfigError::Invalid(format!("dsn {self} does not parse: {e}; use a URL (postgres://user@host:5432/db) or key=value pairs")))?;
-        if cfg.get_password().is_none() {
-            if let Some(path) = crate::node::passfile::location(taken.passfile.as_deref()) {
-                let host = crate::node::connect::host_of(&cfg);
-                let port = cfg.get_ports().first().copied().unwrap_or(5432);
-                let user = cfg.get_user().unwrap_or("postgres").to_string();
-                let db = cfg.get_dbname().unwrap_or(&user).to_string();
-                if let Some(pw) = crate::node::passfile::lookup(&path, &host, port, &db, &user) {
-                    cfg.password(pw);
-                }
-            }
-        }
-        Ok((cfg, taken.tls))
-    }
-
-    /// The DSN for a libpq program (pg_dump, pg_restore) and its password apart, to pass
-    /// in `PGPASSWORD` rather than on a command line everyone on the host can read.
-    pub fn for_libpq(&self) -> Result<(String, Option<String>), ConfigError> {
-        let password = self
-            .parse()?
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned());
-        Ok((without_password(&self.0), password))
-    }
-
-    fn split(&self) -> Result<(String, crate::node::tls::Taken), ConfigError> {
-        crate::node::tls::split_dsn(&self.0)
-            .map_err(|e| ConfigError::Invalid(format!("dsn {self}: {e}")))
-    }
-}
-
-impl fmt::Display for Dsn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&redact_password(&self.0))
-    }
-}
-
-impl fmt::Debug for Dsn {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Dsn({self})")
-    }
-}
-
-/// A connection string without its password (URL userinfo or `password` pair).
-fn without_password(dsn: &str) -> String {
-    if let Some((scheme, rest)) = dsn.split_once("://") {
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let rest = match rest[..authority_end].rfind('@') {
-            Some(at) => match rest[..at].find(':') {
-                Some(colon) => format!("{}{}", &rest[..colon], &rest[at..]),
-                None => rest.to_string(),
-            },
-            None => rest.to_string(),
-        };
-        // A password in the query: drop that parameter.
-        let rest = match rest.split_once('?') {
-            Some((base, query)) => {
-                let kept: Vec<&str> = query
-                    .split('&')
-                    .filter(|p| !p.starts_with("password="))
-                    .collect();
-                if kept.is_empty() {
-                    base.to_string()
-                } else {
-                    format!("{base}?{}", kept.join("&"))
-                }
-            }
-            None => rest,
-        };
-        return format!("{scheme}://{rest}");
-    }
-    match crate::node::tls::key_values(dsn) {
-        Ok(pairs) => pairs
-            .into_iter()
-            .filter(|(k, _, _)| k != "password")
-            .map(|(_, _, raw)| raw)
-            .collect::<Vec<_>>()
-            .join(" "),
-        Err(_) => dsn.to_string(),
-    }
-}
-
-/// Masks the password of a URL (`postgres://u:secret@h`) or key/value (`password=secret`)
-/// connection string.
-pub fn redact_password(dsn: &str) -> String {
-    if let Some(rest) = dsn.split_once("://").map(|(_, r)| r) {
-        let scheme_len = dsn.len() - rest.len();
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            if let Some(colon) = rest[..at].find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &dsn[..scheme_len],
-                    &rest[..colon],
-                    redact_password(&rest[at..])
-                );
-            }
-        }
-        // query parameters may carry password=...
-        if let Some(q) = rest.find('?') {
-            return format!("{}{}", &dsn[..scheme_len + q], redact_kv(&rest[q..]));
-        }
-        return dsn.to_string();
-    }
-    redact_kv(dsn)
-}
-
-fn redact_kv(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(pos) = rest.find("password") {
-        let after_key = &rest[pos + "password".len()..];
-        let trimmed = after_key.trim_start();
-        let Some(value) = trimmed.strip_prefix('=') else {
-            out.push_str(&rest[..pos + "password".len()]);
-            rest = after_key;
-            continue;
-        };
-        let value = value.trim_start();
-        out.push_str(&rest[..pos]);
-        out.push_str("password=***");
-        let end = if let Some(quoted) = value.strip_prefix('\'') {
-            quoted.find('\'').map(|i| i + 2).unwrap_or(value.len())
-        } else {
-            value.find([' ', '&', '"', '\n']).unwrap_or(value.len())
-        };
-        rest = &value[end..];
-    }
-    out.push_str(rest);
-    out
-}
-
-/// Masks every password in free text that may quote connection strings (a TOML parse
-/// error echoes the offending line): URL userinfo and `password = ...` pairs.
-pub fn redact_text(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(pos) = rest.find("://") {
-        let start = rest[..pos]
-            .rfind(|c: char| c.is_whitespace() || c == '"' || c == '\'')
-            .map(|i| i + 1)
-            .unwrap_or(0);
-        let end = rest[pos..]
-            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'')
-            .map(|i| pos + i)
-            .unwrap_or(rest.len());
-        out.push_str(&redact_kv(&rest[..start]));
-        out.push_str(&redact_password(&rest[start..end]));
-        rest = &rest[end..];
-    }
-    out.push_str(&redact_kv(rest));
-    out
 }
 
 /// One node of the cluster as this sidecar knows it.
@@ -606,10 +434,11 @@ impl Config {
                 || t.merge == MergeMode::Columns
                 || !t.local_columns.is_empty()
                 || !t.park_unique.is_empty()
-                || !t.merge_unique.is_empty();
+                || !t.merge_unique.is_empty()
+                || !t.on_rename.is_empty();
             if !decides && !t.local {
                 return Err(ConfigError::Invalid(format!(
-                    "[[tables]] {:?} sets no policy (counters = [\"column\", ...], prefer = \"node\", merge = \"columns\", local = true, local_columns = [\"column\", ...], park_unique = [\"index\", ...] or merge_unique = [\"index\", ...])",
+                    "[[tables]] {:?} sets no policy (counters = [\"column\", ...], prefer = \"node\", merge = \"columns\", local = true, local_columns = [\"column\", ...], park_unique = [\"index\", ...] or merge_unique = [\"index\", ...] or on_rename = {{ column = \"value\" }})",
                     t.name
                 )));
             }

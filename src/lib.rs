@@ -13,6 +13,7 @@ pub mod apply;
 pub mod cli;
 pub mod config;
 pub mod ddl;
+pub mod dsn;
 pub mod lsn;
 pub mod merge;
 pub mod names;

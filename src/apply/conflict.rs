@@ -605,27 +605,46 @@ impl ApplyWorker {
             } else {
                 Outcome::RemoteRenamed
             };
-            let detail = format!(
-                "unique key {}: {} = {}",
-                unique.name,
-                map.target.columns[column],
-                Json::String(value.clone())
+            // The renamed value, and what the table's `on_rename` gives the loser besides.
+            let mut writes = vec![(column, value)];
+            writes.extend(
+                policy
+                    .on_rename
+                    .iter()
+                    .filter(|(c, _)| *c != column)
+                    .cloned(),
             );
-            let renamed_value = Value::Text(bytes::Bytes::from(value.into_bytes()));
+            let detail = format!(
+                "unique key {}: {}",
+                unique.name,
+                writes
+                    .iter()
+                    .map(|(c, v)| format!(
+                        "{} = {}",
+                        map.target.columns[*c],
+                        Json::String(v.clone())
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let text = |v: String| Value::Text(bytes::Bytes::from(v.into_bytes()));
             if remote_wins {
-                let mut params = vec![renamed_value];
+                let set: Vec<usize> = writes.iter().map(|(c, _)| *c).collect();
+                let mut params: Vec<Value> = writes.into_iter().map(|(_, v)| text(v)).collect();
                 params.extend(map.target.key.iter().map(|&k| value_of(&local.values[k])));
                 let write = RowWrite {
-                    shape: Shape::Update { set: vec![column] },
+                    shape: Shape::Update { set },
                     params,
                 };
                 self.execute(id, write, Tag::Row { relation_id: id })
                     .await?;
             } else {
-                let s = map
-                    .source_index_of_target(column)
-                    .expect("a collision was read with it");
-                new.0[s] = renamed_value;
+                for (c, v) in writes {
+                    // A column the upstream does not send keeps the target's default.
+                    if let Some(s) = map.source_index_of_target(c) {
+                        new.0[s] = text(v);
+                    }
+                }
             }
             let record = Record {
                 kind,

@@ -138,6 +138,8 @@ struct RelationPolicy {
     park_unique: Vec<String>,
     /// Unique indexes whose collisions merge the two rows although they could rename.
     merge_unique: Vec<String>,
+    /// Target columns (and their values, as text) the losing row of a rename also gets.
+    on_rename: Vec<(usize, String)>,
     rule: Rule,
     merge_columns: bool,
 }
@@ -659,6 +661,17 @@ impl ApplyWorker {
                 per_node_columns: Vec::new(),
                 park_unique: p.park_unique.clone(),
                 merge_unique: p.merge_unique.clone(),
+                on_rename: p
+                    .on_rename
+                    .iter()
+                    .filter_map(|(name, value)| {
+                        let column = map.target.columns.iter().position(|c| c == name);
+                        if column.is_none() {
+                            tracing::warn!(table = %map.target.qualified(), column = %name, "[[tables]] on_rename names a column this table does not have; ignored");
+                        }
+                        Some((column?, value.clone()))
+                    })
+                    .collect(),
                 rule: Rule {
                     prefer: p.prefer.as_deref().map(|n| format!("walsync_{n}")),
                 },

@@ -237,13 +237,32 @@ impl Rule {
 /// primary key is) and every node computes the same from the row alone. `max_chars` is
 /// the column's length limit (`varchar(n)`); the old value is shortened to fit, and
 /// `None` comes back when even the suffix alone does not fit.
+///
+/// An integer key is spelled with letters (0 -> a ... 9 -> j: key 18 is `#bi`): the
+/// suffix adds no digits to the value, so an application that reads numbers out of its
+/// names (Odoo's journal entry names, `POSS/2026/11/0001`) still reads the old number
+/// and not the key (decision 0009).
 pub fn renamed(value: &str, loser_key: &[String], max_chars: Option<usize>) -> Option<String> {
-    let suffix = format!(" [conflict #{}]", loser_key.join(","));
+    let key: Vec<String> = loser_key.iter().map(|k| spelled(k)).collect();
+    let suffix = format!(" [conflict #{}]", key.join(","));
     let keep = match max_chars {
         Some(max) => max.checked_sub(suffix.chars().count())?,
         None => usize::MAX,
     };
     Some(value.chars().take(keep).collect::<String>() + &suffix)
+}
+
+/// An integer spelled with letters (`-18` -> `-bi`); anything else as it is.
+fn spelled(key: &str) -> String {
+    if key.parse::<i128>().is_err() {
+        return key.to_string();
+    }
+    key.chars()
+        .map(|c| match c.to_digit(10) {
+            Some(d) => char::from(b'a' + d as u8),
+            None => c,
+        })
+        .collect()
 }
 
 /// Which columns an update writes under column-level merge, and whether any column
@@ -476,18 +495,32 @@ mod tests {
         let key = ["18".to_string()];
         assert_eq!(
             renamed("alice", &key, None).as_deref(),
-            Some("alice [conflict #18]")
+            Some("alice [conflict #bi]")
         );
         // varchar(16): the old value gives way, the suffix (which makes it unique) stays.
         assert_eq!(
             renamed("alice", &key, Some(16)).as_deref(),
-            Some("a [conflict #18]")
+            Some("a [conflict #bi]")
+        );
+        // No digit is added to a name an application numbers.
+        let name = renamed("POSS/2026/11/0001", &["1207".to_string()], None).unwrap();
+        assert_eq!(name, "POSS/2026/11/0001 [conflict #bcah]");
+        assert_eq!(
+            name.chars().filter(char::is_ascii_digit).count(),
+            "POSS/2026/11/0001"
+                .chars()
+                .filter(char::is_ascii_digit)
+                .count()
+        );
+        assert_eq!(
+            renamed("x", &["-90".to_string()], None).as_deref(),
+            Some("x [conflict #-ja]")
         );
         assert_eq!(renamed("alice", &key, Some(5)), None);
         let two = ["1".to_string(), "x".to_string()];
         assert_eq!(
             renamed("éé", &two, Some(17)).as_deref(),
-            Some("é [conflict #1,x]")
+            Some("é [conflict #b,x]")
         );
     }
 

@@ -6,7 +6,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tracing::warn;
 
-use crate::config::Dsn;
+use crate::dsn::{host_of, Dsn, DsnError};
 
 /// Session settings pinned on every walsync connection, so that values travel as text
 /// that reads back to the same value on the other side: ISO dates, hex bytea, floats with
@@ -18,8 +18,8 @@ pub const SESSION_OPTIONS: &str =
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error(transparent)]
-    Dsn(#[from] crate::config::ConfigError),
+    #[error("config: {0}")]
+    Dsn(#[from] DsnError),
     #[error("cannot connect to {dsn}: {hint}")]
     Connect {
         dsn: String,
@@ -50,11 +50,8 @@ impl ConnectError {
 /// Connects with the pinned session settings and spawns the connection task.
 pub async fn connect(dsn: &Dsn, application_name: &str) -> Result<Client, ConnectError> {
     let (mut cfg, tls) = dsn.parts()?;
-    let connector = crate::node::tls::MakeRustls::new(&tls).map_err(|e| {
-        ConnectError::Dsn(crate::config::ConfigError::Invalid(format!(
-            "dsn {dsn}: {e}"
-        )))
-    })?;
+    let connector = crate::node::tls::MakeRustls::new(&tls)
+        .map_err(|e| ConnectError::Dsn(DsnError(format!("dsn {dsn}: {e}"))))?;
     cfg.application_name(application_name);
     cfg.options(SESSION_OPTIONS);
     if cfg.get_connect_timeout().is_none() {
@@ -111,14 +108,4 @@ fn tls_failure(e: &tokio_postgres::Error) -> Option<String> {
         cause = c.source();
     }
     None
-}
-
-/// The first host of a connection's settings, for messages.
-pub fn host_of(cfg: &tokio_postgres::Config) -> String {
-    match cfg.get_hosts().first() {
-        Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
-        #[cfg(unix)]
-        Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
-        None => "localhost".to_string(),
-    }
 }

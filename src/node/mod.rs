@@ -2,7 +2,6 @@
 
 pub mod connect;
 pub mod fence;
-pub mod passfile;
 pub mod pgbin;
 pub mod rights;
 pub mod setup;

@@ -17,8 +17,8 @@ use crate::node::connect::SESSION_OPTIONS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StreamError {
-    #[error(transparent)]
-    Dsn(#[from] crate::config::ConfigError),
+    #[error("config: {0}")]
+    Dsn(#[from] crate::dsn::DsnError),
     /// The TLS handshake failed or the server offers no TLS the dsn requires.
     #[error("replication stream from {dsn}: {explained}")]
     Tls { dsn: String, explained: String },
@@ -75,7 +75,7 @@ impl NodeStream {
             Ok(client) => client,
             Err(PgWireError::Tls(failure)) => {
                 let (cfg, tls) = dsn.parts()?;
-                let host = crate::node::connect::host_of(&cfg);
+                let host = crate::dsn::host_of(&cfg);
                 return Err(StreamError::Tls {
                     dsn: shown,
                     explained: tls.explain(&host, &failure),
@@ -137,7 +137,7 @@ pub fn replication_config(
     application_name: &str,
 ) -> Result<ReplicationConfig, StreamError> {
     let (cfg, tls) = dsn.parts()?;
-    let host = crate::node::connect::host_of(&cfg);
+    let host = crate::dsn::host_of(&cfg);
     let tls = tls.replication(&host);
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
     let user = cfg.get_user().unwrap_or("postgres").to_string();
