@@ -18,11 +18,12 @@ mod conflict;
 mod ddl;
 pub(crate) use ddl::run_captured_ddl;
 mod dropped;
+mod durability;
 pub mod merged;
 mod param;
 pub mod pipeline;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::BytesMut;
@@ -42,6 +43,7 @@ use crate::merge::statements::{
 use crate::names::quote_literal;
 use crate::node::setup::ensure_origin;
 use crate::pgoutput::{Insert, Relation, Truncate, Value};
+use durability::Durability;
 use param::Param;
 use pipeline::{Answer, Pipeline, Tag};
 
@@ -182,14 +184,8 @@ pub struct ApplyWorker {
     open: Option<RemoteTxn>,
     rows_in_txn: u64,
     pipeline: Pipeline,
-    /// End LSN of the newest source transaction whose target commit is durable.
-    committed: Option<Lsn>,
-    /// Source end LSNs of commits confirmed by the target but maybe not yet flushed
-    /// (`synchronous_commit = off`), whose WAL position is not known yet, oldest first.
-    unbounded: VecDeque<Lsn>,
-    /// The same, with a target WAL position known to be at or past their commit records.
-    bounded: VecDeque<(u64, Lsn)>,
-    flush_check_in_flight: bool,
+    /// Which confirmed commits are flushed on the target.
+    durability: Durability,
     run: Option<InsertRun>,
     xact_setup: Statement,
     record_progress: Statement,
@@ -284,10 +280,7 @@ impl ApplyWorker {
             open: None,
             rows_in_txn: 0,
             pipeline: Pipeline::default(),
-            committed: None,
-            unbounded: VecDeque::new(),
-            bounded: VecDeque::new(),
-            flush_check_in_flight: false,
+            durability: Durability::default(),
             run: None,
             xact_setup,
             record_progress,
@@ -460,28 +453,16 @@ impl ApplyWorker {
                     "the target answered a WAL position that does not parse".into(),
                 ))
             }
-            (Tag::Commit { end_lsn }, Ok(_)) => self.unbounded.push_back(end_lsn),
+            (Tag::Commit { end_lsn }, Ok(_)) => self.durability.confirmed(end_lsn),
             // Every commit answered before this read was executed before it: its commit
             // record lies at or before this position.
-            (Tag::InsertPosition, Ok(position)) => {
-                self.bounded
-                    .extend(self.unbounded.drain(..).map(|end| (position, end)));
-            }
+            (Tag::InsertPosition, Ok(position)) => self.durability.insert_position(position),
             (Tag::MergedKeys, Ok(count)) => {
                 if count as i64 != self.merged_count {
                     self.merged_stale = true;
                 }
             }
-            (Tag::FlushPosition, Ok(flushed)) => {
-                self.flush_check_in_flight = false;
-                while let Some(&(bound, end)) = self.bounded.front() {
-                    if bound > flushed {
-                        break;
-                    }
-                    self.committed = Some(end);
-                    self.bounded.pop_front();
-                }
-            }
+            (Tag::FlushPosition, Ok(flushed)) => self.durability.flushed(flushed),
             (_, Ok(_)) => {}
             // On the fast path, an update that hits a unique key is decided on a second,
             // careful pass; there it is settled before it is sent, so this is the end.
@@ -549,7 +530,7 @@ impl ApplyWorker {
 
     /// The newest source end LSN whose target commit is confirmed, once.
     pub fn take_committed(&mut self) -> Option<Lsn> {
-        self.committed.take()
+        self.durability.take_committed()
     }
 
     pub fn has_in_flight(&self) -> bool {
@@ -558,18 +539,17 @@ impl ApplyWorker {
 
     /// Nothing in flight and every commit durable: a later position may be acknowledged.
     pub fn is_settled(&self) -> bool {
-        self.pipeline.is_empty() && self.unbounded.is_empty() && self.bounded.is_empty()
+        self.pipeline.is_empty() && !self.durability.waiting()
     }
 
     /// Commits wait for their flush and no check of it is under way.
     pub fn needs_flush_check(&self) -> bool {
-        let waiting = !self.unbounded.is_empty() || !self.bounded.is_empty();
-        waiting && !self.flush_check_in_flight
+        self.durability.needs_check()
     }
 
     /// Asks the target how far its WAL is flushed; the answer releases durable commits.
     pub async fn check_flush(&mut self) -> Result<(), ApplyError> {
-        self.flush_check_in_flight = true;
+        self.durability.check_sent();
         let client = self.client.clone();
         self.send(Tag::InsertPosition, 64, async move {
             read_lsn(&client, "SELECT pg_current_wal_insert_lsn()::text").await
@@ -594,10 +574,10 @@ impl ApplyWorker {
     /// Waits until every commit sent is answered and flushed on the target.
     pub async fn wait_durable(&mut self) -> Result<(), ApplyError> {
         self.flush().await?;
-        while !self.unbounded.is_empty() || !self.bounded.is_empty() {
+        while self.durability.waiting() {
             self.check_flush().await?;
             self.flush().await?;
-            if !self.bounded.is_empty() {
+            if self.durability.awaits_flush() {
                 // The WAL writer flushes every wal_writer_delay (200 ms by default).
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
