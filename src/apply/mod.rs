@@ -36,10 +36,11 @@ use crate::config::{MergeMode, TablePolicy};
 use crate::lsn::Lsn;
 use crate::merge::conflict::Rule;
 use crate::merge::keys::{ForeignKey, TableName};
-use crate::merge::replicates_relation;
+use crate::merge::relation_travels;
 use crate::merge::statements::{
     batch_sizes, copy_text_row, RelationMap, RowWrite, Shape, StatementError,
 };
+pub use crate::merge::RemoteTxn;
 use crate::names::quote_literal;
 use crate::node::setup::ensure_origin;
 use crate::pgoutput::{Insert, Relation, Truncate, Value};
@@ -144,17 +145,6 @@ struct RelationPolicy {
     on_rename: Vec<(usize, String)>,
     rule: Rule,
     merge_columns: bool,
-}
-
-/// The remote transaction being applied: what its commit needs.
-#[derive(Debug, Clone)]
-pub struct RemoteTxn {
-    /// Replication origin name of the author on every node (`walsync_<node>`).
-    pub origin: String,
-    /// The author's LSN for this transaction (its commit LSN on the author).
-    pub origin_lsn: Lsn,
-    /// The author's commit time, microseconds since 2000-01-01 UTC.
-    pub commit_time_us: i64,
 }
 
 /// Consecutive inserts into one relation with the same columns. Up to [`SMALL_RUN_ROWS`]
@@ -353,7 +343,7 @@ impl ApplyWorker {
             .policies
             .get(&(namespace.clone(), name.clone()))
             .is_some_and(|p| p.local);
-        Ok(replicates_relation(namespace, name) && !local)
+        Ok(relation_travels(namespace, name, local))
     }
 
     /// Merges are known to every applier of `shared` (one target node's, in this process).

@@ -17,7 +17,7 @@ use crate::apply::merged::SharedKeys;
 use crate::apply::{ApplyError, ApplyWorker, RemoteTxn};
 use crate::config::{ApplyConfig, LinkSpec, TablePolicy};
 use crate::lsn::Lsn;
-use crate::merge::{MergeError, OriginFilter};
+use crate::merge::{self, MergeError, OriginFilter};
 use crate::names::PgName;
 use crate::node::connect::{connect, ConnectError};
 use crate::node::setup::wait_slot_released;
@@ -650,13 +650,14 @@ async fn decide(
     if t.decision.is_none() {
         // Commit records are ordered: a transaction whose commit starts before the end of
         // the last one applied here was applied already (resume after a crash).
-        let already = t.final_lsn < progress;
-        let author = filter.author(t.origin.as_ref().map(|(n, _)| n.as_str()))?;
-        t.decision = Some((!already && filter.forwards(&author)).then(|| RemoteTxn {
-            origin: PgName::origin_of(&author),
-            origin_lsn: t.origin.as_ref().map(|(_, l)| *l).unwrap_or(t.final_lsn),
-            commit_time_us: t.commit_time_us,
-        }));
+        let origin = t.origin.as_ref().map(|(n, l)| (n.as_str(), *l));
+        t.decision = Some(merge::transaction(
+            filter,
+            origin,
+            t.final_lsn,
+            t.commit_time_us,
+            progress,
+        )?);
     }
     let Some(Some(remote)) = &t.decision else {
         return Ok(false);
