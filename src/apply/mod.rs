@@ -12,6 +12,13 @@
 //! The session runs with `session_replication_role = replica`, as PostgreSQL's own apply
 //! worker does: user triggers, foreign-key triggers and event triggers stay quiet for
 //! changes that were already checked on their author.
+//!
+//! This file holds the session, the transaction lifecycle and the request pipeline's
+//! answers; each other job has its file: the relations and their statements
+//! (`relations`), inserts in runs and COPY (`inserts`), which commits are durable
+//! (`durability`), the careful paths that read the local row and carry out what
+//! `merge::conflict` decides (`conflict`), merging one entity's two rows (`merged`),
+//! DDL replay (`ddl`), rows for what this node dropped (`dropped`).
 
 pub mod catalog;
 mod conflict;
@@ -19,34 +26,32 @@ mod ddl;
 pub(crate) use ddl::run_captured_ddl;
 mod dropped;
 mod durability;
+mod inserts;
 pub mod merged;
 mod param;
 pub mod pipeline;
+mod relations;
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use bytes::BytesMut;
-use futures_util::SinkExt;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
-use crate::config::{MergeMode, TablePolicy};
+use crate::config::TablePolicy;
 use crate::lsn::Lsn;
-use crate::merge::conflict::Rule;
-use crate::merge::keys::{ForeignKey, TableName};
-use crate::merge::relation_travels;
-use crate::merge::statements::{
-    batch_sizes, copy_text_row, RelationMap, RowWrite, Shape, StatementError,
-};
+use crate::merge::keys::TableName;
+use crate::merge::statements::{RowWrite, Shape, StatementError};
 pub use crate::merge::RemoteTxn;
 use crate::names::quote_literal;
 use crate::node::setup::ensure_origin;
-use crate::pgoutput::{Insert, Relation, Truncate, Value};
+use crate::pgoutput::Truncate;
 use durability::Durability;
+use inserts::InsertRun;
 use param::Param;
 use pipeline::{Answer, Pipeline, Tag};
+use relations::{Gone, RelationEntry, RelationPolicy};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -101,69 +106,6 @@ impl ApplyError {
         }
     }
 }
-
-/// What the applier knows about one source relation.
-struct RelationEntry {
-    source: Relation,
-    /// `None` until the first change needs it (the target catalog is read then).
-    map: Option<RelationMap>,
-    /// How its conflicts are decided (from the table policy, set with the map).
-    policy: RelationPolicy,
-    /// What this node dropped of it (found with the map): its changes are recorded, not
-    /// applied, for the dropped part.
-    gone: Gone,
-    /// Its foreign keys into other tables' primary keys: read the first time a change
-    /// of it is applied while any merge is known (decision 0008).
-    fks: Option<Vec<ForeignKey>>,
-}
-
-/// A relation the upstream still sends, that this node dropped (wholly or some columns).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-enum Gone {
-    #[default]
-    Nothing,
-    Table,
-    /// Source column indexes of the dropped columns, ascending.
-    Columns(Vec<usize>),
-}
-
-/// A table policy resolved against one source relation.
-#[derive(Debug, Clone, Default)]
-struct RelationPolicy {
-    /// Source column indexes of the counter columns.
-    counters: Vec<usize>,
-    /// Source column indexes of the node-local columns.
-    local_columns: Vec<usize>,
-    /// Source column indexes of columns an open DDL warning says each node filled with
-    /// its own values: left out when telling a sequential edit from a conflict.
-    per_node_columns: Vec<usize>,
-    /// Unique indexes whose collisions park the incoming row rather than settle it.
-    park_unique: Vec<String>,
-    /// Unique indexes whose collisions merge the two rows although they could rename.
-    merge_unique: Vec<String>,
-    /// Target columns (and their values, as text) the losing row of a rename also gets.
-    on_rename: Vec<(usize, String)>,
-    rule: Rule,
-    merge_columns: bool,
-}
-
-/// Consecutive inserts into one relation with the same columns. Up to [`SMALL_RUN_ROWS`]
-/// they are kept as rows and sent as multi-row INSERTs: one request each, nothing to wait
-/// for. A longer run switches to COPY, whose server-side batching wins once the round trip
-/// it must wait for (CopyInResponse, during which nothing else can be sent) is spread over
-/// enough rows. Either way a run ends at the next other change; a COPY run also when it
-/// holds [`COPY_RUN_BYTES`].
-struct InsertRun {
-    relation_id: u32,
-    columns: Vec<usize>,
-    rows: Vec<Vec<Value>>,
-    /// COPY text of the run once it is long enough; empty before.
-    copy: BytesMut,
-}
-
-const SMALL_RUN_ROWS: usize = 256;
-/// A COPY run is sent once it holds this much (4 MiB).
-const COPY_RUN_BYTES: usize = 4 * 1024 * 1024;
 
 pub struct ApplyWorker {
     client: Arc<Client>,
@@ -308,42 +250,8 @@ impl ApplyWorker {
         Ok(lsn)
     }
 
-    /// A Relation message: (re)describes a source relation. Anything cached for it goes.
-    /// Inserts decoded under the old description are sent first, with the old mapping.
-    pub async fn on_relation(&mut self, rel: Relation) -> Result<(), ApplyError> {
-        if self.run.as_ref().is_some_and(|r| r.relation_id == rel.id) {
-            self.flush_inserts().await?;
-        }
-        self.statements.retain(|(id, _), _| *id != rel.id);
-        self.relations.insert(
-            rel.id,
-            RelationEntry {
-                policy: RelationPolicy::default(),
-                gone: Gone::Nothing,
-                source: rel,
-                map: None,
-                fks: None,
-            },
-        );
-        Ok(())
-    }
-
     pub fn is_open(&self) -> bool {
         self.open.is_some()
-    }
-
-    /// Whether changes to this relation are applied at all.
-    pub fn replicates(&self, relation_id: u32) -> Result<bool, ApplyError> {
-        let e = self
-            .relations
-            .get(&relation_id)
-            .ok_or(ApplyError::UnknownRelation(relation_id))?;
-        let (namespace, name) = (&e.source.namespace, &e.source.name);
-        let local = self
-            .policies
-            .get(&(namespace.clone(), name.clone()))
-            .is_some_and(|p| p.local);
-        Ok(relation_travels(namespace, name, local))
     }
 
     /// Merges are known to every applier of `shared` (one target node's, in this process).
@@ -589,108 +497,6 @@ impl ApplyWorker {
         self.settle(answers)
     }
 
-    fn map_for(&self, relation_id: u32) -> Option<&RelationMap> {
-        self.relations
-            .get(&relation_id)
-            .and_then(|e| e.map.as_ref())
-    }
-
-    async fn ensure_map(&mut self, relation_id: u32) -> Result<(), ApplyError> {
-        let entry = self
-            .relations
-            .get(&relation_id)
-            .ok_or(ApplyError::UnknownRelation(relation_id))?;
-        if entry.map.is_some() || entry.gone == Gone::Table {
-            return Ok(());
-        }
-        // Direct requests wait for everything in flight (see `begin`); once per relation.
-        self.flush().await?;
-        let entry = self
-            .relations
-            .get(&relation_id)
-            .ok_or(ApplyError::UnknownRelation(relation_id))?;
-        let (namespace, name) = (entry.source.namespace.clone(), entry.source.name.clone());
-        let Some(target) = catalog::target_table(&self.client, &namespace, &name).await? else {
-            if dropped::table_was_dropped(&self.client, &namespace, &name).await? {
-                self.set_gone(relation_id, Gone::Table);
-                return Ok(());
-            }
-            return Err(ApplyError::MissingTable {
-                table: format!("{namespace}.{name}"),
-            });
-        };
-        let entry = self.relations.get(&relation_id).expect("checked above");
-        let (source, gone) =
-            dropped::without_dropped_columns(&self.client, &entry.source, &target).await?;
-        let map = RelationMap::new(&source, target)?;
-        let key = (entry.source.namespace.clone(), entry.source.name.clone());
-        let mut policy = match self.policies.get(&key) {
-            Some(p) => RelationPolicy {
-                counters: map.source_indexes_of(&p.counters),
-                local_columns: map.source_indexes_of(&p.local_columns),
-                per_node_columns: Vec::new(),
-                park_unique: p.park_unique.clone(),
-                merge_unique: p.merge_unique.clone(),
-                on_rename: p
-                    .on_rename
-                    .iter()
-                    .filter_map(|(name, value)| {
-                        let column = map.target.columns.iter().position(|c| c == name);
-                        if column.is_none() {
-                            tracing::warn!(table = %map.target.qualified(), column = %name, "[[tables]] on_rename names a column this table does not have; ignored");
-                        }
-                        Some((column?, value.clone()))
-                    })
-                    .collect(),
-                rule: Rule {
-                    prefer: p.prefer.as_deref().map(|n| format!("walsync_{n}")),
-                },
-                merge_columns: p.merge == MergeMode::Columns,
-            },
-            None => RelationPolicy::default(),
-        };
-        let warned: Vec<String> = self
-            .client
-            .query_one(
-                "SELECT coalesce(array_agg(DISTINCT c), '{}') FROM walsync.ddl_warnings w, unnest(w.columns) c \
-                 WHERE w.resolved_at IS NULL AND w.table_schema = $1 AND w.table_name = $2",
-                &[&map.target.schema, &map.target.name],
-            )
-            .await
-            .map_err(ApplyError::sql("reading walsync.ddl_warnings"))?
-            .get(0);
-        policy.per_node_columns = map.source_indexes_of(&warned);
-        if let Some(e) = self.relations.get_mut(&relation_id) {
-            e.map = Some(map);
-            e.policy = policy;
-            e.gone = gone;
-        }
-        Ok(())
-    }
-
-    /// The prepared statement of `shape` on this relation. Prepared before it is pushed,
-    /// so that pushing sends the request itself (a statement prepared inside the
-    /// pushed future would let later requests overtake it).
-    async fn statement(&mut self, relation_id: u32, shape: Shape) -> Result<Statement, ApplyError> {
-        let key = (relation_id, shape);
-        if let Some(stmt) = self.statements.get(&key) {
-            return Ok(stmt.clone());
-        }
-        // Direct requests wait for everything in flight (see `begin`); once per shape.
-        self.flush().await?;
-        let map = self
-            .map_for(relation_id)
-            .expect("ensure_map ran before statement");
-        let sql = map.sql(&key.1);
-        let stmt = self
-            .client
-            .prepare(&sql)
-            .await
-            .map_err(ApplyError::sql(format!("preparing {sql}")))?;
-        self.statements.insert(key, stmt.clone());
-        Ok(stmt)
-    }
-
     /// Sends one change after any pending inserts (which come before it in the source).
     async fn execute(
         &mut self,
@@ -724,18 +530,6 @@ impl ApplyWorker {
         self.ddl_from = nodes;
     }
 
-    /// The table policies this link applies with (the same on every node).
-    pub fn set_policies(&mut self, tables: &[TablePolicy]) {
-        self.policies = tables.iter().map(|t| (t.qualified(), t.clone())).collect();
-    }
-
-    fn policy_of(&self, relation_id: u32) -> RelationPolicy {
-        self.relations
-            .get(&relation_id)
-            .map(|e| e.policy.clone())
-            .unwrap_or_default()
-    }
-
     fn is_careful(&self) -> bool {
         self.careful_txns > 0
     }
@@ -744,124 +538,6 @@ impl ApplyWorker {
     /// on the fast path, its transaction comes again and is checked row by row.
     pub fn set_careful(&mut self, n: u32) {
         self.careful_txns = n;
-    }
-
-    pub async fn insert(&mut self, ins: &Insert) -> Result<(), ApplyError> {
-        let id = ins.relation_id;
-        if self.is_ddl_log(id) && !self.replay_ddl(ins).await? {
-            return Ok(());
-        }
-        if self.is_merged_keys(id) {
-            return self.learn_merge(ins).await;
-        }
-        self.ensure_map(id).await?;
-        match self.gone_of(id) {
-            Gone::Nothing => self.insert_mapped(ins).await,
-            gone => self.insert_into_dropped(ins, gone).await,
-        }
-    }
-
-    /// An insert into a relation whose target is known and complete.
-    async fn insert_mapped(&mut self, ins: &Insert) -> Result<(), ApplyError> {
-        let id = ins.relation_id;
-        // References to rows merged away name the rows they merged into (decision 0008).
-        let redirected;
-        let ins = match self.redirected(id, &ins.new).await? {
-            Some(new) => {
-                redirected = Insert {
-                    relation_id: id,
-                    new,
-                };
-                &redirected
-            }
-            None => ins,
-        };
-        if self.is_careful() {
-            return self.insert_carefully(ins).await;
-        }
-        let write = self.map_for(id).expect("mapped").insert(&ins.new)?;
-        let Shape::Insert { columns, .. } = &write.shape else {
-            unreachable!("RelationMap::insert makes Shape::Insert");
-        };
-        let same_run =
-            matches!(&self.run, Some(run) if run.relation_id == id && run.columns == *columns);
-        if !same_run {
-            self.flush_inserts().await?;
-            self.run = Some(InsertRun {
-                relation_id: id,
-                columns: columns.clone(),
-                rows: Vec::new(),
-                copy: BytesMut::new(),
-            });
-        }
-        let run = self.run.as_mut().expect("a run was just ensured");
-        self.rows_in_txn += 1;
-        if run.copy.is_empty() {
-            run.rows.push(write.params);
-            if run.rows.len() >= SMALL_RUN_ROWS {
-                let mut copy = BytesMut::new();
-                if run.rows.iter().all(|r| copy_text_row(r, &mut copy)) {
-                    run.rows.clear();
-                    run.copy = copy;
-                } else {
-                    // A binary value cannot travel in a text COPY: INSERTs then.
-                    self.flush_inserts().await?;
-                }
-            }
-            return Ok(());
-        }
-        if !copy_text_row(&write.params, &mut run.copy) {
-            self.rows_in_txn -= 1;
-            return self
-                .execute(id, write, Tag::Insert { relation_id: id })
-                .await;
-        }
-        if run.copy.len() >= COPY_RUN_BYTES {
-            self.flush_inserts().await?;
-        }
-        Ok(())
-    }
-
-    /// Sends the pending run of inserts, if any: as multi-row INSERTs or as one COPY.
-    async fn flush_inserts(&mut self) -> Result<(), ApplyError> {
-        let Some(run) = self.run.take() else {
-            return Ok(());
-        };
-        let relation_id = run.relation_id;
-        if run.copy.is_empty() {
-            let mut rows = run.rows.into_iter();
-            for n in batch_sizes(rows.len(), run.columns.len()) {
-                let params: Vec<Value> = rows.by_ref().take(n).flatten().collect();
-                let shape = Shape::Insert {
-                    columns: run.columns.clone(),
-                    rows: n,
-                };
-                self.send_write(
-                    relation_id,
-                    RowWrite { shape, params },
-                    Tag::Insert { relation_id },
-                )
-                .await?;
-            }
-            return Ok(());
-        }
-        let stmt = self
-            .statement(
-                relation_id,
-                Shape::Copy {
-                    columns: run.columns,
-                },
-            )
-            .await?;
-        let client = self.client.clone();
-        let data = run.copy.freeze();
-        self.send(Tag::Copy { relation_id }, data.len(), async move {
-            let sink = client.copy_in::<_, bytes::Bytes>(&stmt).await?;
-            futures_util::pin_mut!(sink);
-            sink.send(data).await?;
-            sink.finish().await
-        })
-        .await
     }
 
     pub async fn truncate(&mut self, t: &Truncate) -> Result<(), ApplyError> {
@@ -891,13 +567,6 @@ impl ApplyWorker {
         );
         self.rows_in_txn += 1;
         self.send_batch(sql, "applying a TRUNCATE").await
-    }
-
-    fn table_name(&self, relation_id: u32) -> String {
-        self.relations
-            .get(&relation_id)
-            .map(|e| format!("{}.{}", e.source.namespace, e.source.name))
-            .unwrap_or_else(|| format!("relation {relation_id}"))
     }
 
     /// Sends the commit of the open target transaction with the link's progress at

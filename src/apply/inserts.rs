@@ -1,0 +1,149 @@
+//! Inserts on the fast path: consecutive inserts into one relation gathered into runs,
+//! sent as multi-row INSERTs or one COPY, never waited for one by one.
+
+use bytes::BytesMut;
+use futures_util::SinkExt;
+
+use super::pipeline::Tag;
+use super::{ApplyError, ApplyWorker, Gone};
+use crate::merge::statements::{batch_sizes, copy_text_row, RowWrite, Shape};
+use crate::pgoutput::{Insert, Value};
+
+/// Consecutive inserts into one relation with the same columns. Up to [`SMALL_RUN_ROWS`]
+/// they are kept as rows and sent as multi-row INSERTs: one request each, nothing to wait
+/// for. A longer run switches to COPY, whose server-side batching wins once the round trip
+/// it must wait for (CopyInResponse, during which nothing else can be sent) is spread over
+/// enough rows. Either way a run ends at the next other change; a COPY run also when it
+/// holds [`COPY_RUN_BYTES`].
+pub(super) struct InsertRun {
+    pub(super) relation_id: u32,
+    pub(super) columns: Vec<usize>,
+    pub(super) rows: Vec<Vec<Value>>,
+    /// COPY text of the run once it is long enough; empty before.
+    pub(super) copy: BytesMut,
+}
+
+const SMALL_RUN_ROWS: usize = 256;
+
+/// A COPY run is sent once it holds this much (4 MiB).
+const COPY_RUN_BYTES: usize = 4 * 1024 * 1024;
+
+impl ApplyWorker {
+    pub async fn insert(&mut self, ins: &Insert) -> Result<(), ApplyError> {
+        let id = ins.relation_id;
+        if self.is_ddl_log(id) && !self.replay_ddl(ins).await? {
+            return Ok(());
+        }
+        if self.is_merged_keys(id) {
+            return self.learn_merge(ins).await;
+        }
+        self.ensure_map(id).await?;
+        match self.gone_of(id) {
+            Gone::Nothing => self.insert_mapped(ins).await,
+            gone => self.insert_into_dropped(ins, gone).await,
+        }
+    }
+
+    /// An insert into a relation whose target is known and complete.
+    pub(super) async fn insert_mapped(&mut self, ins: &Insert) -> Result<(), ApplyError> {
+        let id = ins.relation_id;
+        // References to rows merged away name the rows they merged into (decision 0008).
+        let redirected;
+        let ins = match self.redirected(id, &ins.new).await? {
+            Some(new) => {
+                redirected = Insert {
+                    relation_id: id,
+                    new,
+                };
+                &redirected
+            }
+            None => ins,
+        };
+        if self.is_careful() {
+            return self.insert_carefully(ins).await;
+        }
+        let write = self.map_for(id).expect("mapped").insert(&ins.new)?;
+        let Shape::Insert { columns, .. } = &write.shape else {
+            unreachable!("RelationMap::insert makes Shape::Insert");
+        };
+        let same_run =
+            matches!(&self.run, Some(run) if run.relation_id == id && run.columns == *columns);
+        if !same_run {
+            self.flush_inserts().await?;
+            self.run = Some(InsertRun {
+                relation_id: id,
+                columns: columns.clone(),
+                rows: Vec::new(),
+                copy: BytesMut::new(),
+            });
+        }
+        let run = self.run.as_mut().expect("a run was just ensured");
+        self.rows_in_txn += 1;
+        if run.copy.is_empty() {
+            run.rows.push(write.params);
+            if run.rows.len() >= SMALL_RUN_ROWS {
+                let mut copy = BytesMut::new();
+                if run.rows.iter().all(|r| copy_text_row(r, &mut copy)) {
+                    run.rows.clear();
+                    run.copy = copy;
+                } else {
+                    // A binary value cannot travel in a text COPY: INSERTs then.
+                    self.flush_inserts().await?;
+                }
+            }
+            return Ok(());
+        }
+        if !copy_text_row(&write.params, &mut run.copy) {
+            self.rows_in_txn -= 1;
+            return self
+                .execute(id, write, Tag::Insert { relation_id: id })
+                .await;
+        }
+        if run.copy.len() >= COPY_RUN_BYTES {
+            self.flush_inserts().await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the pending run of inserts, if any: as multi-row INSERTs or as one COPY.
+    pub(super) async fn flush_inserts(&mut self) -> Result<(), ApplyError> {
+        let Some(run) = self.run.take() else {
+            return Ok(());
+        };
+        let relation_id = run.relation_id;
+        if run.copy.is_empty() {
+            let mut rows = run.rows.into_iter();
+            for n in batch_sizes(rows.len(), run.columns.len()) {
+                let params: Vec<Value> = rows.by_ref().take(n).flatten().collect();
+                let shape = Shape::Insert {
+                    columns: run.columns.clone(),
+                    rows: n,
+                };
+                self.send_write(
+                    relation_id,
+                    RowWrite { shape, params },
+                    Tag::Insert { relation_id },
+                )
+                .await?;
+            }
+            return Ok(());
+        }
+        let stmt = self
+            .statement(
+                relation_id,
+                Shape::Copy {
+                    columns: run.columns,
+                },
+            )
+            .await?;
+        let client = self.client.clone();
+        let data = run.copy.freeze();
+        self.send(Tag::Copy { relation_id }, data.len(), async move {
+            let sink = client.copy_in::<_, bytes::Bytes>(&stmt).await?;
+            futures_util::pin_mut!(sink);
+            sink.send(data).await?;
+            sink.finish().await
+        })
+        .await
+    }
+}

@@ -1,0 +1,219 @@
+//! The relations a link has seen: each source relation's description, its target table
+//! read from the catalog on first use and the statements prepared for it, what this node
+//! dropped of it, and the table policy resolved against its columns.
+
+use tokio_postgres::Statement;
+
+use super::{catalog, dropped, ApplyError, ApplyWorker};
+use crate::config::{MergeMode, TablePolicy};
+use crate::merge::conflict::Rule;
+use crate::merge::keys::ForeignKey;
+use crate::merge::relation_travels;
+use crate::merge::statements::{RelationMap, Shape};
+use crate::pgoutput::Relation;
+
+/// What the applier knows about one source relation.
+pub(super) struct RelationEntry {
+    pub(super) source: Relation,
+    /// `None` until the first change needs it (the target catalog is read then).
+    pub(super) map: Option<RelationMap>,
+    /// How its conflicts are decided (from the table policy, set with the map).
+    pub(super) policy: RelationPolicy,
+    /// What this node dropped of it (found with the map): its changes are recorded, not
+    /// applied, for the dropped part.
+    pub(super) gone: Gone,
+    /// Its foreign keys into other tables' primary keys: read the first time a change
+    /// of it is applied while any merge is known (decision 0008).
+    pub(super) fks: Option<Vec<ForeignKey>>,
+}
+
+/// A relation the upstream still sends, that this node dropped (wholly or some columns).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(super) enum Gone {
+    #[default]
+    Nothing,
+    Table,
+    /// Source column indexes of the dropped columns, ascending.
+    Columns(Vec<usize>),
+}
+
+/// A table policy resolved against one source relation.
+#[derive(Debug, Clone, Default)]
+pub(super) struct RelationPolicy {
+    /// Source column indexes of the counter columns.
+    pub(super) counters: Vec<usize>,
+    /// Source column indexes of the node-local columns.
+    pub(super) local_columns: Vec<usize>,
+    /// Source column indexes of columns an open DDL warning says each node filled with
+    /// its own values: left out when telling a sequential edit from a conflict.
+    pub(super) per_node_columns: Vec<usize>,
+    /// Unique indexes whose collisions park the incoming row rather than settle it.
+    pub(super) park_unique: Vec<String>,
+    /// Unique indexes whose collisions merge the two rows although they could rename.
+    pub(super) merge_unique: Vec<String>,
+    /// Target columns (and their values, as text) the losing row of a rename also gets.
+    pub(super) on_rename: Vec<(usize, String)>,
+    pub(super) rule: Rule,
+    pub(super) merge_columns: bool,
+}
+
+impl ApplyWorker {
+    /// A Relation message: (re)describes a source relation. Anything cached for it goes.
+    /// Inserts decoded under the old description are sent first, with the old mapping.
+    pub async fn on_relation(&mut self, rel: Relation) -> Result<(), ApplyError> {
+        if self.run.as_ref().is_some_and(|r| r.relation_id == rel.id) {
+            self.flush_inserts().await?;
+        }
+        self.statements.retain(|(id, _), _| *id != rel.id);
+        self.relations.insert(
+            rel.id,
+            RelationEntry {
+                policy: RelationPolicy::default(),
+                gone: Gone::Nothing,
+                source: rel,
+                map: None,
+                fks: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// Whether changes to this relation are applied at all.
+    pub fn replicates(&self, relation_id: u32) -> Result<bool, ApplyError> {
+        let e = self
+            .relations
+            .get(&relation_id)
+            .ok_or(ApplyError::UnknownRelation(relation_id))?;
+        let (namespace, name) = (&e.source.namespace, &e.source.name);
+        let local = self
+            .policies
+            .get(&(namespace.clone(), name.clone()))
+            .is_some_and(|p| p.local);
+        Ok(relation_travels(namespace, name, local))
+    }
+
+    pub(super) fn map_for(&self, relation_id: u32) -> Option<&RelationMap> {
+        self.relations
+            .get(&relation_id)
+            .and_then(|e| e.map.as_ref())
+    }
+
+    pub(super) async fn ensure_map(&mut self, relation_id: u32) -> Result<(), ApplyError> {
+        let entry = self
+            .relations
+            .get(&relation_id)
+            .ok_or(ApplyError::UnknownRelation(relation_id))?;
+        if entry.map.is_some() || entry.gone == Gone::Table {
+            return Ok(());
+        }
+        // Direct requests wait for everything in flight (see `begin`); once per relation.
+        self.flush().await?;
+        let entry = self
+            .relations
+            .get(&relation_id)
+            .ok_or(ApplyError::UnknownRelation(relation_id))?;
+        let (namespace, name) = (entry.source.namespace.clone(), entry.source.name.clone());
+        let Some(target) = catalog::target_table(&self.client, &namespace, &name).await? else {
+            if dropped::table_was_dropped(&self.client, &namespace, &name).await? {
+                self.set_gone(relation_id, Gone::Table);
+                return Ok(());
+            }
+            return Err(ApplyError::MissingTable {
+                table: format!("{namespace}.{name}"),
+            });
+        };
+        let entry = self.relations.get(&relation_id).expect("checked above");
+        let (source, gone) =
+            dropped::without_dropped_columns(&self.client, &entry.source, &target).await?;
+        let map = RelationMap::new(&source, target)?;
+        let key = (entry.source.namespace.clone(), entry.source.name.clone());
+        let mut policy = match self.policies.get(&key) {
+            Some(p) => RelationPolicy {
+                counters: map.source_indexes_of(&p.counters),
+                local_columns: map.source_indexes_of(&p.local_columns),
+                per_node_columns: Vec::new(),
+                park_unique: p.park_unique.clone(),
+                merge_unique: p.merge_unique.clone(),
+                on_rename: p
+                    .on_rename
+                    .iter()
+                    .filter_map(|(name, value)| {
+                        let column = map.target.columns.iter().position(|c| c == name);
+                        if column.is_none() {
+                            tracing::warn!(table = %map.target.qualified(), column = %name, "[[tables]] on_rename names a column this table does not have; ignored");
+                        }
+                        Some((column?, value.clone()))
+                    })
+                    .collect(),
+                rule: Rule {
+                    prefer: p.prefer.as_deref().map(|n| format!("walsync_{n}")),
+                },
+                merge_columns: p.merge == MergeMode::Columns,
+            },
+            None => RelationPolicy::default(),
+        };
+        let warned: Vec<String> = self
+            .client
+            .query_one(
+                "SELECT coalesce(array_agg(DISTINCT c), '{}') FROM walsync.ddl_warnings w, unnest(w.columns) c \
+                 WHERE w.resolved_at IS NULL AND w.table_schema = $1 AND w.table_name = $2",
+                &[&map.target.schema, &map.target.name],
+            )
+            .await
+            .map_err(ApplyError::sql("reading walsync.ddl_warnings"))?
+            .get(0);
+        policy.per_node_columns = map.source_indexes_of(&warned);
+        if let Some(e) = self.relations.get_mut(&relation_id) {
+            e.map = Some(map);
+            e.policy = policy;
+            e.gone = gone;
+        }
+        Ok(())
+    }
+
+    /// The prepared statement of `shape` on this relation. Prepared before it is pushed,
+    /// so that pushing sends the request itself (a statement prepared inside the
+    /// pushed future would let later requests overtake it).
+    pub(super) async fn statement(
+        &mut self,
+        relation_id: u32,
+        shape: Shape,
+    ) -> Result<Statement, ApplyError> {
+        let key = (relation_id, shape);
+        if let Some(stmt) = self.statements.get(&key) {
+            return Ok(stmt.clone());
+        }
+        // Direct requests wait for everything in flight (see `begin`); once per shape.
+        self.flush().await?;
+        let map = self
+            .map_for(relation_id)
+            .expect("ensure_map ran before statement");
+        let sql = map.sql(&key.1);
+        let stmt = self
+            .client
+            .prepare(&sql)
+            .await
+            .map_err(ApplyError::sql(format!("preparing {sql}")))?;
+        self.statements.insert(key, stmt.clone());
+        Ok(stmt)
+    }
+
+    /// The table policies this link applies with (the same on every node).
+    pub fn set_policies(&mut self, tables: &[TablePolicy]) {
+        self.policies = tables.iter().map(|t| (t.qualified(), t.clone())).collect();
+    }
+
+    pub(super) fn policy_of(&self, relation_id: u32) -> RelationPolicy {
+        self.relations
+            .get(&relation_id)
+            .map(|e| e.policy.clone())
+            .unwrap_or_default()
+    }
+
+    pub(super) fn table_name(&self, relation_id: u32) -> String {
+        self.relations
+            .get(&relation_id)
+            .map(|e| format!("{}.{}", e.source.namespace, e.source.name))
+            .unwrap_or_else(|| format!("relation {relation_id}"))
+    }
+}
