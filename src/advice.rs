@@ -162,12 +162,12 @@ async fn unique_key_settlement(
             "SELECT n.nspname::text, t.relname::text, c.relname::text, \
                EXISTS (SELECT 1 FROM pg_attribute a \
                        WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[]) \
-                         AND a.atttypid IN ('text'::regtype, 'varchar'::regtype)) \
+                         AND format_type(a.atttypid, NULL) IN ('text', 'character varying', 'citext')) \
                OR (i.indexprs IS NOT NULL AND EXISTS ( \
                        SELECT 1 FROM pg_depend d JOIN pg_attribute a \
                          ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid \
                        WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid \
-                         AND a.atttypid IN ('text'::regtype, 'varchar'::regtype))), \
+                         AND format_type(a.atttypid, NULL) IN ('text', 'character varying', 'citext'))), \
                EXISTS (SELECT 1 FROM pg_index p WHERE p.indrelid = i.indrelid AND p.indisprimary) \
              FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
              JOIN pg_class t ON t.oid = i.indrelid JOIN pg_namespace n ON n.oid = t.relnamespace \

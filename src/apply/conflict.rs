@@ -544,12 +544,47 @@ impl ApplyWorker {
         let (merges, renames): (Vec<Collision>, Vec<Collision>) = collisions
             .into_iter()
             .partition(|c| settle(&c.unique) == Settlement::Merge);
+        // Every rename's value first: one that cannot fit parks the row before anything
+        // is merged or renamed for the others.
+        let remote = self.remote_version();
+        let rule = self.policy_of(id).rule;
+        let mut planned = Vec::with_capacity(renames.len());
+        for c in renames {
+            let Settlement::Rename { column, limit } = settle(&c.unique) else {
+                unreachable!("parks and merges were partitioned out above");
+            };
+            let (remote_wins, rule_name) = rule.remote_wins(&remote, &c.local.version);
+            let map = self.map_for(id).expect("mapped");
+            let (loser_value, loser_key) = if remote_wins {
+                (
+                    c.local.values[column].clone(),
+                    self.key_of_local(id, &c.local),
+                )
+            } else {
+                let s = map
+                    .source_index_of_target(column)
+                    .expect("a collision was read with it");
+                (text_of(&new.0[s]), key_text.clone())
+            };
+            match renamed(&loser_value.unwrap_or_default(), &loser_key, limit) {
+                Some(value) => planned.push((c, column, remote_wins, rule_name, value)),
+                None => {
+                    let why = "its text column is too short to hold a renamed value";
+                    return self
+                        .park(id, kind, key, &new, Some(c.local), &c.unique.name, why)
+                        .await;
+                }
+            }
+        }
         let table = self.target_name(id);
-        if let Some(c) = merges
+        // The incoming row merges into the local row with the smallest key that stays
+        // (every node that meets any of them picks the same one).
+        let into_local = merges
             .iter()
-            .find(|c| !stays(&key_text, &self.key_of_local(id, &c.local)))
-        {
-            let winner = self.key_of_local(id, &c.local);
+            .map(|c| (self.key_of_local(id, &c.local), c))
+            .filter(|(local_key, _)| !stays(&key_text, local_key))
+            .reduce(|a, b| if stays(&a.0, &b.0) { a } else { b });
+        if let Some((winner, c)) = into_local {
             let merged = self.merge_rows(&table, &key_text, &winner).await?;
             let detail = format!(
                 "unique key {}: the same entity on two nodes; the incoming row {} merged into the local row {} \
@@ -577,29 +612,8 @@ impl ApplyWorker {
             self.record_merge(id, kind, key, &new, &c.local, detail)
                 .await?;
         }
-        let collisions = renames;
-        let remote = self.remote_version();
-        let rule = self.policy_of(id).rule;
-        for Collision { unique, local } in collisions {
-            let Settlement::Rename { column, limit } = settle(&unique) else {
-                unreachable!("parks and merges were settled above");
-            };
-            let (remote_wins, rule_name) = rule.remote_wins(&remote, &local.version);
+        for (Collision { unique, local }, column, remote_wins, rule_name, value) in planned {
             let map = self.map_for(id).expect("mapped");
-            let (loser_value, loser_key) = if remote_wins {
-                (local.values[column].clone(), self.key_of_local(id, &local))
-            } else {
-                let s = map
-                    .source_index_of_target(column)
-                    .expect("a collision was read with it");
-                (text_of(&new.0[s]), key_text.clone())
-            };
-            let Some(value) = renamed(&loser_value.unwrap_or_default(), &loser_key, limit) else {
-                let why = "its text column is too short to hold a renamed value";
-                return self
-                    .park(id, kind, key, &new, Some(local), &unique.name, why)
-                    .await;
-            };
             let outcome = if remote_wins {
                 Outcome::LocalRenamed
             } else {

@@ -99,8 +99,11 @@ impl ApplyWorker {
         for e in self.relations.values_mut() {
             e.map = None;
             e.gone = Gone::Nothing;
+            e.fks = None;
         }
         self.statements.clear();
+        // Foreign keys too: those into merged tables are read again.
+        self.merge_targets.clear();
         let columns = columns_filled_per_node(&statement);
         if !columns.is_empty() {
             let warning = format!(

@@ -200,8 +200,11 @@ async fn unless_duplicate(
             Ok(Tried::Done(n))
         }
         Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            // Released too: savepoints left open would pile up as subtransactions.
             client
-                .batch_execute("ROLLBACK TO SAVEPOINT walsync_merge")
+                .batch_execute(
+                    "ROLLBACK TO SAVEPOINT walsync_merge; RELEASE SAVEPOINT walsync_merge",
+                )
                 .await?;
             let index = e
                 .as_db_error()
@@ -235,7 +238,12 @@ async fn repoint(
 ) -> Result<(), tokio_postgres::Error> {
     let t = qualified(table);
     let n = columns.len();
-    let set = columns_equal(columns, 1).replace(" AND ", ", ");
+    let set = columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("{} = ${}", quote_ident(c), i + 1))
+        .collect::<Vec<_>>()
+        .join(", ");
     let label = format!("{}.{}", table.1, columns.join(","));
     let both: Vec<Value> = values(winner).into_iter().chain(values(loser)).collect();
     let both: Vec<Param> = both.iter().map(Param).collect();
@@ -285,26 +293,20 @@ async fn repoint(
         let Some((target, mine, theirs)) =
             twin.map(|(m, t)| (target.as_ref().expect("found with it"), m, t))
         else {
-            // Nothing to merge by: the row goes as the duplicate it is.
-            let gone = client
-                .query_one(
-                    &format!(
-                        "DELETE FROM {t} d WHERE ctid = $1::text::tid RETURNING to_jsonb(d)::text"
-                    ),
-                    &[&Param(&ctid)],
-                )
-                .await?;
-            merged
-                .removed_duplicates
-                .push(format!("{} {}", table.1, gone.get::<_, String>(0)));
+            // Nothing to merge by (no primary key, no index named, too deep): the row
+            // goes as the duplicate it is.
+            remove_duplicate(client, table, &ctid, merged).await?;
             continue;
         };
         if stays(&mine, &theirs) {
             // This row stays: the winner's twin merges into it, then it is re-pointed.
             let inner = merge_away(client, target, &theirs, &mine, depth + 1).await?;
-            client.execute(&one, &as_params(&p)).await?;
-            moved += 1;
             absorb(merged, inner, table, &theirs, &mine);
+            match unless_duplicate(client, &one, &as_params(&p)).await? {
+                Tried::Done(_) => moved += 1,
+                // It still collides (another unique index): it goes as a duplicate.
+                Tried::Duplicate(_) => remove_duplicate(client, table, &ctid, merged).await?,
+            }
         } else {
             let inner = merge_away(client, target, &mine, &theirs, depth + 1).await?;
             absorb(merged, inner, table, &mine, &theirs);
@@ -312,6 +314,31 @@ async fn repoint(
     }
     if moved > 0 {
         merged.repointed.push((label, moved));
+    }
+    Ok(())
+}
+
+/// Deletes the row at `ctid` of `table`, a duplicate of one the winner has, keeping its
+/// image for the record.
+async fn remove_duplicate(
+    client: &Client,
+    table: &TableName,
+    ctid: &Value,
+    merged: &mut Merged,
+) -> Result<(), tokio_postgres::Error> {
+    let gone = client
+        .query_opt(
+            &format!(
+                "DELETE FROM {} d WHERE ctid = $1::text::tid RETURNING to_jsonb(d)::text",
+                qualified(table)
+            ),
+            &[&Param(ctid)],
+        )
+        .await?;
+    if let Some(gone) = gone {
+        merged
+            .removed_duplicates
+            .push(format!("{} {}", table.1, gone.get::<_, String>(0)));
     }
     Ok(())
 }
@@ -345,9 +372,14 @@ async fn twin_of(
     ctid: &Value,
     winner: &[String],
 ) -> Result<Option<(Vec<String>, Vec<String>)>, tokio_postgres::Error> {
+    // The index's key columns (not its INCLUDE columns; an expression position has none).
     let index_columns: Vec<String> = client
         .query_one(
-            "SELECT coalesce(array_agg(a.attname::text), '{}') FROM pg_index i              JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey::int2[])              WHERE n.nspname = $1 AND c.relname = $2",
+            "SELECT coalesce(array_agg(a.attname::text), '{}') FROM pg_index i \
+             JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY k(attnum, ord) \
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+             WHERE n.nspname = $1 AND c.relname = $2 AND k.ord <= i.indnkeyatts",
             &[&target.table.0, &index],
         )
         .await?
@@ -497,7 +529,11 @@ pub async fn sweep(client: &Client, node: &str) -> Result<u64, tokio_postgres::E
     let (map, _) = load(client).await?;
     let mut moved = 0;
     let mut target: Option<MergeTarget> = None;
-    client.batch_execute("BEGIN").await?;
+    // A row held by another session (an application's open transaction) waits for the
+    // next round rather than holding up the guard's other duties.
+    client
+        .batch_execute("BEGIN; SET LOCAL lock_timeout = '500ms'")
+        .await?;
     for r in &recent {
         let table: TableName = (r.get(0), r.get(1));
         if target.as_ref().is_none_or(|t| t.table != table) {
@@ -508,11 +544,36 @@ pub async fn sweep(client: &Client, node: &str) -> Result<u64, tokio_postgres::E
         let Some(winner) = map.resolve(&table, &loser) else {
             continue;
         };
+        // One savepoint per merge: one that fails (a lock not granted in time) is tried
+        // again next round, the others are done now.
+        client.batch_execute("SAVEPOINT walsync_sweep").await?;
         let mut merged = Merged::default();
+        let mut done = Ok(());
         for referencing in &t.referencing {
-            repoint(client, referencing, &loser, &winner, 0, &mut merged).await?;
+            done = repoint(client, referencing, &loser, &winner, 0, &mut merged).await;
+            if done.is_err() {
+                break;
+            }
         }
-        note_cascaded(client, &merged, node).await?;
+        if done.is_ok() {
+            done = note_cascaded(client, &merged, node).await.map(|_| ());
+        }
+        if let Err(e) = done {
+            tracing::warn!(
+                table = %format!("{}.{}", table.0, table.1), loser = ?loser,
+                error = %crate::observability::error_chain(&e),
+                "could not re-point the rows of a merged-away row; trying again in the next round"
+            );
+            client
+                .batch_execute(
+                    "ROLLBACK TO SAVEPOINT walsync_sweep; RELEASE SAVEPOINT walsync_sweep",
+                )
+                .await?;
+            continue;
+        }
+        client
+            .batch_execute("RELEASE SAVEPOINT walsync_sweep")
+            .await?;
         moved += merged.repointed.iter().map(|(_, n)| n).sum::<u64>()
             + (merged.cascaded.len() + merged.removed_duplicates.len()) as u64;
     }
@@ -587,23 +648,78 @@ impl ApplyWorker {
     }
 
     /// Puts a merge, and the merges it cascaded into, into the shared map.
-    fn remember(&self, merged: &Merged, first: Option<(&TableName, &[String], &[String])>) {
-        let mut map = self
+    /// Notes a merge, and the merges it cascaded into, for this transaction: the other
+    /// appliers see them once its commit is confirmed ([`Self::publish_merges`]).
+    fn remember(&mut self, merged: &Merged, first: Option<(&TableName, &[String], &[String])>) {
+        if let Some((table, loser, winner)) = first {
+            self.merged_in_txn
+                .push((table.clone(), loser.to_vec(), winner.to_vec()));
+        }
+        for (table, loser, winner, _) in &merged.cascaded {
+            self.merged_in_txn
+                .push((table.clone(), loser.clone(), winner.clone()));
+        }
+    }
+
+    /// The open transaction's commit was sent: its merges wait for the confirmation,
+    /// kept with the commit's end LSN.
+    pub(super) fn commit_merges(&mut self, end_lsn: crate::lsn::Lsn) {
+        if !self.merged_in_txn.is_empty() {
+            let entries = std::mem::take(&mut self.merged_in_txn);
+            self.merged_unconfirmed.push_back((end_lsn, entries));
+        }
+    }
+
+    /// The target confirmed the commit ending at `end_lsn`: its merges are the node's now,
+    /// seen by every applier into it. A transaction that failed never gets here, and its
+    /// merges go with the worker.
+    pub(super) fn publish_merges(&mut self, end_lsn: crate::lsn::Lsn) {
+        while self
+            .merged_unconfirmed
+            .front()
+            .is_some_and(|(lsn, _)| *lsn <= end_lsn)
+        {
+            let (_, entries) = self.merged_unconfirmed.pop_front().expect("checked");
+            let mut map = self
+                .merged
+                .lock()
+                .expect("the merged keys lock is never held across a panic");
+            for (table, loser, winner) in entries {
+                map.insert(table, loser, winner);
+            }
+        }
+    }
+
+    /// `f` of every merge this worker knows: the node's, and its own not yet confirmed.
+    fn with_merges<R>(&self, f: impl FnOnce(&KeyMap) -> R) -> R {
+        let shared = self
             .merged
             .lock()
             .expect("the merged keys lock is never held across a panic");
-        if let Some((table, loser, winner)) = first {
-            map.insert(table.clone(), loser.to_vec(), winner.to_vec());
+        let own = self
+            .merged_unconfirmed
+            .iter()
+            .flat_map(|(_, e)| e)
+            .chain(&self.merged_in_txn);
+        if self.merged_in_txn.is_empty() && self.merged_unconfirmed.is_empty() {
+            return f(&shared);
         }
-        for (table, loser, winner, _) in &merged.cascaded {
-            map.insert(table.clone(), loser.clone(), winner.clone());
+        let mut all = shared.clone();
+        drop(shared);
+        for (table, loser, winner) in own {
+            all.insert(table.clone(), loser.clone(), winner.clone());
         }
+        f(&all)
     }
 
     /// A `walsync.merged_keys` row from a peer: a merge decided elsewhere. This node
     /// re-points its own rows and removes the merged-away row if it has it, then notes
     /// the merge (once) with the time it learnt of it.
     pub(super) async fn learn_merge(&mut self, ins: &Insert) -> Result<(), ApplyError> {
+        // Direct requests follow: everything before them in the stream is settled first
+        // (a COPY waiting to be sent would otherwise hold them up for ever; see `begin`).
+        self.flush_inserts().await?;
+        self.flush().await?;
         let entry = &self.relations[&ins.relation_id];
         let field = |name: &str| -> Option<String> {
             let i = entry.source.columns.iter().position(|c| c.name == name)?;
@@ -626,15 +742,11 @@ impl ApplyWorker {
         let (loser, winner) = (key("loser_key")?, key("winner_key")?);
         let by = field("decided_by").ok_or_else(|| missing("decided_by"))?;
         let at = field("decided_at");
-        let known = {
-            let mut map = self
-                .merged
-                .lock()
-                .expect("the merged keys lock is never held across a panic");
-            map.insert(table.clone(), loser.clone(), winner.clone());
-            map.resolve(&table, &loser)
-                .unwrap_or_else(|| winner.clone())
-        };
+        self.merged_in_txn
+            .push((table.clone(), loser.clone(), winner.clone()));
+        let known = self
+            .with_merges(|map| map.resolve(&table, &loser))
+            .unwrap_or_else(|| winner.clone());
         let what = format!("merging a row of {}.{} as {by} did", table.0, table.1);
         if let Some(target) = self.merge_target_of(&table).await? {
             let merged = merge_away(&self.client, &target, &loser, &known, 0)
@@ -669,12 +781,7 @@ impl ApplyWorker {
         id: u32,
         tuple: &Tuple,
     ) -> Result<Option<Tuple>, ApplyError> {
-        if self
-            .merged
-            .lock()
-            .expect("the merged keys lock is never held across a panic")
-            .is_empty()
-        {
+        if self.with_merges(KeyMap::is_empty) {
             return Ok(None);
         }
         if self.relations.get(&id).is_some_and(|e| e.fks.is_none()) {
@@ -717,11 +824,9 @@ impl ApplyWorker {
             return Ok(None);
         }
         let mut out = tuple.clone();
-        let map = self
-            .merged
-            .lock()
-            .expect("the merged keys lock is never held across a panic");
-        Ok(redirect(&mut out, fks, &map).then_some(out))
+        Ok(self
+            .with_merges(|map| redirect(&mut out, fks, map))
+            .then_some(out))
     }
 
     /// Reads every merge noted here into the shared map (at start, and when the count of

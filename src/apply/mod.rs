@@ -41,7 +41,7 @@ use tokio_postgres::{Client, Statement};
 
 use crate::config::TablePolicy;
 use crate::lsn::Lsn;
-use crate::merge::keys::TableName;
+use crate::merge::keys::{MergeEntry, TableName};
 use crate::merge::statements::{RowWrite, Shape, StatementError};
 pub use crate::merge::RemoteTxn;
 use crate::names::quote_literal;
@@ -138,6 +138,10 @@ pub struct ApplyWorker {
     /// (another sidecar merged): the map is read again before the next transaction.
     merged_count: i64,
     merged_stale: bool,
+    /// Merges of the open transaction, and of sent commits not confirmed yet (with their
+    /// end LSN): the shared map gets them once the commit is confirmed.
+    merged_in_txn: Vec<MergeEntry>,
+    merged_unconfirmed: std::collections::VecDeque<(Lsn, Vec<MergeEntry>)>,
     /// Tables merged into, with the foreign keys that point at them.
     merge_targets: HashMap<TableName, merged::MergeTarget>,
 }
@@ -225,6 +229,8 @@ impl ApplyWorker {
             merged: merged::SharedKeys::default(),
             merged_count: 0,
             merged_stale: true,
+            merged_in_txn: Vec::new(),
+            merged_unconfirmed: Default::default(),
             merge_targets: HashMap::new(),
         })
     }
@@ -351,7 +357,10 @@ impl ApplyWorker {
                     "the target answered a WAL position that does not parse".into(),
                 ))
             }
-            (Tag::Commit { end_lsn }, Ok(_)) => self.durability.confirmed(end_lsn),
+            (Tag::Commit { end_lsn }, Ok(_)) => {
+                self.durability.confirmed(end_lsn);
+                self.publish_merges(end_lsn);
+            }
             // Every commit answered before this read was executed before it: its commit
             // record lies at or before this position.
             (Tag::InsertPosition, Ok(position)) => self.durability.insert_position(position),
@@ -459,12 +468,19 @@ impl ApplyWorker {
         })
         .await?;
         // A merge another sidecar decided on this node: seen here within one check.
+        // One simple-query request, like the position reads: nothing prepared on the way.
         let client = self.client.clone();
         self.send(Tag::MergedKeys, 64, async move {
-            let row = client
-                .query_one("SELECT count(*) FROM walsync.merged_keys", &[])
+            let messages = client
+                .simple_query("SELECT count(*) FROM walsync.merged_keys")
                 .await?;
-            Ok(row.get::<_, i64>(0) as u64)
+            Ok(messages
+                .iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0)?.parse().ok(),
+                    _ => None,
+                })
+                .unwrap_or(0))
         })
         .await
     }
@@ -577,6 +593,7 @@ impl ApplyWorker {
         let Some(txn) = self.open.take() else {
             return Ok(0);
         };
+        self.commit_merges(end_lsn);
         self.careful_txns = self.careful_txns.saturating_sub(1);
         let (client, stmt) = (self.client.clone(), self.record_progress.clone());
         let (link, end, time) = (self.link.clone(), end_lsn.to_string(), txn.commit_time_us);

@@ -9,6 +9,9 @@ use crate::pgoutput::{Tuple, Value};
 /// `(schema, table)` of a target table.
 pub type TableName = (String, String);
 
+/// One merge: the table, the merged-away key and the key it merged into.
+pub type MergeEntry = (TableName, Vec<String>, Vec<String>);
+
 /// How a collision on one unique index (other than the primary key) is settled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Settlement {
