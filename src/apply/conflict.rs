@@ -585,31 +585,25 @@ impl ApplyWorker {
             .filter(|(local_key, _)| !stays(&key_text, local_key))
             .reduce(|a, b| if stays(&a.0, &b.0) { a } else { b });
         if let Some((winner, c)) = into_local {
-            let merged = self.merge_rows(&table, &key_text, &winner).await?;
-            let detail = format!(
-                "unique key {}: the same entity on two nodes; the incoming row {} merged into the local row {} \
-                 (the smaller key stays); {}",
-                c.unique.name,
-                Json::from(key_text.clone()),
-                Json::from(winner.clone()),
-                merged.describe()
+            let merge = (
+                &key_text[..],
+                &winner[..],
+                "the incoming row",
+                "the local row",
             );
-            self.record_merge(id, kind, key, &new, &c.local, detail)
+            self.merge_and_record(id, &table, c, merge, kind, key, &new)
                 .await?;
             return Ok(Settled::Merged);
         }
         for c in &merges {
             let loser = self.key_of_local(id, &c.local);
-            let merged = self.merge_rows(&table, &loser, &key_text).await?;
-            let detail = format!(
-                "unique key {}: the same entity on two nodes; the local row {} merged into the incoming row {} \
-                 (the smaller key stays); {}",
-                c.unique.name,
-                Json::from(loser.clone()),
-                Json::from(key_text.clone()),
-                merged.describe()
+            let merge = (
+                &loser[..],
+                &key_text[..],
+                "the local row",
+                "the incoming row",
             );
-            self.record_merge(id, kind, key, &new, &c.local, detail)
+            self.merge_and_record(id, &table, c, merge, kind, key, &new)
                 .await?;
         }
         for (Collision { unique, local }, column, remote_wins, rule_name, value) in planned {
@@ -708,16 +702,29 @@ impl ApplyWorker {
         Ok(Settled::Parked)
     }
 
-    /// Records a merge of the incoming row `new` with the local row `local`.
-    async fn record_merge(
+    /// Merges the row `loser` into the row `winner` (`merge`: their keys, then which of
+    /// the incoming and local rows each is, for the record) and records it.
+    #[allow(clippy::too_many_arguments)]
+    async fn merge_and_record(
         &mut self,
         id: u32,
+        table: &TableName,
+        c: &Collision,
+        (loser, winner, loser_is, winner_is): (&[String], &[String], &str, &str),
         kind: ConflictKind,
         key: &[Value],
         new: &Tuple,
-        local: &LocalRow,
-        detail: String,
     ) -> Result<(), ApplyError> {
+        let merged = self.merge_rows(table, loser, winner).await?;
+        let detail = format!(
+            "unique key {}: the same entity on two nodes; {loser_is} {} merged into {winner_is} {} \
+             (the smaller key stays); {}",
+            c.unique.name,
+            Json::from(loser.to_vec()),
+            Json::from(winner.to_vec()),
+            merged.describe()
+        );
+        let local = &c.local;
         let record = Record {
             kind,
             key: self.key_image(id, key),

@@ -23,11 +23,7 @@ impl ApplyWorker {
     /// already (`walsync ddl-replay --apply` ran it ahead of the stream), so neither the
     /// statement nor the row is applied again.
     pub(super) async fn replay_ddl(&mut self, ins: &Insert) -> Result<bool, ApplyError> {
-        let entry = &self.relations[&ins.relation_id];
-        let field = |name: &str| -> Option<String> {
-            let i = entry.source.columns.iter().position(|c| c.name == name)?;
-            ins.new.0.get(i)?.as_text().map(str::to_string)
-        };
+        let field = |name: &str| self.field_of(ins, name);
         let missing =
             |what: &str| ApplyError::Protocol(format!("a walsync.ddl_log row without {what}"));
         let query = field("query").ok_or_else(|| missing("query"))?;

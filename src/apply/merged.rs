@@ -720,11 +720,7 @@ impl ApplyWorker {
         // (a COPY waiting to be sent would otherwise hold them up for ever; see `begin`).
         self.flush_inserts().await?;
         self.flush().await?;
-        let entry = &self.relations[&ins.relation_id];
-        let field = |name: &str| -> Option<String> {
-            let i = entry.source.columns.iter().position(|c| c.name == name)?;
-            ins.new.0.get(i)?.as_text().map(str::to_string)
-        };
+        let field = |name: &str| self.field_of(ins, name);
         let missing =
             |what: &str| ApplyError::Protocol(format!("a walsync.merged_keys row without {what}"));
         let key = |name: &str| -> Result<Vec<String>, ApplyError> {

@@ -10,7 +10,7 @@ use crate::merge::conflict::Rule;
 use crate::merge::keys::ForeignKey;
 use crate::merge::relation_travels;
 use crate::merge::statements::{RelationMap, Shape};
-use crate::pgoutput::Relation;
+use crate::pgoutput::{Insert, Relation};
 
 /// What the applier knows about one source relation.
 pub(super) struct RelationEntry {
@@ -215,5 +215,13 @@ impl ApplyWorker {
             .get(&relation_id)
             .map(|e| format!("{}.{}", e.source.namespace, e.source.name))
             .unwrap_or_else(|| format!("relation {relation_id}"))
+    }
+
+    /// The text of column `name` of an inserted row (walsync's own rows: a DDL log entry,
+    /// a merge note); `None` if the relation has no such column or it is NULL.
+    pub(super) fn field_of(&self, ins: &Insert, name: &str) -> Option<String> {
+        let entry = self.relations.get(&ins.relation_id)?;
+        let i = entry.source.columns.iter().position(|c| c.name == name)?;
+        ins.new.0.get(i)?.as_text().map(str::to_string)
     }
 }
