@@ -17,8 +17,8 @@ use super::param::Param;
 use super::pipeline::Tag;
 use super::{ApplyError, ApplyWorker, Gone, RemoteTxn};
 use crate::merge::conflict::{
-    merge_columns, old_image_matches, renamed, row_image, ConflictKind, Decision, Outcome, Version,
-    COLUMN_MERGE,
+    as_unsent, merge_columns, old_image_matches, renamed, row_image, ConflictKind, Decision,
+    Outcome, Version, COLUMN_MERGE,
 };
 use crate::merge::keys::{settlement, stays, Settlement, TableName, UniquePolicy};
 use crate::merge::statements::{RowWrite, Shape, UniqueKey};
@@ -336,10 +336,7 @@ impl ApplyWorker {
         let (local, decision) = self
             .decide_against_local(id, &key, false, Some(&without_counters))
             .await?;
-        let decision = match (&local, decision) {
-            (Some(_), _) if !others_changed => Decision::Apply,
-            (_, d) => d,
-        };
+        let decision = decision.with_counters(local.is_some(), others_changed);
         if local.is_some() {
             // The other columns follow the row's decision, as a whole (last writer wins),
             // and only when this update changed any of them.
@@ -771,34 +768,12 @@ impl ApplyWorker {
         local: Option<LocalRow>,
         remote_image: Json,
     ) -> Result<(), ApplyError> {
-        let (apply, record) = match decision {
-            Decision::Apply => (true, None),
-            Decision::ApplyAndRecord(kind, rule) => {
-                let outcome = if rule == COLUMN_MERGE {
-                    Outcome::ColumnsMerged
-                } else {
-                    Outcome::RemoteApplied
-                };
-                (true, Some((kind, rule, outcome)))
-            }
-            Decision::SkipAndRecord(kind, rule) => {
-                let outcome = if local.is_some() {
-                    Outcome::LocalKept
-                } else {
-                    Outcome::Skipped
-                };
-                (false, Some((kind, rule, outcome)))
-            }
-        };
+        let (apply, record) = decision.plan(local.is_some());
         if apply {
             if let Some(write) = write {
                 if self.is_careful() {
                     if let Some(refused) = self.write_or_park(relation_id, write).await? {
-                        let kind = match decision {
-                            Decision::Apply => ConflictKind::UpdateExists,
-                            Decision::ApplyAndRecord(kind, _)
-                            | Decision::SkipAndRecord(kind, _) => kind,
-                        };
+                        let kind = decision.refused_kind();
                         let record = Record {
                             kind,
                             key: self.key_image(relation_id, key),
@@ -993,21 +968,4 @@ fn texts(values: &[Value]) -> Vec<String> {
         .iter()
         .map(|v| text_of(v).unwrap_or_default())
         .collect()
-}
-
-/// `t` with the values of the source columns `columns` marked as not sent (unchanged
-/// TOAST): neither written nor compared.
-fn as_unsent(t: &Tuple, columns: &[usize]) -> Tuple {
-    Tuple(
-        t.0.iter()
-            .enumerate()
-            .map(|(i, v)| {
-                if columns.contains(&i) {
-                    Value::UnchangedToast
-                } else {
-                    v.clone()
-                }
-            })
-            .collect(),
-    )
 }

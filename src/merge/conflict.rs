@@ -155,6 +155,70 @@ pub enum Decision {
     SkipAndRecord(ConflictKind, &'static str),
 }
 
+impl Decision {
+    /// Whether the incoming change is written, and what is recorded (kind, rule and
+    /// outcome), given whether a local row was there to decide against.
+    pub fn plan(self, local_exists: bool) -> (bool, Option<(ConflictKind, &'static str, Outcome)>) {
+        match self {
+            Decision::Apply => (true, None),
+            Decision::ApplyAndRecord(kind, rule) => {
+                let outcome = if rule == COLUMN_MERGE {
+                    Outcome::ColumnsMerged
+                } else {
+                    Outcome::RemoteApplied
+                };
+                (true, Some((kind, rule, outcome)))
+            }
+            Decision::SkipAndRecord(kind, rule) => {
+                let outcome = if local_exists {
+                    Outcome::LocalKept
+                } else {
+                    Outcome::Skipped
+                };
+                (false, Some((kind, rule, outcome)))
+            }
+        }
+    }
+
+    /// The kind recorded when the server still refuses a write this decision applies (a
+    /// unique key no lookup found): the decision's own, or `update_exists`.
+    pub fn refused_kind(self) -> ConflictKind {
+        match self {
+            Decision::Apply => ConflictKind::UpdateExists,
+            Decision::ApplyAndRecord(kind, _) | Decision::SkipAndRecord(kind, _) => kind,
+        }
+    }
+
+    /// An update of a table with counter columns: the counters move whatever else
+    /// happened to the row; when the update changed nothing else there is nothing to
+    /// decide against a row that is there.
+    pub fn with_counters(self, local_exists: bool, others_changed: bool) -> Decision {
+        if local_exists && !others_changed {
+            Decision::Apply
+        } else {
+            self
+        }
+    }
+}
+
+/// `t` with the values at `columns` (source column indexes) marked as not sent
+/// (unchanged TOAST): neither written nor compared. How node-local columns, counters and
+/// columns each node filled itself are left out of a decision.
+pub fn as_unsent(t: &Tuple, columns: &[usize]) -> Tuple {
+    Tuple(
+        t.0.iter()
+            .enumerate()
+            .map(|(i, v)| {
+                if columns.contains(&i) {
+                    Value::UnchangedToast
+                } else {
+                    v.clone()
+                }
+            })
+            .collect(),
+    )
+}
+
 /// How one table's conflicts are decided: its `[[tables]]` policy, the same on every node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Rule {
@@ -487,6 +551,55 @@ mod tests {
                 true
             ),
             Decision::Apply
+        );
+    }
+
+    #[test]
+    fn a_decision_says_what_is_written_and_what_is_recorded() {
+        use ConflictKind::*;
+        assert_eq!(Decision::Apply.plan(true), (true, None));
+        assert_eq!(
+            Decision::ApplyAndRecord(UpdateOriginDiffers, COLUMN_MERGE).plan(true),
+            (
+                true,
+                Some((UpdateOriginDiffers, COLUMN_MERGE, Outcome::ColumnsMerged))
+            )
+        );
+        let (write, record) = Decision::SkipAndRecord(UpdateMissing, "delete_wins").plan(false);
+        assert!(!write);
+        assert_eq!(
+            record.map(|r| r.2),
+            Some(Outcome::Skipped),
+            "nothing was there"
+        );
+        let (_, record) = Decision::SkipAndRecord(UpdateOriginDiffers, "x").plan(true);
+        assert_eq!(record.map(|r| r.2), Some(Outcome::LocalKept));
+        assert_eq!(Decision::Apply.refused_kind(), UpdateExists);
+        assert_eq!(
+            Decision::SkipAndRecord(UpdateOriginDiffers, "x").with_counters(true, false),
+            Decision::Apply,
+            "a counter-only update moves the counters, nothing to decide"
+        );
+        assert_eq!(
+            Decision::SkipAndRecord(UpdateMissing, "x").with_counters(false, false),
+            Decision::SkipAndRecord(UpdateMissing, "x")
+        );
+    }
+
+    #[test]
+    fn unsent_columns_are_neither_written_nor_compared() {
+        let t = Tuple(vec![
+            Value::Null,
+            Value::Text("a".into()),
+            Value::Text("b".into()),
+        ]);
+        assert_eq!(
+            as_unsent(&t, &[1]),
+            Tuple(vec![
+                Value::Null,
+                Value::UnchangedToast,
+                Value::Text("b".into())
+            ])
         );
     }
 
