@@ -812,3 +812,66 @@ fn collisions_on_partial_and_expression_indexes_are_renamed_and_one_entity_twice
         assert!(!status.contains("stopped"), "{}: {status}", n.name);
     }
 }
+
+/// The loser's own node changed the row's unique key before the other row reached it:
+/// it never meets the collision itself. The node that decided the merge announces it to
+/// every node, and that node merges its row away too.
+#[test]
+fn a_merge_reaches_the_node_that_moved_its_losing_row_away_from_the_key() {
+    let schema = format!("{RETAIL_SCHEMA}{INDEXES}");
+    let mut c = TestCluster::new(
+        "announce",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        &schema,
+    );
+    c.start();
+    cut(&mut c);
+    // branch1 hands out the smaller first id: its row stays wherever the two meet.
+    c.node("branch1").sql(
+        "WITH s AS (INSERT INTO res_users_settings (user_id, lang) VALUES (7, 'branch1') RETURNING id) \
+         INSERT INTO settings_tag (setting_id, tag) SELECT id, 1 FROM s",
+    );
+    c.node("branch2").sql(
+        "WITH s AS (INSERT INTO res_users_settings (user_id, lang) VALUES (7, 'branch2') RETURNING id) \
+         INSERT INTO settings_tag (setting_id, tag) SELECT id, 2 FROM s",
+    );
+    // Still cut off, branch2 gives its row another user: it will never collide there.
+    c.node("branch2")
+        .sql("UPDATE res_users_settings SET user_id = 9 WHERE user_id = 7");
+    heal(&mut c);
+    for t in ["res_users_settings", "settings_tag"] {
+        c.wait_converged(t);
+    }
+    let kept = c
+        .node("branch1")
+        .sql("SELECT id FROM res_users_settings WHERE lang = 'branch1'");
+    for n in &c.nodes {
+        assert_eq!(
+            n.sql("SELECT string_agg(id || ':' || user_id, ',') FROM res_users_settings"),
+            format!("{kept}:7"),
+            "{}: branch2's row was merged away on every node",
+            n.name
+        );
+        assert_eq!(
+            n.sql(
+                "SELECT string_agg(setting_id || ':' || tag, ',' ORDER BY tag) FROM settings_tag"
+            ),
+            format!("{kept}:1,{kept}:2"),
+            "{}: both tags point at the row that stayed",
+            n.name
+        );
+    }
+    // Whichever node met the two rows (main, or branch1 through main, depending on which
+    // branch main heard first) decided and announced the merge.
+    let announced: i64 = c
+        .nodes
+        .iter()
+        .map(|n| {
+            n.sql("SELECT count(*) FROM walsync.merged_keys WHERE announced")
+                .parse::<i64>()
+                .unwrap()
+        })
+        .sum();
+    assert!(announced >= 1, "the deciding node announced the merge");
+}

@@ -211,6 +211,15 @@ impl ApplyWorker {
     }
 
     pub async fn update(&mut self, upd: &Update) -> Result<(), ApplyError> {
+        if self.is_merged_keys(upd.relation_id) {
+            // A merge the deciding node announced: learnt as from its first note.
+            return self
+                .learn_merge(&Insert {
+                    relation_id: upd.relation_id,
+                    new: upd.new.clone(),
+                })
+                .await;
+        }
         self.ensure_map(upd.relation_id).await?;
         match self.gone_of(upd.relation_id) {
             Gone::Nothing => self.update_mapped(upd).await,

@@ -509,6 +509,18 @@ pub async fn note_cascaded(
     Ok(new)
 }
 
+/// The guard's round, first part: announces the merges this node decided, once, as a
+/// write of its own, so that the note reaches every node (the one written with the
+/// merge went only where the deciding transaction went). Returns how many.
+pub async fn announce(client: &Client, node: &str) -> Result<u64, tokio_postgres::Error> {
+    client
+        .execute(
+            "UPDATE walsync.merged_keys SET announced = true WHERE decided_by = $1 AND NOT announced",
+            &[&node],
+        )
+        .await
+}
+
 /// The guard's round: re-points rows that still name a key merged away in the last
 /// [`SWEEP_WINDOW`] (a row another session wrote while the merge was being decided, or
 /// applied by a sidecar that had not learnt of it yet). Its writes are this node's own

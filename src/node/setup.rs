@@ -131,6 +131,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "merged_rows",
         sql: include_str!("../../migrations/0016_merged_rows.sql"),
     },
+    Migration {
+        version: 17,
+        name: "announced_merges",
+        sql: include_str!("../../migrations/0017_announced_merges.sql"),
+    },
 ];
 
 /// What init did, one line per action, for the operator.

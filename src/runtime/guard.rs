@@ -69,6 +69,13 @@ pub async fn run_guard(config: Config, mut shutdown: ShutdownRx) {
         if let Err(e) = track_slot_activity(client).await {
             debug!(node = %me.name, error = %e, "guard could not note which slots have a reader");
         }
+        match crate::apply::merged::announce(client, me.name.as_str()).await {
+            Ok(0) => {}
+            Ok(n) => {
+                info!(node = %me.name, merges = n, "announced the merges decided here to every node")
+            }
+            Err(e) => debug!(node = %me.name, error = %e, "guard could not announce merges"),
+        }
         match crate::apply::merged::sweep(client, me.name.as_str()).await {
             Ok(0) => {}
             Ok(n) => {
