@@ -3,11 +3,12 @@
 //! [`crate::merge::keys`] decides which row stays; here the other row's references are
 //! re-pointed at it (the foreign keys into the table's primary key, from the catalog), the
 //! other row is deleted, and the merge is noted in `walsync.merged_keys`, which travels
-//! with the data. Later changes that still name the merged-away key are written with the
-//! key it merged into ([`ApplyWorker::redirected`]). Three places run a merge: the applier
-//! that meets the collision, the applier of a `walsync.merged_keys` row from a peer, and
-//! the node guard, which re-points rows that reached the table while a merge was being
-//! decided elsewhere ([`sweep`]).
+//! with the deciding transaction and which the deciding node's guard announces once to
+//! every node ([`announce`]). Later changes that still name the merged-away key are
+//! written with the key it merged into ([`ApplyWorker::redirected`]). Three places run a
+//! merge: the applier that meets the collision, the applier of a note or an announcement
+//! from a peer ([`ApplyWorker::learn_merge`]), and the node guard, which re-points rows
+//! that reached the table while a merge was being decided elsewhere ([`sweep`]).
 
 use std::sync::{Arc, Mutex};
 
