@@ -23,5 +23,6 @@ pub mod pgoutput;
 pub mod runtime;
 pub mod sequences;
 pub mod spool;
+pub mod sql_error;
 pub mod status;
 pub mod stream;

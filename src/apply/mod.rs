@@ -92,6 +92,15 @@ pub enum ApplyError {
     },
 }
 
+impl From<crate::sql_error::SqlError> for ApplyError {
+    fn from(e: crate::sql_error::SqlError) -> Self {
+        ApplyError::Sql {
+            what: e.what,
+            source: e.source,
+        }
+    }
+}
+
 impl ApplyError {
     fn sql(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
         let what = what.into();

@@ -5,4 +5,5 @@ pub mod fence;
 pub mod pgbin;
 pub mod rights;
 pub mod setup;
+pub mod slots;
 pub mod tls;

@@ -239,29 +239,6 @@ pub async fn init_node(config: &Config) -> Result<SetupReport, SetupError> {
     Ok(report)
 }
 
-/// Waits, up to `within`, until no walsender holds `slot` (one that was just ended, or
-/// just closed, lets go a moment later). A slot that is gone counts as released.
-pub async fn wait_slot_released(
-    client: &Client,
-    slot: &str,
-    within: std::time::Duration,
-) -> Result<(), tokio_postgres::Error> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let active = client
-            .query_opt(
-                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
-            .await?
-            .is_some_and(|r| r.get::<_, bool>(0));
-        if !active || tokio::time::Instant::now() >= deadline {
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
 /// Checks, before a sidecar starts, that its node was initialised as the node its config
 /// names. A node that cannot be reached is not an error here: its links retry.
 pub async fn check_initialised(config: &Config) -> Result<(), SetupError> {

@@ -20,7 +20,7 @@ use crate::lsn::Lsn;
 use crate::merge::{self, MergeError, OriginFilter};
 use crate::names::PgName;
 use crate::node::connect::{connect, ConnectError};
-use crate::node::setup::wait_slot_released;
+use crate::node::slots;
 use crate::observability::error_chain;
 use crate::pgoutput::{self, DecodeError, Message};
 use crate::runtime::backoff::Backoff;
@@ -359,7 +359,9 @@ async fn run_session(
     )
     .await??;
     refuse_removed(&target, spec).await?;
-    end_stale_appliers(&target, &apply_app, &link).await?;
+    slots::end_stale_appliers(&target, &apply_app, &link)
+        .await
+        .map_err(ApplyError::from)?;
     let mut apply =
         ApplyWorker::new(target, link.clone(), PgName::origin_of(&spec.to.name)).await?;
     apply.set_careful(careful_txns);
@@ -380,17 +382,19 @@ async fn run_session(
     let taken = within(
         OPEN_TIMEOUT,
         "reaching the upstream",
-        spool::try_take_over(&control, &control_app, &slot),
+        slots::try_take_over(&control, &control_app, &slot),
     )
-    .await??;
+    .await?
+    .map_err(SpoolError::from)?;
     if !taken {
         info!(link = %link, "the upstream spools this link's slot; waiting for it to hand over");
         within(
             HANDOVER_TIMEOUT + OPEN_TIMEOUT,
             "taking the slot over from its spooler",
-            spool::wait_for_spooler(&control, &slot, HANDOVER_TIMEOUT),
+            slots::wait_for_spooler(&control, &slot, HANDOVER_TIMEOUT),
         )
-        .await??;
+        .await?
+        .map_err(SpoolError::from)?;
     }
     replay_spool(
         &control,
@@ -405,9 +409,15 @@ async fn run_session(
     within(
         OPEN_TIMEOUT,
         "reaching the upstream",
-        release_slot(spec, &control, &slot, &app),
+        slots::end_stale_walsender(&control, &slot, &app, &link),
     )
-    .await??;
+    .await?
+    .map_err(ApplyError::from)?
+    .then_some(())
+    .ok_or_else(|| LinkError::NoSlot {
+        slot: slot.clone(),
+        node: spec.from.name.to_string(),
+    })?;
     let mut stream = within(
         OPEN_TIMEOUT,
         "starting the stream",
@@ -669,14 +679,6 @@ async fn decide(
     Ok(true)
 }
 
-/// A sidecar killed without closing its connection leaves a walsender holding the slot
-/// until `wal_sender_timeout`; end it so this link can resume now. Only walsenders that
-/// carry this link's application name are touched: another tool's stays, and the start
-/// then fails with the server's "slot is active" error, which names the pid.
-/// Ends every other session on the target that applies this link. A previous session
-/// whose connection outlived it (a sidecar killed while its TCP connection stayed open, a
-/// COPY abandoned half-way) may still hold an open transaction: its row locks and its
-/// uncommitted keys would make this session wait for ever on the same rows.
 /// Refuses the link if the node `client` is connected to records either end as removed.
 async fn refuse_removed(client: &tokio_postgres::Client, spec: &LinkSpec) -> Result<(), LinkError> {
     let names = [spec.from.name.as_str(), spec.to.name.as_str()];
@@ -694,80 +696,4 @@ async fn refuse_removed(client: &tokio_postgres::Client, spec: &LinkSpec) -> Res
         Some(r) => Err(LinkError::Removed(r)),
         None => Ok(()),
     }
-}
-
-async fn end_stale_appliers(
-    target: &tokio_postgres::Client,
-    apply_app: &str,
-    link: &str,
-) -> Result<(), LinkError> {
-    let sql = |source| ApplyError::Sql {
-        what: "ending stale apply sessions of this link on the target".into(),
-        source,
-    };
-    let pids: Vec<i32> = target
-        .query(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 \
-             AND pid <> pg_backend_pid() AND datname = current_database()",
-            &[&apply_app],
-        )
-        .await
-        .map_err(sql)?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    for pid in pids {
-        warn!(link = %link, pid, "ending a stale apply session of this link on the target (its sidecar or session went away without closing)");
-        target
-            .execute("SELECT pg_terminate_backend($1, 10000)", &[&pid])
-            .await
-            .map_err(sql)?;
-    }
-    Ok(())
-}
-
-async fn release_slot(
-    spec: &LinkSpec,
-    client: &tokio_postgres::Client,
-    slot: &str,
-    app: &str,
-) -> Result<(), LinkError> {
-    let row = client
-        .query_opt(
-            "SELECT s.active_pid, a.application_name FROM pg_replication_slots s \
-             LEFT JOIN pg_stat_activity a ON a.pid = s.active_pid WHERE s.slot_name = $1",
-            &[&slot],
-        )
-        .await
-        .map_err(|source| ApplyError::Sql {
-            what: format!("reading slot {slot}"),
-            source,
-        })?;
-    let Some(row) = row else {
-        return Err(LinkError::NoSlot {
-            slot: slot.to_string(),
-            node: spec.from.name.to_string(),
-        });
-    };
-    let pid: Option<i32> = row.get(0);
-    let holder: Option<String> = row.get(1);
-    if let Some(pid) = pid {
-        if holder.as_deref() == Some(app) {
-            warn!(link = %spec.name(), slot, pid, "terminating a stale walsender of this link (its sidecar went away without closing)");
-            client
-                .execute("SELECT pg_terminate_backend($1)", &[&pid])
-                .await
-                .map_err(|source| ApplyError::Sql {
-                    what: format!("terminating walsender {pid}"),
-                    source,
-                })?;
-            wait_slot_released(client, slot, Duration::from_secs(10))
-                .await
-                .map_err(|source| ApplyError::Sql {
-                    what: format!("reading slot {slot}"),
-                    source,
-                })?;
-        }
-    }
-    Ok(())
 }

@@ -36,8 +36,9 @@ use crate::config::{Config, Dsn, SpoolConfig};
 use crate::lsn::Lsn;
 use crate::merge::replicates_relation;
 use crate::node::connect::{connect, ConnectError};
-use crate::node::setup::wait_slot_released;
+use crate::node::slots;
 use crate::pgoutput::{self, Message};
+use crate::sql_error::SqlError;
 use crate::stream::{NodeStream, StreamError};
 use format::{FormatError, Relations, SegmentReader, SegmentWriter};
 
@@ -72,16 +73,21 @@ pub enum SpoolError {
     },
 }
 
+impl From<SqlError> for SpoolError {
+    fn from(e: SqlError) -> Self {
+        SpoolError::Sql {
+            what: e.what,
+            source: e.source,
+        }
+    }
+}
+
 fn sql(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SpoolError {
     let what = what.into();
     move |source| SpoolError::Sql { what, source }
 }
 
 /// The advisory lock both the spooler and the link hold while they read `slot`.
-fn lock_name(slot: &str) -> String {
-    format!("walsync spool {slot}")
-}
-
 /// Watches this node's `walsync_to_*` slots until shutdown; spools those whose peer is away.
 pub async fn run_spooler(config: Config, mut shutdown: watch::Receiver<bool>) {
     if !config.spool.enabled {
@@ -166,14 +172,7 @@ async fn spool_slot(
     ctl.batch_execute("SET synchronous_commit = on")
         .await
         .map_err(sql("setting synchronous_commit"))?;
-    let locked: bool = ctl
-        .query_one(
-            "SELECT pg_try_advisory_lock(hashtext($1))",
-            &[&lock_name(slot)],
-        )
-        .await
-        .map_err(sql("taking the spool lock"))?
-        .get(0);
+    let locked = slots::take_lock(&ctl, slot, "taking the spool lock").await?;
     if !locked {
         return Ok(()); // a link holds it: it streams or replays the slot
     }
@@ -222,7 +221,7 @@ async fn spool_slot(
             _ = shutdown.changed() => break Ok(()),
             _ = tick.tick() => {
                 if !wanted {
-                    wanted = match handover_wanted(&ctl).await {
+                    wanted = match slots::handover_wanted(&ctl).await.map_err(SpoolError::from) {
                         Ok(w) => w,
                         Err(e) => break Err(e),
                     };
@@ -284,7 +283,7 @@ async fn spool_slot(
     };
     stream.close().await;
     // Let the walsender go before the lock does, so the waiting link can start at once.
-    let _ = wait_slot_released(&ctl, slot, Duration::from_secs(10)).await;
+    let _ = slots::wait_released(&ctl, slot, Duration::from_secs(10)).await;
     result
 }
 
@@ -411,72 +410,6 @@ impl Spool {
         tracing::debug!(slot, %end, bytes, txns, "spool segment written");
         Ok(end)
     }
-}
-
-/// Whether a session waits for an advisory lock this session holds (the link, for the
-/// spool lock: the only lock the spooler's session holds).
-async fn handover_wanted(ctl: &Client) -> Result<bool, SpoolError> {
-    Ok(ctl
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks w JOIN pg_locks h \
-               ON h.locktype = w.locktype AND h.database IS NOT DISTINCT FROM w.database \
-              AND h.classid IS NOT DISTINCT FROM w.classid AND h.objid IS NOT DISTINCT FROM w.objid \
-              AND h.objsubid IS NOT DISTINCT FROM w.objsubid \
-             WHERE w.locktype = 'advisory' AND NOT w.granted AND h.granted \
-               AND h.pid = pg_backend_pid())",
-            &[],
-        )
-        .await
-        .map_err(sql("looking for a link waiting for the slot"))?
-        .get(0))
-}
-
-/// Link side, first step: ends an earlier session of the same link that may still hold
-/// the slot's spool lock on the upstream (its sidecar killed, or its connection lost in a
-/// cut the upstream has not noticed; a link has one session at a time), then tries to
-/// take the lock. `false`: a spooler holds it; [`wait_for_spooler`] waits for it.
-pub async fn try_take_over(control: &Client, app: &str, slot: &str) -> Result<bool, SpoolError> {
-    control
-        .execute(
-            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity \
-             WHERE application_name = $1 AND pid <> pg_backend_pid() AND datname = current_database()",
-            &[&app],
-        )
-        .await
-        .map_err(sql("ending a stale session of this link on the upstream"))?;
-    Ok(control
-        .query_one(
-            "SELECT pg_try_advisory_lock(hashtext($1))",
-            &[&lock_name(slot)],
-        )
-        .await
-        .map_err(sql("taking the slot's spool lock"))?
-        .get(0))
-}
-
-/// Link side: waits up to `wait` for the spooler of `slot` to finish its transaction
-/// and hand the slot over (it notices the waiting lock request within a second).
-pub async fn wait_for_spooler(
-    control: &Client,
-    slot: &str,
-    wait: Duration,
-) -> Result<(), SpoolError> {
-    control
-        .batch_execute(&format!("SET lock_timeout = '{}ms'", wait.as_millis()))
-        .await
-        .map_err(sql("setting lock_timeout"))?;
-    control
-        .execute("SELECT pg_advisory_lock(hashtext($1))", &[&lock_name(slot)])
-        .await
-        .map_err(sql(format!(
-            "taking slot {slot} over from its spooler (it did not let go within {} s)",
-            wait.as_secs()
-        )))?;
-    control
-        .batch_execute("SET lock_timeout = 0")
-        .await
-        .map_err(sql("resetting lock_timeout"))?;
-    Ok(())
 }
 
 /// A spooled segment still to replay.

@@ -1,0 +1,20 @@
+//! One SQL failure with what walsync was doing: the error type every layer's own errors
+//! wrap for a failed statement. Shown as what was being done; the server's message
+//! follows as its source (`observability::error_chain` prints both).
+
+/// A statement that failed, and what it was for.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}")]
+pub struct SqlError {
+    pub what: String,
+    #[source]
+    pub source: tokio_postgres::Error,
+}
+
+impl SqlError {
+    /// Wraps a failure of the statement run for `what` (for `map_err`).
+    pub fn of(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SqlError {
+        let what = what.into();
+        move |source| SqlError { what, source }
+    }
+}
