@@ -1,7 +1,7 @@
 //! The sidecar's HTTP endpoint (`[metrics] listen`): `/metrics` in Prometheus' text format,
 //! `/healthz` (the sidecar answers) and `/readyz` (its node's database answers, walsync
 //! is initialised there and nothing needs a person). Both read the node's report
-//! ([`crate::report`]), the figures `walsync status` shows, from a cache at most
+//! ([`crate::status::report`]), the figures `walsync status` shows, from a cache at most
 //! [`REPORT_MAX_AGE`] old, filled over one database connection kept for it: however many
 //! scrapers ask, the node sees at most one walsync metrics session and one report per
 //! interval. A bare HTTP/1.1 server: one request per connection, GET only, no dependency

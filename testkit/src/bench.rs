@@ -1,4 +1,4 @@
-//! `walsync bench`: catch-up speed against PostgreSQL's native logical replication, in the
+//! `walsync-bench`: catch-up speed against PostgreSQL's native logical replication, in the
 //! same run on the same machine, as a star's hub serves its branches; and the sidecar's
 //! peak memory on one huge transaction.
 //!

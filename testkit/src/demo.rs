@@ -1,4 +1,4 @@
-//! `walsync demo`: the main job on three throwaway local clusters, narrated.
+//! `walsync-demo`: the main job on three throwaway local clusters, narrated.
 //!
 //! It starts main, branch1 and branch2 from the installed PostgreSQL binaries, gives them a
 //! small retail schema, runs `init` and a sidecar per node (in this process), writes on

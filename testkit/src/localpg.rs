@@ -1,4 +1,4 @@
-//! Throwaway local PostgreSQL clusters, for integration tests and for `walsync demo`.
+//! Throwaway local PostgreSQL clusters, for integration tests and for `walsync-demo`.
 //!
 //! A [`LocalCluster`] owns one directory: `initdb` puts the data in `dir/data`, the server
 //! log goes to `dir/postgres.log` and the Unix socket to `dir` itself. The server listens
