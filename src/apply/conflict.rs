@@ -10,7 +10,6 @@
 //! the loser's text value is renamed (decision 0004).
 
 use serde_json::Value as Json;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
 
 use super::param::Param;
@@ -553,7 +552,7 @@ impl ApplyWorker {
         // Every rename's value first: one that cannot fit parks the row before anything
         // is merged or renamed for the others.
         let remote = self.remote_version();
-        let rule = self.policy_of(id).rule;
+        let rule = &policy.rule;
         let mut planned = Vec::with_capacity(renames.len());
         for c in renames {
             let Settlement::Rename { column, limit } = settle(&c.unique) else {
@@ -830,36 +829,15 @@ impl ApplyWorker {
         self.flush_inserts().await?;
         let stmt = self.statement(relation_id, write.shape).await?;
         self.flush().await?;
-        let table = self.table_name(relation_id);
-        let what = |what: &str| format!("{what} ({table})");
-        self.client
-            .batch_execute("SAVEPOINT walsync_careful_row")
-            .await
-            .map_err(ApplyError::sql(what("opening a savepoint")))?;
         self.rows_in_txn += 1;
-        match self
-            .client
-            .execute_raw(&stmt, write.params.iter().map(Param))
+        let params: Vec<Param> = write.params.iter().map(Param).collect();
+        let what = format!("applying a change ({})", self.table_name(relation_id));
+        match super::unless_duplicate(&self.client, &stmt, &super::as_params(&params))
             .await
+            .map_err(ApplyError::sql(what))?
         {
-            Ok(_) => {
-                self.client
-                    .batch_execute("RELEASE SAVEPOINT walsync_careful_row")
-                    .await
-                    .map_err(ApplyError::sql(what("releasing a savepoint")))?;
-                Ok(None)
-            }
-            Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                self.client
-                    .batch_execute("ROLLBACK TO SAVEPOINT walsync_careful_row")
-                    .await
-                    .map_err(ApplyError::sql(what("rolling back to a savepoint")))?;
-                Ok(Some(super::server_message(&e)))
-            }
-            Err(source) => Err(ApplyError::Sql {
-                what: what("applying a change"),
-                source,
-            }),
+            super::Tried::Done(_) => Ok(None),
+            super::Tried::Duplicate { message, .. } => Ok(Some(message)),
         }
     }
 

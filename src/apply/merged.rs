@@ -13,11 +13,10 @@
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value as Json;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use super::param::Param;
-use super::{ApplyError, ApplyWorker};
+use super::{as_params, unless_duplicate, ApplyError, ApplyWorker, Tried};
 use crate::merge::keys::{redirect, stays, ForeignKey, KeyMap, TableName};
 use crate::names::quote_ident;
 use crate::pgoutput::{Insert, Tuple, Value};
@@ -170,53 +169,6 @@ fn values(key: &[String]) -> Vec<Value> {
         .collect()
 }
 
-type Params<'a> = Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)>;
-
-fn as_params<'a>(params: &'a [Param<'a>]) -> Params<'a> {
-    params
-        .iter()
-        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
-        .collect()
-}
-
-/// What a statement run by [`unless_duplicate`] did.
-enum Tried {
-    Done(u64),
-    /// A unique violation, rolled back: the index it names, if the server named one.
-    Duplicate(Option<String>),
-}
-
-/// Runs `sql` inside a savepoint: a unique violation rolls it back.
-async fn unless_duplicate(
-    client: &Client,
-    sql: &str,
-    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-) -> Result<Tried, tokio_postgres::Error> {
-    client.batch_execute("SAVEPOINT walsync_merge").await?;
-    match client.execute(sql, params).await {
-        Ok(n) => {
-            client
-                .batch_execute("RELEASE SAVEPOINT walsync_merge")
-                .await?;
-            Ok(Tried::Done(n))
-        }
-        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-            // Released too: savepoints left open would pile up as subtransactions.
-            client
-                .batch_execute(
-                    "ROLLBACK TO SAVEPOINT walsync_merge; RELEASE SAVEPOINT walsync_merge",
-                )
-                .await?;
-            let index = e
-                .as_db_error()
-                .and_then(|d| d.constraint())
-                .map(str::to_string);
-            Ok(Tried::Duplicate(index))
-        }
-        Err(e) => Err(e),
-    }
-}
-
 /// Merges nest this deep at most (a referencing row that becomes a duplicate is merged,
 /// and so on): enough for entity -> m2m row or entity -> child -> m2m row.
 const MAX_DEPTH: usize = 3;
@@ -283,7 +235,7 @@ async fn repoint(
                 moved += 1;
                 continue;
             }
-            Tried::Duplicate(index) => index,
+            Tried::Duplicate { index, .. } => index,
         };
         let twin = match (&target, index) {
             (Some(target), Some(index)) if depth < MAX_DEPTH => {
@@ -306,7 +258,7 @@ async fn repoint(
             match unless_duplicate(client, &one, &as_params(&p)).await? {
                 Tried::Done(_) => moved += 1,
                 // It still collides (another unique index): it goes as a duplicate.
-                Tried::Duplicate(_) => remove_duplicate(client, table, &ctid, merged).await?,
+                Tried::Duplicate { .. } => remove_duplicate(client, table, &ctid, merged).await?,
             }
         } else {
             let inner = merge_away(client, target, &mine, &theirs, depth + 1).await?;

@@ -628,6 +628,63 @@ impl ApplyWorker {
     }
 }
 
+/// Values as statement parameters of any type (see [`Param`]).
+pub(super) fn as_params<'a>(
+    params: &'a [Param<'a>],
+) -> Vec<&'a (dyn tokio_postgres::types::ToSql + Sync)> {
+    params
+        .iter()
+        .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+        .collect()
+}
+
+/// What a statement run by [`unless_duplicate`] did.
+pub(super) enum Tried {
+    Done(u64),
+    /// A unique violation, rolled back: the index the server named, if any, and its
+    /// message.
+    Duplicate {
+        index: Option<String>,
+        message: String,
+    },
+}
+
+/// Runs one statement inside a savepoint, in the open transaction: a unique violation
+/// rolls it back (and releases the savepoint, so that none pile up as subtransactions)
+/// and is returned, for the caller to settle; the transaction goes on. The careful path
+/// parks a row that way, a merge finds the twin of a re-pointed row.
+pub(super) async fn unless_duplicate<T>(
+    client: &Client,
+    statement: &T,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Tried, tokio_postgres::Error>
+where
+    T: ?Sized + tokio_postgres::ToStatement,
+{
+    client.batch_execute("SAVEPOINT walsync_row").await?;
+    match client.execute(statement, params).await {
+        Ok(n) => {
+            client
+                .batch_execute("RELEASE SAVEPOINT walsync_row")
+                .await?;
+            Ok(Tried::Done(n))
+        }
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            client
+                .batch_execute("ROLLBACK TO SAVEPOINT walsync_row; RELEASE SAVEPOINT walsync_row")
+                .await?;
+            Ok(Tried::Duplicate {
+                index: e
+                    .as_db_error()
+                    .and_then(|d| d.constraint())
+                    .map(str::to_string),
+                message: server_message(&e),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// A PostgreSQL timestamp (µs since 2000-01-01 UTC, an int8 SQL expression) as an exact
 /// timestamptz expression.
 fn timestamp_sql(us_since_2000: &str) -> String {
