@@ -12,6 +12,13 @@ pub struct SqlError {
 }
 
 impl SqlError {
+    pub fn new(what: impl Into<String>, source: tokio_postgres::Error) -> SqlError {
+        SqlError {
+            what: what.into(),
+            source,
+        }
+    }
+
     /// Wraps a failure of the statement run for `what` (for `map_err`).
     pub fn of(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SqlError {
         let what = what.into();

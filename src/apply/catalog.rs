@@ -1,5 +1,6 @@
 //! Reads a target table's shape from the target's own catalog.
 
+use crate::sql_error::SqlError;
 use tokio_postgres::Client;
 
 use super::ApplyError;
@@ -21,7 +22,7 @@ pub async fn target_table(
             &[&schema, &name],
         )
         .await
-        .map_err(ApplyError::sql(what()))?
+        .map_err(SqlError::of(what()))?
         .map(|r| r.get(0));
     let Some(oid) = oid else {
         return Ok(None);
@@ -104,7 +105,7 @@ async fn unique_keys(
             &[&oid],
         )
         .await
-        .map_err(ApplyError::sql(what))?;
+        .map_err(SqlError::of(what))?;
     let mut keys = Vec::new();
     for r in &rows {
         let plain: bool = r.get(1);
@@ -191,6 +192,6 @@ async fn names(
     let rows = client
         .query(sql, &[&oid])
         .await
-        .map_err(ApplyError::sql(what))?;
+        .map_err(SqlError::of(what))?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }

@@ -9,15 +9,16 @@
 //! first settle any collision on a unique key other than the primary key: both rows stay,
 //! the loser's text value is renamed (decision 0004).
 
+use crate::sql_error::SqlError;
 use serde_json::Value as Json;
 use tokio_postgres::types::Type;
 
 use super::param::Param;
 use super::pipeline::Tag;
-use super::{ApplyError, ApplyWorker, Gone, RemoteTxn};
+use super::{ApplyError, ApplyWorker, Mapped, RemoteTxn, Target};
 use crate::merge::conflict::{
-    as_unsent, merge_columns, old_image_matches, renamed, row_image, ConflictKind, Decision,
-    Outcome, Version, COLUMN_MERGE,
+    as_unsent, changes_besides_counters, renamed, row_image, settle_update, without_local_columns,
+    Against, ConflictKind, Decision, Outcome, UpdatePlan, Version,
 };
 use crate::merge::keys::{settlement, stays, Settlement, TableName, UniquePolicy};
 use crate::merge::statements::{RowWrite, Shape, UniqueKey};
@@ -89,22 +90,23 @@ impl ApplyWorker {
     /// Reads the local row with this key (target key order), locked.
     async fn read_local(
         &mut self,
-        relation_id: u32,
+        m: &Mapped,
         key: &[Value],
     ) -> Result<Option<LocalRow>, ApplyError> {
-        let mut rows = self.read_locked(relation_id, Shape::ReadLocal, key).await?;
+        let mut rows = self.read_locked(m, Shape::ReadLocal, key).await?;
         Ok(rows.pop())
     }
 
     /// Reads the local rows a `Shape::ReadLocal`-like shape selects with `params`, locked.
     async fn read_locked(
         &mut self,
-        relation_id: u32,
+        m: &Mapped,
         shape: Shape,
         params: &[Value],
     ) -> Result<Vec<LocalRow>, ApplyError> {
+        let relation_id = m.id;
         self.flush_inserts().await?;
-        let stmt = self.statement(relation_id, shape).await?;
+        let stmt = self.statement(m, shape).await?;
         // A direct request: everything in flight is settled first (see `begin`).
         self.flush().await?;
         let what = || format!("reading local rows of {}", self.table_name(relation_id));
@@ -112,17 +114,11 @@ impl ApplyWorker {
             .client
             .query_raw(&stmt, params.iter().map(Param))
             .await
-            .map_err(|source| ApplyError::Sql {
-                what: what(),
-                source,
-            })?;
+            .map_err(|source| SqlError::new(what(), source))?;
         futures_util::pin_mut!(stream);
         let mut rows = Vec::with_capacity(1);
         while let Some(row) = futures_util::StreamExt::next(&mut stream).await {
-            let row = row.map_err(|source| ApplyError::Sql {
-                what: what(),
-                source,
-            })?;
+            let row = row.map_err(|source| SqlError::new(what(), source))?;
             let n = row.len() - 2;
             let origin: Option<String> = row.get(n);
             rows.push(LocalRow {
@@ -144,69 +140,44 @@ impl ApplyWorker {
         }
     }
 
-    /// The local row as a JSON image (target column names).
-    fn local_image(&self, relation_id: u32, local: &LocalRow) -> Json {
-        let map = self.map_for(relation_id).expect("mapped");
-        let values: Vec<Value> = local.values.iter().map(value_of).collect();
-        row_image(&map.target.columns, &values)
-    }
-
-    fn source_image(&self, relation_id: u32, tuple: &Tuple) -> Json {
-        let map = self.map_for(relation_id).expect("mapped");
-        row_image(&map.source_column_names(), &tuple.0)
-    }
-
-    fn key_image(&self, relation_id: u32, key: &[Value]) -> Json {
-        let map = self.map_for(relation_id).expect("mapped");
-        row_image(&map.key_names(), key)
-    }
-
-    /// Whether `old` (source column order) is exactly the local row.
-    fn made_on_local(
-        &self,
-        relation_id: u32,
-        old: Option<&OldTuple>,
-        local: Option<&LocalRow>,
-    ) -> bool {
-        let (Some(OldTuple::Full(old)), Some(local)) = (old, local) else {
-            return false;
-        };
-        let local = self.in_source_order(relation_id, local);
-        // Columns each node filled on its own (an open DDL warning) differ on purpose.
-        match self
-            .relations
-            .get(&relation_id)
-            .map(|e| &e.policy.per_node_columns)
-            .filter(|c| !c.is_empty())
-        {
-            Some(per_node) => old_image_matches(&as_unsent(old, per_node), &local),
-            None => old_image_matches(old, &local),
-        }
-    }
-
     /// Reads the local row with `key` (locked) and decides an update or delete made on
     /// the old image `old` against it.
     async fn decide_against_local(
         &mut self,
-        id: u32,
+        m: &Mapped,
         key: &[Value],
         is_delete: bool,
         old: Option<&OldTuple>,
     ) -> Result<(Option<LocalRow>, Decision), ApplyError> {
-        let local = self.read_local(id, key).await?;
-        let made_on_local = self.made_on_local(id, old, local.as_ref());
-        let decision = self.policy_of(id).rule.decide_change(
-            is_delete,
-            &self.remote_version(),
-            local.as_ref().map(|l| &l.version),
-            made_on_local,
-        );
+        let id = m.id;
+        let local = self.read_local(m, key).await?;
+        let decision =
+            self.settle_against(m, local.as_ref(), |against| against.decide(is_delete, old));
         tracing::debug!(
-            link = %self.link, table = %self.table_name(id), key = %self.key_image(id, key),
+            link = %self.link, table = %self.table_name(id), key = %m.key_image(key),
             remote = ?self.remote_version(), local = ?local.as_ref().map(|l| &l.version),
-            made_on_local, ?decision, "decided"
+            ?decision, "decided"
         );
         Ok((local, decision))
+    }
+
+    /// Runs a pure settlement against the local row (in source column order).
+    fn settle_against<T>(
+        &self,
+        m: &Mapped,
+        local: Option<&LocalRow>,
+        settle: impl FnOnce(&Against) -> T,
+    ) -> T {
+        let id = m.id;
+        let in_source_order = local.map(|l| m.in_source_order(l));
+        let entry = &self.relations[&id];
+        let remote = self.remote_version();
+        settle(&Against {
+            rule: &entry.policy.rule,
+            remote: &remote,
+            local: in_source_order.as_deref().zip(local.map(|l| &l.version)),
+            per_node: &entry.policy.per_node_columns,
+        })
     }
 
     pub async fn update(&mut self, upd: &Update) -> Result<(), ApplyError> {
@@ -219,15 +190,23 @@ impl ApplyWorker {
                 })
                 .await;
         }
-        self.ensure_map(upd.relation_id).await?;
-        match self.gone_of(upd.relation_id) {
-            Gone::Nothing => self.update_mapped(upd).await,
-            gone => self.update_of_dropped(upd, gone).await,
+        match self.ensure_map(upd.relation_id).await? {
+            Target::Whole(m) => self.update_mapped(&m, upd).await,
+            Target::WithoutColumns(m, gone) => self.update_without_columns(&m, upd, &gone).await,
+            Target::Dropped => {
+                let kind = ConflictKind::TableDropped;
+                self.record_dropped(upd.relation_id, kind, &upd.new, &[])
+                    .await
+            }
         }
     }
 
     /// An update of a relation whose target is known and complete.
-    pub(super) async fn update_mapped(&mut self, upd: &Update) -> Result<(), ApplyError> {
+    pub(super) async fn update_mapped(
+        &mut self,
+        m: &Mapped,
+        upd: &Update,
+    ) -> Result<(), ApplyError> {
         let id = upd.relation_id;
         // References to rows merged away name the rows they merged into, in the old image
         // too, so that it still matches the local row (decision 0008).
@@ -240,28 +219,18 @@ impl ApplyWorker {
             None => upd,
         };
         let policy = self.policy_of(id);
-        if !policy.local_columns.is_empty() {
-            // Node-local columns are neither written nor compared: as if not sent.
-            let mask = |t: &Tuple| as_unsent(t, &policy.local_columns);
-            let masked = Update {
-                relation_id: id,
-                old: upd.old.as_ref().map(|o| match o {
-                    OldTuple::Full(t) => OldTuple::Full(mask(t)),
-                    key => key.clone(),
-                }),
-                new: mask(&upd.new),
-            };
-            // An update of local columns only (a cron run) is nothing for this node.
-            if matches!(&masked.old, Some(OldTuple::Full(old)) if *old == masked.new) {
-                return Ok(());
-            }
-            return self.update_unmasked(&masked, &policy).await;
+        if policy.local_columns.is_empty() {
+            return self.update_unmasked(m, upd, &policy).await;
         }
-        self.update_unmasked(upd, &policy).await
+        match without_local_columns(upd, &policy.local_columns) {
+            Some(masked) => self.update_unmasked(m, &masked, &policy).await,
+            None => Ok(()),
+        }
     }
 
     async fn update_unmasked(
         &mut self,
+        m: &Mapped,
         upd: &Update,
         policy: &super::RelationPolicy,
     ) -> Result<(), ApplyError> {
@@ -269,57 +238,29 @@ impl ApplyWorker {
         if !policy.counters.is_empty() {
             if let Some(OldTuple::Full(old)) = &upd.old {
                 return self
-                    .update_with_counters(id, old, &upd.new, &policy.counters)
+                    .update_with_counters(m, old, &upd.new, &policy.counters)
                     .await;
             }
             tracing::warn!(link = %self.link, table = %self.table_name(id), "counter columns need REPLICA IDENTITY FULL on the upstream (walsync init sets it); this update overwrites them");
         }
-        let map = self.map_for(id).expect("mapped");
+        let map = m;
         let key = map.key_values(upd.old.as_ref(), Some(&upd.new))?;
-        let (local, mut decision) = self
-            .decide_against_local(id, &key, false, upd.old.as_ref())
-            .await?;
-        let mut new = upd.new.clone();
-        if let (
-            true,
-            Some(OldTuple::Full(old)),
-            Some(l),
-            Decision::ApplyAndRecord(..) | Decision::SkipAndRecord(..),
-        ) = (policy.merge_columns, &upd.old, &local, decision)
-        {
-            // Column-level merge: only what this update changed, and what no one else did.
-            let in_source_order = self.in_source_order(id, l);
-            let remote_wins = policy
-                .rule
-                .remote_wins(&self.remote_version(), &l.version)
-                .0;
-            let (write, conflicted) = merge_columns(old, &upd.new, &in_source_order, remote_wins);
-            for (v, w) in new.0.iter_mut().zip(write) {
-                if !w {
-                    *v = Value::UnchangedToast;
-                }
-            }
-            decision = if conflicted {
-                Decision::ApplyAndRecord(ConflictKind::UpdateOriginDiffers, COLUMN_MERGE)
-            } else {
-                Decision::Apply
-            };
-        }
+        let local = self.read_local(m, &key).await?;
+        let UpdatePlan { decision, mut new } = self.settle_against(m, local.as_ref(), |a| {
+            settle_update(a, policy.merge_columns, upd.old.as_ref(), &upd.new)
+        });
         if self.is_careful() && !matches!(decision, Decision::SkipAndRecord(..)) {
             match self
-                .settle_unique_keys(id, new, &key, ConflictKind::UpdateExists)
+                .settle_unique_keys(m, new, &key, ConflictKind::UpdateExists)
                 .await?
             {
                 Settled::Write(settled) => new = settled,
                 Settled::Parked | Settled::Merged => return Ok(()),
             }
         }
-        let write = self
-            .map_for(id)
-            .expect("mapped")
-            .update(upd.old.as_ref(), &new)?;
-        let remote_image = self.source_image(id, &upd.new);
-        self.carry_out(id, decision, write, &key, local, remote_image)
+        let write = m.update(upd.old.as_ref(), &new)?;
+        let remote_image = m.source_image(&upd.new);
+        self.carry_out(m, decision, write, &key, local, remote_image)
             .await
     }
 
@@ -328,49 +269,56 @@ impl ApplyWorker {
     /// other columns follow the usual decision.
     async fn update_with_counters(
         &mut self,
-        id: u32,
+        m: &Mapped,
         old: &Tuple,
         new: &Tuple,
         counters: &[usize],
     ) -> Result<(), ApplyError> {
-        let map = self.map_for(id).expect("mapped");
+        let id = m.id;
+        let map = m;
         let old_full = OldTuple::Full(old.clone());
         let key = map.key_values(Some(&old_full), Some(new))?;
-        let others_changed = new.0.iter().zip(&old.0).enumerate().any(|(i, (n, o))| {
-            !counters.contains(&i) && !matches!(n, Value::UnchangedToast) && n != o
-        });
+        let others_changed = changes_besides_counters(old, new, counters);
         // Counters are compared by their change, not their value: leave them out.
         let without_counters = OldTuple::Full(as_unsent(old, counters));
         let (local, decision) = self
-            .decide_against_local(id, &key, false, Some(&without_counters))
+            .decide_against_local(m, &key, false, Some(&without_counters))
             .await?;
         let decision = decision.with_counters(local.is_some(), others_changed);
         if local.is_some() {
             // The other columns follow the row's decision, as a whole (last writer wins),
             // and only when this update changed any of them.
             let set_others = others_changed && !matches!(decision, Decision::SkipAndRecord(..));
-            let map = self.map_for(id).expect("mapped");
+            let map = m;
             if let Some(write) = map.update_counters(old, new, counters, set_others)? {
                 let tag = Tag::Row { relation_id: id };
-                self.execute(id, write, tag).await?;
+                self.execute(m, write, tag).await?;
             }
         }
-        let remote_image = self.source_image(id, new);
+        let remote_image = m.source_image(new);
         // The write (if any) is done; what is left is recording the decision.
-        self.carry_out(id, decision, None, &key, local, remote_image)
+        self.carry_out(m, decision, None, &key, local, remote_image)
             .await
     }
 
     pub async fn delete(&mut self, del: &Delete) -> Result<(), ApplyError> {
-        self.ensure_map(del.relation_id).await?;
-        match self.gone_of(del.relation_id) {
-            Gone::Nothing => self.delete_mapped(del).await,
-            gone => self.delete_of_dropped(del, gone).await,
+        match self.ensure_map(del.relation_id).await? {
+            Target::Whole(m) => self.delete_mapped(&m, del).await,
+            Target::WithoutColumns(m, gone) => self.delete_without_columns(&m, del, &gone).await,
+            Target::Dropped => {
+                let (OldTuple::Key(old) | OldTuple::Full(old)) = &del.old;
+                let kind = ConflictKind::TableDropped;
+                self.record_dropped(del.relation_id, kind, old, &[]).await
+            }
         }
     }
 
     /// A delete from a relation whose target is known and complete.
-    pub(super) async fn delete_mapped(&mut self, del: &Delete) -> Result<(), ApplyError> {
+    pub(super) async fn delete_mapped(
+        &mut self,
+        m: &Mapped,
+        del: &Delete,
+    ) -> Result<(), ApplyError> {
         let id = del.relation_id;
         let redirected;
         let del = match &del.old {
@@ -386,64 +334,65 @@ impl ApplyWorker {
             },
             OldTuple::Key(_) => del,
         };
-        let map = self.map_for(id).expect("mapped");
+        let map = m;
         let key = map.key_values(Some(&del.old), None)?;
         let write = map.delete(&del.old)?;
         let (local, decision) = self
-            .decide_against_local(id, &key, true, Some(&del.old))
+            .decide_against_local(m, &key, true, Some(&del.old))
             .await?;
         let old = match &del.old {
             OldTuple::Key(t) | OldTuple::Full(t) => t,
         };
-        let remote_image = self.source_image(id, old);
-        self.carry_out(id, decision, Some(write), &key, local, remote_image)
+        let remote_image = m.source_image(old);
+        self.carry_out(m, decision, Some(write), &key, local, remote_image)
             .await
     }
 
     /// Careful insert: settles collisions on other unique keys, then does nothing if the
     /// primary key holds a row already; then decides.
-    pub(super) async fn insert_carefully(&mut self, ins: &Insert) -> Result<(), ApplyError> {
+    pub(super) async fn insert_carefully(
+        &mut self,
+        m: &Mapped,
+        ins: &Insert,
+    ) -> Result<(), ApplyError> {
         let id = ins.relation_id;
         self.flush_inserts().await?;
-        let key = self
-            .map_for(id)
-            .expect("mapped")
-            .key_values(None, Some(&ins.new))?;
+        let key = m.key_values(None, Some(&ins.new))?;
         let new = match self
-            .settle_unique_keys(id, ins.new.clone(), &key, ConflictKind::InsertExists)
+            .settle_unique_keys(m, ins.new.clone(), &key, ConflictKind::InsertExists)
             .await?
         {
             Settled::Write(new) => new,
             Settled::Parked | Settled::Merged => return Ok(()),
         };
-        let map = self.map_for(id).expect("mapped");
+        let map = m;
         let write = map.insert(&new)?;
         let overwrite = map.overwrite(&new)?;
         let Shape::Insert { columns, .. } = write.shape else {
             unreachable!("RelationMap::insert makes Shape::Insert");
         };
         let stmt = self
-            .statement(id, Shape::InsertOrNothing { columns })
+            .statement(m, Shape::InsertOrNothing { columns })
             .await?;
         self.flush().await?;
         let inserted = self
             .client
             .execute_raw(&stmt, write.params.iter().map(Param))
             .await
-            .map_err(|source| ApplyError::Sql {
-                what: format!("applying an insert to {}", self.table_name(id)),
-                source,
-            })?;
+            .map_err(SqlError::of(format!(
+                "applying an insert to {}",
+                self.table_name(id)
+            )))?;
         self.rows_in_txn += 1;
         if inserted == 1 {
             return Ok(());
         }
-        let Some(local) = self.read_local(id, &key).await? else {
+        let Some(local) = self.read_local(m, &key).await? else {
             // Another unique index refused it, one whose collisions were not found above
             // (it reads a column this change does not send).
             let why = "the row collides with another row here on a unique index whose rows could not be read";
             self.park(
-                id,
+                m,
                 ConflictKind::InsertExists,
                 &key,
                 &new,
@@ -458,8 +407,8 @@ impl ApplyWorker {
             .policy_of(id)
             .rule
             .decide_insert_exists(&self.remote_version(), &local.version);
-        let remote_image = self.source_image(id, &ins.new);
-        self.carry_out(id, decision, overwrite, &key, Some(local), remote_image)
+        let remote_image = m.source_image(&ins.new);
+        self.carry_out(m, decision, overwrite, &key, Some(local), remote_image)
             .await
     }
 
@@ -470,17 +419,18 @@ impl ApplyWorker {
     /// Every node meets the same pair and renames the same row to the same value.
     async fn settle_unique_keys(
         &mut self,
-        id: u32,
+        m: &Mapped,
         mut new: Tuple,
         key: &[Value],
         mut kind: ConflictKind,
     ) -> Result<Settled, ApplyError> {
-        let map = self.map_for(id).expect("mapped");
+        let id = m.id;
+        let map = m;
         let uniques = map.target.uniques.clone();
         let key_text = texts(key);
         let mut collisions = Vec::new();
         for (u, unique) in uniques.into_iter().enumerate() {
-            let map = self.map_for(id).expect("mapped");
+            let map = m;
             let values: Option<Vec<Value>> = unique
                 .columns
                 .iter()
@@ -503,8 +453,8 @@ impl ApplyWorker {
                     columns: unique.columns.clone(),
                 },
             };
-            for local in self.read_locked(id, shape, &values).await? {
-                if self.key_of_local(id, &local) != key_text {
+            for local in self.read_locked(m, shape, &values).await? {
+                if m.key_of_local(&local) != key_text {
                     collisions.push(Collision {
                         unique: unique.clone(),
                         local,
@@ -518,7 +468,7 @@ impl ApplyWorker {
         // A collision no rule settles parks the row before anything is renamed or merged
         // for the others: nothing of the incoming row is then written here.
         let policy = self.policy_of(id);
-        let has_key = !self.map_for(id).expect("mapped").target.key.is_empty();
+        let has_key = !m.target.key.is_empty();
         let settle = |u: &UniqueKey| {
             settlement(
                 &u.name,
@@ -541,7 +491,7 @@ impl ApplyWorker {
         {
             let Collision { unique, local } = collisions.swap_remove(i);
             return self
-                .park(id, kind, key, &new, Some(local), &unique.name, why)
+                .park(m, kind, key, &new, Some(local), &unique.name, why)
                 .await;
         }
         // The same entity twice: the row with the smaller primary key stays. If a local
@@ -559,12 +509,9 @@ impl ApplyWorker {
                 unreachable!("parks and merges were partitioned out above");
             };
             let (remote_wins, rule_name) = rule.remote_wins(&remote, &c.local.version);
-            let map = self.map_for(id).expect("mapped");
+            let map = m;
             let (loser_value, loser_key) = if remote_wins {
-                (
-                    c.local.values[column].clone(),
-                    self.key_of_local(id, &c.local),
-                )
+                (c.local.values[column].clone(), m.key_of_local(&c.local))
             } else {
                 let s = map
                     .source_index_of_target(column)
@@ -576,17 +523,17 @@ impl ApplyWorker {
                 None => {
                     let why = "its text column is too short to hold a renamed value";
                     return self
-                        .park(id, kind, key, &new, Some(c.local), &c.unique.name, why)
+                        .park(m, kind, key, &new, Some(c.local), &c.unique.name, why)
                         .await;
                 }
             }
         }
-        let table = self.target_name(id);
+        let table = m.target_name();
         // The incoming row merges into the local row with the smallest key that stays
         // (every node that meets any of them picks the same one).
         let into_local = merges
             .iter()
-            .map(|c| (self.key_of_local(id, &c.local), c))
+            .map(|c| (m.key_of_local(&c.local), c))
             .filter(|(local_key, _)| !stays(&key_text, local_key))
             .reduce(|a, b| if stays(&a.0, &b.0) { a } else { b });
         if let Some((winner, c)) = into_local {
@@ -596,23 +543,23 @@ impl ApplyWorker {
                 "the incoming row",
                 "the local row",
             );
-            self.merge_and_record(id, &table, c, merge, kind, key, &new)
+            self.merge_and_record(m, &table, c, merge, kind, key, &new)
                 .await?;
             return Ok(Settled::Merged);
         }
         for c in &merges {
-            let loser = self.key_of_local(id, &c.local);
+            let loser = m.key_of_local(&c.local);
             let merge = (
                 &loser[..],
                 &key_text[..],
                 "the local row",
                 "the incoming row",
             );
-            self.merge_and_record(id, &table, c, merge, kind, key, &new)
+            self.merge_and_record(m, &table, c, merge, kind, key, &new)
                 .await?;
         }
         for (Collision { unique, local }, column, remote_wins, rule_name, value) in planned {
-            let map = self.map_for(id).expect("mapped");
+            let map = m;
             let outcome = if remote_wins {
                 Outcome::LocalRenamed
             } else {
@@ -649,8 +596,7 @@ impl ApplyWorker {
                     shape: Shape::Update { set },
                     params,
                 };
-                self.execute(id, write, Tag::Row { relation_id: id })
-                    .await?;
+                self.execute(m, write, Tag::Row { relation_id: id }).await?;
             } else {
                 for (c, v) in writes {
                     // A column the upstream does not send keeps the target's default.
@@ -661,9 +607,9 @@ impl ApplyWorker {
             }
             let record = Record {
                 kind,
-                key: self.key_image(id, key),
-                local: Some((self.local_image(id, &local), local.version)),
-                remote: self.source_image(id, &new),
+                key: m.key_image(key),
+                local: Some((m.local_image(&local), local.version)),
+                remote: m.source_image(&new),
                 rule: rule_name,
                 outcome,
                 detail: Some(detail),
@@ -679,7 +625,7 @@ impl ApplyWorker {
     #[allow(clippy::too_many_arguments)]
     async fn park(
         &mut self,
-        id: u32,
+        m: &Mapped,
         kind: ConflictKind,
         key: &[Value],
         new: &Tuple,
@@ -687,15 +633,16 @@ impl ApplyWorker {
         index: &str,
         why: &str,
     ) -> Result<Settled, ApplyError> {
+        let id = m.id;
         tracing::warn!(
-            link = %self.link, table = %self.table_name(id), key = %self.key_image(id, key),
+            link = %self.link, table = %self.table_name(id), key = %m.key_image(key),
             index, why, "row parked: a unique collision no rule settles"
         );
         let record = Record {
             kind,
-            key: self.key_image(id, key),
-            local: local.map(|l| (self.local_image(id, &l), l.version)),
-            remote: self.source_image(id, new),
+            key: m.key_image(key),
+            local: local.map(|l| (m.local_image(&l), l.version)),
+            remote: m.source_image(new),
             rule: "none_applies",
             outcome: Outcome::Parked,
             detail: Some(format!(
@@ -712,7 +659,7 @@ impl ApplyWorker {
     #[allow(clippy::too_many_arguments)]
     async fn merge_and_record(
         &mut self,
-        id: u32,
+        m: &Mapped,
         table: &TableName,
         c: &Collision,
         (loser, winner, loser_is, winner_is): (&[String], &[String], &str, &str),
@@ -720,6 +667,7 @@ impl ApplyWorker {
         key: &[Value],
         new: &Tuple,
     ) -> Result<(), ApplyError> {
+        let id = m.id;
         let merged = self.merge_rows(table, loser, winner).await?;
         let detail = format!(
             "unique key {}: the same entity on two nodes; {loser_is} {} merged into {winner_is} {} \
@@ -732,9 +680,9 @@ impl ApplyWorker {
         let local = &c.local;
         let record = Record {
             kind,
-            key: self.key_image(id, key),
-            local: Some((self.local_image(id, local), local.version.clone())),
-            remote: self.source_image(id, new),
+            key: m.key_image(key),
+            local: Some((m.local_image(local), local.version.clone())),
+            remote: m.source_image(new),
             rule: SMALLER_KEY_STAYS,
             outcome: Outcome::Merged,
             detail: Some(detail),
@@ -742,50 +690,27 @@ impl ApplyWorker {
         self.record(id, record).await
     }
 
-    /// The target table of a mapped relation.
-    fn target_name(&self, id: u32) -> TableName {
-        let t = &self.map_for(id).expect("mapped").target;
-        (t.schema.clone(), t.name.clone())
-    }
-
-    /// A local row's primary key values as text (target key order).
-    fn key_of_local(&self, id: u32, local: &LocalRow) -> Vec<String> {
-        let map = self.map_for(id).expect("mapped");
-        map.target
-            .key
-            .iter()
-            .map(|&k| local.values[k].clone().unwrap_or_default())
-            .collect()
-    }
-
-    /// The local row in source column order (for comparing with sent images).
-    fn in_source_order(&self, id: u32, local: &LocalRow) -> Vec<Option<String>> {
-        let map = self.map_for(id).expect("mapped");
-        (0..map.source_column_names().len())
-            .map(|i| local.values[map.target_index_of_source(i)].clone())
-            .collect()
-    }
-
     /// Writes (or not) and records, as decided.
     async fn carry_out(
         &mut self,
-        relation_id: u32,
+        m: &Mapped,
         decision: Decision,
         write: Option<RowWrite>,
         key: &[Value],
         local: Option<LocalRow>,
         remote_image: Json,
     ) -> Result<(), ApplyError> {
+        let relation_id = m.id;
         let (apply, record) = decision.plan(local.is_some());
         if apply {
             if let Some(write) = write {
                 if self.is_careful() {
-                    if let Some(refused) = self.write_or_park(relation_id, write).await? {
+                    if let Some(refused) = self.write_or_park(m, write).await? {
                         let kind = decision.refused_kind();
                         let record = Record {
                             kind,
-                            key: self.key_image(relation_id, key),
-                            local: local.map(|l| (self.local_image(relation_id, &l), l.version)),
+                            key: m.key_image(key),
+                            local: local.map(|l| (m.local_image(&l), l.version)),
                             remote: remote_image,
                             rule: "none_applies",
                             outcome: Outcome::Parked,
@@ -798,15 +723,15 @@ impl ApplyWorker {
                     }
                 } else {
                     let tag = Tag::Row { relation_id };
-                    self.execute(relation_id, write, tag).await?;
+                    self.execute(m, write, tag).await?;
                 }
             }
         }
         if let Some((kind, rule, outcome)) = record {
             let record = Record {
                 kind,
-                key: self.key_image(relation_id, key),
-                local: local.map(|l| (self.local_image(relation_id, &l), l.version)),
+                key: m.key_image(key),
+                local: local.map(|l| (m.local_image(&l), l.version)),
                 remote: remote_image,
                 rule,
                 outcome,
@@ -823,18 +748,19 @@ impl ApplyWorker {
     /// the row; the transaction goes on.
     async fn write_or_park(
         &mut self,
-        relation_id: u32,
+        m: &Mapped,
         write: RowWrite,
     ) -> Result<Option<String>, ApplyError> {
+        let relation_id = m.id;
         self.flush_inserts().await?;
-        let stmt = self.statement(relation_id, write.shape).await?;
+        let stmt = self.statement(m, write.shape).await?;
         self.flush().await?;
         self.rows_in_txn += 1;
         let params: Vec<Param> = write.params.iter().map(Param).collect();
         let what = format!("applying a change ({})", self.table_name(relation_id));
         match super::unless_duplicate(&self.client, &stmt, &super::as_params(&params))
             .await
-            .map_err(ApplyError::sql(what))?
+            .map_err(SqlError::of(what))?
         {
             super::Tried::Done(_) => Ok(None),
             super::Tried::Duplicate { message, .. } => Ok(Some(message)),
@@ -865,7 +791,7 @@ impl ApplyWorker {
                     ],
                 )
                 .await
-                .map_err(ApplyError::sql("preparing the conflict record (has walsync init run on this node?)"))?;
+                .map_err(SqlError::of("preparing the conflict record (has walsync init run on this node?)"))?;
             self.record_conflict = Some(stmt);
         }
         let stmt = self.record_conflict.clone().expect("prepared above");
@@ -930,6 +856,45 @@ impl ApplyWorker {
             },
         )
         .await
+    }
+}
+
+/// Images and keys of a mapped relation's rows, for records and comparisons.
+impl Mapped {
+    /// The local row as a JSON image (target column names).
+    fn local_image(&self, local: &LocalRow) -> Json {
+        let values: Vec<Value> = local.values.iter().map(value_of).collect();
+        row_image(&self.target.columns, &values)
+    }
+
+    fn source_image(&self, tuple: &Tuple) -> Json {
+        row_image(&self.source_column_names(), &tuple.0)
+    }
+
+    fn key_image(&self, key: &[Value]) -> Json {
+        row_image(&self.key_names(), key)
+    }
+
+    /// A local row's primary key values as text (target key order).
+    fn key_of_local(&self, local: &LocalRow) -> Vec<String> {
+        self.target
+            .key
+            .iter()
+            .map(|&k| local.values[k].clone().unwrap_or_default())
+            .collect()
+    }
+
+    /// The local row in source column order (for comparing with sent images).
+    fn in_source_order(&self, local: &LocalRow) -> Vec<Option<String>> {
+        (0..self.source_column_names().len())
+            .map(|i| local.values[self.target_index_of_source(i)].clone())
+            .collect()
+    }
+
+    /// The target table of a mapped relation.
+    fn target_name(&self) -> TableName {
+        let t = &self.target;
+        (t.schema.clone(), t.name.clone())
     }
 }
 

@@ -11,6 +11,7 @@ use super::{ApplyError, ApplyWorker, Gone};
 use crate::ddl::{altered_table, columns_filled_per_node, redact_secrets, statement_to_replay};
 use crate::names::quote_ident;
 use crate::pgoutput::Insert;
+use crate::sql_error::SqlError;
 
 impl ApplyWorker {
     pub(super) fn is_ddl_log(&self, relation_id: u32) -> bool {
@@ -54,9 +55,7 @@ impl ApplyWorker {
                 &[&origin, &seq_num],
             )
             .await
-            .map_err(ApplyError::sql(
-                "reading walsync.ddl_log and walsync.ddl_skip",
-            ))?;
+            .map_err(SqlError::of("reading walsync.ddl_log and walsync.ddl_skip"))?;
         let (applied, skipped): (bool, bool) = (here.get(0), here.get(1));
         if applied {
             tracing::info!(link = %self.link, ddl = %id, "ddl applied here already (walsync ddl-replay --apply)");
@@ -80,7 +79,7 @@ impl ApplyWorker {
                     &[&origin, &seq_num, &redact_secrets(&statement), &warning],
                 )
                 .await
-                .map_err(ApplyError::sql("recording a refused ddl"))?;
+                .map_err(SqlError::of("recording a refused ddl"))?;
             return Ok(true);
         }
         tracing::info!(link = %self.link, ddl = %id, statement = %redact_secrets(&statement), "replaying ddl");
@@ -124,7 +123,7 @@ impl ApplyWorker {
                     &[&search_path],
                 )
                 .await
-                .map_err(ApplyError::sql("setting the captured search_path"))?;
+                .map_err(SqlError::of("setting the captured search_path"))?;
             self.client
                 .execute(
                     "INSERT INTO walsync.ddl_warnings (origin, seq, statement, warning, table_schema, table_name, columns) \
@@ -136,11 +135,11 @@ impl ApplyWorker {
                     &[&origin, &seq_num, &statement, &warning, &table, &columns],
                 )
                 .await
-                .map_err(ApplyError::sql("recording a ddl warning"))?;
+                .map_err(SqlError::of("recording a ddl warning"))?;
             self.client
                 .batch_execute("RESET search_path")
                 .await
-                .map_err(ApplyError::sql("resetting the search_path"))?;
+                .map_err(SqlError::of("resetting the search_path"))?;
         }
         Ok(true)
     }

@@ -8,10 +8,11 @@
 //! `walsync.dropped_objects` says (filled by an event trigger); a table or column missing
 //! for any other reason still stops the link as a schema difference.
 
+use crate::sql_error::SqlError;
 use tokio_postgres::Client;
 
 use super::conflict::Record;
-use super::{ApplyError, ApplyWorker, Gone};
+use super::{ApplyError, ApplyWorker, Gone, Mapped};
 use crate::merge::conflict::{row_image, ConflictKind, DROPPED_HERE};
 use crate::merge::statements::TargetTable;
 use crate::pgoutput::{Delete, Insert, OldTuple, Relation, Tuple, Update, Value};
@@ -29,7 +30,7 @@ pub(super) async fn table_was_dropped(
             &[&schema, &name],
         )
         .await
-        .map_err(ApplyError::sql(format!(
+        .map_err(SqlError::of(format!(
             "looking up whether {schema}.{name} was dropped here"
         )))?;
     Ok(row.get(0))
@@ -53,7 +54,7 @@ pub(super) async fn without_dropped_columns(
             &[&source.namespace, &source.name],
         )
         .await
-        .map_err(ApplyError::sql(format!(
+        .map_err(SqlError::of(format!(
             "looking up the columns of {}.{} dropped here",
             source.namespace, source.name
         )))?
@@ -97,101 +98,74 @@ fn given(v: &Value) -> bool {
 }
 
 impl ApplyWorker {
-    pub(super) fn gone_of(&self, relation_id: u32) -> Gone {
-        self.relations
-            .get(&relation_id)
-            .map(|e| e.gone.clone())
-            .unwrap_or_default()
-    }
-
     pub(super) fn set_gone(&mut self, relation_id: u32, gone: Gone) {
         if let Some(e) = self.relations.get_mut(&relation_id) {
             e.gone = gone;
         }
     }
 
-    pub(super) async fn insert_into_dropped(
+    /// An insert into a table this node dropped some columns of: what it sent for them
+    /// is recorded, the rest applied.
+    pub(super) async fn insert_without_columns(
         &mut self,
+        m: &Mapped,
         ins: &Insert,
-        gone: Gone,
+        cols: &[usize],
     ) -> Result<(), ApplyError> {
-        let id = ins.relation_id;
-        match gone {
-            Gone::Columns(cols) => {
-                if cols.iter().any(|&i| given(&ins.new.0[i])) {
-                    self.record_dropped(id, ConflictKind::ColumnDropped, &ins.new, &cols)
-                        .await?;
-                }
-                let stripped = Insert {
-                    relation_id: id,
-                    new: strip(&ins.new, &cols),
-                };
-                self.insert_mapped(&stripped).await
-            }
-            _ => {
-                self.record_dropped(id, ConflictKind::TableDropped, &ins.new, &[])
-                    .await
-            }
+        if cols.iter().any(|&i| given(&ins.new.0[i])) {
+            self.record_dropped(m.id, ConflictKind::ColumnDropped, &ins.new, cols)
+                .await?;
         }
+        let stripped = Insert {
+            relation_id: m.id,
+            new: strip(&ins.new, cols),
+        };
+        self.insert_mapped(m, &stripped).await
     }
 
-    pub(super) async fn update_of_dropped(
+    /// An update of a table this node dropped some columns of: a change to them is
+    /// recorded, the rest applied.
+    pub(super) async fn update_without_columns(
         &mut self,
+        m: &Mapped,
         upd: &Update,
-        gone: Gone,
+        cols: &[usize],
     ) -> Result<(), ApplyError> {
-        let id = upd.relation_id;
-        match gone {
-            Gone::Columns(cols) => {
-                let changed = cols.iter().any(|&i| {
-                    given(&upd.new.0[i])
-                        && match &upd.old {
-                            Some(OldTuple::Full(old)) => old.0[i] != upd.new.0[i],
-                            _ => true,
-                        }
-                });
-                if changed {
-                    self.record_dropped(id, ConflictKind::ColumnDropped, &upd.new, &cols)
-                        .await?;
+        let changed = cols.iter().any(|&i| {
+            given(&upd.new.0[i])
+                && match &upd.old {
+                    Some(OldTuple::Full(old)) => old.0[i] != upd.new.0[i],
+                    _ => true,
                 }
-                let stripped = Update {
-                    relation_id: id,
-                    old: upd.old.as_ref().map(|o| strip_old(o, &cols)),
-                    new: strip(&upd.new, &cols),
-                };
-                self.update_mapped(&stripped).await
-            }
-            _ => {
-                self.record_dropped(id, ConflictKind::TableDropped, &upd.new, &[])
-                    .await
-            }
+        });
+        if changed {
+            self.record_dropped(m.id, ConflictKind::ColumnDropped, &upd.new, cols)
+                .await?;
         }
+        let stripped = Update {
+            relation_id: m.id,
+            old: upd.old.as_ref().map(|o| strip_old(o, cols)),
+            new: strip(&upd.new, cols),
+        };
+        self.update_mapped(m, &stripped).await
     }
 
-    pub(super) async fn delete_of_dropped(
+    /// A delete from a table this node dropped some columns of.
+    pub(super) async fn delete_without_columns(
         &mut self,
+        m: &Mapped,
         del: &Delete,
-        gone: Gone,
+        cols: &[usize],
     ) -> Result<(), ApplyError> {
-        let id = del.relation_id;
-        match gone {
-            Gone::Columns(cols) => {
-                let stripped = Delete {
-                    relation_id: id,
-                    old: strip_old(&del.old, &cols),
-                };
-                self.delete_mapped(&stripped).await
-            }
-            _ => {
-                let (OldTuple::Key(old) | OldTuple::Full(old)) = &del.old;
-                self.record_dropped(id, ConflictKind::TableDropped, old, &[])
-                    .await
-            }
-        }
+        let stripped = Delete {
+            relation_id: m.id,
+            old: strip_old(&del.old, cols),
+        };
+        self.delete_mapped(m, &stripped).await
     }
 
     /// Records a change (its whole row as sent) that met something dropped here.
-    async fn record_dropped(
+    pub(super) async fn record_dropped(
         &mut self,
         relation_id: u32,
         kind: ConflictKind,

@@ -5,7 +5,8 @@ use bytes::BytesMut;
 use futures_util::SinkExt;
 
 use super::pipeline::Tag;
-use super::{ApplyError, ApplyWorker, Gone};
+use super::{ApplyError, ApplyWorker, Mapped, Target};
+use crate::merge::conflict::ConflictKind;
 use crate::merge::statements::{batch_sizes, copy_text_row, RowWrite, Shape};
 use crate::pgoutput::{Insert, Value};
 
@@ -16,7 +17,7 @@ use crate::pgoutput::{Insert, Value};
 /// enough rows. Either way a run ends at the next other change; a COPY run also when it
 /// holds [`COPY_RUN_BYTES`].
 pub(super) struct InsertRun {
-    pub(super) relation_id: u32,
+    pub(super) mapped: Mapped,
     pub(super) columns: Vec<usize>,
     pub(super) rows: Vec<Vec<Value>>,
     /// COPY text of the run once it is long enough; empty before.
@@ -37,16 +38,23 @@ impl ApplyWorker {
         if self.is_merged_keys(id) {
             return self.learn_merge(ins).await;
         }
-        self.ensure_map(id).await?;
-        match self.gone_of(id) {
-            Gone::Nothing => self.insert_mapped(ins).await,
-            gone => self.insert_into_dropped(ins, gone).await,
+        match self.ensure_map(id).await? {
+            Target::Whole(m) => self.insert_mapped(&m, ins).await,
+            Target::WithoutColumns(m, gone) => self.insert_without_columns(&m, ins, &gone).await,
+            Target::Dropped => {
+                self.record_dropped(id, ConflictKind::TableDropped, &ins.new, &[])
+                    .await
+            }
         }
     }
 
     /// An insert into a relation whose target is known and complete.
-    pub(super) async fn insert_mapped(&mut self, ins: &Insert) -> Result<(), ApplyError> {
-        let id = ins.relation_id;
+    pub(super) async fn insert_mapped(
+        &mut self,
+        m: &Mapped,
+        ins: &Insert,
+    ) -> Result<(), ApplyError> {
+        let id = m.id;
         // References to rows merged away name the rows they merged into (decision 0008).
         let redirected;
         let ins = match self.redirected(id, &ins.new).await? {
@@ -60,18 +68,18 @@ impl ApplyWorker {
             None => ins,
         };
         if self.is_careful() {
-            return self.insert_carefully(ins).await;
+            return self.insert_carefully(m, ins).await;
         }
-        let write = self.map_for(id).expect("mapped").insert(&ins.new)?;
+        let write = m.insert(&ins.new)?;
         let Shape::Insert { columns, .. } = &write.shape else {
             unreachable!("RelationMap::insert makes Shape::Insert");
         };
         let same_run =
-            matches!(&self.run, Some(run) if run.relation_id == id && run.columns == *columns);
+            matches!(&self.run, Some(run) if run.mapped.id == id && run.columns == *columns);
         if !same_run {
             self.flush_inserts().await?;
             self.run = Some(InsertRun {
-                relation_id: id,
+                mapped: m.clone(),
                 columns: columns.clone(),
                 rows: Vec::new(),
                 copy: BytesMut::new(),
@@ -96,7 +104,7 @@ impl ApplyWorker {
         if !copy_text_row(&write.params, &mut run.copy) {
             self.rows_in_txn -= 1;
             return self
-                .execute(id, write, Tag::Insert { relation_id: id })
+                .execute(m, write, Tag::Insert { relation_id: id })
                 .await;
         }
         if run.copy.len() >= COPY_RUN_BYTES {
@@ -110,7 +118,7 @@ impl ApplyWorker {
         let Some(run) = self.run.take() else {
             return Ok(());
         };
-        let relation_id = run.relation_id;
+        let relation_id = run.mapped.id;
         if run.copy.is_empty() {
             let mut rows = run.rows.into_iter();
             for n in batch_sizes(rows.len(), run.columns.len()) {
@@ -120,7 +128,7 @@ impl ApplyWorker {
                     rows: n,
                 };
                 self.send_write(
-                    relation_id,
+                    &run.mapped,
                     RowWrite { shape, params },
                     Tag::Insert { relation_id },
                 )
@@ -130,7 +138,7 @@ impl ApplyWorker {
         }
         let stmt = self
             .statement(
-                relation_id,
+                &run.mapped,
                 Shape::Copy {
                     columns: run.columns,
                 },

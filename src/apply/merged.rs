@@ -10,6 +10,7 @@
 //! from a peer ([`ApplyWorker::learn_merge`]), and the node guard, which re-points rows
 //! that reached the table while a merge was being decided elsewhere ([`sweep`]).
 
+use crate::sql_error::SqlError;
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value as Json;
@@ -572,7 +573,7 @@ impl ApplyWorker {
         let what = format!("reading the foreign keys into {}.{}", table.0, table.1);
         let t = merge_target(&self.client, &table.0, &table.1)
             .await
-            .map_err(ApplyError::sql(what))?;
+            .map_err(SqlError::of(what))?;
         if let Some(t) = &t {
             self.merge_targets.insert(table.clone(), t.clone());
         }
@@ -598,14 +599,14 @@ impl ApplyWorker {
         let what = format!("merging a row of {}.{} into another", table.0, table.1);
         let merged = merge_away(&self.client, &target, loser, winner, 0)
             .await
-            .map_err(ApplyError::sql(what.clone()))?;
+            .map_err(SqlError::of(what.clone()))?;
         let by = self.node_name().to_string();
         let noted = note(&self.client, table, loser, winner, &by, None)
             .await
-            .map_err(ApplyError::sql(what.clone()))?;
+            .map_err(SqlError::of(what.clone()))?;
         let cascaded = note_cascaded(&self.client, &merged, &by)
             .await
-            .map_err(ApplyError::sql(what))?;
+            .map_err(SqlError::of(what))?;
         // This session's own notes: no reason to read the table again for them.
         self.merged_count += i64::from(noted) + cascaded;
         self.remember(&merged, Some((table, loser, winner)));
@@ -712,7 +713,7 @@ impl ApplyWorker {
         if let Some(target) = self.merge_target_of(&table).await? {
             let merged = merge_away(&self.client, &target, &loser, &known, 0)
                 .await
-                .map_err(ApplyError::sql(what.clone()))?;
+                .map_err(SqlError::of(what.clone()))?;
             tracing::info!(
                 link = %self.link, table = %format!("{}.{}", table.0, table.1), loser = ?loser, winner = ?known,
                 decided_by = %by, removed_here = merged.removed.is_some(), detail = %merged.describe(),
@@ -721,12 +722,12 @@ impl ApplyWorker {
             let node = self.node_name().to_string();
             self.merged_count += note_cascaded(&self.client, &merged, &node)
                 .await
-                .map_err(ApplyError::sql(what.clone()))?;
+                .map_err(SqlError::of(what.clone()))?;
             self.remember(&merged, None);
         }
         if note(&self.client, &table, &loser, &winner, &by, at.as_deref())
             .await
-            .map_err(ApplyError::sql(what))?
+            .map_err(SqlError::of(what))?
         {
             self.merged_count += 1;
         }
@@ -754,7 +755,7 @@ impl ApplyWorker {
             let (schema, name) = (map.target.schema.clone(), map.target.name.clone());
             let found = foreign_keys(&self.client, &schema, &name, false)
                 .await
-                .map_err(ApplyError::sql(format!(
+                .map_err(SqlError::of(format!(
                     "reading the foreign keys of {schema}.{name}"
                 )))?;
             let map = self.map_for(id).expect("checked above");
@@ -795,7 +796,7 @@ impl ApplyWorker {
     pub(super) async fn reload_merged(&mut self) -> Result<(), ApplyError> {
         self.flush_inserts().await?;
         self.flush().await?;
-        let (loaded, count) = load(&self.client).await.map_err(ApplyError::sql(
+        let (loaded, count) = load(&self.client).await.map_err(SqlError::of(
             "reading walsync.merged_keys (has walsync init run on this node?)",
         ))?;
         let mut map = self

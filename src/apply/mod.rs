@@ -47,20 +47,17 @@ pub use crate::merge::RemoteTxn;
 use crate::names::quote_literal;
 use crate::node::setup::ensure_origin;
 use crate::pgoutput::Truncate;
+use crate::sql_error::SqlError;
 use durability::Durability;
 use inserts::InsertRun;
 use param::Param;
 use pipeline::{Answer, Pipeline, Tag};
-use relations::{Gone, RelationEntry, RelationPolicy};
+use relations::{Gone, Mapped, RelationEntry, RelationPolicy, Target};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    #[error("{what}")]
-    Sql {
-        what: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
     #[error(transparent)]
     Statement(#[from] StatementError),
     #[error("table {table} does not exist on this node; the schemas differ (create it, or apply the missing DDL), then the link resumes")]
@@ -92,25 +89,11 @@ pub enum ApplyError {
     },
 }
 
-impl From<crate::sql_error::SqlError> for ApplyError {
-    fn from(e: crate::sql_error::SqlError) -> Self {
-        ApplyError::Sql {
-            what: e.what,
-            source: e.source,
-        }
-    }
-}
-
 impl ApplyError {
-    fn sql(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> ApplyError {
-        let what = what.into();
-        move |source| ApplyError::Sql { what, source }
-    }
-
     /// SQLSTATE of the underlying server error, if any.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
-            ApplyError::Sql { source, .. } => source.code().map(|c| c.code()),
+            ApplyError::Sql(e) => e.source.code().map(|c| c.code()),
             _ => None,
         }
     }
@@ -164,7 +147,7 @@ impl ApplyWorker {
         client
             .batch_execute("SET session_replication_role = replica")
             .await
-            .map_err(ApplyError::sql(
+            .map_err(SqlError::of(
                 "setting session_replication_role = replica (walsync's role must be a superuser)",
             ))?;
         // The progress read next must be durable before the stream reports it as the
@@ -173,13 +156,13 @@ impl ApplyWorker {
         client
             .batch_execute("SET synchronous_commit = on; BEGIN; SELECT txid_current(); COMMIT")
             .await
-            .map_err(ApplyError::sql("flushing the target's WAL"))?;
+            .map_err(SqlError::of("flushing the target's WAL"))?;
         // Commits need not wait for their flush: the upstream is acknowledged only up to
         // what pg_current_wal_flush_lsn() shows durable (DESIGN.md, "Apply").
         client
             .batch_execute("SET synchronous_commit = off")
             .await
-            .map_err(ApplyError::sql("setting synchronous_commit = off"))?;
+            .map_err(SqlError::of("setting synchronous_commit = off"))?;
         let xact_setup = client
             .prepare_typed(
                 &format!(
@@ -189,16 +172,14 @@ impl ApplyWorker {
                 &[Type::TEXT, Type::INT8],
             )
             .await
-            .map_err(ApplyError::sql(
-                "preparing pg_replication_origin_xact_setup",
-            ))?;
+            .map_err(SqlError::of("preparing pg_replication_origin_xact_setup"))?;
         client
             .execute(
                 "INSERT INTO walsync.link_progress (link, source_lsn) VALUES ($1, '0/0') ON CONFLICT (link) DO NOTHING",
                 &[&link],
             )
             .await
-            .map_err(ApplyError::sql("creating the link's progress row (has walsync init run on this node?)"))?;
+            .map_err(SqlError::of("creating the link's progress row (has walsync init run on this node?)"))?;
         let record_progress = client
             .prepare_typed(
                 // The update only succeeds on top of the previous transaction's progress;
@@ -215,7 +196,7 @@ impl ApplyWorker {
                 &[Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT],
             )
             .await
-            .map_err(ApplyError::sql("preparing the progress update"))?;
+            .map_err(SqlError::of("preparing the progress update"))?;
         Ok(ApplyWorker {
             client: Arc::new(client),
             link,
@@ -254,7 +235,7 @@ impl ApplyWorker {
                 &[&self.link],
             )
             .await
-            .map_err(ApplyError::sql(
+            .map_err(SqlError::of(
                 "reading walsync.link_progress (has walsync init run on this node?)",
             ))?;
         let lsn = match row {
@@ -293,7 +274,7 @@ impl ApplyWorker {
             self.flush().await?;
             ensure_origin(&self.client, &txn.origin)
                 .await
-                .map_err(ApplyError::sql(format!(
+                .map_err(SqlError::of(format!(
                     "creating replication origin {}",
                     txn.origin
                 )))?;
@@ -411,35 +392,22 @@ impl ApplyWorker {
                 | Tag::Row { relation_id, .. },
                 Err(source),
             ) => {
-                return Err(ApplyError::Sql {
-                    what: format!("applying a change to {}", self.table_name(relation_id)),
+                return Err(SqlError::new(
+                    format!("applying a change to {}", self.table_name(relation_id)),
                     source,
-                })
+                )
+                .into())
             }
             (Tag::Commit { .. }, Err(source)) => {
-                return Err(ApplyError::Sql {
-                    what: "committing the target transaction".into(),
-                    source,
-                })
+                return Err(SqlError::new("committing the target transaction", source).into())
             }
             (Tag::MergedKeys, Err(source)) => {
-                return Err(ApplyError::Sql {
-                    what: "counting walsync.merged_keys".into(),
-                    source,
-                })
+                return Err(SqlError::new("counting walsync.merged_keys", source).into())
             }
             (Tag::InsertPosition | Tag::FlushPosition, Err(source)) => {
-                return Err(ApplyError::Sql {
-                    what: "reading the target's WAL positions".into(),
-                    source,
-                })
+                return Err(SqlError::new("reading the target's WAL positions", source).into())
             }
-            (Tag::Other { what }, Err(source)) => {
-                return Err(ApplyError::Sql {
-                    what: what.into(),
-                    source,
-                })
-            }
+            (Tag::Other { what }, Err(source)) => return Err(SqlError::new(what, source).into()),
         }
         Ok(())
     }
@@ -525,22 +493,22 @@ impl ApplyWorker {
     /// Sends one change after any pending inserts (which come before it in the source).
     async fn execute(
         &mut self,
-        relation_id: u32,
+        mapped: &Mapped,
         write: RowWrite,
         tag: Tag,
     ) -> Result<(), ApplyError> {
         self.flush_inserts().await?;
         self.rows_in_txn += 1;
-        self.send_write(relation_id, write, tag).await
+        self.send_write(mapped, write, tag).await
     }
 
     async fn send_write(
         &mut self,
-        relation_id: u32,
+        mapped: &Mapped,
         write: RowWrite,
         tag: Tag,
     ) -> Result<(), ApplyError> {
-        let stmt = self.statement(relation_id, write.shape).await?;
+        let stmt = self.statement(mapped, write.shape).await?;
         let client = self.client.clone();
         let params = write.params;
         let bytes = params.iter().map(|v| v.as_bytes_len()).sum::<usize>() + 64;
@@ -570,10 +538,12 @@ impl ApplyWorker {
         let mut tables = Vec::new();
         for &id in &t.relation_ids {
             if self.replicates(id)? {
-                self.ensure_map(id).await?;
-                // A table dropped here has nothing left to truncate.
-                if let Some(map) = self.map_for(id) {
-                    tables.push(map.target.qualified());
+                match self.ensure_map(id).await? {
+                    Target::Whole(m) | Target::WithoutColumns(m, _) => {
+                        tables.push(m.target.qualified())
+                    }
+                    // A table dropped here has nothing left to truncate.
+                    Target::Dropped => {}
                 }
             }
         }

@@ -2,6 +2,9 @@
 //! read from the catalog on first use and the statements prepared for it, what this node
 //! dropped of it, and the table policy resolved against its columns.
 
+use std::sync::Arc;
+
+use crate::sql_error::SqlError;
 use tokio_postgres::Statement;
 
 use super::{catalog, dropped, ApplyError, ApplyWorker};
@@ -16,7 +19,7 @@ use crate::pgoutput::{Insert, Relation};
 pub(super) struct RelationEntry {
     pub(super) source: Relation,
     /// `None` until the first change needs it (the target catalog is read then).
-    pub(super) map: Option<RelationMap>,
+    pub(super) map: Option<Arc<RelationMap>>,
     /// How its conflicts are decided (from the table policy, set with the map).
     pub(super) policy: RelationPolicy,
     /// What this node dropped of it (found with the map): its changes are recorded, not
@@ -25,6 +28,46 @@ pub(super) struct RelationEntry {
     /// Its foreign keys into other tables' primary keys: read the first time a change
     /// of it is applied while any merge is known (decision 0008).
     pub(super) fks: Option<Vec<ForeignKey>>,
+}
+
+/// A relation whose target table is mapped here. Only [`ApplyWorker::ensure_map`] hands
+/// one out: the code that writes through it never asks whether the map is there. It
+/// keeps the map it was made with, also when a DDL replay makes the relation's map be
+/// read again.
+#[derive(Clone)]
+pub(super) struct Mapped {
+    pub(super) id: u32,
+    pub(super) map: Arc<RelationMap>,
+}
+
+impl std::ops::Deref for Mapped {
+    type Target = RelationMap;
+
+    fn deref(&self) -> &RelationMap {
+        &self.map
+    }
+}
+
+/// What a source relation is on this node.
+pub(super) enum Target {
+    /// Its table, whole.
+    Whole(Mapped),
+    /// Its table without the columns this node dropped (source indexes, ascending); the
+    /// map leaves them out.
+    WithoutColumns(Mapped, Vec<usize>),
+    /// This node dropped its table.
+    Dropped,
+}
+
+impl Target {
+    fn of(id: u32, map: Arc<RelationMap>, gone: &Gone) -> Target {
+        let mapped = Mapped { id, map };
+        match gone {
+            Gone::Nothing => Target::Whole(mapped),
+            Gone::Columns(columns) => Target::WithoutColumns(mapped, columns.clone()),
+            Gone::Table => Target::Dropped,
+        }
+    }
 }
 
 /// A relation the upstream still sends, that this node dropped (wholly or some columns).
@@ -61,7 +104,7 @@ impl ApplyWorker {
     /// A Relation message: (re)describes a source relation. Anything cached for it goes.
     /// Inserts decoded under the old description are sent first, with the old mapping.
     pub async fn on_relation(&mut self, rel: Relation) -> Result<(), ApplyError> {
-        if self.run.as_ref().is_some_and(|r| r.relation_id == rel.id) {
+        if self.run.as_ref().is_some_and(|r| r.mapped.id == rel.id) {
             self.flush_inserts().await?;
         }
         self.statements.retain(|(id, _), _| *id != rel.id);
@@ -95,16 +138,19 @@ impl ApplyWorker {
     pub(super) fn map_for(&self, relation_id: u32) -> Option<&RelationMap> {
         self.relations
             .get(&relation_id)
-            .and_then(|e| e.map.as_ref())
+            .and_then(|e| e.map.as_deref())
     }
 
-    pub(super) async fn ensure_map(&mut self, relation_id: u32) -> Result<(), ApplyError> {
+    /// The relation's target here, its table read from the catalog the first time.
+    pub(super) async fn ensure_map(&mut self, relation_id: u32) -> Result<Target, ApplyError> {
         let entry = self
             .relations
             .get(&relation_id)
             .ok_or(ApplyError::UnknownRelation(relation_id))?;
-        if entry.map.is_some() || entry.gone == Gone::Table {
-            return Ok(());
+        match (&entry.map, &entry.gone) {
+            (Some(map), gone) => return Ok(Target::of(relation_id, map.clone(), gone)),
+            (None, Gone::Table) => return Ok(Target::Dropped),
+            (None, _) => {}
         }
         // Direct requests wait for everything in flight (see `begin`); once per relation.
         self.flush().await?;
@@ -116,7 +162,7 @@ impl ApplyWorker {
         let Some(target) = catalog::target_table(&self.client, &namespace, &name).await? else {
             if dropped::table_was_dropped(&self.client, &namespace, &name).await? {
                 self.set_gone(relation_id, Gone::Table);
-                return Ok(());
+                return Ok(Target::Dropped);
             }
             return Err(ApplyError::MissingTable {
                 table: format!("{namespace}.{name}"),
@@ -125,7 +171,7 @@ impl ApplyWorker {
         let entry = self.relations.get(&relation_id).expect("checked above");
         let (source, gone) =
             dropped::without_dropped_columns(&self.client, &entry.source, &target).await?;
-        let map = RelationMap::new(&source, target)?;
+        let map = Arc::new(RelationMap::new(&source, target)?);
         let key = (entry.source.namespace.clone(), entry.source.name.clone());
         let mut policy = match self.policies.get(&key) {
             Some(p) => RelationPolicy {
@@ -160,15 +206,16 @@ impl ApplyWorker {
                 &[&map.target.schema, &map.target.name],
             )
             .await
-            .map_err(ApplyError::sql("reading walsync.ddl_warnings"))?
+            .map_err(SqlError::of("reading walsync.ddl_warnings"))?
             .get(0);
         policy.per_node_columns = map.source_indexes_of(&warned);
+        let target = Target::of(relation_id, map.clone(), &gone);
         if let Some(e) = self.relations.get_mut(&relation_id) {
             e.map = Some(map);
             e.policy = policy;
             e.gone = gone;
         }
-        Ok(())
+        Ok(target)
     }
 
     /// The prepared statement of `shape` on this relation. Prepared before it is pushed,
@@ -176,24 +223,21 @@ impl ApplyWorker {
     /// pushed future would let later requests overtake it).
     pub(super) async fn statement(
         &mut self,
-        relation_id: u32,
+        mapped: &Mapped,
         shape: Shape,
     ) -> Result<Statement, ApplyError> {
-        let key = (relation_id, shape);
+        let key = (mapped.id, shape);
         if let Some(stmt) = self.statements.get(&key) {
             return Ok(stmt.clone());
         }
         // Direct requests wait for everything in flight (see `begin`); once per shape.
         self.flush().await?;
-        let map = self
-            .map_for(relation_id)
-            .expect("ensure_map ran before statement");
-        let sql = map.sql(&key.1);
+        let sql = mapped.sql(&key.1);
         let stmt = self
             .client
             .prepare(&sql)
             .await
-            .map_err(ApplyError::sql(format!("preparing {sql}")))?;
+            .map_err(SqlError::of(format!("preparing {sql}")))?;
         self.statements.insert(key, stmt.clone());
         Ok(stmt)
     }

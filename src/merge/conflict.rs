@@ -12,7 +12,7 @@
 
 use serde_json::{Map, Value as Json};
 
-use crate::pgoutput::{Tuple, Value};
+use crate::pgoutput::{OldTuple, Tuple, Update, Value};
 
 /// Conflict kinds, named as PostgreSQL 18 names them (`pg_stat_subscription_stats`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,6 +294,120 @@ impl Rule {
             (false, rule) => Decision::SkipAndRecord(ConflictKind::InsertExists, rule),
         }
     }
+}
+
+/// What an update or a delete is decided against: the table's rule, the incoming
+/// version and the local row with its key, in source column order.
+pub struct Against<'a> {
+    pub rule: &'a Rule,
+    pub remote: &'a Version,
+    /// The local row's values (source column order) and version; `None`: no row here.
+    pub local: Option<(&'a [Option<String>], &'a Version)>,
+    /// Source columns each node filled with its own values (an open DDL warning): they
+    /// differ on purpose and are not compared.
+    pub per_node: &'a [usize],
+}
+
+impl Against<'_> {
+    /// Whether the change's old image is exactly the local row: its author saw this
+    /// version (only known under REPLICA IDENTITY FULL).
+    pub fn made_on_local(&self, old: Option<&OldTuple>) -> bool {
+        let (Some(OldTuple::Full(old)), Some((local, _))) = (old, self.local) else {
+            return false;
+        };
+        if self.per_node.is_empty() {
+            old_image_matches(old, local)
+        } else {
+            old_image_matches(&as_unsent(old, self.per_node), local)
+        }
+    }
+
+    /// The decision for an update or a delete made on the old image `old`.
+    pub fn decide(&self, is_delete: bool, old: Option<&OldTuple>) -> Decision {
+        self.rule.decide_change(
+            is_delete,
+            self.remote,
+            self.local.map(|(_, v)| v),
+            self.made_on_local(old),
+        )
+    }
+}
+
+/// What the update path writes and records for one incoming update.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpdatePlan {
+    pub decision: Decision,
+    /// The new image to write (source column order): under column-level merge, the
+    /// columns it must not write are marked as not sent.
+    pub new: Tuple,
+}
+
+/// Settles an incoming update against the local row: the row-level decision, then, for
+/// a table with `merge_columns` and a conflict either way, a column-level merge (only
+/// what this update changed and no one else did; a column both changed follows the
+/// row-level winner), recorded as `column_merge` if any column conflicted.
+pub fn settle_update(
+    against: &Against,
+    merge_columns_on: bool,
+    old: Option<&OldTuple>,
+    new: &Tuple,
+) -> UpdatePlan {
+    let decision = against.decide(false, old);
+    let (Some(OldTuple::Full(old)), Some((local, local_version))) = (old, against.local) else {
+        return UpdatePlan {
+            decision,
+            new: new.clone(),
+        };
+    };
+    if !merge_columns_on || decision == Decision::Apply {
+        return UpdatePlan {
+            decision,
+            new: new.clone(),
+        };
+    }
+    let remote_wins = against.rule.remote_wins(against.remote, local_version).0;
+    let (write, conflicted) = merge_columns(old, new, local, remote_wins);
+    let new = Tuple(
+        new.0
+            .iter()
+            .zip(write)
+            .map(|(v, w)| if w { v.clone() } else { Value::UnchangedToast })
+            .collect(),
+    );
+    let decision = if conflicted {
+        Decision::ApplyAndRecord(ConflictKind::UpdateOriginDiffers, COLUMN_MERGE)
+    } else {
+        Decision::Apply
+    };
+    UpdatePlan { decision, new }
+}
+
+/// An update with the node-local columns at `columns` (source indexes) marked as not
+/// sent: they are neither written nor compared. `None`: the update changed only such
+/// columns (a cron run on the author's node) and is nothing for this node.
+pub fn without_local_columns(upd: &Update, columns: &[usize]) -> Option<Update> {
+    let mask = |t: &Tuple| as_unsent(t, columns);
+    let masked = Update {
+        relation_id: upd.relation_id,
+        old: upd.old.as_ref().map(|o| match o {
+            OldTuple::Full(t) => OldTuple::Full(mask(t)),
+            key => key.clone(),
+        }),
+        new: mask(&upd.new),
+    };
+    match &masked.old {
+        Some(OldTuple::Full(old)) if *old == masked.new => None,
+        _ => Some(masked),
+    }
+}
+
+/// Whether an update of a table with counter columns changed any other column.
+pub fn changes_besides_counters(old: &Tuple, new: &Tuple, counters: &[usize]) -> bool {
+    new.0
+        .iter()
+        .zip(&old.0)
+        .enumerate()
+        .any(|(i, (n, o))| !counters.contains(&i) && !matches!(n, Value::UnchangedToast) && n != o)
 }
 
 /// The value the losing row of a unique-key collision gets in its text column: the old
@@ -671,6 +785,107 @@ mod tests {
             merge_columns(&old, &new, &local, false),
             (vec![false, true, false], false)
         );
+    }
+
+    #[test]
+    fn an_update_is_settled_against_the_local_row_whole_or_column_by_column() {
+        // id, name, phone. The author (b, at 5) changed the phone from the version it saw.
+        let old = OldTuple::Full(Tuple(vec![t("1"), t("Ann"), t("111")]));
+        let new = Tuple(vec![t("1"), t("Ann"), t("222")]);
+        let remote = v("walsync_b", 5);
+        // Here the name changed meanwhile, by a, later (at 7).
+        let local_version = v("walsync_a", 7);
+        let local = [Some("1".into()), Some("Anna".into()), Some("111".into())];
+        let against = Against {
+            rule: &LWW,
+            remote: &remote,
+            local: Some((&local, &local_version)),
+            per_node: &[],
+        };
+        // Row level: the later local version wins and the update is skipped.
+        assert_eq!(
+            settle_update(&against, false, Some(&old), &new),
+            UpdatePlan {
+                decision: Decision::SkipAndRecord(
+                    ConflictKind::UpdateOriginDiffers,
+                    LAST_WRITER_WINS
+                ),
+                new: new.clone()
+            }
+        );
+        // Column level: the phone is written, the name left alone, nothing conflicted.
+        assert_eq!(
+            settle_update(&against, true, Some(&old), &new),
+            UpdatePlan {
+                decision: Decision::Apply,
+                new: Tuple(vec![Value::UnchangedToast, Value::UnchangedToast, t("222")])
+            }
+        );
+        // Made on exactly the local version: no conflict, written whole.
+        let seen = [Some("1".into()), Some("Ann".into()), Some("111".into())];
+        let on_seen = Against {
+            local: Some((&seen, &local_version)),
+            remote: &v("walsync_b", 9),
+            ..against
+        };
+        assert_eq!(
+            settle_update(&on_seen, true, Some(&old), &new).decision,
+            Decision::Apply
+        );
+        // A column each node filled itself differs on purpose and is not compared.
+        let filled = [Some("1".into()), Some("Ann".into()), Some("here".into())];
+        let per_node = Against {
+            local: Some((&filled, &local_version)),
+            per_node: &[2],
+            ..on_seen
+        };
+        assert!(per_node.made_on_local(Some(&old)));
+        assert!(!Against {
+            per_node: &[],
+            ..per_node
+        }
+        .made_on_local(Some(&old)));
+        // No local row: nothing to update, skipped and recorded.
+        let missing = Against {
+            local: None,
+            ..against
+        };
+        assert_eq!(
+            settle_update(&missing, true, Some(&old), &new).decision,
+            Decision::SkipAndRecord(ConflictKind::UpdateMissing, NO_LOCAL_ROW)
+        );
+    }
+
+    #[test]
+    fn node_local_columns_and_counters_are_left_out_of_an_update() {
+        // id, qty (a counter), last_run (node-local).
+        let upd = |old: [&str; 3], new: [&str; 3]| Update {
+            relation_id: 1,
+            old: Some(OldTuple::Full(Tuple(old.iter().map(|x| t(x)).collect()))),
+            new: Tuple(new.iter().map(|x| t(x)).collect()),
+        };
+        // Only the local column changed: nothing for this node.
+        assert_eq!(
+            without_local_columns(&upd(["1", "5", "mon"], ["1", "5", "tue"]), &[2]),
+            None
+        );
+        let masked = without_local_columns(&upd(["1", "5", "mon"], ["1", "6", "tue"]), &[2])
+            .expect("the counter changed");
+        assert_eq!(masked.new.0[2], Value::UnchangedToast);
+        assert_eq!(
+            masked.old,
+            Some(OldTuple::Full(Tuple(vec![
+                t("1"),
+                t("5"),
+                Value::UnchangedToast
+            ])))
+        );
+        let (old, new) = (
+            Tuple(vec![t("1"), t("5"), t("mon")]),
+            Tuple(vec![t("1"), t("6"), t("mon")]),
+        );
+        assert!(!changes_besides_counters(&old, &new, &[1]));
+        assert!(changes_besides_counters(&old, &new, &[]));
     }
 
     #[test]

@@ -11,6 +11,7 @@ use tokio_postgres::Client;
 use crate::config::{Config, NodeRef};
 use crate::names::{PgName, PUBLICATION};
 use crate::node::connect::{connect, ConnectError};
+use crate::sql_error::SqlError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -34,12 +35,11 @@ pub enum SetupError {
         #[source]
         source: crate::sequences::SequenceError,
     },
-    #[error("node {node}: {what}")]
+    #[error("node {node}")]
     Sql {
         node: String,
-        what: String,
         #[source]
-        source: tokio_postgres::Error,
+        source: SqlError,
     },
 }
 
@@ -150,7 +150,10 @@ fn sql_err(
 ) -> impl FnOnce(tokio_postgres::Error) -> SetupError {
     let node = node.name.to_string();
     let what = what.into();
-    move |source| SetupError::Sql { node, what, source }
+    move |source| SetupError::Sql {
+        node,
+        source: SqlError::new(what, source),
+    }
 }
 
 pub async fn init_node(config: &Config) -> Result<SetupReport, SetupError> {

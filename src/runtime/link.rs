@@ -688,10 +688,10 @@ async fn refuse_removed(client: &tokio_postgres::Client, spec: &LinkSpec) -> Res
         crate::node::fence::removed(client, &names),
     )
     .await?
-    .map_err(|source| ApplyError::Sql {
-        what: "reading walsync.removed_nodes".into(),
-        source,
-    })?;
+    .map_err(crate::sql_error::SqlError::of(
+        "reading walsync.removed_nodes",
+    ))
+    .map_err(ApplyError::from)?;
     match removal {
         Some(r) => Err(LinkError::Removed(r)),
         None => Ok(()),

@@ -58,12 +58,8 @@ pub enum SpoolError {
     Connect(#[from] ConnectError),
     #[error(transparent)]
     Stream(#[from] StreamError),
-    #[error("{what}: {source}")]
-    Sql {
-        what: String,
-        #[source]
-        source: tokio_postgres::Error,
-    },
+    #[error(transparent)]
+    Sql(#[from] SqlError),
     #[error("spool segment {end_lsn} of slot {slot}: {source}; the changes in it cannot be replayed: the peer must be joined again (walsync remove-node, then walsync join)")]
     Damaged {
         slot: String,
@@ -71,20 +67,6 @@ pub enum SpoolError {
         #[source]
         source: format::FormatError,
     },
-}
-
-impl From<SqlError> for SpoolError {
-    fn from(e: SqlError) -> Self {
-        SpoolError::Sql {
-            what: e.what,
-            source: e.source,
-        }
-    }
-}
-
-fn sql(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> SpoolError {
-    let what = what.into();
-    move |source| SpoolError::Sql { what, source }
 }
 
 /// The advisory lock both the spooler and the link hold while they read `slot`.
@@ -171,7 +153,7 @@ async fn spool_slot(
     let mut ctl = connect(dsn, &app).await?;
     ctl.batch_execute("SET synchronous_commit = on")
         .await
-        .map_err(sql("setting synchronous_commit"))?;
+        .map_err(SqlError::of("setting synchronous_commit"))?;
     let locked = slots::take_lock(&ctl, slot, "taking the spool lock").await?;
     if !locked {
         return Ok(()); // a link holds it: it streams or replays the slot
@@ -182,7 +164,7 @@ async fn spool_slot(
             &[&slot],
         )
         .await
-        .map_err(sql("reading the slot"))?
+        .map_err(SqlError::of("reading the slot"))?
         .get(0);
     if active {
         return Ok(());
@@ -196,7 +178,7 @@ async fn spool_slot(
             &[&slot],
         )
         .await
-        .map_err(sql("reading how far the slot was spooled"))?
+        .map_err(SqlError::of("reading how far the slot was spooled"))?
         .get(0);
     let start: Lsn = spooled.parse().unwrap_or(Lsn::ZERO);
     let mut stream = NodeStream::open(dsn, slot, start, &format!("{app} stream")).await?;
@@ -347,18 +329,18 @@ impl Spool {
             None => {
                 ctl.batch_execute("BEGIN")
                     .await
-                    .map_err(sql("opening a spool transaction"))?;
+                    .map_err(SqlError::of("opening a spool transaction"))?;
                 let oid: u32 = ctl
                     .query_one("SELECT lo_create(0)", &[])
                     .await
-                    .map_err(sql("creating a spool segment"))?
+                    .map_err(SqlError::of("creating a spool segment"))?
                     .get(0);
                 (oid, 0)
             }
         };
         ctl.execute("SELECT lo_put($1, $2, $3)", &[&oid, &offset, &chunk])
             .await
-            .map_err(sql("writing a spool segment"))?;
+            .map_err(SqlError::of("writing a spool segment"))?;
         self.object = Some((oid, offset + chunk.len() as i64));
         Ok(())
     }
@@ -370,7 +352,7 @@ impl Spool {
         if self.object.take().is_some() {
             ctl.batch_execute("ROLLBACK")
                 .await
-                .map_err(sql("dropping a spool segment of bookkeeping only"))?;
+                .map_err(SqlError::of("dropping a spool segment of bookkeeping only"))?;
         }
         Ok(())
     }
@@ -403,10 +385,10 @@ impl Spool {
             &[&slot, &end.to_string(), &start.to_string(), &oid, &bytes, &txns],
         )
         .await
-        .map_err(sql("cataloging a spool segment"))?;
+        .map_err(SqlError::of("cataloging a spool segment"))?;
         ctl.batch_execute("COMMIT")
             .await
-            .map_err(sql("committing a spool segment"))?;
+            .map_err(SqlError::of("committing a spool segment"))?;
         tracing::debug!(slot, %end, bytes, txns, "spool segment written");
         Ok(end)
     }
@@ -432,7 +414,7 @@ pub async fn segments_after(
             &[&slot, &progress.to_string()],
         )
         .await
-        .map_err(sql(
+        .map_err(SqlError::of(
             "listing spool segments (has walsync init run on the upstream?)",
         ))?;
     Ok(rows
@@ -456,7 +438,10 @@ impl Segment {
         Ok(control
             .query_one("SELECT lo_get($1, $2, $3)", &[&self.oid, &offset, &len])
             .await
-            .map_err(sql(format!("reading spool segment {}", self.end_lsn)))?
+            .map_err(SqlError::of(format!(
+                "reading spool segment {}",
+                self.end_lsn
+            )))?
             .get(0))
     }
 
@@ -486,7 +471,7 @@ pub async fn forget_applied(control: &Client, slot: &str, durable: Lsn) -> Resul
             &[&slot, &durable.to_string()],
         )
         .await
-        .map_err(sql(
+        .map_err(SqlError::of(
             "deleting applied spool segments (has walsync init run on the upstream with this version?)",
         ))?;
     Ok(row.get::<_, i64>(0) as u64)
