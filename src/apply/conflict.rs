@@ -70,11 +70,15 @@ impl ApplyWorker {
     }
 
     /// `upd` with its references to merged-away rows redirected, old image and new.
-    async fn redirected_update(&mut self, upd: &Update) -> Result<Option<Update>, ApplyError> {
+    async fn redirected_update(
+        &mut self,
+        m: &Mapped,
+        upd: &Update,
+    ) -> Result<Option<Update>, ApplyError> {
         let id = upd.relation_id;
-        let new = self.redirected(id, &upd.new).await?;
+        let new = self.redirected(m, &upd.new).await?;
         let old = match &upd.old {
-            Some(OldTuple::Full(old)) => self.redirected(id, old).await?.map(OldTuple::Full),
+            Some(OldTuple::Full(old)) => self.redirected(m, old).await?.map(OldTuple::Full),
             _ => None,
         };
         if new.is_none() && old.is_none() {
@@ -211,7 +215,7 @@ impl ApplyWorker {
         // References to rows merged away name the rows they merged into, in the old image
         // too, so that it still matches the local row (decision 0008).
         let redirected;
-        let upd = match self.redirected_update(upd).await? {
+        let upd = match self.redirected_update(m, upd).await? {
             Some(u) => {
                 redirected = u;
                 &redirected
@@ -322,7 +326,7 @@ impl ApplyWorker {
         let id = del.relation_id;
         let redirected;
         let del = match &del.old {
-            OldTuple::Full(old) => match self.redirected(id, old).await? {
+            OldTuple::Full(old) => match self.redirected(m, old).await? {
                 Some(old) => {
                     redirected = Delete {
                         relation_id: id,

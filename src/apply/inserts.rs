@@ -57,7 +57,7 @@ impl ApplyWorker {
         let id = m.id;
         // References to rows merged away name the rows they merged into (decision 0008).
         let redirected;
-        let ins = match self.redirected(id, &ins.new).await? {
+        let ins = match self.redirected(m, &ins.new).await? {
             Some(new) => {
                 redirected = Insert {
                     relation_id: id,

@@ -17,7 +17,7 @@ use serde_json::Value as Json;
 use tokio_postgres::Client;
 
 use super::param::Param;
-use super::{as_params, unless_duplicate, ApplyError, ApplyWorker, Tried};
+use super::{as_params, unless_duplicate, ApplyError, ApplyWorker, Mapped, Tried};
 use crate::merge::keys::{redirect, stays, ForeignKey, KeyMap, TableName};
 use crate::names::quote_ident;
 use crate::pgoutput::{Insert, Tuple, Value};
@@ -740,25 +740,23 @@ impl ApplyWorker {
     /// I/O once the relation's foreign keys are known).
     pub(super) async fn redirected(
         &mut self,
-        id: u32,
+        m: &Mapped,
         tuple: &Tuple,
     ) -> Result<Option<Tuple>, ApplyError> {
+        let id = m.id;
         if self.with_merges(KeyMap::is_empty) {
             return Ok(None);
         }
         if self.relations.get(&id).is_some_and(|e| e.fks.is_none()) {
             self.flush_inserts().await?;
             self.flush().await?;
-            let Some(map) = self.map_for(id) else {
-                return Ok(None);
-            };
-            let (schema, name) = (map.target.schema.clone(), map.target.name.clone());
+            let (schema, name) = (m.target.schema.clone(), m.target.name.clone());
             let found = foreign_keys(&self.client, &schema, &name, false)
                 .await
                 .map_err(SqlError::of(format!(
                     "reading the foreign keys of {schema}.{name}"
                 )))?;
-            let map = self.map_for(id).expect("checked above");
+            let map = &m.map;
             let fks: Vec<ForeignKey> = found
                 .into_iter()
                 .filter_map(|(references, columns)| {

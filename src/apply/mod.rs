@@ -111,7 +111,6 @@ pub struct ApplyWorker {
     /// Which confirmed commits are flushed on the target.
     durability: Durability,
     run: Option<InsertRun>,
-    xact_setup: Statement,
     record_progress: Statement,
     record_conflict: Option<Statement>,
     /// Origin name of writes made on the target itself (`walsync_<target node>`).
@@ -163,16 +162,6 @@ impl ApplyWorker {
             .batch_execute("SET synchronous_commit = off")
             .await
             .map_err(SqlError::of("setting synchronous_commit = off"))?;
-        let xact_setup = client
-            .prepare_typed(
-                &format!(
-                    "SELECT pg_replication_origin_xact_setup($1::text::pg_lsn, {})",
-                    timestamp_sql("$2::int8")
-                ),
-                &[Type::TEXT, Type::INT8],
-            )
-            .await
-            .map_err(SqlError::of("preparing pg_replication_origin_xact_setup"))?;
         client
             .execute(
                 "INSERT INTO walsync.link_progress (link, source_lsn) VALUES ($1, '0/0') ON CONFLICT (link) DO NOTHING",
@@ -186,14 +175,18 @@ impl ApplyWorker {
                 // otherwise it fails (division by zero), so that after a failed source
                 // transaction no later one commits: requests are pipelined, and PostgreSQL
                 // turns the failed one's COMMIT into a ROLLBACK and would run the next.
+                // The same statement marks the transaction as replaying the author's
+                // (origin LSN and commit time, read at COMMIT): one request per transaction
+                // for both.
                 &format!(
                     "WITH u AS (UPDATE walsync.link_progress SET source_lsn = $2::text::pg_lsn, \
-                       source_commit_time = {}, transactions = transactions + 1, applied_at = now() \
-                       WHERE link = $1 AND source_lsn = $4::text::pg_lsn RETURNING 1) \
-                     SELECT 1 / count(*)::int FROM u",
-                    timestamp_sql("$3::int8")
+                       source_commit_time = {time}, transactions = transactions + 1, applied_at = now() \
+                       WHERE link = $1 AND source_lsn = $4::text::pg_lsn RETURNING 1), \
+                     o AS (SELECT pg_replication_origin_xact_setup($5::text::pg_lsn, {time})) \
+                     SELECT 1 / count(*)::int FROM u, o",
+                    time = timestamp_sql("$3::int8")
                 ),
-                &[Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT],
+                &[Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT, Type::TEXT],
             )
             .await
             .map_err(SqlError::of("preparing the progress update"))?;
@@ -208,7 +201,6 @@ impl ApplyWorker {
             pipeline: Pipeline::default(),
             durability: Durability::default(),
             run: None,
-            xact_setup,
             record_progress,
             record_conflict: None,
             local_origin,
@@ -288,16 +280,6 @@ impl ApplyWorker {
         }
         self.send_batch("BEGIN".into(), "opening the target transaction")
             .await?;
-        let (client, stmt) = (self.client.clone(), self.xact_setup.clone());
-        let (lsn, time) = (txn.origin_lsn.to_string(), txn.commit_time_us);
-        self.send(
-            Tag::Other {
-                what: "setting the origin's lsn and commit time",
-            },
-            64,
-            async move { client.execute(&stmt, &[&lsn, &time]).await },
-        )
-        .await?;
         self.open = Some(txn.clone());
         self.rows_in_txn = 0;
         Ok(())
@@ -577,14 +559,15 @@ impl ApplyWorker {
         let (client, stmt) = (self.client.clone(), self.record_progress.clone());
         let (link, end, time) = (self.link.clone(), end_lsn.to_string(), txn.commit_time_us);
         let previous = std::mem::replace(&mut self.last_progress, end_lsn).to_string();
+        let origin_lsn = txn.origin_lsn.to_string();
         self.send(
             Tag::Other {
-                what: "recording the link's progress",
+                what: "recording the link's progress and the origin's lsn and commit time",
             },
-            128,
+            160,
             async move {
                 client
-                    .execute(&stmt, &[&link, &end, &time, &previous])
+                    .execute(&stmt, &[&link, &end, &time, &previous, &origin_lsn])
                     .await
             },
         )

@@ -18,6 +18,9 @@ use crate::pgoutput::{Insert, Relation};
 /// What the applier knows about one source relation.
 pub(super) struct RelationEntry {
     pub(super) source: Relation,
+    /// Whether its changes are applied at all (read once per Relation message: it is
+    /// asked at every change).
+    pub(super) travels: bool,
     /// `None` until the first change needs it (the target catalog is read then).
     pub(super) map: Option<Arc<RelationMap>>,
     /// How its conflicts are decided (from the table policy, set with the map).
@@ -108,9 +111,14 @@ impl ApplyWorker {
             self.flush_inserts().await?;
         }
         self.statements.retain(|(id, _), _| *id != rel.id);
+        let local = self
+            .policies
+            .get(&(rel.namespace.clone(), rel.name.clone()))
+            .is_some_and(|p| p.local);
         self.relations.insert(
             rel.id,
             RelationEntry {
+                travels: relation_travels(&rel.namespace, &rel.name, local),
                 policy: RelationPolicy::default(),
                 gone: Gone::Nothing,
                 source: rel,
@@ -123,22 +131,10 @@ impl ApplyWorker {
 
     /// Whether changes to this relation are applied at all.
     pub fn replicates(&self, relation_id: u32) -> Result<bool, ApplyError> {
-        let e = self
-            .relations
-            .get(&relation_id)
-            .ok_or(ApplyError::UnknownRelation(relation_id))?;
-        let (namespace, name) = (&e.source.namespace, &e.source.name);
-        let local = self
-            .policies
-            .get(&(namespace.clone(), name.clone()))
-            .is_some_and(|p| p.local);
-        Ok(relation_travels(namespace, name, local))
-    }
-
-    pub(super) fn map_for(&self, relation_id: u32) -> Option<&RelationMap> {
         self.relations
             .get(&relation_id)
-            .and_then(|e| e.map.as_deref())
+            .map(|e| e.travels)
+            .ok_or(ApplyError::UnknownRelation(relation_id))
     }
 
     /// The relation's target here, its table read from the catalog the first time.

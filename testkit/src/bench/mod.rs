@@ -1,0 +1,738 @@
+//! `walsync-bench`: catch-up speed against PostgreSQL's native logical replication, in the
+//! same run on the same machine, as a star's hub serves its branches; and the sidecar's
+//! peak memory on one huge transaction.
+//!
+//! Catch-up: one upstream cluster ("main") and, per consumer kind, `--downstream` target
+//! clusters that all pull from it at once: native subscriptions (one per target, each
+//! with its own slot) and walsync sidecars (one per target, each running its link from
+//! main). Every cluster runs with PostgreSQL's default durability (`fsync = on`,
+//! `synchronous_commit = on` for clients; native's apply workers commit with the
+//! subscription's default `synchronous_commit = off`, walsync's applier likewise, and
+//! both acknowledge only what is flushed). For each `--txn-rows` size and each round, a
+//! backlog of `--rows` order lines is written on main while every consumer is stopped;
+//! then all native subscriptions start at once and are timed until the first target
+//! holds the backlog's first row and its last row, then the same for the walsync sidecars.
+//! The ratio is walsync rows/s ÷ native rows/s on the first target (above 1.0: walsync is
+//! faster); the median over the rounds is reported, with the time to the first row.
+//!
+//! Memory (`--big-txn N`): one source transaction of N rows is applied by a `walsync run`
+//! child process, whose peak RSS (VmHWM) is read from /proc when it is done.
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+mod load;
+
+use crate::localpg::LocalCluster;
+use crate::RunResult as CliResult;
+use walsync::config::{Config, Dsn};
+use walsync::node::connect::connect;
+use walsync::node::setup::init_node;
+use walsync::runtime::{run_sidecar, shutdown_channel};
+
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "walsync-bench",
+    version,
+    about = "Catch-up speed and CPU against native logical replication (and peak memory on one huge transaction)"
+)]
+pub struct BenchArgs {
+    /// Rows in each catch-up backlog (0 skips the catch-up comparison).
+    #[arg(long, default_value_t = 200_000)]
+    pub rows: u64,
+    /// Rows per source transaction in the backlog; several sizes are measured in turn.
+    #[arg(long, value_delimiter = ',', default_values_t = [100u64, 10])]
+    pub txn_rows: Vec<u64>,
+    /// Rounds per size (a new backlog each); the median ratio is the result.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Targets that pull from the one upstream at once, per consumer kind.
+    #[arg(long, default_value_t = 2)]
+    pub downstream: u32,
+    /// Also apply one transaction of this many rows and report the sidecar's peak RSS.
+    #[arg(long, default_value_t = 0)]
+    pub big_txn: u64,
+    /// Steady load: POS transactions per second on main (one order and five lines each,
+    /// pgbench with 4 clients) while targets pull; 0 skips it.
+    #[arg(long, default_value_t = 0)]
+    pub load_tps: u32,
+    /// Seconds of steady load per measurement.
+    #[arg(long, default_value_t = 30)]
+    pub load_secs: u32,
+    /// Under steady load: how many targets of each kind pull at once, one measurement
+    /// each (1,2,4,8 draws what each branch costs main).
+    #[arg(long, value_delimiter = ',', default_values_t = [2u32])]
+    pub branches: Vec<u32>,
+}
+
+const SCHEMA: &str = "CREATE TABLE pos_order_line (
+    id serial PRIMARY KEY, order_id integer NOT NULL, product_id integer NOT NULL,
+    qty numeric NOT NULL, price_unit numeric(12,2) NOT NULL, name text, create_date timestamp NOT NULL DEFAULT now());
+  CREATE TABLE pos_order (
+    id serial PRIMARY KEY, name text NOT NULL, amount numeric(12,2) NOT NULL,
+    created timestamptz NOT NULL DEFAULT clock_timestamp())";
+
+/// On the targets only: when each order arrived there (the steady-load lag is `arrived -
+/// created`, both read from the one clock of this machine).
+const ARRIVED: &str =
+    "ALTER TABLE pos_order ADD COLUMN arrived timestamptz DEFAULT clock_timestamp()";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The consumers of one kind: native subscriptions or walsync sidecars.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Native,
+    Walsync,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Native => "native",
+            Kind::Walsync => "walsync",
+        }
+    }
+
+    /// The slot on main that target `i` (from 0) of this kind reads.
+    fn slot(self, i: usize) -> String {
+        match self {
+            Kind::Native => format!("bench_native_{}", i + 1),
+            Kind::Walsync => format!("walsync_to_branch{}", i + 1),
+        }
+    }
+
+    /// The processes on a target that apply what its slot sends.
+    fn appliers_sql(self) -> &'static str {
+        match self {
+            Kind::Native => "SELECT pid FROM pg_stat_subscription WHERE pid IS NOT NULL",
+            Kind::Walsync => {
+                "SELECT pid FROM pg_stat_activity WHERE application_name LIKE 'walsync %->% apply'"
+            }
+        }
+    }
+}
+
+struct Bench {
+    dir: PathBuf,
+    source: LocalCluster,
+    natives: Vec<LocalCluster>,
+    walsyncs: Vec<LocalCluster>,
+    /// One sidecar config per walsync target.
+    configs: Vec<Config>,
+    config_paths: Vec<PathBuf>,
+}
+
+impl Bench {
+    fn targets(&self, kind: Kind) -> &[LocalCluster] {
+        match kind {
+            Kind::Native => &self.natives,
+            Kind::Walsync => &self.walsyncs,
+        }
+    }
+}
+
+/// The sidecars of the first `n` walsync targets, running in this process.
+struct Sidecars {
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Sidecars {
+    fn start(b: &Bench, n: usize) -> Sidecars {
+        let (stop, rx) = shutdown_channel();
+        let tasks = b.configs[..n]
+            .iter()
+            .map(|c| {
+                let (config, rx) = (c.clone(), rx.clone());
+                tokio::spawn(async move {
+                    let _ = run_sidecar(&config, rx).await;
+                })
+            })
+            .collect();
+        Sidecars { stop, tasks }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+pub async fn run(args: BenchArgs) -> CliResult {
+    let dir = std::env::temp_dir().join(format!("walsync-bench-{}", std::process::id()));
+    let result = bench(&args, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+async fn start(dir: &Path, name: String) -> Result<LocalCluster, BoxError> {
+    let path = dir.join(&name);
+    let pg = tokio::task::spawn_blocking(move || LocalCluster::start(&path, &name)).await??;
+    // PostgreSQL's default durability (the local clusters run with fsync off otherwise).
+    sql(&pg, "ALTER SYSTEM SET fsync = on").await?;
+    sql(&pg, "SELECT pg_reload_conf()").await?;
+    Ok(pg)
+}
+
+async fn sql(pg: &LocalCluster, sql: &str) -> Result<(), BoxError> {
+    Ok(connect(&Dsn::new(pg.dsn()), "walsync bench")
+        .await?
+        .batch_execute(sql)
+        .await?)
+}
+
+async fn count(pg: &LocalCluster) -> Result<i64, BoxError> {
+    let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
+    Ok(c.query_one("SELECT count(*) FROM pos_order_line", &[])
+        .await?
+        .get(0))
+}
+
+/// Polls until the target holds the row with id `id`; returns the time taken from
+/// `since`. An index probe, so that polling costs the target nothing.
+async fn wait_row(
+    pg: &LocalCluster,
+    table: &str,
+    id: i32,
+    since: Instant,
+    deadline: Duration,
+) -> Result<Duration, BoxError> {
+    let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
+    let probe = c
+        .prepare(&format!(
+            "SELECT EXISTS (SELECT 1 FROM {table} WHERE id = $1)"
+        ))
+        .await?;
+    loop {
+        let there: bool = c.query_one(&probe, &[&id]).await?.get(0);
+        if there {
+            return Ok(since.elapsed());
+        }
+        if since.elapsed() > deadline {
+            return Err(format!(
+                "{} lacks {table} row {id} after {} s",
+                pg.name(),
+                deadline.as_secs()
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The first target's times to the backlog's first and last row, and every target's
+/// time to its last row.
+async fn time_targets(
+    targets: &[LocalCluster],
+    first: i32,
+    last: i32,
+    t0: Instant,
+) -> Result<(Duration, Duration), BoxError> {
+    let deadline = Duration::from_secs(1800);
+    let first_row = wait_row(&targets[0], "pos_order_line", first, t0, deadline).await?;
+    let mut all = Vec::new();
+    for t in targets {
+        all.push(wait_row(t, "pos_order_line", last, t0, deadline).await?);
+    }
+    Ok((first_row, all[0]))
+}
+
+async fn id_range(pg: &LocalCluster, above: i32) -> Result<(i32, i32), BoxError> {
+    let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
+    let r = c
+        .query_one(
+            "SELECT coalesce(min(id), 0), coalesce(max(id), 0) FROM pos_order_line WHERE id > $1",
+            &[&above],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1)))
+}
+
+async fn setup(dir: &Path, downstream: u32) -> Result<Bench, BoxError> {
+    std::fs::create_dir_all(dir)?;
+    let source = start(dir, "main".into()).await?;
+    let mut natives = Vec::new();
+    let mut walsyncs = Vec::new();
+    for i in 1..=downstream {
+        natives.push(start(dir, format!("native{i}")).await?);
+        walsyncs.push(start(dir, format!("branch{i}")).await?);
+    }
+    for pg in std::iter::once(&source).chain(&natives).chain(&walsyncs) {
+        sql(pg, SCHEMA).await?;
+    }
+    for pg in natives.iter().chain(&walsyncs) {
+        sql(pg, ARRIVED).await?;
+    }
+    // Main as a star's hub with every walsync target as a branch; each branch's sidecar
+    // pulls from main.
+    let mut main_text = format!(
+        "[cluster]\ntopology = \"star\"\nhub = \"main\"\n[node]\nname = \"main\"\nid = 1\ndsn = \"{}\"\n",
+        source.dsn()
+    );
+    let mut configs = Vec::new();
+    let mut config_paths = Vec::new();
+    for (i, pg) in walsyncs.iter().enumerate() {
+        let (name, id) = (format!("branch{}", i + 1), i + 2);
+        main_text.push_str(&format!(
+            "[[peers]]\nname = \"{name}\"\nid = {id}\ndsn = \"{}\"\nlinks = \"none\"\n",
+            pg.dsn()
+        ));
+        let text = format!(
+            "[cluster]\ntopology = \"star\"\nhub = \"main\"\n[node]\nname = \"{name}\"\nid = {id}\ndsn = \"{}\"\n\
+             [[peers]]\nname = \"main\"\nid = 1\ndsn = \"{}\"\nlinks = \"pull\"\n",
+            pg.dsn(),
+            source.dsn()
+        );
+        let path = dir.join(format!("{name}.toml"));
+        std::fs::write(&path, &text)?;
+        configs.push(Config::from_toml(&text, &path, std::iter::empty())?);
+        config_paths.push(path);
+    }
+    init_node(&Config::from_toml(
+        &main_text,
+        &dir.join("main.toml"),
+        std::iter::empty(),
+    )?)
+    .await?;
+    for c in &configs {
+        init_node(c).await?;
+    }
+    sql(
+        &source,
+        "CREATE PUBLICATION bench_native FOR TABLE pos_order_line, pos_order",
+    )
+    .await?;
+    for (i, native) in natives.iter().enumerate() {
+        // The launcher starts a subscription's worker at most once per
+        // wal_retrieve_retry_interval (5 s by default): without this, every round after
+        // the first would charge native with that wait.
+        sql(
+            native,
+            "ALTER SYSTEM SET wal_retrieve_retry_interval = '50ms'",
+        )
+        .await?;
+        sql(native, "SELECT pg_reload_conf()").await?;
+        sql(
+            native,
+            &format!(
+                "CREATE SUBSCRIPTION bench_native CONNECTION '{}' PUBLICATION bench_native \
+                 WITH (copy_data = false, enabled = false, slot_name = 'bench_native_{}')",
+                source.dsn(),
+                i + 1
+            ),
+        )
+        .await?;
+    }
+    Ok(Bench {
+        dir: dir.to_path_buf(),
+        source,
+        natives,
+        walsyncs,
+        configs,
+        config_paths,
+    })
+}
+
+/// One size's results over its rounds.
+struct Rounds {
+    ratios: Vec<f64>,
+    native_rate: Vec<f64>,
+    walsync_rate: Vec<f64>,
+    native_first: Vec<f64>,
+    walsync_first: Vec<f64>,
+    /// CPU seconds per 100,000 applied rows, every process of every path counted.
+    native_cpu: Vec<PathCpu>,
+    walsync_cpu: Vec<PathCpu>,
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+fn cpu_seconds(pid: i32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / clock_ticks_per_second()
+}
+
+/// `getconf CLK_TCK`: 100 on Linux unless configured otherwise.
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// The server processes an SQL query on `pg` lists (its first column: pids).
+async fn pids(pg: &LocalCluster, sql: &str) -> Result<Vec<i32>, BoxError> {
+    let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
+    Ok(c.query(sql, &[]).await?.iter().map(|r| r.get(0)).collect())
+}
+
+/// CPU seconds one consumer kind's path used, by role.
+#[derive(Debug, Default, Clone, Copy)]
+struct PathCpu {
+    /// The walsenders on main that serve the kind's slots.
+    senders: f64,
+    /// The target processes that apply (native apply workers; walsync's apply sessions).
+    appliers: f64,
+    /// The sidecars (walsync only: they run in this process).
+    sidecars: f64,
+}
+
+impl PathCpu {
+    fn total(&self) -> f64 {
+        self.senders + self.appliers + self.sidecars
+    }
+
+    fn minus(self, before: PathCpu) -> PathCpu {
+        PathCpu {
+            senders: self.senders - before.senders,
+            appliers: self.appliers - before.appliers,
+            sidecars: self.sidecars - before.sidecars,
+        }
+    }
+
+    fn per_100k(self, rows: f64) -> PathCpu {
+        let f = 100_000.0 / rows;
+        PathCpu {
+            senders: self.senders * f,
+            appliers: self.appliers * f,
+            sidecars: self.sidecars * f,
+        }
+    }
+}
+
+/// The processes of one kind's path while its first `n` targets run.
+struct Processes {
+    kind: Kind,
+    senders: Vec<i32>,
+    appliers: Vec<i32>,
+}
+
+impl Processes {
+    async fn of(b: &Bench, kind: Kind, n: usize) -> Result<Processes, BoxError> {
+        let slots: Vec<String> = (0..n).map(|i| kind.slot(i)).collect();
+        let c = connect(&Dsn::new(b.source.dsn()), "walsync bench").await?;
+        let senders = c
+            .query(
+                "SELECT active_pid FROM pg_replication_slots WHERE slot_name = ANY($1) AND active_pid IS NOT NULL",
+                &[&slots],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut appliers = Vec::new();
+        for t in &b.targets(kind)[..n] {
+            appliers.extend(pids(t, kind.appliers_sql()).await?);
+        }
+        Ok(Processes {
+            kind,
+            senders,
+            appliers,
+        })
+    }
+
+    /// CPU seconds used so far; the sidecars' is this whole process's.
+    fn cpu(&self) -> PathCpu {
+        PathCpu {
+            senders: self.senders.iter().map(|&p| cpu_seconds(p)).sum(),
+            appliers: self.appliers.iter().map(|&p| cpu_seconds(p)).sum(),
+            sidecars: match self.kind {
+                Kind::Native => 0.0,
+                Kind::Walsync => cpu_seconds(std::process::id() as i32),
+            },
+        }
+    }
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
+    println!(
+        "walsync bench: catch-up of a backlog by {} targets pulling from one upstream at once, walsync vs native logical replication, same machine, same run, fsync on",
+        args.downstream.max(1)
+    );
+    let most = args.branches.iter().copied().max().unwrap_or(1);
+    let targets = if args.load_tps > 0 {
+        args.downstream.max(most)
+    } else {
+        args.downstream
+    };
+    let b = setup(dir, targets.max(1)).await?;
+    println!("clusters in {}", b.dir.display());
+
+    let mut ok = true;
+    let mut summary = Vec::new();
+    if args.rows > 0 {
+        for &size in &args.txn_rows {
+            let mut r = Rounds {
+                ratios: vec![],
+                native_rate: vec![],
+                walsync_rate: vec![],
+                native_first: vec![],
+                walsync_first: vec![],
+                native_cpu: vec![],
+                walsync_cpu: vec![],
+            };
+            for round in 1..=args.rounds.max(1) {
+                println!(
+                    "\n{size}-row transactions, round {round} of {}",
+                    args.rounds.max(1)
+                );
+                ok &=
+                    catch_up(&b, args.downstream.max(1) as usize, args.rows, size, &mut r).await?;
+            }
+            summary.push((size, r));
+        }
+        println!(
+            "\nCPU seconds per 100,000 applied rows, every process of every path (median of each): \
+             walsenders on main + appliers on the targets (+ walsync's sidecars)"
+        );
+        for (size, r) in &summary {
+            let m = |v: &[PathCpu], f: fn(&PathCpu) -> f64| {
+                median(&v.iter().map(f).collect::<Vec<_>>())
+            };
+            let (native, walsync) = (
+                m(&r.native_cpu, PathCpu::total),
+                m(&r.walsync_cpu, PathCpu::total),
+            );
+            println!(
+                "{:<16}native {native:>5.2} ({:.2} + {:.2})   walsync {walsync:>5.2} ({:.2} + {:.2} + {:.2})   ({:.2}x native)",
+                format!("{size} rows"),
+                m(&r.native_cpu, |c| c.senders),
+                m(&r.native_cpu, |c| c.appliers),
+                m(&r.walsync_cpu, |c| c.senders),
+                m(&r.walsync_cpu, |c| c.appliers),
+                m(&r.walsync_cpu, |c| c.sidecars),
+                walsync / native
+            );
+        }
+        println!("\nmedian of {} rounds, first target:", args.rounds.max(1));
+        println!(
+            "{:<16}{:>16}{:>16}{:>8}{:>18}{:>18}",
+            "transactions",
+            "native rows/s",
+            "walsync rows/s",
+            "ratio",
+            "native 1st row s",
+            "walsync 1st row s"
+        );
+        for (size, r) in &summary {
+            println!(
+                "{:<16}{:>16.0}{:>16.0}{:>8.2}{:>18.2}{:>18.2}   (ratios: {})",
+                format!("{size} rows"),
+                median(&r.native_rate),
+                median(&r.walsync_rate),
+                median(&r.ratios),
+                median(&r.native_first),
+                median(&r.walsync_first),
+                r.ratios
+                    .iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    if args.load_tps > 0 {
+        load::curve(&b, &args.branches, args.load_tps, args.load_secs).await?;
+    }
+    if args.big_txn > 0 {
+        big_transaction(&b, args.big_txn).await?;
+    }
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// One round: a backlog, then native, then walsync. Returns whether every target holds
+/// every row.
+async fn catch_up(
+    b: &Bench,
+    n: usize,
+    rows: u64,
+    txn_rows: u64,
+    r: &mut Rounds,
+) -> Result<bool, BoxError> {
+    let txns = rows.div_ceil(txn_rows);
+    let (_, before) = id_range(&b.source, 0).await?;
+    sql(
+        &b.source,
+        &format!(
+            "DO $$ BEGIN FOR t IN 1..{txns} LOOP
+               INSERT INTO pos_order_line (order_id, product_id, qty, price_unit, name)
+               SELECT t, 1 + g % 40, 1 + g % 3, 9.99, 'Product ' || g FROM generate_series(1, {txn_rows}) g;
+               COMMIT;
+             END LOOP; END $$"
+        ),
+    )
+    .await?;
+    let total = count(&b.source).await?;
+    let (first, last) = id_range(&b.source, before).await?;
+    let new_rows = (txns * txn_rows) as f64;
+
+    // Native first, then walsync: one kind at a time, so they do not compete for the cores.
+    let t0 = Instant::now();
+    let natives = &b.natives[..n];
+    for t in natives {
+        sql(t, "ALTER SUBSCRIPTION bench_native ENABLE").await?;
+    }
+    let native = time_targets(natives, first, last, t0).await;
+    // The processes started with the subscriptions: their CPU so far is the catch-up's.
+    let native_cpu = Processes::of(b, Kind::Native, n).await?.cpu();
+    for t in natives {
+        sql(t, "ALTER SUBSCRIPTION bench_native DISABLE").await?;
+    }
+    let (native_first, native_all) = native?;
+
+    // The sidecars run in this process: its CPU over the catch-up is theirs (and the
+    // polling for rows, which costs next to nothing).
+    let before = PathCpu {
+        sidecars: cpu_seconds(std::process::id() as i32),
+        ..PathCpu::default()
+    };
+    let t0 = Instant::now();
+    let sidecars = Sidecars::start(b, n);
+    let walsync = time_targets(&b.walsyncs[..n], first, last, t0).await;
+    let walsync_cpu = Processes::of(b, Kind::Walsync, n)
+        .await?
+        .cpu()
+        .minus(before);
+    sidecars.stop().await;
+    let (walsync_first, walsync_all) = walsync?;
+
+    let native_rate = new_rows / native_all.as_secs_f64();
+    let walsync_rate = new_rows / walsync_all.as_secs_f64();
+    let ratio = walsync_rate / native_rate;
+    println!(
+        "native  {:>8.2} s {:>9.0} rows/s, first row after {:.2} s",
+        native_all.as_secs_f64(),
+        native_rate,
+        native_first.as_secs_f64()
+    );
+    println!(
+        "walsync {:>8.2} s {:>9.0} rows/s, first row after {:.2} s; ratio {ratio:.2}",
+        walsync_all.as_secs_f64(),
+        walsync_rate,
+        walsync_first.as_secs_f64()
+    );
+    r.ratios.push(ratio);
+    r.native_rate.push(native_rate);
+    r.walsync_rate.push(walsync_rate);
+    r.native_first.push(native_first.as_secs_f64());
+    r.walsync_first.push(walsync_first.as_secs_f64());
+    let applied = new_rows * n as f64;
+    let (native_cpu, walsync_cpu) = (native_cpu.per_100k(applied), walsync_cpu.per_100k(applied));
+    println!(
+        "CPU per 100,000 applied rows: native {:.2} s, walsync {:.2} s",
+        native_cpu.total(),
+        walsync_cpu.total()
+    );
+    r.native_cpu.push(native_cpu);
+    r.walsync_cpu.push(walsync_cpu);
+    let mut equal = true;
+    for t in natives.iter().chain(&b.walsyncs[..n]) {
+        let n = count(t).await?;
+        if n != total {
+            println!("{} holds {n} rows of {total}", t.name());
+            equal = false;
+        }
+    }
+    Ok(equal)
+}
+
+async fn big_transaction(b: &Bench, rows: u64) -> Result<(), BoxError> {
+    println!("\none transaction of {rows} rows, applied by a `walsync run` process");
+    sql(
+        &b.source,
+        &format!(
+            "INSERT INTO pos_order_line (order_id, product_id, qty, price_unit, name)
+             SELECT g, 1 + g % 40, 1, 9.99, 'Big ' || g FROM generate_series(1, {rows}) g"
+        ),
+    )
+    .await?;
+    // The sidecar a user runs, built next to this program (`cargo build --release --workspace`).
+    let exe = std::env::current_exe()?.with_file_name("walsync");
+    if !exe.is_file() {
+        return Err(format!(
+            "{} is missing: build the sidecar next to walsync-bench first (cargo build --release --workspace)",
+            exe.display()
+        )
+        .into());
+    }
+    let mut child = std::process::Command::new(exe)
+        .args(["run", "--config"])
+        .arg(&b.config_paths[0])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    let t0 = Instant::now();
+    let mut peak_kb = 0u64;
+    let (_, last) = id_range(&b.source, 0).await?;
+    let c = connect(&Dsn::new(b.walsyncs[0].dsn()), "walsync bench").await?;
+    loop {
+        peak_kb = peak_kb.max(vm_hwm_kb(pid).unwrap_or(0));
+        let there: bool = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pos_order_line WHERE id = $1)",
+                &[&last],
+            )
+            .await?
+            .get(0);
+        if there {
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(3600) {
+            let _ = child.kill();
+            return Err("the big transaction was not applied within an hour".into());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    peak_kb = peak_kb.max(vm_hwm_kb(pid).unwrap_or(0));
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let _ = child.wait();
+    println!(
+        "applied in {:.1} s ({:.0} rows/s); sidecar peak RSS {:.1} MiB",
+        t0.elapsed().as_secs_f64(),
+        rows as f64 / t0.elapsed().as_secs_f64(),
+        peak_kb as f64 / 1024.0
+    );
+    Ok(())
+}
+
+/// Peak resident set size of a process, from /proc/PID/status.
+fn vm_hwm_kb(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
