@@ -48,6 +48,28 @@ struct Measured {
     wal_retained: i64,
 }
 
+const HEADER: &str = "n   kind          tps   latency ms      p99 ms     lag p50     lag p99 \
+                      sender %/branch   CPU/100k rows    WAL kB max";
+
+impl Measured {
+    /// One line under [`HEADER`].
+    fn row(&self, n: usize, kind: Kind) -> String {
+        format!(
+            "{:<4}{:<9}{:>8.0}{:>13.1}{:>12.1}{:>12.0}{:>12.0}{:>16.1}{:>16.2}{:>14}",
+            n,
+            kind.name(),
+            self.tps,
+            self.latency_mean_ms,
+            self.latency_p99_ms,
+            self.lag_p50_ms,
+            self.lag_p99_ms,
+            self.sender_core_pct,
+            self.cpu.total(),
+            self.wal_retained / 1024
+        )
+    }
+}
+
 /// Runs the steady load for each branch count and prints what each kind cost.
 pub(super) async fn curve(b: &Bench, counts: &[u32], tps: u32, secs: u32) -> Result<(), BoxError> {
     println!(
@@ -60,48 +82,13 @@ pub(super) async fn curve(b: &Bench, counts: &[u32], tps: u32, secs: u32) -> Res
         for kind in [Kind::Native, Kind::Walsync] {
             println!("\n{} targets pulling: {}", n, kind.name());
             let m = steady(b, kind, n, tps, secs).await?;
-            println!(
-                "main {:.0} tps, latency mean {:.1} ms p99 {:.1} ms; lag p50 {:.0} ms p99 {:.0} ms; \
-                 walsender {:.1} % of a core per branch; CPU per 100k rows {:.2} s; WAL retained {} kB",
-                m.tps,
-                m.latency_mean_ms,
-                m.latency_p99_ms,
-                m.lag_p50_ms,
-                m.lag_p99_ms,
-                m.sender_core_pct,
-                m.cpu.total(),
-                m.wal_retained / 1024
-            );
+            println!("{HEADER}\n{}", m.row(n, kind));
             rows.push((n, kind, m));
         }
     }
-    println!(
-        "\n{:<4}{:<9}{:>8}{:>13}{:>12}{:>12}{:>12}{:>16}{:>16}{:>14}",
-        "n",
-        "kind",
-        "tps",
-        "latency ms",
-        "p99 ms",
-        "lag p50",
-        "lag p99",
-        "sender %/branch",
-        "CPU/100k rows",
-        "WAL kB max"
-    );
+    println!("\n{HEADER}");
     for (n, kind, m) in &rows {
-        println!(
-            "{:<4}{:<9}{:>8.0}{:>13.1}{:>12.1}{:>12.0}{:>12.0}{:>16.1}{:>16.2}{:>14}",
-            n,
-            kind.name(),
-            m.tps,
-            m.latency_mean_ms,
-            m.latency_p99_ms,
-            m.lag_p50_ms,
-            m.lag_p99_ms,
-            m.sender_core_pct,
-            m.cpu.total(),
-            m.wal_retained / 1024
-        );
+        println!("{}", m.row(*n, *kind));
     }
     Ok(())
 }
