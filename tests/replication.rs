@@ -198,6 +198,41 @@ fn sidecar_killed_mid_transaction_resumes_with_nothing_lost_or_doubled() {
     c.wait_converged("pos_order");
 }
 
+/// A sidecar stopped cleanly (SIGTERM) acknowledges everything it applied before it
+/// goes: the upstream's slot is left at the target's recorded progress, so a restart
+/// neither decodes nor sends those transactions again.
+#[test]
+fn a_cleanly_stopped_sidecar_leaves_its_slot_acknowledged_up_to_what_it_applied() {
+    let mut c = TestCluster::new("clean-stop", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    c.start();
+    c.node("a").sql(
+        "DO $$ BEGIN FOR i IN 1..300 LOOP \
+           INSERT INTO pos_order (id, name) VALUES (i, 'Shop/' || i); COMMIT; \
+         END LOOP; END $$",
+    );
+    c.wait_rows("b", "pos_order", 300);
+    // At once: the last commits' acknowledgements are still on their way.
+    c.node_mut("b").stop_sidecar();
+    let applied = c
+        .node("b")
+        .sql("SELECT source_lsn FROM walsync.link_progress WHERE link = 'a->b'");
+    let confirmed = c.node("a").sql(
+        "SELECT confirmed_flush_lsn FROM pg_replication_slots WHERE slot_name = 'walsync_to_b'",
+    );
+    assert_eq!(
+        c.node("a").sql(&format!(
+            "SELECT '{confirmed}'::pg_lsn >= '{applied}'::pg_lsn"
+        )),
+        "t",
+        "the slot was left at {confirmed}, behind what b applied ({applied})\n{}",
+        c.logs()
+    );
+    c.node_mut("b").start_sidecar();
+    c.node("a")
+        .sql("INSERT INTO pos_order (id, name) VALUES (301, 'after')");
+    c.wait_rows("b", "pos_order", 301);
+}
+
 #[test]
 fn peer_down_for_a_while_then_back_converges() {
     let mut c = TestCluster::new(

@@ -29,6 +29,10 @@ use crate::status::link::{LinkState, StatusReporter, HEARTBEAT_EVERY};
 use crate::stream::{NodeStream, StreamError};
 
 const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(100);
+/// On a clean stop, how long the link may take to acknowledge what it applied: the
+/// commits in flight settle and flush, and the acknowledgement reaches the upstream with
+/// the stream's next status report (every 500 ms). A restart then starts after it.
+const FINAL_ACK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Transactions applied carefully after a fast-path conflict: a burst of conflicting
 /// inserts (ids written on two nodes during a cut) costs one restart, not one each.
 const CAREFUL_TXNS: u32 = 1000;
@@ -480,25 +484,71 @@ async fn run_session(
         if let Err(e) = step {
             break Err(e);
         }
-        if let Some(end) = apply.take_committed() {
-            stream.ack(end);
-        }
-        if apply.is_settled() {
-            if let Some(end) = skipped.take() {
-                stream.ack(end);
-            }
-            if txn.is_none() {
-                if let Some(end) = idle_end.take() {
-                    stream.ack(end);
-                }
-            }
-        }
+        acknowledge(
+            &mut apply,
+            &stream,
+            &mut skipped,
+            &mut idle_end,
+            txn.is_none(),
+        );
     };
+    if result.is_ok() && *shutdown.borrow() {
+        // A clean stop: what was applied is acknowledged before the stream closes, so a
+        // restart neither decodes nor sends it again. The open transaction is abandoned.
+        let last = within(
+            FINAL_ACK_TIMEOUT,
+            "acknowledging what was applied before stopping",
+            async {
+                apply.wait_durable().await?;
+                acknowledge(
+                    &mut apply,
+                    &stream,
+                    &mut skipped,
+                    &mut idle_end,
+                    txn.is_none(),
+                );
+                stream.wait_reported(FINAL_ACK_TIMEOUT).await;
+                Ok::<_, ApplyError>(())
+            },
+        )
+        .await;
+        if let Err(e) = last
+            .map_err(LinkError::from)
+            .and_then(|r| r.map_err(LinkError::from))
+        {
+            info!(link = %link, error = %error_chain(&e), "stopping without acknowledging the last commits; a restart applies nothing twice but streams them again");
+        }
+    }
     // Dropping the target connection rolls back a transaction left open.
     drop(apply);
     stream.close().await;
     drop(control);
     result
+}
+
+/// Acknowledges on the stream what the target made durable: confirmed commits, and once
+/// nothing is in flight, a let-through transaction's end and (with no source transaction
+/// open) the WAL end of the upstream's last keepalive.
+fn acknowledge(
+    apply: &mut ApplyWorker,
+    stream: &NodeStream,
+    skipped: &mut Option<Lsn>,
+    idle_end: &mut Option<Lsn>,
+    no_txn_open: bool,
+) {
+    if let Some(end) = apply.take_committed() {
+        stream.ack(end);
+    }
+    if apply.is_settled() {
+        if let Some(end) = skipped.take() {
+            stream.ack(end);
+        }
+        if no_txn_open {
+            if let Some(end) = idle_end.take() {
+                stream.ack(end);
+            }
+        }
+    }
 }
 
 /// Applies what a spooler kept of the slot while this link was away (crate::spool), in

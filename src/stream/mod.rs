@@ -55,6 +55,8 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct NodeStream {
     client: ReplicationClient,
     dsn: String,
+    /// The newest position acknowledged (`ack`), as a u64.
+    acked: std::sync::atomic::AtomicU64,
 }
 
 impl NodeStream {
@@ -98,7 +100,20 @@ impl NodeStream {
 
     /// Everything up to `lsn` is committed downstream; the slot may let it go.
     pub fn ack(&self, lsn: Lsn) {
+        self.acked
+            .fetch_max(lsn.0, std::sync::atomic::Ordering::Relaxed);
         self.client.update_applied_lsn(lsn.into());
+    }
+
+    /// Waits (at most `timeout`) until the upstream was told everything acknowledged:
+    /// status reports go out every 500 ms, and closing the stream does not send one.
+    pub async fn wait_reported(&self, timeout: Duration) {
+        let metrics = self.client.metrics();
+        let want = Lsn(self.acked.load(std::sync::atomic::Ordering::Relaxed));
+        let until = tokio::time::Instant::now() + timeout;
+        while Lsn::from(metrics.last_applied_lsn()) < want && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Ends the stream politely (CopyDone) if the upstream answers within
@@ -126,7 +141,11 @@ async fn client_started(
             dsn: dsn.clone(),
             source,
         })?;
-    Ok(NodeStream { client, dsn })
+    Ok(NodeStream {
+        client,
+        dsn,
+        acked: Default::default(),
+    })
 }
 
 /// The replication session settings for `slot` on `dsn`, streaming from `start`.
