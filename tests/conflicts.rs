@@ -5,6 +5,9 @@
 
 mod support;
 
+use std::io::Write;
+use std::process::{Command, Stdio};
+
 use support::*;
 
 fn cut(c: &mut TestCluster) {
@@ -874,4 +877,98 @@ fn a_merge_reaches_the_node_that_moved_its_losing_row_away_from_the_key() {
         })
         .sum();
     assert!(announced >= 1, "the deciding node announced the merge");
+}
+
+/// Two links into one node settle the same unique value at the same time: the careful
+/// insert's lookup runs while another session's commit is still to come, and that
+/// commit lands a colliding row between the lookup and the insert. The row is settled
+/// against it (renamed, here), not parked.
+#[test]
+fn a_colliding_row_committed_during_a_careful_insert_is_settled_not_parked() {
+    let schema = format!(
+        "{RETAIL_SCHEMA}
+         CREATE TABLE tag (id integer PRIMARY KEY, name text NOT NULL);
+         CREATE UNIQUE INDEX tag_name ON tag (lower(name));"
+    );
+    let mut c = TestCluster::new("commit-race", Topology::Mesh, &["a", "b"], &schema);
+    c.start();
+    // a's writes stay on a; b's reach a through a's sidecar (link b->a).
+    c.node_mut("b").stop_sidecar();
+    c.node("a")
+        .sql("INSERT INTO tag VALUES (1, 'Today'), (10, 'Alpha')");
+    // A first collision puts the link b->a in careful mode.
+    c.node("b").sql("INSERT INTO tag VALUES (2, 'TODAY')");
+    let a = c.node("a");
+    wait_for(
+        "b's first tag on a",
+        DEADLINE,
+        || a.sql("SELECT count(*) FROM tag WHERE id = 2") == "1",
+        || c.logs(),
+    );
+    // Another session on a moves Alpha away and takes its value, and does not commit yet.
+    let psql = walsync_testkit::localpg::bindir().unwrap().join("psql");
+    let mut holder = Command::new(psql)
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+        ])
+        .arg("-p")
+        .arg(a.pg.port().to_string())
+        .arg("postgres")
+        .env("PGAPPNAME", "holder")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut to_holder = holder.stdin.take().unwrap();
+    writeln!(
+        to_holder,
+        "BEGIN; UPDATE tag SET name = 'Alpha moved' WHERE id = 10; INSERT INTO tag VALUES (11, 'ALPHA');"
+    )
+    .unwrap();
+    wait_for(
+        "the holder's transaction to be open",
+        DEADLINE,
+        || {
+            a.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'holder' AND state = 'idle in transaction'")
+                == "1"
+        },
+        || c.logs(),
+    );
+    // b's 'alpha' arrives: the careful lookup finds Alpha and waits for the holder's lock.
+    c.node("b").sql("INSERT INTO tag VALUES (12, 'alpha')");
+    wait_for(
+        "the applier to wait for the holder",
+        DEADLINE,
+        || {
+            a.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'walsync b->a apply' AND wait_event_type = 'Lock'")
+                == "1"
+        },
+        || c.logs(),
+    );
+    // The holder commits: Alpha no longer matches, and ALPHA (11) is there now.
+    writeln!(to_holder, "COMMIT;").unwrap();
+    drop(to_holder);
+    assert!(holder.wait().unwrap().success());
+    wait_for(
+        "b's alpha on a",
+        DEADLINE,
+        || a.sql("SELECT count(*) FROM tag WHERE id = 12") == "1",
+        || format!("{}\n{}", a.sql("SELECT * FROM walsync.conflicts"), c.logs()),
+    );
+    assert_eq!(
+        a.sql("SELECT count(*) FROM walsync.conflicts WHERE outcome = 'parked'"),
+        "0"
+    );
+    // The holder committed later: its ALPHA stays, b's alpha is renamed.
+    assert_eq!(
+        a.sql("SELECT id || ':' || name FROM tag WHERE id IN (11, 12) ORDER BY id"),
+        format!("11:ALPHA\n12:alpha [conflict #{}]", spelled("12"))
+    );
 }

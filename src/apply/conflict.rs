@@ -23,6 +23,10 @@ use crate::merge::conflict::{
 use crate::merge::keys::{settlement, stays, Settlement, TableName, UniquePolicy};
 use crate::merge::statements::{RowWrite, Shape, UniqueKey};
 
+/// How often a careful insert settles its unique keys before it is parked: a second
+/// settlement sees rows another link into this node committed meanwhile.
+const SETTLE_ATTEMPTS: u32 = 3;
+
 /// The rule recorded for a merge (decision 0008).
 const SMALLER_KEY_STAYS: &str = "smaller_key_stays";
 use crate::pgoutput::{Delete, Insert, OldTuple, Tuple, Update, Value};
@@ -362,50 +366,59 @@ impl ApplyWorker {
         let id = ins.relation_id;
         self.flush_inserts().await?;
         let key = m.key_values(None, Some(&ins.new))?;
-        let new = match self
-            .settle_unique_keys(m, ins.new.clone(), &key, ConflictKind::InsertExists)
-            .await?
-        {
-            Settled::Write(new) => new,
-            Settled::Parked | Settled::Merged => return Ok(()),
-        };
-        let map = m;
-        let write = map.insert(&new)?;
-        let overwrite = map.overwrite(&new)?;
-        let Shape::Insert { columns, .. } = write.shape else {
-            unreachable!("RelationMap::insert makes Shape::Insert");
-        };
-        let stmt = self
-            .statement(m, Shape::InsertOrNothing { columns })
-            .await?;
-        self.flush().await?;
-        let inserted = self
-            .client
-            .execute_raw(&stmt, write.params.iter().map(Param))
-            .await
-            .map_err(SqlError::of(format!(
-                "applying an insert to {}",
-                self.table_name(id)
-            )))?;
-        self.rows_in_txn += 1;
-        if inserted == 1 {
-            return Ok(());
-        }
-        let Some(local) = self.read_local(m, &key).await? else {
-            // Another unique index refused it, one whose collisions were not found above
-            // (it reads a column this change does not send).
-            let why = "the row collides with another row here on a unique index whose rows could not be read";
-            self.park(
-                m,
-                ConflictKind::InsertExists,
-                &key,
-                &new,
-                None,
-                "(unknown)",
-                why,
-            )
-            .await?;
-            return Ok(());
+        let mut new = ins.new.clone();
+        let mut attempt = 1;
+        let (local, overwrite) = loop {
+            new = match self
+                .settle_unique_keys(m, new, &key, ConflictKind::InsertExists)
+                .await?
+            {
+                Settled::Write(new) => new,
+                Settled::Parked | Settled::Merged => return Ok(()),
+            };
+            let write = m.insert(&new)?;
+            let overwrite = m.overwrite(&new)?;
+            let Shape::Insert { columns, .. } = write.shape else {
+                unreachable!("RelationMap::insert makes Shape::Insert");
+            };
+            let stmt = self
+                .statement(m, Shape::InsertOrNothing { columns })
+                .await?;
+            self.flush().await?;
+            let inserted = self
+                .client
+                .execute_raw(&stmt, write.params.iter().map(Param))
+                .await
+                .map_err(SqlError::of(format!(
+                    "applying an insert to {}",
+                    self.table_name(id)
+                )))?;
+            self.rows_in_txn += 1;
+            if inserted == 1 {
+                return Ok(());
+            }
+            if let Some(local) = self.read_local(m, &key).await? {
+                break (local, overwrite);
+            }
+            // No row here has its key, yet a unique index refused it. Either another
+            // session (another link into this node) committed a colliding row after the
+            // lookups above, which the next lookups see: settle again. Or the index reads
+            // a column this change does not send, and the row is parked.
+            if attempt == SETTLE_ATTEMPTS {
+                let why = "the row collides with another row here on a unique index whose rows could not be read";
+                self.park(
+                    m,
+                    ConflictKind::InsertExists,
+                    &key,
+                    &new,
+                    None,
+                    "(unknown)",
+                    why,
+                )
+                .await?;
+                return Ok(());
+            }
+            attempt += 1;
         };
         let decision = self
             .policy_of(id)

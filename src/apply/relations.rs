@@ -2,6 +2,7 @@
 //! read from the catalog on first use and the statements prepared for it, what this node
 //! dropped of it, and the table policy resolved against its columns.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::sql_error::SqlError;
@@ -73,6 +74,14 @@ impl Target {
     }
 }
 
+/// Whether changes to `rel` are applied at all, under the table policies `policies`.
+fn travels(policies: &HashMap<(String, String), TablePolicy>, rel: &Relation) -> bool {
+    let local = policies
+        .get(&(rel.namespace.clone(), rel.name.clone()))
+        .is_some_and(|p| p.local);
+    relation_travels(&rel.namespace, &rel.name, local)
+}
+
 /// A relation the upstream still sends, that this node dropped (wholly or some columns).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(super) enum Gone {
@@ -111,14 +120,10 @@ impl ApplyWorker {
             self.flush_inserts().await?;
         }
         self.statements.retain(|(id, _), _| *id != rel.id);
-        let local = self
-            .policies
-            .get(&(rel.namespace.clone(), rel.name.clone()))
-            .is_some_and(|p| p.local);
         self.relations.insert(
             rel.id,
             RelationEntry {
-                travels: relation_travels(&rel.namespace, &rel.name, local),
+                travels: travels(&self.policies, &rel),
                 policy: RelationPolicy::default(),
                 gone: Gone::Nothing,
                 source: rel,
@@ -241,6 +246,9 @@ impl ApplyWorker {
     /// The table policies this link applies with (the same on every node).
     pub fn set_policies(&mut self, tables: &[TablePolicy]) {
         self.policies = tables.iter().map(|t| (t.qualified(), t.clone())).collect();
+        for e in self.relations.values_mut() {
+            e.travels = travels(&self.policies, &e.source);
+        }
     }
 
     pub(super) fn policy_of(&self, relation_id: u32) -> RelationPolicy {

@@ -512,10 +512,7 @@ async fn run_session(
             },
         )
         .await;
-        if let Err(e) = last
-            .map_err(LinkError::from)
-            .and_then(|r| r.map_err(LinkError::from))
-        {
+        if let Err(e) = last.and_then(|r| r.map_err(LinkError::from)) {
             info!(link = %link, error = %error_chain(&e), "stopping without acknowledging the last commits; a restart applies nothing twice but streams them again");
         }
     }
