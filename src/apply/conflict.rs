@@ -251,8 +251,7 @@ impl ApplyWorker {
             }
             tracing::warn!(link = %self.link, table = %self.table_name(id), "counter columns need REPLICA IDENTITY FULL on the upstream (walsync init sets it); this update overwrites them");
         }
-        let map = m;
-        let key = map.key_values(upd.old.as_ref(), Some(&upd.new))?;
+        let key = m.key_values(upd.old.as_ref(), Some(&upd.new))?;
         let local = self.read_local(m, &key).await?;
         let UpdatePlan { decision, mut new } = self.settle_against(m, local.as_ref(), |a| {
             settle_update(a, policy.merge_columns, upd.old.as_ref(), &upd.new)
@@ -283,9 +282,8 @@ impl ApplyWorker {
         counters: &[usize],
     ) -> Result<(), ApplyError> {
         let id = m.id;
-        let map = m;
         let old_full = OldTuple::Full(old.clone());
-        let key = map.key_values(Some(&old_full), Some(new))?;
+        let key = m.key_values(Some(&old_full), Some(new))?;
         let others_changed = changes_besides_counters(old, new, counters);
         // Counters are compared by their change, not their value: leave them out.
         let without_counters = OldTuple::Full(as_unsent(old, counters));
@@ -297,8 +295,7 @@ impl ApplyWorker {
             // The other columns follow the row's decision, as a whole (last writer wins),
             // and only when this update changed any of them.
             let set_others = others_changed && !matches!(decision, Decision::SkipAndRecord(..));
-            let map = m;
-            if let Some(write) = map.update_counters(old, new, counters, set_others)? {
+            if let Some(write) = m.update_counters(old, new, counters, set_others)? {
                 let tag = Tag::Row { relation_id: id };
                 self.execute(m, write, tag).await?;
             }
@@ -342,9 +339,8 @@ impl ApplyWorker {
             },
             OldTuple::Key(_) => del,
         };
-        let map = m;
-        let key = map.key_values(Some(&del.old), None)?;
-        let write = map.delete(&del.old)?;
+        let key = m.key_values(Some(&del.old), None)?;
+        let write = m.delete(&del.old)?;
         let (local, decision) = self
             .decide_against_local(m, &key, true, Some(&del.old))
             .await?;
@@ -442,26 +438,22 @@ impl ApplyWorker {
         mut kind: ConflictKind,
     ) -> Result<Settled, ApplyError> {
         let id = m.id;
-        let map = m;
-        let uniques = map.target.uniques.clone();
+        let uniques = m.target.uniques.clone();
         let key_text = texts(key);
         let mut collisions = Vec::new();
         for (u, unique) in uniques.into_iter().enumerate() {
-            let map = m;
             let values: Option<Vec<Value>> = unique
                 .columns
                 .iter()
-                .map(
-                    |&c| match map.source_index_of_target(c).map(|s| &new.0[s]) {
-                        Some(v @ Value::Text(_)) | Some(v @ Value::Binary(_)) => Some(v.clone()),
-                        // An index's expression or predicate may read a NULL.
-                        Some(Value::Null) if unique.lookup.is_some() => Some(Value::Null),
-                        // NULLs never collide on plain columns; an unsent column is not
-                        // changed by this write (and a write that still collides is
-                        // parked by `write_or_park`).
-                        _ => None,
-                    },
-                )
+                .map(|&c| match m.source_index_of_target(c).map(|s| &new.0[s]) {
+                    Some(v @ Value::Text(_)) | Some(v @ Value::Binary(_)) => Some(v.clone()),
+                    // An index's expression or predicate may read a NULL.
+                    Some(Value::Null) if unique.lookup.is_some() => Some(Value::Null),
+                    // NULLs never collide on plain columns; an unsent column is not
+                    // changed by this write (and a write that still collides is
+                    // parked by `write_or_park`).
+                    _ => None,
+                })
                 .collect();
             let Some(values) = values else { continue };
             let shape = match unique.lookup {
@@ -526,11 +518,10 @@ impl ApplyWorker {
                 unreachable!("parks and merges were partitioned out above");
             };
             let (remote_wins, rule_name) = rule.remote_wins(&remote, &c.local.version);
-            let map = m;
             let (loser_value, loser_key) = if remote_wins {
                 (c.local.values[column].clone(), m.key_of_local(&c.local))
             } else {
-                let s = map
+                let s = m
                     .source_index_of_target(column)
                     .expect("a collision was read with it");
                 (text_of(&new.0[s]), key_text.clone())
@@ -576,7 +567,6 @@ impl ApplyWorker {
                 .await?;
         }
         for (Collision { unique, local }, column, remote_wins, rule_name, value) in planned {
-            let map = m;
             let outcome = if remote_wins {
                 Outcome::LocalRenamed
             } else {
@@ -596,11 +586,7 @@ impl ApplyWorker {
                 unique.name,
                 writes
                     .iter()
-                    .map(|(c, v)| format!(
-                        "{} = {}",
-                        map.target.columns[*c],
-                        Json::String(v.clone())
-                    ))
+                    .map(|(c, v)| format!("{} = {}", m.target.columns[*c], Json::String(v.clone())))
                     .collect::<Vec<_>>()
                     .join(", ")
             );
@@ -608,7 +594,7 @@ impl ApplyWorker {
             if remote_wins {
                 let set: Vec<usize> = writes.iter().map(|(c, _)| *c).collect();
                 let mut params: Vec<Value> = writes.into_iter().map(|(_, v)| text(v)).collect();
-                params.extend(map.target.key.iter().map(|&k| value_of(&local.values[k])));
+                params.extend(m.target.key.iter().map(|&k| value_of(&local.values[k])));
                 let write = RowWrite {
                     shape: Shape::Update { set },
                     params,
@@ -617,7 +603,7 @@ impl ApplyWorker {
             } else {
                 for (c, v) in writes {
                     // A column the upstream does not send keeps the target's default.
-                    if let Some(s) = map.source_index_of_target(c) {
+                    if let Some(s) = m.source_index_of_target(c) {
                         new.0[s] = text(v);
                     }
                 }
