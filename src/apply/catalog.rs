@@ -1,10 +1,10 @@
 //! Reads a target table's shape from the target's own catalog.
 
-use crate::sql_error::SqlError;
 use tokio_postgres::Client;
 
 use super::ApplyError;
 use crate::merge::statements::{IndexLookup, TargetTable, UniqueKey};
+use crate::sql_error::SqlError;
 
 /// The table `schema.name` on the target: its writable columns (generated and dropped
 /// ones left out) and the columns of its primary key, or else its replica identity index.

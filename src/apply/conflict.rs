@@ -9,7 +9,6 @@
 //! first settle any collision on a unique key other than the primary key: both rows stay,
 //! the loser's text value is renamed (decision 0004).
 
-use crate::sql_error::SqlError;
 use serde_json::Value as Json;
 use tokio_postgres::types::Type;
 
@@ -22,6 +21,7 @@ use crate::merge::conflict::{
 };
 use crate::merge::keys::{settlement, stays, Settlement, TableName, UniquePolicy};
 use crate::merge::statements::{RowWrite, Shape, UniqueKey};
+use crate::sql_error::SqlError;
 
 /// How often a careful insert settles its unique keys before it is parked: a second
 /// settlement sees rows another link into this node committed meanwhile.

@@ -8,7 +8,6 @@
 //! `walsync.dropped_objects` says (filled by an event trigger); a table or column missing
 //! for any other reason still stops the link as a schema difference.
 
-use crate::sql_error::SqlError;
 use tokio_postgres::Client;
 
 use super::conflict::Record;
@@ -16,6 +15,7 @@ use super::{ApplyError, ApplyWorker, Gone, Mapped};
 use crate::merge::conflict::{row_image, ConflictKind, DROPPED_HERE};
 use crate::merge::statements::TargetTable;
 use crate::pgoutput::{Delete, Insert, OldTuple, Relation, Tuple, Update, Value};
+use crate::sql_error::SqlError;
 
 /// Whether this node dropped table `schema.name`.
 pub(super) async fn table_was_dropped(

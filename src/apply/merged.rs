@@ -10,7 +10,6 @@
 //! from a peer ([`ApplyWorker::learn_merge`]), and the node guard, which re-points rows
 //! that reached the table while a merge was being decided elsewhere ([`sweep`]).
 
-use crate::sql_error::SqlError;
 use std::sync::{Arc, Mutex};
 
 use serde_json::Value as Json;
@@ -21,6 +20,7 @@ use super::{as_params, unless_duplicate, ApplyError, ApplyWorker, Mapped, Tried}
 use crate::merge::keys::{redirect, stays, ForeignKey, KeyMap, TableName};
 use crate::names::quote_ident;
 use crate::pgoutput::{Insert, Tuple, Value};
+use crate::sql_error::SqlError;
 
 /// The merges known to every applier of one node in this process.
 pub type SharedKeys = Arc<Mutex<KeyMap>>;

@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::sql_error::SqlError;
 use tokio_postgres::Statement;
 
 use super::{catalog, dropped, ApplyError, ApplyWorker};
@@ -15,6 +14,7 @@ use crate::merge::keys::ForeignKey;
 use crate::merge::relation_travels;
 use crate::merge::statements::{RelationMap, Shape};
 use crate::pgoutput::{Insert, Relation};
+use crate::sql_error::SqlError;
 
 /// What the applier knows about one source relation.
 pub(super) struct RelationEntry {
