@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{CliResult, ConfigArg};
 use crate::node::connect::connect;
@@ -12,7 +12,14 @@ use crate::status::metrics;
 
 pub async fn run(arg: &ConfigArg) -> CliResult {
     let config = arg.load()?;
-    check_initialised(&config).await?;
+    match check_initialised(&config).await {
+        // The node went away while asked (a restart, a cut): like a node not reached,
+        // the check is skipped and the links say so and retry.
+        Err(e) if e.is_connection_lost() => {
+            warn!(error = %crate::observability::error_chain(&e), "could not finish the start-up checks on this node; going on")
+        }
+        r => r?,
+    }
     check_rights_and_fence(&config).await?;
     let (tx, rx) = shutdown_channel();
     if let Some(addr) = config.metrics.listen {
@@ -36,8 +43,9 @@ pub async fn run(arg: &ConfigArg) -> CliResult {
 /// database or any peer it reaches (within a few seconds) records the removal
 /// (crate::node::fence); and a sidecar whose role is not a superuser needs the rights
 /// crate::node::rights lists on its node, each missing one named with its GRANT. Its
-/// own node is asked both over one connection; a node it cannot reach is skipped (the
-/// links say so and retry).
+/// own node is asked both over one connection; a node it cannot reach, or whose
+/// connection is lost while it is asked (a restart), is skipped (the links say so and
+/// retry).
 async fn check_rights_and_fence(config: &crate::config::Config) -> Result<(), String> {
     let me = config.this_node();
     let name = me.name.as_str();
@@ -48,9 +56,15 @@ async fn check_rights_and_fence(config: &crate::config::Config) -> Result<(), St
         if let Ok(Some(removal)) = crate::node::fence::removed(&client, &[name]).await {
             return Err(removal.to_string());
         }
-        let missing = crate::node::rights::missing(&client)
-            .await
-            .map_err(|e| format!("checking the sidecar's rights on node {name}: {e}"))?;
+        let missing = match crate::node::rights::missing(&client).await {
+            Ok(missing) => missing,
+            // The node went away while asked: as if not reached (the links retry).
+            Err(e) if e.is_closed() || e.as_db_error().is_none() => {
+                warn!(node = %name, error = %e, "could not finish checking the sidecar's rights; going on");
+                return Ok(());
+            }
+            Err(e) => return Err(format!("checking the sidecar's rights on node {name}: {e}")),
+        };
         if missing.is_empty() {
             return Ok(());
         }

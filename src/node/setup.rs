@@ -138,6 +138,14 @@ pub const MIGRATIONS: &[Migration] = &[
     },
 ];
 
+impl SetupError {
+    /// The connection to the node failed under a statement (the node restarting, the
+    /// path cut): nothing the operator must fix, the links retry.
+    pub fn is_connection_lost(&self) -> bool {
+        matches!(self, SetupError::Sql { source, .. } if source.is_connection_lost())
+    }
+}
+
 /// What init did, one line per action, for the operator.
 #[derive(Debug, Default)]
 pub struct SetupReport {
