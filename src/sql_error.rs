@@ -15,7 +15,7 @@ impl SqlError {
     /// The connection failed under the statement (closed, reset): no answer from the
     /// server, as opposed to an error it reported.
     pub fn is_connection_lost(&self) -> bool {
-        self.source.is_closed() || self.source.as_db_error().is_none()
+        self.source.as_db_error().is_none()
     }
 
     pub fn new(what: impl Into<String>, source: tokio_postgres::Error) -> SqlError {

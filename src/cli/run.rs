@@ -7,7 +7,9 @@ use tracing::{info, warn};
 use super::{CliResult, ConfigArg};
 use crate::node::connect::connect;
 use crate::node::setup::check_initialised;
+use crate::observability::error_chain;
 use crate::runtime::{run_sidecar, shutdown_channel};
+use crate::sql_error::SqlError;
 use crate::status::metrics;
 
 pub async fn run(arg: &ConfigArg) -> CliResult {
@@ -16,7 +18,7 @@ pub async fn run(arg: &ConfigArg) -> CliResult {
         // The node went away while asked (a restart, a cut): like a node not reached,
         // the check is skipped and the links say so and retry.
         Err(e) if e.is_connection_lost() => {
-            warn!(error = %crate::observability::error_chain(&e), "could not finish the start-up checks on this node; going on")
+            warn!(error = %error_chain(&e), "could not finish the start-up checks on this node; going on")
         }
         r => r?,
     }
@@ -58,12 +60,15 @@ async fn check_rights_and_fence(config: &crate::config::Config) -> Result<(), St
         }
         let missing = match crate::node::rights::missing(&client).await {
             Ok(missing) => missing,
-            // The node went away while asked: as if not reached (the links retry).
-            Err(e) if e.is_closed() || e.as_db_error().is_none() => {
-                warn!(node = %name, error = %e, "could not finish checking the sidecar's rights; going on");
+            Err(e) => {
+                let e = SqlError::new(format!("checking the sidecar's rights on node {name}"), e);
+                if !e.is_connection_lost() {
+                    return Err(error_chain(&e));
+                }
+                // The node went away while asked: as if not reached (the links retry).
+                warn!(node = %name, error = %error_chain(&e), "could not finish checking the sidecar's rights; going on");
                 return Ok(());
             }
-            Err(e) => return Err(format!("checking the sidecar's rights on node {name}: {e}")),
         };
         if missing.is_empty() {
             return Ok(());
