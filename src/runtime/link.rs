@@ -25,6 +25,7 @@ use crate::observability::error_chain;
 use crate::pgoutput::{self, DecodeError, Message};
 use crate::runtime::backoff::Backoff;
 use crate::spool::{self, SpoolError};
+use crate::sql_error::SqlError;
 use crate::status::link::{LinkState, StatusReporter, HEARTBEAT_EVERY};
 use crate::stream::{NodeStream, StreamError};
 
@@ -49,6 +50,9 @@ pub enum LinkError {
     Merge(#[from] MergeError),
     #[error(transparent)]
     Apply(#[from] ApplyError),
+    /// A statement of the link's own (slot ownership, the removal check) failed.
+    #[error(transparent)]
+    Sql(#[from] SqlError),
     #[error("a change arrived outside a transaction")]
     OutsideTransaction,
     #[error("the link session panicked: {0}")]
@@ -363,9 +367,7 @@ async fn run_session(
     )
     .await??;
     refuse_removed(&target, spec).await?;
-    slots::end_stale_appliers(&target, &apply_app, &link)
-        .await
-        .map_err(ApplyError::from)?;
+    slots::end_stale_appliers(&target, &apply_app, &link).await?;
     let mut apply =
         ApplyWorker::new(target, link.clone(), PgName::origin_of(&spec.to.name)).await?;
     apply.set_careful(careful_txns);
@@ -388,8 +390,7 @@ async fn run_session(
         "reaching the upstream",
         slots::try_take_over(&control, &control_app, &slot),
     )
-    .await?
-    .map_err(SpoolError::from)?;
+    .await??;
     if !taken {
         info!(link = %link, "the upstream spools this link's slot; waiting for it to hand over");
         within(
@@ -397,8 +398,7 @@ async fn run_session(
             "taking the slot over from its spooler",
             slots::wait_for_spooler(&control, &slot, HANDOVER_TIMEOUT),
         )
-        .await?
-        .map_err(SpoolError::from)?;
+        .await??;
     }
     replay_spool(
         &control,
@@ -415,8 +415,7 @@ async fn run_session(
         "reaching the upstream",
         slots::end_stale_walsender(&control, &slot, &app, &link),
     )
-    .await?
-    .map_err(ApplyError::from)?
+    .await??
     .then_some(())
     .ok_or_else(|| LinkError::NoSlot {
         slot: slot.clone(),
@@ -735,10 +734,7 @@ async fn refuse_removed(client: &tokio_postgres::Client, spec: &LinkSpec) -> Res
         crate::node::fence::removed(client, &names),
     )
     .await?
-    .map_err(crate::sql_error::SqlError::of(
-        "reading walsync.removed_nodes",
-    ))
-    .map_err(ApplyError::from)?;
+    .map_err(SqlError::of("reading walsync.removed_nodes"))?;
     match removal {
         Some(r) => Err(LinkError::Removed(r)),
         None => Ok(()),
