@@ -39,6 +39,46 @@ fn two_nodes_write_both_ways() {
     assert_eq!(t_a, t_b, "the applied row keeps the author's commit time");
 }
 
+/// A sidecar next to its node reaches it over the node's Unix socket (`host=/dir`), as
+/// libpq programs do: no TLS is tried on it, whatever sslmode says (PostgreSQL offers none
+/// there), and rows flow both ways.
+#[test]
+fn a_sidecar_reaches_its_own_node_over_a_unix_socket() {
+    let mut c = TestCluster::new("unix-socket", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    for name in ["a", "b"] {
+        let n = c.node(name);
+        let text = std::fs::read_to_string(&n.config).unwrap();
+        let node_line = format!("dsn = \"{}\"", n.pg.dsn_for("postgres"));
+        let socket_line = format!(
+            "dsn = \"{} sslmode=require\"",
+            n.pg.socket_dsn_for("postgres")
+        );
+        assert!(text.contains(&node_line), "config of {name}:\n{text}");
+        std::fs::write(&n.config, text.replacen(&node_line, &socket_line, 1)).unwrap();
+        let (ok, out) = walsync(&["init", "--config", n.config.to_str().unwrap()]);
+        assert!(ok, "walsync init over the socket on {name} failed:\n{out}");
+    }
+    c.start();
+    c.node("a")
+        .sql("INSERT INTO partner (id, name) VALUES (100001, 'Ana')");
+    c.node("b")
+        .sql("INSERT INTO partner (id, name) VALUES (200001, 'Ben')");
+    c.wait_rows("a", "partner", 2);
+    c.wait_rows("b", "partner", 2);
+    c.wait_converged("partner");
+    for name in ["a", "b"] {
+        // A connection over a Unix socket has no client address.
+        assert_eq!(
+            c.node(name).sql(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE application_name LIKE 'walsync % apply' AND client_addr IS NULL"
+            ),
+            "1",
+            "{name}'s applier connects over the socket"
+        );
+    }
+}
+
 #[test]
 fn star_forwards_a_branch_write_to_the_other_branch_and_nothing_loops() {
     let mut c = TestCluster::new(

@@ -57,7 +57,14 @@ impl Dsn {
                 }
             }
         }
-        Ok((cfg, taken.tls))
+        let mut tls = taken.tls;
+        if on_unix_socket(&cfg) {
+            // A Unix socket never leaves the machine and PostgreSQL offers no TLS on it:
+            // as libpq does, sslmode does not apply (a sidecar reaches its own node so).
+            tls.mode = params::SslMode::Disable;
+            cfg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
+        Ok((cfg, tls))
     }
 
     /// The DSN for a libpq program (pg_dump, pg_restore) and its password apart, to pass
@@ -198,6 +205,23 @@ pub fn redact_text(text: &str) -> String {
     out
 }
 
+/// Whether every host of a connection's settings is a Unix socket directory.
+fn on_unix_socket(cfg: &tokio_postgres::Config) -> bool {
+    #[cfg(unix)]
+    {
+        let hosts = cfg.get_hosts();
+        !hosts.is_empty()
+            && hosts
+                .iter()
+                .all(|h| matches!(h, tokio_postgres::config::Host::Unix(_)))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = cfg;
+        false
+    }
+}
+
 /// The first host of a connection's settings, for messages.
 pub fn host_of(cfg: &tokio_postgres::Config) -> String {
     match cfg.get_hosts().first() {
@@ -205,5 +229,26 @@ pub fn host_of(cfg: &tokio_postgres::Config) -> String {
         #[cfg(unix)]
         Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
         None => "localhost".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_postgres::config::SslMode as PgSslMode;
+
+    #[test]
+    fn a_unix_socket_takes_no_tls_whatever_sslmode_says() {
+        let (cfg, tls) = Dsn::new("host=/var/run/postgresql port=5432 user=u sslmode=require")
+            .parts()
+            .unwrap();
+        assert_eq!(tls.mode, params::SslMode::Disable);
+        assert_eq!(cfg.get_ssl_mode(), PgSslMode::Disable);
+
+        let (cfg, tls) = Dsn::new("host=10.0.0.1 port=5432 user=u sslmode=require")
+            .parts()
+            .unwrap();
+        assert_eq!(tls.mode, params::SslMode::Require);
+        assert_eq!(cfg.get_ssl_mode(), PgSslMode::Require);
     }
 }

@@ -279,8 +279,18 @@ where
     type Error = TlsError;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, TlsError> {
+        // tokio-postgres asks for a connector even where no TLS is tried: on a Unix socket
+        // (no name, and crate::dsn turns sslmode off there). Should one ever be tried,
+        // the handshake fails on the name.
         let name = ServerName::try_from(domain.to_string())
-            .map_err(|_| TlsError(format!("tls: `{domain}` is not a host name or address")))?;
+            .map_err(|_| TlsError(format!("tls: `{domain}` is not a host name or address")));
+        let name = match name {
+            Ok(name) => Ok(name),
+            Err(_) if domain.is_empty() => Err(TlsError(
+                "tls: a Unix socket has no host name to check a certificate against".into(),
+            )),
+            Err(e) => return Err(e),
+        };
         Ok(RustlsConnect {
             connector: tokio_rustls::TlsConnector::from(self.config.clone()),
             name,
@@ -292,7 +302,7 @@ where
 
 pub struct RustlsConnect {
     connector: tokio_rustls::TlsConnector,
-    name: ServerName<'static>,
+    name: Result<ServerName<'static>, TlsError>,
     host: String,
     settings: Arc<TlsSettings>,
 }
@@ -308,7 +318,7 @@ where
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
             self.connector
-                .connect(self.name, stream)
+                .connect(self.name?, stream)
                 .await
                 .map(|s| RustlsStream(Box::new(s)))
                 .map_err(|e| TlsError(self.settings.explain(&self.host, &e.to_string())))

@@ -234,6 +234,17 @@ impl LocalCluster {
         )
     }
 
+    /// The DSN of database `dbname` over this cluster's Unix socket (its directory is
+    /// `unix_socket_directories`), as a program next to the server connects.
+    pub fn socket_dsn_for(&self, dbname: &str) -> String {
+        format!(
+            "host={} port={} user=postgres dbname={}",
+            conninfo_value(&self.dir.to_string_lossy()),
+            self.port,
+            conninfo_value(dbname)
+        )
+    }
+
     /// Stops the server cleanly (`pg_ctl stop -m fast -w`). Does nothing if it is stopped.
     pub fn stop(&mut self) -> Result<(), LocalPgError> {
         self.stop_mode("fast")
