@@ -64,6 +64,17 @@ pub struct BenchArgs {
     /// each (1,2,4,8 draws what each branch costs main).
     #[arg(long, value_delimiter = ',', default_values_t = [2u32])]
     pub branches: Vec<u32>,
+    /// How each walsync sidecar reaches its own node (the target it applies into): over
+    /// the node's Unix socket, as a sidecar next to its node is configured, or over TCP.
+    #[arg(long, value_enum, default_value_t = NodeOver::Socket)]
+    pub node_over: NodeOver,
+}
+
+/// How a sidecar reaches the node it sits next to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NodeOver {
+    Socket,
+    Tcp,
 }
 
 const SCHEMA: &str = "CREATE TABLE pos_order_line (
@@ -252,7 +263,7 @@ async fn id_range(pg: &LocalCluster, above: i32) -> Result<(i32, i32), BoxError>
     Ok((r.get(0), r.get(1)))
 }
 
-async fn setup(dir: &Path, downstream: u32) -> Result<Bench, BoxError> {
+async fn setup(dir: &Path, downstream: u32, node_over: NodeOver) -> Result<Bench, BoxError> {
     std::fs::create_dir_all(dir)?;
     let source = start(dir, "main".into()).await?;
     let mut natives = Vec::new();
@@ -284,7 +295,10 @@ async fn setup(dir: &Path, downstream: u32) -> Result<Bench, BoxError> {
         let text = format!(
             "[cluster]\ntopology = \"star\"\nhub = \"main\"\n[node]\nname = \"{name}\"\nid = {id}\ndsn = \"{}\"\n\
              [[peers]]\nname = \"main\"\nid = 1\ndsn = \"{}\"\nlinks = \"pull\"\n",
-            pg.dsn(),
+            match node_over {
+                NodeOver::Socket => pg.socket_dsn_for("postgres"),
+                NodeOver::Tcp => pg.dsn(),
+            },
             source.dsn()
         );
         let path = dir.join(format!("{name}.toml"));
@@ -472,8 +486,12 @@ fn median(v: &[f64]) -> f64 {
 
 async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
     println!(
-        "walsync bench: catch-up of a backlog by {} targets pulling from one upstream at once, walsync vs native logical replication, same machine, same run, fsync on",
-        args.downstream.max(1)
+        "walsync bench: catch-up of a backlog by {} targets pulling from one upstream at once, walsync vs native logical replication, same machine, same run, fsync on; each sidecar reaches its own node over {}",
+        args.downstream.max(1),
+        match args.node_over {
+            NodeOver::Socket => "its Unix socket",
+            NodeOver::Tcp => "TCP",
+        }
     );
     let most = args.branches.iter().copied().max().unwrap_or(1);
     let targets = if args.load_tps > 0 {
@@ -481,7 +499,7 @@ async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
     } else {
         args.downstream
     };
-    let b = setup(dir, targets.max(1)).await?;
+    let b = setup(dir, targets.max(1), args.node_over).await?;
     println!("clusters in {}", b.dir.display());
 
     let mut ok = true;
