@@ -19,7 +19,9 @@ use crate::pgoutput::{Insert, Value};
 pub(super) struct InsertRun {
     pub(super) mapped: Mapped,
     pub(super) columns: Vec<usize>,
-    pub(super) rows: Vec<Vec<Value>>,
+    /// The values of the rows kept so far, row after row (`columns.len()` each).
+    pub(super) values: Vec<Value>,
+    pub(super) rows: usize,
     /// COPY text of the run once it is long enough; empty before.
     pub(super) copy: BytesMut,
 }
@@ -70,29 +72,33 @@ impl ApplyWorker {
         if self.is_careful() {
             return self.insert_carefully(m, ins).await;
         }
-        let write = m.insert(&ins.new)?;
-        let Shape::Insert { columns, .. } = &write.shape else {
-            unreachable!("RelationMap::insert makes Shape::Insert");
-        };
+        let columns = m.insert_columns();
         let same_run =
-            matches!(&self.run, Some(run) if run.mapped.id == id && run.columns == *columns);
+            matches!(&self.run, Some(run) if run.mapped.id == id && run.columns == columns);
         if !same_run {
             self.flush_inserts().await?;
             self.run = Some(InsertRun {
                 mapped: m.clone(),
-                columns: columns.clone(),
-                rows: Vec::new(),
+                columns: columns.to_vec(),
+                values: Vec::new(),
+                rows: 0,
                 copy: BytesMut::new(),
             });
         }
         let run = self.run.as_mut().expect("a run was just ensured");
-        self.rows_in_txn += 1;
         if run.copy.is_empty() {
-            run.rows.push(write.params);
-            if run.rows.len() >= SMALL_RUN_ROWS {
+            m.insert_values(&ins.new, &mut run.values)?;
+            run.rows += 1;
+            self.rows_in_txn += 1;
+            if run.rows >= SMALL_RUN_ROWS {
                 let mut copy = BytesMut::new();
-                if run.rows.iter().all(|r| copy_text_row(r, &mut copy)) {
-                    run.rows.clear();
+                let width = run.columns.len().max(1);
+                if run
+                    .values
+                    .chunks(width)
+                    .all(|r| copy_text_row(r, &mut copy))
+                {
+                    run.values.clear();
                     run.copy = copy;
                 } else {
                     // A binary value cannot travel in a text COPY: INSERTs then.
@@ -101,12 +107,13 @@ impl ApplyWorker {
             }
             return Ok(());
         }
+        let write = m.insert(&ins.new)?;
         if !copy_text_row(&write.params, &mut run.copy) {
-            self.rows_in_txn -= 1;
             return self
                 .execute(m, write, Tag::Insert { relation_id: id })
                 .await;
         }
+        self.rows_in_txn += 1;
         if run.copy.len() >= COPY_RUN_BYTES {
             self.flush_inserts().await?;
         }
@@ -120,9 +127,9 @@ impl ApplyWorker {
         };
         let relation_id = run.mapped.id;
         if run.copy.is_empty() {
-            let mut rows = run.rows.into_iter();
-            for n in batch_sizes(rows.len(), run.columns.len()) {
-                let params: Vec<Value> = rows.by_ref().take(n).flatten().collect();
+            let mut values = run.values.into_iter();
+            for n in batch_sizes(run.rows, run.columns.len()) {
+                let params: Vec<Value> = values.by_ref().take(n * run.columns.len()).collect();
                 let shape = Shape::Insert {
                     columns: run.columns.clone(),
                     rows: n,

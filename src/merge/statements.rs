@@ -192,24 +192,39 @@ impl RelationMap {
     }
 
     pub fn insert(&self, new: &Tuple) -> Result<RowWrite, StatementError> {
-        self.check_width(new)?;
-        let mut columns = Vec::with_capacity(new.0.len());
         let mut params = Vec::with_capacity(new.0.len());
-        for (i, v) in new.0.iter().enumerate() {
-            let t = self.source_to_target[i];
-            if matches!(v, Value::UnchangedToast) {
-                return Err(StatementError::ToastInInsert {
-                    table: self.target.qualified(),
-                    column: self.target.columns[t].clone(),
-                });
-            }
-            columns.push(t);
-            params.push(v.clone());
-        }
+        self.insert_values(new, &mut params)?;
         Ok(RowWrite {
-            shape: Shape::Insert { columns, rows: 1 },
+            shape: Shape::Insert {
+                columns: self.insert_columns().to_vec(),
+                rows: 1,
+            },
             params,
         })
+    }
+
+    /// The target columns an insert writes, in the order of its values: every column the
+    /// upstream sends.
+    pub fn insert_columns(&self) -> &[usize] {
+        &self.source_to_target
+    }
+
+    /// Appends an insert's values to `out`, in the order of [`RelationMap::insert_columns`]
+    /// (nothing is appended if the tuple cannot be inserted).
+    pub fn insert_values(&self, new: &Tuple, out: &mut Vec<Value>) -> Result<(), StatementError> {
+        self.check_width(new)?;
+        if let Some(i) = new
+            .0
+            .iter()
+            .position(|v| matches!(v, Value::UnchangedToast))
+        {
+            return Err(StatementError::ToastInInsert {
+                table: self.target.qualified(),
+                column: self.target.columns[self.source_to_target[i]].clone(),
+            });
+        }
+        out.extend(new.0.iter().cloned());
+        Ok(())
     }
 
     /// `None` when the update changes nothing that can be written (every column unchanged TOAST).

@@ -30,6 +30,9 @@ use crate::status::link::{LinkState, StatusReporter, HEARTBEAT_EVERY};
 use crate::stream::{NodeStream, StreamError};
 
 const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(100);
+
+/// One change in this many gives a sample of the upstream's clock (keepalives always do).
+const OFFSET_SAMPLE_EVERY: u32 = 16;
 /// On a clean stop, how long the link may take to acknowledge what it applied: the
 /// commits in flight settle and flush, and the acknowledgement reaches the upstream with
 /// the stream's next status report (every 500 ms). A restart then starts after it.
@@ -441,6 +444,7 @@ async fn run_session(
     // lets the slot move on (and a shutting-down upstream finish: its walsender waits
     // for the receiver to confirm the end of the WAL), as PostgreSQL's own apply worker does.
     let mut idle_end: Option<Lsn> = None;
+    let mut changes_seen: u32 = 0;
     // The target flushes its WAL every wal_writer_delay (200 ms by default); asking every
     // 100 ms keeps acknowledgements at most a few hundred ms behind.
     let mut flush_tick = tokio::time::interval(FLUSH_CHECK_EVERY);
@@ -462,17 +466,27 @@ async fn run_session(
             // 5. the next event of the stream
             ev = stream.recv() => match ev {
                 Ok(Some(ev)) => {
-                    liveness.heard();
-                    if let ReplicationEvent::XLogData { server_time_micros, .. }
-                    | ReplicationEvent::KeepAlive { server_time_micros, .. } = &ev
-                    {
-                        status.server_time(*server_time_micros).await;
+                    // The upstream's clock, from the send time of every keepalive and of
+                    // one change in OFFSET_SAMPLE_EVERY (reading ours costs; the offset
+                    // kept is the best of a 10 s window).
+                    match &ev {
+                        ReplicationEvent::KeepAlive { server_time_micros, .. } => {
+                            status.server_time(*server_time_micros).await;
+                        }
+                        ReplicationEvent::XLogData { server_time_micros, .. } => {
+                            changes_seen = changes_seen.wrapping_add(1);
+                            if changes_seen % OFFSET_SAMPLE_EVERY == 0 {
+                                status.server_time(*server_time_micros).await;
+                            }
+                        }
+                        _ => {}
                     }
                     if let ReplicationEvent::KeepAlive { wal_end, .. } = &ev {
                         idle_end = Some((*wal_end).into());
                     }
                     let handled = handle_event(ev, &filter, &mut apply, &mut txn, &mut skipped, &mut progress, &link).await;
-                    // Silence counts from here: time spent applying is not the stream's.
+                    // Heard; and silence counts from here: time spent applying is not the
+                    // stream's (nothing else is polled meanwhile).
                     liveness.heard();
                     handled
                 }
