@@ -37,6 +37,13 @@ pub async fn run(arg: &ConfigArg) -> CliResult {
         let _ = tx.send(true);
     });
     info!(node = %config.node.name, id = config.node.id, "sidecar starting");
+    if config.node.dsn.is_tcp_loopback() {
+        info!(
+            "[node] dsn reaches this node over TCP on the loopback: its Unix socket \
+             (host=/var/run/postgresql or wherever unix_socket_directories points) carries every \
+             applied row for less CPU (docs/configuration.md)"
+        );
+    }
     run_sidecar(&config, rx).await;
     Ok(ExitCode::SUCCESS)
 }

@@ -67,6 +67,26 @@ impl Dsn {
         Ok((cfg, tls))
     }
 
+    /// Whether this DSN reaches its server over TCP on this machine's loopback (127.0.0.1,
+    /// ::1, localhost), where the server's Unix socket would do the same for less.
+    pub fn is_tcp_loopback(&self) -> bool {
+        let Ok((cfg, _)) = self.parts() else {
+            return false;
+        };
+        let hosts = cfg.get_hosts();
+        !hosts.is_empty()
+            && hosts.iter().all(|h| match h {
+                tokio_postgres::config::Host::Tcp(name) => {
+                    name == "localhost"
+                        || name
+                            .parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback())
+                }
+                #[cfg(unix)]
+                tokio_postgres::config::Host::Unix(_) => false,
+            })
+    }
+
     /// The DSN for a libpq program (pg_dump, pg_restore) and its password apart, to pass
     /// in `PGPASSWORD` rather than on a command line everyone on the host can read.
     pub fn for_libpq(&self) -> Result<(String, Option<String>), DsnError> {
@@ -250,5 +270,24 @@ mod tests {
             .unwrap();
         assert_eq!(tls.mode, params::SslMode::Require);
         assert_eq!(cfg.get_ssl_mode(), PgSslMode::Require);
+    }
+
+    #[test]
+    fn loopback_over_tcp_is_told_from_a_socket_and_a_remote_host() {
+        for dsn in [
+            "host=127.0.0.1 user=u",
+            "host=localhost user=u",
+            "postgres://u@[::1]:5432/odoo",
+        ] {
+            assert!(Dsn::new(dsn).is_tcp_loopback(), "{dsn}");
+        }
+        for dsn in [
+            "host=/var/run/postgresql user=u",
+            "host=main.example.com user=u",
+            "postgres://u@10.0.0.1/odoo",
+            "not a dsn = =",
+        ] {
+            assert!(!Dsn::new(dsn).is_tcp_loopback(), "{dsn}");
+        }
     }
 }
