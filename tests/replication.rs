@@ -229,8 +229,15 @@ fn nothing_commits_past_a_transaction_that_fails_on_the_target() {
         || b.sidecar_log().contains("b_price_below_1000"),
         || tail(&b.sidecar_log(), 30),
     );
-    assert_eq!(b.count("product"), 50, "only the transactions before the failed one");
-    assert_eq!(b.sql("SELECT count(*) FROM product WHERE name = 'after'"), "0");
+    assert_eq!(
+        b.count("product"),
+        50,
+        "only the transactions before the failed one"
+    );
+    assert_eq!(
+        b.sql("SELECT count(*) FROM product WHERE name = 'after'"),
+        "0"
+    );
     b.sql("ALTER TABLE product DROP CONSTRAINT b_price_below_1000");
     c.wait_rows("b", "product", 71);
     c.wait_converged("product");

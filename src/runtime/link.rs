@@ -475,7 +475,7 @@ async fn run_session(
                         }
                         ReplicationEvent::XLogData { server_time_micros, .. } => {
                             changes_seen = changes_seen.wrapping_add(1);
-                            if changes_seen % OFFSET_SAMPLE_EVERY == 0 {
+                            if changes_seen.is_multiple_of(OFFSET_SAMPLE_EVERY) {
                                 status.server_time(*server_time_micros).await;
                             }
                         }
