@@ -279,17 +279,19 @@ where
     type Error = TlsError;
 
     fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, TlsError> {
-        // tokio-postgres asks for a connector even where no TLS is tried: on a Unix socket
-        // (no name, and crate::dsn turns sslmode off there). Should one ever be tried,
-        // the handshake fails on the name.
-        let name = ServerName::try_from(domain.to_string())
-            .map_err(|_| TlsError(format!("tls: `{domain}` is not a host name or address")));
-        let name = match name {
+        let name = match ServerName::try_from(domain.to_string()) {
             Ok(name) => Ok(name),
+            // tokio-postgres asks for a connector even where no TLS is tried: on a Unix
+            // socket (no name; crate::dsn turns sslmode off there). Should a handshake
+            // ever be tried on one, it fails with this.
             Err(_) if domain.is_empty() => Err(TlsError(
                 "tls: a Unix socket has no host name to check a certificate against".into(),
             )),
-            Err(e) => return Err(e),
+            Err(_) => {
+                return Err(TlsError(format!(
+                    "tls: `{domain}` is not a host name or address"
+                )))
+            }
         };
         Ok(RustlsConnect {
             connector: tokio_rustls::TlsConnector::from(self.config.clone()),

@@ -33,6 +33,7 @@ const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// One change in this many gives a sample of the upstream's clock (keepalives always do).
 const OFFSET_SAMPLE_EVERY: u32 = 16;
+
 /// On a clean stop, how long the link may take to acknowledge what it applied: the
 /// commits in flight settle and flush, and the acknowledgement reaches the upstream with
 /// the stream's next status report (every 500 ms). A restart then starts after it.

@@ -508,6 +508,7 @@ impl LocalCluster {
             .arg(self.data_dir())
             .arg("-l")
             .arg(self.log_path());
+        let log_before = file_len(&self.log_path());
         let out = spawn_output(&mut cmd, &self.program("pg_ctl"))?;
         if !out.status.success() {
             return Err(self.start_error(format!(
@@ -517,7 +518,17 @@ impl LocalCluster {
             )));
         }
         self.running = true;
-        self.wait_ready(deadline)
+        self.wait_ready(deadline)?;
+        // A server with other addresses to listen on starts without the one whose port is
+        // taken: its clients on 127.0.0.1 would reach whatever holds the port.
+        if self.port_was_taken(log_before) {
+            let _ = self.stop();
+            return Err(self.start_error(format!(
+                "127.0.0.1:{} was taken by another process; the server would run without it",
+                self.port
+            )));
+        }
+        Ok(())
     }
 
     fn wait_ready(&self, deadline: Instant) -> Result<(), LocalPgError> {
@@ -662,23 +673,42 @@ pub fn bindir() -> Result<PathBuf, LocalPgError> {
         .map_err(|detail| LocalPgError::NotInstalled { detail })
 }
 
-/// A TCP port on 127.0.0.1 that is free right now (the OS picks it) and that this process
-/// has not handed out before, so parallel tests never pick the same port. Another process
-/// can still take it before it is used; [`LocalCluster::start`] retries in that case.
+/// A TCP port on 127.0.0.1 that is free right now and that this process has not handed out
+/// before, so parallel tests never pick the same port. It lies below the kernel's
+/// ephemeral range (`ip_local_port_range`), from which the OS gives every outgoing
+/// connection its local port: a server port in that range can be taken by a client
+/// connection (or another test's pick) while its server restarts, and the server then
+/// comes back without its TCP listener, its clients reaching whatever holds the port.
+/// Another process can still take the port before it is used; [`LocalCluster::start`]
+/// retries in that case.
 ///
 /// # Panics
 /// If no port can be bound on 127.0.0.1 at all (no loopback interface).
 pub fn free_port() -> u16 {
     static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     let mut handed_out = HANDED_OUT.lock().unwrap_or_else(PoisonError::into_inner);
+    let (low, high) = (10_000u16, ephemeral_low().max(10_000 + 1_000));
+    let mut state = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1)
+        ^ (u64::from(std::process::id()) << 32)
+        | 1;
     let mut last_error = None;
     for _ in 0..1000 {
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|listener| listener.local_addr())
-            .map(|addr| addr.port());
-        match port {
-            Ok(port) if handed_out.insert(port) => return port,
-            Ok(_) => {}
+        // xorshift64: spread over the range, different in every process.
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let port = low + (state % u64::from(high - low)) as u16;
+        if handed_out.contains(&port) {
+            continue;
+        }
+        match TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+            Ok(_) => {
+                handed_out.insert(port);
+                return port;
+            }
             Err(e) => last_error = Some(e),
         }
     }
@@ -686,6 +716,14 @@ pub fn free_port() -> u16 {
         "walsync::localpg::free_port: no free TCP port on 127.0.0.1 after 1000 tries \
          (last error: {last_error:?}); is the loopback interface up?"
     )
+}
+
+/// The first port of the kernel's ephemeral range (32768 if it cannot be read).
+fn ephemeral_low() -> u16 {
+    fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 /// The server settings, for the included configuration file.
@@ -1153,6 +1191,10 @@ mod tests {
         let unique: BTreeSet<u16> = ports.iter().copied().collect();
         assert_eq!(unique.len(), ports.len());
         assert!(ports.iter().all(|&p| p != 0));
+        // Below the ephemeral range, where no outgoing connection takes them meanwhile.
+        if ephemeral_low() > 11_000 {
+            assert!(ports.iter().all(|&p| p < ephemeral_low()), "{ports:?}");
+        }
     }
 
     #[test]
