@@ -972,3 +972,98 @@ fn a_colliding_row_committed_during_a_careful_insert_is_settled_not_parked() {
         format!("11:ALPHA\n12:alpha [conflict #{}]", spelled("12"))
     );
 }
+
+/// The same race on the update path: an update's careful lookups run while another
+/// session's commit is still to come, and that commit lands a colliding row before the
+/// update is written. The update is settled against it, not parked (a chaos run of
+/// `stores_sharing_a_journal…` parked one so, with seed 1796036751026744994).
+#[test]
+fn a_colliding_row_committed_during_a_careful_update_is_settled_not_parked() {
+    let schema = format!(
+        "{RETAIL_SCHEMA}
+         CREATE TABLE tag (id integer PRIMARY KEY, name text NOT NULL);
+         CREATE UNIQUE INDEX tag_name ON tag (lower(name));"
+    );
+    let mut c = TestCluster::new("commit-race-update", Topology::Mesh, &["a", "b"], &schema);
+    c.start();
+    c.node_mut("b").stop_sidecar();
+    c.node("a")
+        .sql("INSERT INTO tag VALUES (1, 'Today'), (10, 'Alpha')");
+    // A first collision puts the link b->a in careful mode; b's row 12 arrives as well.
+    c.node("b")
+        .sql("INSERT INTO tag VALUES (2, 'TODAY'), (12, 'beta')");
+    let a = c.node("a");
+    wait_for(
+        "b's first tags on a",
+        DEADLINE,
+        || a.sql("SELECT count(*) FROM tag WHERE id IN (2, 12)") == "2",
+        || c.logs(),
+    );
+    let psql = walsync_testkit::localpg::bindir().unwrap().join("psql");
+    let mut holder = Command::new(psql)
+        .args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+        ])
+        .arg("-p")
+        .arg(a.pg.port().to_string())
+        .arg("postgres")
+        .env("PGAPPNAME", "holder")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut to_holder = holder.stdin.take().unwrap();
+    writeln!(
+        to_holder,
+        "BEGIN; UPDATE tag SET name = 'Alpha moved' WHERE id = 10; INSERT INTO tag VALUES (11, 'ALPHA');"
+    )
+    .unwrap();
+    wait_for(
+        "the holder's transaction to be open",
+        DEADLINE,
+        || {
+            a.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'holder' AND state = 'idle in transaction'")
+                == "1"
+        },
+        || c.logs(),
+    );
+    // b renames its row to 'alpha': the careful lookup finds Alpha and waits for the holder.
+    c.node("b")
+        .sql("UPDATE tag SET name = 'alpha' WHERE id = 12");
+    wait_for(
+        "the applier to wait for the holder",
+        DEADLINE,
+        || {
+            a.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'walsync b->a apply' AND wait_event_type = 'Lock'")
+                == "1"
+        },
+        || c.logs(),
+    );
+    writeln!(to_holder, "COMMIT;").unwrap();
+    drop(to_holder);
+    assert!(holder.wait().unwrap().success());
+    wait_for(
+        "b's update on a",
+        DEADLINE,
+        || a.sql("SELECT name FROM tag WHERE id = 12") != "beta",
+        || format!("{}\n{}", a.sql("SELECT * FROM walsync.conflicts"), c.logs()),
+    );
+    assert_eq!(
+        a.sql("SELECT count(*) FROM walsync.conflicts WHERE outcome = 'parked'"),
+        "0",
+        "{}",
+        a.sql("SELECT * FROM walsync.conflicts")
+    );
+    // The holder committed later: its ALPHA stays, b's alpha is renamed.
+    assert_eq!(
+        a.sql("SELECT id || ':' || name FROM tag WHERE id IN (11, 12) ORDER BY id"),
+        format!("11:ALPHA\n12:alpha [conflict #{}]", spelled("12"))
+    );
+}

@@ -256,17 +256,39 @@ impl ApplyWorker {
         let UpdatePlan { decision, mut new } = self.settle_against(m, local.as_ref(), |a| {
             settle_update(a, policy.merge_columns, upd.old.as_ref(), &upd.new)
         });
+        let remote_image = m.source_image(&upd.new);
         if self.is_careful() && !matches!(decision, Decision::SkipAndRecord(..)) {
-            match self
-                .settle_unique_keys(m, new, &key, ConflictKind::UpdateExists)
-                .await?
-            {
-                Settled::Write(settled) => new = settled,
-                Settled::Parked | Settled::Merged => return Ok(()),
+            let mut attempt = 1;
+            loop {
+                new = match self
+                    .settle_unique_keys(m, new, &key, ConflictKind::UpdateExists)
+                    .await?
+                {
+                    Settled::Write(settled) => settled,
+                    Settled::Parked | Settled::Merged => return Ok(()),
+                };
+                let Some(write) = m.update(upd.old.as_ref(), &new)? else {
+                    break;
+                };
+                match self.write_or_park(m, write).await? {
+                    None => break,
+                    // Another session (another link into this node) committed a colliding
+                    // row after the lookups above, which the next lookups see: settle
+                    // again, as a careful insert does.
+                    Some(_) if attempt < SETTLE_ATTEMPTS => attempt += 1,
+                    Some(refused) => {
+                        return self
+                            .record_refused(m, decision, &key, local, remote_image, refused)
+                            .await
+                    }
+                }
             }
+            // Written (or nothing to write): what is left is recording the decision.
+            return self
+                .carry_out(m, decision, None, &key, local, remote_image)
+                .await;
         }
         let write = m.update(upd.old.as_ref(), &new)?;
-        let remote_image = m.source_image(&upd.new);
         self.carry_out(m, decision, write, &key, local, remote_image)
             .await
     }
@@ -709,20 +731,9 @@ impl ApplyWorker {
             if let Some(write) = write {
                 if self.is_careful() {
                     if let Some(refused) = self.write_or_park(m, write).await? {
-                        let kind = decision.refused_kind();
-                        let record = Record {
-                            kind,
-                            key: m.key_image(key),
-                            local: local.map(|l| (m.local_image(&l), l.version)),
-                            remote: remote_image,
-                            rule: "none_applies",
-                            outcome: Outcome::Parked,
-                            detail: Some(format!(
-                                "{refused}; the incoming change was not written here. Settle the two rows by hand, \
-                                 then walsync conflicts reapply this record if the change is still wanted"
-                            )),
-                        };
-                        return self.record(relation_id, record).await;
+                        return self
+                            .record_refused(m, decision, key, local, remote_image, refused)
+                            .await;
                     }
                 } else {
                     let tag = Tag::Row { relation_id };
@@ -743,6 +754,31 @@ impl ApplyWorker {
             self.record(relation_id, record).await?;
         }
         Ok(())
+    }
+
+    /// Records a change a unique index refused in careful mode as parked: not written here.
+    async fn record_refused(
+        &mut self,
+        m: &Mapped,
+        decision: Decision,
+        key: &[Value],
+        local: Option<LocalRow>,
+        remote_image: Json,
+        refused: String,
+    ) -> Result<(), ApplyError> {
+        let record = Record {
+            kind: decision.refused_kind(),
+            key: m.key_image(key),
+            local: local.map(|l| (m.local_image(&l), l.version)),
+            remote: remote_image,
+            rule: "none_applies",
+            outcome: Outcome::Parked,
+            detail: Some(format!(
+                "{refused}; the incoming change was not written here. Settle the two rows by hand, \
+                 then walsync conflicts reapply this record if the change is still wanted"
+            )),
+        };
+        self.record(m.id, record).await
     }
 
     /// In careful mode: writes one change inside a savepoint and waits for the answer.
