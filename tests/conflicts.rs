@@ -906,56 +906,16 @@ fn a_colliding_row_committed_during_a_careful_insert_is_settled_not_parked() {
         || c.logs(),
     );
     // Another session on a moves Alpha away and takes its value, and does not commit yet.
-    let psql = walsync_testkit::localpg::bindir().unwrap().join("psql");
-    let mut holder = Command::new(psql)
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-        ])
-        .arg("-p")
-        .arg(a.pg.port().to_string())
-        .arg("postgres")
-        .env("PGAPPNAME", "holder")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut to_holder = holder.stdin.take().unwrap();
-    writeln!(
-        to_holder,
-        "BEGIN; UPDATE tag SET name = 'Alpha moved' WHERE id = 10; INSERT INTO tag VALUES (11, 'ALPHA');"
-    )
-    .unwrap();
-    wait_for(
-        "the holder's transaction to be open",
-        DEADLINE,
-        || {
-            a.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'holder' AND state = 'idle in transaction'")
-                == "1"
-        },
-        || c.logs(),
+    let holder = Holder::open(
+        &c,
+        "a",
+        "UPDATE tag SET name = 'Alpha moved' WHERE id = 10; INSERT INTO tag VALUES (11, 'ALPHA');",
     );
     // b's 'alpha' arrives: the careful lookup finds Alpha and waits for the holder's lock.
     c.node("b").sql("INSERT INTO tag VALUES (12, 'alpha')");
-    wait_for(
-        "the applier to wait for the holder",
-        DEADLINE,
-        || {
-            a.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'walsync b->a apply' AND wait_event_type = 'Lock'")
-                == "1"
-        },
-        || c.logs(),
-    );
+    wait_for_applier_lock(&c, "a", "b->a");
     // The holder commits: Alpha no longer matches, and ALPHA (11) is there now.
-    writeln!(to_holder, "COMMIT;").unwrap();
-    drop(to_holder);
-    assert!(holder.wait().unwrap().success());
+    holder.commit();
     wait_for(
         "b's alpha on a",
         DEADLINE,
@@ -999,56 +959,16 @@ fn a_colliding_row_committed_during_a_careful_update_is_settled_not_parked() {
         || a.sql("SELECT count(*) FROM tag WHERE id IN (2, 12)") == "2",
         || c.logs(),
     );
-    let psql = walsync_testkit::localpg::bindir().unwrap().join("psql");
-    let mut holder = Command::new(psql)
-        .args([
-            "-X",
-            "-q",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-h",
-            "127.0.0.1",
-            "-U",
-            "postgres",
-        ])
-        .arg("-p")
-        .arg(a.pg.port().to_string())
-        .arg("postgres")
-        .env("PGAPPNAME", "holder")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut to_holder = holder.stdin.take().unwrap();
-    writeln!(
-        to_holder,
-        "BEGIN; UPDATE tag SET name = 'Alpha moved' WHERE id = 10; INSERT INTO tag VALUES (11, 'ALPHA');"
-    )
-    .unwrap();
-    wait_for(
-        "the holder's transaction to be open",
-        DEADLINE,
-        || {
-            a.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'holder' AND state = 'idle in transaction'")
-                == "1"
-        },
-        || c.logs(),
+    let holder = Holder::open(
+        &c,
+        "a",
+        "UPDATE tag SET name = 'Alpha moved' WHERE id = 10; INSERT INTO tag VALUES (11, 'ALPHA');",
     );
     // b renames its row to 'alpha': the careful lookup finds Alpha and waits for the holder.
     c.node("b")
         .sql("UPDATE tag SET name = 'alpha' WHERE id = 12");
-    wait_for(
-        "the applier to wait for the holder",
-        DEADLINE,
-        || {
-            a.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'walsync b->a apply' AND wait_event_type = 'Lock'")
-                == "1"
-        },
-        || c.logs(),
-    );
-    writeln!(to_holder, "COMMIT;").unwrap();
-    drop(to_holder);
-    assert!(holder.wait().unwrap().success());
+    wait_for_applier_lock(&c, "a", "b->a");
+    holder.commit();
     wait_for(
         "b's update on a",
         DEADLINE,
@@ -1065,5 +985,71 @@ fn a_colliding_row_committed_during_a_careful_update_is_settled_not_parked() {
     assert_eq!(
         a.sql("SELECT id || ':' || name FROM tag WHERE id IN (11, 12) ORDER BY id"),
         format!("11:ALPHA\n12:alpha [conflict #{}]", spelled("12"))
+    );
+}
+
+/// A psql session on one node that runs some SQL in a transaction it keeps open, its
+/// locks held, until [`Holder::commit`].
+struct Holder {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+}
+
+impl Holder {
+    fn open(c: &TestCluster, node: &str, sql: &str) -> Holder {
+        let n = c.node(node);
+        let psql = walsync_testkit::localpg::bindir().unwrap().join("psql");
+        let mut child = Command::new(psql)
+            .args([
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
+            .arg("-p")
+            .arg(n.pg.port().to_string())
+            .arg("postgres")
+            .env("PGAPPNAME", "holder")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        writeln!(stdin, "BEGIN; {sql}").unwrap();
+        wait_for(
+            "the holder's transaction to be open",
+            DEADLINE,
+            || {
+                n.sql("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'holder' AND state = 'idle in transaction'")
+                    == "1"
+            },
+            || c.logs(),
+        );
+        Holder { child, stdin }
+    }
+
+    fn commit(mut self) {
+        writeln!(self.stdin, "COMMIT;").unwrap();
+        drop(self.stdin);
+        assert!(self.child.wait().unwrap().success());
+    }
+}
+
+/// Waits until the applier of `link` on `node` waits for a lock.
+fn wait_for_applier_lock(c: &TestCluster, node: &str, link: &str) {
+    let n = c.node(node);
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = 'walsync {link} apply' AND wait_event_type = 'Lock'"
+    );
+    wait_for(
+        "the applier to wait for the holder",
+        DEADLINE,
+        || n.sql(&sql) == "1",
+        || c.logs(),
     );
 }
