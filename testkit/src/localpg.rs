@@ -123,6 +123,18 @@ pub enum LocalPgError {
         log_tail: String,
     },
 
+    #[error(
+        "cluster {name}: 127.0.0.1:{port} is taken by another process, and a server started \
+         without it would leave its clients reaching that one\n\
+         --- last lines of {log} ---\n{log_tail}"
+    )]
+    PortTaken {
+        name: String,
+        port: u16,
+        log: PathBuf,
+        log_tail: String,
+    },
+
     #[error("cluster {name} (port {port}) is stopped; call restart() before {action}")]
     NotRunning {
         name: String,
@@ -459,10 +471,9 @@ impl LocalCluster {
         let mut attempt = 1;
         loop {
             self.write_settings()?;
-            let log_before = file_len(&self.log_path());
             match self.start_server() {
                 Ok(()) => return Ok(()),
-                Err(e) if attempt < PORT_ATTEMPTS && self.port_was_taken(log_before) => {
+                Err(e @ LocalPgError::PortTaken { .. }) if attempt < PORT_ATTEMPTS => {
                     let old = self.port;
                     self.port = free_port();
                     tracing::debug!(name = %self.name, old, new = self.port, error = %e, "port taken; retrying");
@@ -495,7 +506,26 @@ impl LocalCluster {
     }
 
     /// `pg_ctl start -w`, then polls `pg_isready` until the server accepts connections.
+    /// A start whose log says the port was in use is [`LocalPgError::PortTaken`], whether
+    /// the server failed or came up on its other addresses only (then it is stopped).
     fn start_server(&mut self) -> Result<(), LocalPgError> {
+        let log_before = file_len(&self.log_path());
+        let started = self.start_and_wait();
+        if self.port_was_taken(log_before) {
+            if started.is_ok() {
+                let _ = self.stop();
+            }
+            return Err(LocalPgError::PortTaken {
+                name: self.name.clone(),
+                port: self.port,
+                log: self.log_path(),
+                log_tail: self.log_tail(ERROR_LOG_LINES),
+            });
+        }
+        started
+    }
+
+    fn start_and_wait(&mut self) -> Result<(), LocalPgError> {
         let deadline = Instant::now() + START_TIMEOUT;
         let timeout = START_TIMEOUT.as_secs().to_string();
         let mut cmd = self.server_command("pg_ctl");
@@ -508,7 +538,6 @@ impl LocalCluster {
             .arg(self.data_dir())
             .arg("-l")
             .arg(self.log_path());
-        let log_before = file_len(&self.log_path());
         let out = spawn_output(&mut cmd, &self.program("pg_ctl"))?;
         if !out.status.success() {
             return Err(self.start_error(format!(
@@ -518,17 +547,7 @@ impl LocalCluster {
             )));
         }
         self.running = true;
-        self.wait_ready(deadline)?;
-        // A server with other addresses to listen on starts without the one whose port is
-        // taken: its clients on 127.0.0.1 would reach whatever holds the port.
-        if self.port_was_taken(log_before) {
-            let _ = self.stop();
-            return Err(self.start_error(format!(
-                "127.0.0.1:{} was taken by another process; the server would run without it",
-                self.port
-            )));
-        }
-        Ok(())
+        self.wait_ready(deadline)
     }
 
     fn wait_ready(&self, deadline: Instant) -> Result<(), LocalPgError> {
