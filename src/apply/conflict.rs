@@ -23,8 +23,8 @@ use crate::merge::keys::{settlement, stays, Settlement, TableName, UniquePolicy}
 use crate::merge::statements::{RowWrite, Shape, UniqueKey};
 use crate::sql_error::SqlError;
 
-/// How often a careful insert settles its unique keys before it is parked: a second
-/// settlement sees rows another link into this node committed meanwhile.
+/// How often a careful insert or update settles its unique keys before it is parked: a
+/// second settlement sees rows another link into this node committed meanwhile.
 const SETTLE_ATTEMPTS: u32 = 3;
 
 /// The rule recorded for a merge (decision 0008).
