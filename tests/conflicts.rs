@@ -885,17 +885,7 @@ fn a_merge_reaches_the_node_that_moved_its_losing_row_away_from_the_key() {
 /// against it (renamed, here), not parked.
 #[test]
 fn a_colliding_row_committed_during_a_careful_insert_is_settled_not_parked() {
-    let schema = format!(
-        "{RETAIL_SCHEMA}
-         CREATE TABLE tag (id integer PRIMARY KEY, name text NOT NULL);
-         CREATE UNIQUE INDEX tag_name ON tag (lower(name));"
-    );
-    let mut c = TestCluster::new("commit-race", Topology::Mesh, &["a", "b"], &schema);
-    c.start();
-    // a's writes stay on a; b's reach a through a's sidecar (link b->a).
-    c.node_mut("b").stop_sidecar();
-    c.node("a")
-        .sql("INSERT INTO tag VALUES (1, 'Today'), (10, 'Alpha')");
+    let c = tag_race_cluster("commit-race");
     // A first collision puts the link b->a in careful mode.
     c.node("b").sql("INSERT INTO tag VALUES (2, 'TODAY')");
     let a = c.node("a");
@@ -939,16 +929,7 @@ fn a_colliding_row_committed_during_a_careful_insert_is_settled_not_parked() {
 /// `stores_sharing_a_journal…` parked one so, with seed 1796036751026744994).
 #[test]
 fn a_colliding_row_committed_during_a_careful_update_is_settled_not_parked() {
-    let schema = format!(
-        "{RETAIL_SCHEMA}
-         CREATE TABLE tag (id integer PRIMARY KEY, name text NOT NULL);
-         CREATE UNIQUE INDEX tag_name ON tag (lower(name));"
-    );
-    let mut c = TestCluster::new("commit-race-update", Topology::Mesh, &["a", "b"], &schema);
-    c.start();
-    c.node_mut("b").stop_sidecar();
-    c.node("a")
-        .sql("INSERT INTO tag VALUES (1, 'Today'), (10, 'Alpha')");
+    let c = tag_race_cluster("commit-race-update");
     // A first collision puts the link b->a in careful mode; b's row 12 arrives as well.
     c.node("b")
         .sql("INSERT INTO tag VALUES (2, 'TODAY'), (12, 'beta')");
@@ -1052,4 +1033,21 @@ fn wait_for_applier_lock(c: &TestCluster, node: &str, link: &str) {
         || n.sql(&sql) == "1",
         || c.logs(),
     );
+}
+
+/// Two nodes whose tags are unique case-insensitively; a holds 'Today' (1) and 'Alpha'
+/// (10). b's sidecar is stopped: a's writes stay on a, b's reach a through a's sidecar
+/// (link b->a).
+fn tag_race_cluster(test: &str) -> TestCluster {
+    let schema = format!(
+        "{RETAIL_SCHEMA}
+         CREATE TABLE tag (id integer PRIMARY KEY, name text NOT NULL);
+         CREATE UNIQUE INDEX tag_name ON tag (lower(name));"
+    );
+    let mut c = TestCluster::new(test, Topology::Mesh, &["a", "b"], &schema);
+    c.start();
+    c.node_mut("b").stop_sidecar();
+    c.node("a")
+        .sql("INSERT INTO tag VALUES (1, 'Today'), (10, 'Alpha')");
+    c
 }
