@@ -280,6 +280,10 @@ pub struct ApplyConfig {
     pub reconnect_min_ms: u64,
     #[serde(default = "default_reconnect_max_ms")]
     pub reconnect_max_ms: u64,
+    /// Target sessions each link applies on: independent source transactions run on
+    /// several at once, committed in source order (decision 0011). 1: one at a time.
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
 }
 
 impl Default for ApplyConfig {
@@ -287,8 +291,16 @@ impl Default for ApplyConfig {
         ApplyConfig {
             reconnect_min_ms: default_reconnect_min_ms(),
             reconnect_max_ms: default_reconnect_max_ms(),
+            sessions: default_sessions(),
         }
     }
+}
+
+/// Most target sessions a link may apply on.
+pub const MAX_APPLY_SESSIONS: usize = 16;
+
+fn default_sessions() -> usize {
+    1
 }
 
 fn default_reconnect_min_ms() -> u64 {
@@ -468,6 +480,12 @@ impl Config {
                     .into(),
             ));
         }
+        if self.apply.sessions == 0 || self.apply.sessions > MAX_APPLY_SESSIONS {
+            return Err(ConfigError::Invalid(format!(
+                "apply.sessions is {}: it must be between 1 (one transaction at a time) and {MAX_APPLY_SESSIONS}",
+                self.apply.sessions
+            )));
+        }
         Ok(())
     }
 
@@ -527,7 +545,10 @@ impl Config {
 const SECTION_KEYS: &[(&str, &[&str])] = &[
     ("cluster", &["topology", "hub", "step"]),
     ("node", &["name", "id", "dsn"]),
-    ("apply", &["reconnect_min_ms", "reconnect_max_ms"]),
+    (
+        "apply",
+        &["reconnect_min_ms", "reconnect_max_ms", "sessions"],
+    ),
     ("metrics", &["listen"]),
     ("status", &["alert_after_s"]),
     (
@@ -665,6 +686,7 @@ fn env_value(key: &str, raw: &str) -> toml::Value {
         "id" | "step"
             | "reconnect_min_ms"
             | "reconnect_max_ms"
+            | "sessions"
             | "after_bytes"
             | "after_s"
             | "segment_bytes"

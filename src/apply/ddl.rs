@@ -14,6 +14,19 @@ use crate::pgoutput::Insert;
 use crate::sql_error::SqlError;
 
 impl ApplyWorker {
+    /// Tables here may have changed shape (a DDL replay, here or on another session of the
+    /// link): their maps are read again when next needed, and the foreign keys into
+    /// merged tables too.
+    pub fn forget_maps(&mut self) {
+        for e in self.relations.values_mut() {
+            e.map = None;
+            e.gone = Gone::Nothing;
+            e.fks = None;
+        }
+        self.statements.clear();
+        self.merge_targets.clear();
+    }
+
     pub(super) fn is_ddl_log(&self, relation_id: u32) -> bool {
         self.relations
             .get(&relation_id)
@@ -90,15 +103,7 @@ impl ApplyWorker {
                 statement: redact_secrets(&statement),
                 reason: super::server_message(&e),
             })?;
-        // Tables here may have changed shape: their maps are read again when next needed.
-        for e in self.relations.values_mut() {
-            e.map = None;
-            e.gone = Gone::Nothing;
-            e.fks = None;
-        }
-        self.statements.clear();
-        // Foreign keys too: those into merged tables are read again.
-        self.merge_targets.clear();
+        self.forget_maps();
         let columns = columns_filled_per_node(&statement);
         if !columns.is_empty() {
             let warning = format!(

@@ -20,6 +20,8 @@
 //! `merge::conflict` decides (`conflict`), merging one entity's two rows (`merged`),
 //! DDL replay (`ddl`), rows for what this node dropped (`dropped`).
 
+mod applier;
+pub use applier::Applier;
 pub mod catalog;
 mod conflict;
 mod ddl;
@@ -28,6 +30,7 @@ mod dropped;
 mod durability;
 mod inserts;
 pub mod merged;
+pub mod parallel;
 mod param;
 pub mod pipeline;
 mod relations;
@@ -81,6 +84,12 @@ pub enum ApplyError {
         "a change names relation id {0} that the upstream never described (no Relation message)"
     )]
     UnknownRelation(u32),
+    /// The progress guard refused a commit: the link's progress row on the target is not
+    /// at the transaction before it.
+    #[error("the link's progress on the target is not at {previous} when the transaction ending at {end} commits: \
+             the transaction before it did not commit (its error is the cause), or another sidecar runs this link \
+             (run each link in one sidecar only); the link restarts from its recorded progress")]
+    OutOfOrder { previous: Lsn, end: Lsn },
     #[error("{table}: {kind}: {detail}")]
     Conflict {
         table: String,
@@ -135,6 +144,45 @@ pub struct ApplyWorker {
     merged_unconfirmed: std::collections::VecDeque<(Lsn, Vec<MergeEntry>)>,
     /// Tables merged into, with the foreign keys that point at them.
     merge_targets: HashMap<TableName, merged::MergeTarget>,
+    /// Parallel apply (`parallel`): the advisory lock the next transaction takes as it
+    /// begins, and the sequence number of the newest one the target granted.
+    next_lock: Option<OrderLock>,
+    locked: Option<u64>,
+    /// The order lock the open transaction holds, released after its commit.
+    held_lock: Option<OrderLock>,
+    /// Parallel apply: the author's origin is set up for each commit and reset after it
+    /// (PostgreSQL 15 lets one session at a time have an origin set up), and these are
+    /// the origins known to exist.
+    origin_at_commit: bool,
+    known_origins: std::collections::HashSet<String>,
+    /// End LSN of the newest commit the target confirmed.
+    confirmed: Lsn,
+}
+
+/// The advisory lock a transaction of a link applied on several sessions takes as it
+/// begins and releases once it has committed (or rolled back) and reset its origin:
+/// `(link, seq)`. Its successor waits for it before it sets up its origin and moves the
+/// progress (decision 0011).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrderLock {
+    pub link: i32,
+    pub seq: u64,
+}
+
+impl OrderLock {
+    /// The lock's two int4 keys: the sequence number wraps, which only matters for
+    /// transactions 2^32 apart, never both open.
+    fn keys(&self) -> String {
+        format!("{}, {}", self.link, self.seq as u32 as i32)
+    }
+
+    fn lock_sql(&self) -> String {
+        format!("SELECT pg_advisory_lock({})", self.keys())
+    }
+
+    fn unlock_sql(&self) -> String {
+        format!("SELECT pg_advisory_unlock({})", self.keys())
+    }
 }
 
 impl ApplyWorker {
@@ -214,6 +262,12 @@ impl ApplyWorker {
             merged_in_txn: Vec::new(),
             merged_unconfirmed: Default::default(),
             merge_targets: HashMap::new(),
+            next_lock: None,
+            locked: None,
+            held_lock: None,
+            origin_at_commit: false,
+            known_origins: Default::default(),
+            confirmed: Lsn::ZERO,
         })
     }
 
@@ -248,6 +302,26 @@ impl ApplyWorker {
         self.merged_stale = true;
     }
 
+    /// Parallel apply: the origin is set up at each commit, not for the session.
+    pub fn set_origin_at_commit(&mut self) {
+        self.origin_at_commit = true;
+    }
+
+    /// The next transaction begun here takes `lock` first (parallel apply).
+    pub fn lock_next(&mut self, lock: OrderLock) {
+        self.next_lock = Some(lock);
+    }
+
+    /// Sequence number of the newest order lock the target granted.
+    pub fn locked(&self) -> Option<u64> {
+        self.locked
+    }
+
+    /// End LSN of the newest commit the target confirmed (0/0: none yet).
+    pub fn confirmed(&self) -> Lsn {
+        self.confirmed
+    }
+
     /// Opens the target transaction for `txn` (idempotent within one transaction).
     pub async fn begin(&mut self, txn: &RemoteTxn) -> Result<(), ApplyError> {
         if self.open.is_some() {
@@ -256,7 +330,19 @@ impl ApplyWorker {
         if self.merged_stale {
             self.reload_merged().await?;
         }
-        if self.session_origin.as_deref() != Some(txn.origin.as_str()) {
+        if self.origin_at_commit {
+            // Parallel apply: the origin is set up for each commit only (below).
+            if !self.known_origins.contains(&txn.origin) {
+                self.flush().await?;
+                ensure_origin(&self.client, &txn.origin)
+                    .await
+                    .map_err(SqlError::of(format!(
+                        "creating replication origin {}",
+                        txn.origin
+                    )))?;
+                self.known_origins.insert(txn.origin.clone());
+            }
+        } else if self.session_origin.as_deref() != Some(txn.origin.as_str()) {
             let mut sql = String::new();
             if self.session_origin.take().is_some() {
                 sql.push_str("SELECT pg_replication_origin_session_reset(); ");
@@ -278,8 +364,21 @@ impl ApplyWorker {
                 .await?;
             self.session_origin = Some(txn.origin.clone());
         }
-        self.send_batch("BEGIN".into(), "opening the target transaction")
-            .await?;
+        match self.next_lock.take() {
+            None => {
+                self.send_batch("BEGIN".into(), "opening the target transaction")
+                    .await?
+            }
+            Some(lock) => {
+                self.held_lock = Some(lock);
+                let client = self.client.clone();
+                let sql = format!("BEGIN; {}", lock.lock_sql());
+                self.send(Tag::Locked { seq: lock.seq }, 64, async move {
+                    client.batch_execute(&sql).await.map(|_| 0)
+                })
+                .await?
+            }
+        }
         self.open = Some(txn.clone());
         self.rows_in_txn = 0;
         Ok(())
@@ -329,7 +428,28 @@ impl ApplyWorker {
                     "the target answered a WAL position that does not parse".into(),
                 ))
             }
+            (Tag::Locked { seq }, Ok(_)) => self.locked = Some(seq),
+            (Tag::Progress { previous, end }, Err(e))
+                if e.code() == Some(&SqlState::DIVISION_BY_ZERO) =>
+            {
+                return Err(ApplyError::OutOfOrder { previous, end });
+            }
+            (Tag::Progress { .. }, Err(source)) => {
+                return Err(SqlError::new(
+                    "recording the link's progress and the origin's lsn and commit time",
+                    source,
+                )
+                .into())
+            }
+            (Tag::Locked { .. }, Err(source)) => {
+                return Err(SqlError::new(
+                    "opening the target transaction with its order lock",
+                    source,
+                )
+                .into())
+            }
             (Tag::Commit { end_lsn }, Ok(_)) => {
+                self.confirmed = end_lsn;
                 self.durability.confirmed(end_lsn);
                 self.publish_merges(end_lsn);
             }
@@ -550,24 +670,60 @@ impl ApplyWorker {
     /// `end_lsn`; [`ApplyWorker::take_committed`] reports it once confirmed. Returns the
     /// number of changes in it (0: nothing was open, nothing sent).
     pub async fn commit(&mut self, end_lsn: Lsn) -> Result<u64, ApplyError> {
+        let previous = self.last_progress;
+        self.commit_ordered(end_lsn, previous, None).await
+    }
+
+    /// [`ApplyWorker::commit`] of a transaction whose progress builds on `previous`, the
+    /// end of the source transaction applied just before it, on whichever session; with
+    /// `after`, the predecessor's order lock is awaited first, so that it has ended.
+    pub async fn commit_ordered(
+        &mut self,
+        end_lsn: Lsn,
+        previous: Lsn,
+        after: Option<OrderLock>,
+    ) -> Result<u64, ApplyError> {
         self.flush_inserts().await?;
         let Some(txn) = self.open.take() else {
             return Ok(0);
         };
         self.commit_merges(end_lsn);
         self.careful_txns = self.careful_txns.saturating_sub(1);
+        let mut before = String::new();
+        if let Some(lock) = after {
+            before.push_str(&format!("{}; {}; ", lock.lock_sql(), lock.unlock_sql()));
+        }
+        if self.origin_at_commit {
+            before.push_str(&format!(
+                "SELECT pg_replication_origin_session_setup({})",
+                quote_literal(&txn.origin)
+            ));
+        }
+        if !before.is_empty() {
+            let client = self.client.clone();
+            self.send(
+                Tag::Other {
+                    what: "waiting for the previous transaction to end (its order lock) and setting up the origin",
+                },
+                64,
+                async move { client.batch_execute(&before).await.map(|_| 0) },
+            )
+            .await?;
+        }
         let (client, stmt) = (self.client.clone(), self.record_progress.clone());
         let (link, end, time) = (self.link.clone(), end_lsn.to_string(), txn.commit_time_us);
-        let previous = std::mem::replace(&mut self.last_progress, end_lsn).to_string();
+        self.last_progress = end_lsn;
         let origin_lsn = txn.origin_lsn.to_string();
+        let previous_text = previous.to_string();
         self.send(
-            Tag::Other {
-                what: "recording the link's progress and the origin's lsn and commit time",
+            Tag::Progress {
+                previous,
+                end: end_lsn,
             },
             160,
             async move {
                 client
-                    .execute(&stmt, &[&link, &end, &time, &previous, &origin_lsn])
+                    .execute(&stmt, &[&link, &end, &time, &previous_text, &origin_lsn])
                     .await
             },
         )
@@ -577,6 +733,20 @@ impl ApplyWorker {
             client.batch_execute("COMMIT").await.map(|_| 0)
         })
         .await?;
+        let mut after_commit = String::new();
+        if self.origin_at_commit {
+            after_commit.push_str("SELECT pg_replication_origin_session_reset(); ");
+        }
+        if let Some(lock) = self.held_lock.take() {
+            after_commit.push_str(&lock.unlock_sql());
+        }
+        if !after_commit.is_empty() {
+            self.send_batch(
+                after_commit,
+                "resetting the origin and releasing the order lock",
+            )
+            .await?;
+        }
         Ok(self.rows_in_txn)
     }
 }

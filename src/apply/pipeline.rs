@@ -32,6 +32,10 @@ pub enum Tag {
     Insert { relation_id: u32 },
     /// A COPY of consecutive inserts into one relation (a unique violation is `insert_exists`).
     Copy { relation_id: u32 },
+    /// `BEGIN` and the transaction's order lock (parallel apply): answers once granted.
+    Locked { seq: u64 },
+    /// The progress update (and its guard) of the transaction ending at `end`.
+    Progress { previous: Lsn, end: Lsn },
     /// The commit of the target transaction for the source commit ending at `end_lsn`.
     Commit { end_lsn: Lsn },
     /// A read of the target's WAL insert position (answers it as a u64).

@@ -75,7 +75,7 @@ impl Target {
 }
 
 /// Whether changes to `rel` are applied at all, under the table policies `policies`.
-fn travels(policies: &HashMap<(String, String), TablePolicy>, rel: &Relation) -> bool {
+pub(super) fn travels(policies: &HashMap<(String, String), TablePolicy>, rel: &Relation) -> bool {
     let local = policies
         .get(&(rel.namespace.clone(), rel.name.clone()))
         .is_some_and(|p| p.local);

@@ -14,7 +14,8 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::apply::merged::SharedKeys;
-use crate::apply::{ApplyError, ApplyWorker, RemoteTxn};
+use crate::apply::parallel::{Change, Parallel};
+use crate::apply::{Applier, ApplyError, ApplyWorker, RemoteTxn};
 use crate::config::{ApplyConfig, LinkSpec, TablePolicy};
 use crate::lsn::Lsn;
 use crate::merge::{self, MergeError, OriginFilter};
@@ -98,6 +99,11 @@ impl LinkError {
             LinkError::Apply(ApplyError::FastPathHitUniqueKey { .. }) => {
                 Disposition::RetryCarefully
             }
+            // Two of the link's sessions (or one and a local writer) waited on each
+            // other and the server ended one: careful mode applies one at a time.
+            LinkError::Apply(e) if e.sqlstate() == Some(DEADLOCK_DETECTED) => {
+                Disposition::RetryCarefully
+            }
             LinkError::Removed(_) => Disposition::Fenced,
             LinkError::Connect(e) if e.is_permanent() => Disposition::HaltPeer,
             LinkError::Stream(e) if e.is_auth() || matches!(e, StreamError::Dsn(_)) => {
@@ -117,6 +123,9 @@ impl LinkError {
         }
     }
 }
+
+/// SQLSTATE `deadlock_detected`.
+const DEADLOCK_DETECTED: &str = "40P01";
 
 /// How long opening a connection or the stream may take before the path counts as cut.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -244,10 +253,14 @@ pub async fn run_link(
         let mut healthy = false;
         // A panic is a bug; it must not silently end the link: log it, and start over
         // from the recorded progress like after any failure.
+        let target = Target {
+            sessions: cfg.sessions,
+            tables: &tables,
+            merges: &merges,
+        };
         let session = run_session(
             &spec,
-            &tables,
-            &merges,
+            &target,
             &mut shutdown,
             &mut healthy,
             careful_txns,
@@ -295,7 +308,7 @@ pub async fn run_link(
                 }
                 match d {
                     Disposition::RetryCarefully => {
-                        info!(link = %name, error = %error_chain(&e), "conflict on the fast path");
+                        info!(link = %name, error = %error_chain(&e), "conflict on the fast path (or a deadlock): the next transactions are applied carefully, one at a time");
                         careful_txns = CAREFUL_TXNS;
                     }
                     Disposition::Retry => {
@@ -345,15 +358,28 @@ struct SourceTxn {
     decision: Option<Option<RemoteTxn>>,
 }
 
+/// How the link applies on its target: on how many sessions, with which table policies,
+/// sharing merges with the node's other appliers.
+#[derive(Clone, Copy)]
+struct Target<'a> {
+    sessions: usize,
+    tables: &'a [TablePolicy],
+    merges: &'a SharedKeys,
+}
+
 async fn run_session(
     spec: &LinkSpec,
-    tables: &[TablePolicy],
-    merges: &SharedKeys,
+    target_cfg: &Target<'_>,
     shutdown: &mut watch::Receiver<bool>,
     healthy: &mut bool,
     careful_txns: u32,
     status: &mut StatusReporter,
 ) -> Result<(), LinkError> {
+    let Target {
+        sessions,
+        tables,
+        merges,
+    } = *target_cfg;
     let link = spec.name();
     let app = format!("walsync {link}");
     let slot = PgName::slot_to(&spec.to.name);
@@ -372,13 +398,47 @@ async fn run_session(
     .await??;
     refuse_removed(&target, spec).await?;
     slots::end_stale_appliers(&target, &apply_app, &link).await?;
-    let mut apply =
-        ApplyWorker::new(target, link.clone(), PgName::origin_of(&spec.to.name)).await?;
-    apply.set_careful(careful_txns);
-    apply.set_policies(tables);
-    apply.share_merges(merges.clone());
-    apply.set_ddl_from(spec.ddl_from.clone());
-    let mut progress = apply.progress().await?;
+    let worker = |client| async {
+        let mut w =
+            ApplyWorker::new(client, link.clone(), PgName::origin_of(&spec.to.name)).await?;
+        w.set_policies(tables);
+        w.share_merges(merges.clone());
+        w.set_ddl_from(spec.ddl_from.clone());
+        Ok::<_, LinkError>(w)
+    };
+    let mut first = worker(target).await?;
+    let mut progress = first.progress().await?;
+    let mut apply = if sessions <= 1 {
+        first.set_careful(careful_txns);
+        Applier::Serial(Box::new(first))
+    } else {
+        // More sessions, and one to read the tables' keys, under the same name: a restart
+        // ends what a lost session left (end_stale_appliers).
+        let mut workers = vec![first];
+        for _ in 1..sessions {
+            let client = within(
+                OPEN_TIMEOUT,
+                "connecting to the target",
+                connect(&spec.to.dsn, &apply_app),
+            )
+            .await??;
+            workers.push(worker(client).await?);
+        }
+        let catalog = within(
+            OPEN_TIMEOUT,
+            "connecting to the target",
+            connect(&spec.to.dsn, &apply_app),
+        )
+        .await??;
+        Applier::Parallel(Box::new(Parallel::start(
+            workers,
+            catalog,
+            &link,
+            progress,
+            careful_txns,
+            tables,
+        )))
+    };
     // A connection to the upstream for the whole session: it holds the slot's spool lock,
     // so no spooler reads the slot while this link does (crate::spool).
     let control_app = format!("{app} control");
@@ -541,7 +601,7 @@ async fn run_session(
 /// nothing is in flight, a let-through transaction's end and (with no source transaction
 /// open) the WAL end of the upstream's last keepalive.
 fn acknowledge(
-    apply: &mut ApplyWorker,
+    apply: &mut Applier,
     stream: &NodeStream,
     skipped: &mut Option<Lsn>,
     idle_end: &mut Option<Lsn>,
@@ -569,7 +629,7 @@ async fn replay_spool(
     control: &tokio_postgres::Client,
     slot: &str,
     filter: &OriginFilter,
-    apply: &mut ApplyWorker,
+    apply: &mut Applier,
     progress: &mut Lsn,
     link: &str,
     status: &mut StatusReporter,
@@ -636,7 +696,7 @@ async fn replay_spool(
 async fn handle_event(
     event: ReplicationEvent,
     filter: &OriginFilter,
-    apply: &mut ApplyWorker,
+    apply: &mut Applier,
     txn: &mut Option<SourceTxn>,
     skipped: &mut Option<Lsn>,
     progress: &mut Lsn,
@@ -667,17 +727,17 @@ async fn handle_event(
             | Message::LogicalMessage(_) => {}
             Message::Insert(ins) => {
                 if decide(txn, filter, apply, ins.relation_id, *progress).await? {
-                    apply.insert(&ins).await?;
+                    apply.change(Change::Insert(ins)).await?;
                 }
             }
             Message::Update(upd) => {
                 if decide(txn, filter, apply, upd.relation_id, *progress).await? {
-                    apply.update(&upd).await?;
+                    apply.change(Change::Update(upd)).await?;
                 }
             }
             Message::Delete(del) => {
                 if decide(txn, filter, apply, del.relation_id, *progress).await? {
-                    apply.delete(&del).await?;
+                    apply.change(Change::Delete(del)).await?;
                 }
             }
             Message::Truncate(t) => {
@@ -685,7 +745,7 @@ async fn handle_event(
                 if !t.relation_ids.is_empty()
                     && decide(txn, filter, apply, first, *progress).await?
                 {
-                    apply.truncate(&t).await?;
+                    apply.change(Change::Truncate(t)).await?;
                 }
             }
         },
@@ -713,7 +773,7 @@ async fn handle_event(
 async fn decide(
     txn: &mut Option<SourceTxn>,
     filter: &OriginFilter,
-    apply: &mut ApplyWorker,
+    apply: &mut Applier,
     relation_id: u32,
     progress: Lsn,
 ) -> Result<bool, LinkError> {
