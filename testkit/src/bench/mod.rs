@@ -68,6 +68,9 @@ pub struct BenchArgs {
     /// the node's Unix socket, as a sidecar next to its node is configured, or over TCP.
     #[arg(long, value_enum, default_value_t = NodeOver::Socket)]
     pub node_over: NodeOver,
+    /// `[apply] sessions` of each walsync sidecar: target sessions it applies on.
+    #[arg(long, default_value_t = walsync::config::ApplyConfig::default().sessions)]
+    pub apply_sessions: usize,
 }
 
 /// How a sidecar reaches the node it sits next to.
@@ -263,7 +266,12 @@ async fn id_range(pg: &LocalCluster, above: i32) -> Result<(i32, i32), BoxError>
     Ok((r.get(0), r.get(1)))
 }
 
-async fn setup(dir: &Path, downstream: u32, node_over: NodeOver) -> Result<Bench, BoxError> {
+async fn setup(
+    dir: &Path,
+    downstream: u32,
+    node_over: NodeOver,
+    sessions: usize,
+) -> Result<Bench, BoxError> {
     std::fs::create_dir_all(dir)?;
     let source = start(dir, "main".into()).await?;
     let mut natives = Vec::new();
@@ -294,6 +302,7 @@ async fn setup(dir: &Path, downstream: u32, node_over: NodeOver) -> Result<Bench
         ));
         let text = format!(
             "[cluster]\ntopology = \"star\"\nhub = \"main\"\n[node]\nname = \"{name}\"\nid = {id}\ndsn = \"{}\"\n\
+             [apply]\nsessions = {sessions}\n\
              [[peers]]\nname = \"main\"\nid = 1\ndsn = \"{}\"\nlinks = \"pull\"\n",
             match node_over {
                 NodeOver::Socket => pg.socket_dsn_for("postgres"),
@@ -486,12 +495,13 @@ fn median(v: &[f64]) -> f64 {
 
 async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
     println!(
-        "walsync bench: catch-up of a backlog by {} targets pulling from one upstream at once, walsync vs native logical replication, same machine, same run, fsync on; each sidecar reaches its own node over {}",
+        "walsync bench: catch-up of a backlog by {} targets pulling from one upstream at once, walsync vs native logical replication, same machine, same run, fsync on; each sidecar reaches its own node over {} and applies on {} session(s)",
         args.downstream.max(1),
         match args.node_over {
             NodeOver::Socket => "its Unix socket",
             NodeOver::Tcp => "TCP",
-        }
+        },
+        args.apply_sessions
     );
     let most = args.branches.iter().copied().max().unwrap_or(1);
     let targets = if args.load_tps > 0 {
@@ -499,7 +509,7 @@ async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
     } else {
         args.downstream
     };
-    let b = setup(dir, targets.max(1), args.node_over).await?;
+    let b = setup(dir, targets.max(1), args.node_over, args.apply_sessions).await?;
     println!("clusters in {}", b.dir.display());
 
     let mut ok = true;
