@@ -183,6 +183,12 @@ impl OrderLock {
     fn unlock_sql(&self) -> String {
         format!("SELECT pg_advisory_unlock({})", self.keys())
     }
+
+    /// Waits until the holder released it; the shared lock taken goes with this
+    /// transaction.
+    fn wait_sql(&self) -> String {
+        format!("SELECT pg_advisory_xact_lock_shared({})", self.keys())
+    }
 }
 
 impl ApplyWorker {
@@ -322,6 +328,19 @@ impl ApplyWorker {
         self.confirmed
     }
 
+    /// Creates replication origin `origin` here if it does not exist. A direct request,
+    /// which must not queue behind a COPY whose data only a poll of the pipeline would
+    /// send: everything is settled first (rare: once per origin switch or new origin).
+    async fn create_origin(&mut self, origin: &str) -> Result<(), ApplyError> {
+        self.flush().await?;
+        ensure_origin(&self.client, origin)
+            .await
+            .map_err(SqlError::of(format!(
+                "creating replication origin {origin}"
+            )))?;
+        Ok(())
+    }
+
     /// Opens the target transaction for `txn` (idempotent within one transaction).
     pub async fn begin(&mut self, txn: &RemoteTxn) -> Result<(), ApplyError> {
         if self.open.is_some() {
@@ -333,13 +352,7 @@ impl ApplyWorker {
         if self.origin_at_commit {
             // Parallel apply: the origin is set up for each commit only (below).
             if !self.known_origins.contains(&txn.origin) {
-                self.flush().await?;
-                ensure_origin(&self.client, &txn.origin)
-                    .await
-                    .map_err(SqlError::of(format!(
-                        "creating replication origin {}",
-                        txn.origin
-                    )))?;
+                self.create_origin(&txn.origin).await?;
                 self.known_origins.insert(txn.origin.clone());
             }
         } else if self.session_origin.as_deref() != Some(txn.origin.as_str()) {
@@ -347,15 +360,7 @@ impl ApplyWorker {
             if self.session_origin.take().is_some() {
                 sql.push_str("SELECT pg_replication_origin_session_reset(); ");
             }
-            // A direct request must not queue behind a COPY whose data only a poll of the
-            // pipeline would send: settle everything first (rare: once per origin switch).
-            self.flush().await?;
-            ensure_origin(&self.client, &txn.origin)
-                .await
-                .map_err(SqlError::of(format!(
-                    "creating replication origin {}",
-                    txn.origin
-                )))?;
+            self.create_origin(&txn.origin).await?;
             sql.push_str(&format!(
                 "SELECT pg_replication_origin_session_setup({})",
                 quote_literal(&txn.origin)
@@ -689,16 +694,22 @@ impl ApplyWorker {
         };
         self.commit_merges(end_lsn);
         self.careful_txns = self.careful_txns.saturating_sub(1);
-        let mut before = String::new();
-        if let Some(lock) = after {
-            before.push_str(&format!("{}; {}; ", lock.lock_sql(), lock.unlock_sql()));
-        }
-        if self.origin_at_commit {
-            before.push_str(&format!(
+        // One statement: the wait for the predecessor's end (a shared lock held to this
+        // transaction's end) in a subquery, which the planner keeps apart (it calls a
+        // volatile function), so it is done before the origin is set up.
+        let before = match (after, self.origin_at_commit) {
+            (None, false) => String::new(),
+            (None, true) => format!(
                 "SELECT pg_replication_origin_session_setup({})",
                 quote_literal(&txn.origin)
-            ));
-        }
+            ),
+            (Some(lock), false) => lock.wait_sql(),
+            (Some(lock), true) => format!(
+                "SELECT pg_replication_origin_session_setup({}) FROM ({}) w",
+                quote_literal(&txn.origin),
+                lock.wait_sql()
+            ),
+        };
         if !before.is_empty() {
             let client = self.client.clone();
             self.send(
@@ -728,25 +739,25 @@ impl ApplyWorker {
             },
         )
         .await?;
+        // Parallel apply: the origin is reset and the order lock released in the same
+        // request, after the COMMIT (an error there stops the session, whose connection
+        // then releases the lock).
+        let sql = match (self.held_lock.take(), self.origin_at_commit) {
+            (None, false) => "COMMIT".to_string(),
+            (None, true) => "COMMIT; SELECT pg_replication_origin_session_reset()".to_string(),
+            (Some(lock), false) => format!("COMMIT; {}", lock.unlock_sql()),
+            // The origin is reset before the lock goes (the subquery runs first), so the
+            // successor, which waits for the lock, can set it up.
+            (Some(lock), true) => format!(
+                "COMMIT; {} FROM (SELECT pg_replication_origin_session_reset()) r",
+                lock.unlock_sql()
+            ),
+        };
         let client = self.client.clone();
         self.send(Tag::Commit { end_lsn }, 64, async move {
-            client.batch_execute("COMMIT").await.map(|_| 0)
+            client.batch_execute(&sql).await.map(|_| 0)
         })
         .await?;
-        let mut after_commit = String::new();
-        if self.origin_at_commit {
-            after_commit.push_str("SELECT pg_replication_origin_session_reset(); ");
-        }
-        if let Some(lock) = self.held_lock.take() {
-            after_commit.push_str(&lock.unlock_sql());
-        }
-        if !after_commit.is_empty() {
-            self.send_batch(
-                after_commit,
-                "resetting the origin and releasing the order lock",
-            )
-            .await?;
-        }
         Ok(self.rows_in_txn)
     }
 }

@@ -93,6 +93,8 @@ enum Job {
         previous: Lsn,
         after: Option<OrderLock>,
     },
+    /// These, in order (a held transaction's begin and changes: one message, not one each).
+    Batch(Vec<Job>),
 }
 
 /// What a session tells the link.
@@ -532,21 +534,21 @@ impl Parallel {
             seq,
         };
         let careful = self.careful > 0;
-        self.send(
-            s,
-            Job::Begin {
-                txn: open.txn.clone(),
-                lock,
-                careful,
-            },
-        )
-        .await?;
+        let mut batch = Vec::with_capacity(open.held.len() + 1);
+        batch.push(Job::Begin {
+            txn: open.txn.clone(),
+            lock,
+            careful,
+        });
         for job in std::mem::take(&mut open.held) {
-            match job {
-                Job::Relation(rel) => self.broadcast(|| Job::Relation(rel.clone())).await?,
-                job => self.send(s, job).await?,
+            if let Job::Relation(rel) = &job {
+                for other in (0..self.sessions.len()).filter(|&o| o != s) {
+                    self.send(other, Job::Relation(rel.clone())).await?;
+                }
             }
+            batch.push(job);
         }
+        self.send(s, Job::Batch(batch)).await?;
         Ok((s, seq))
     }
 
@@ -744,6 +746,7 @@ async fn session_loop(
             r = w.settle_next(), if w.has_in_flight() => r,
             _ = tick.tick(), if w.needs_flush_check() => w.check_flush().await,
             job = jobs.recv() => match job {
+                Some(Job::Batch(batch)) => run_jobs(&mut w, batch).await,
                 Some(job) => run_job(&mut w, job).await,
                 None => return,
             },
@@ -777,6 +780,13 @@ async fn session_loop(
     }
 }
 
+async fn run_jobs(w: &mut ApplyWorker, jobs: Vec<Job>) -> Result<(), ApplyError> {
+    for job in jobs {
+        run_job(w, job).await?;
+    }
+    Ok(())
+}
+
 async fn run_job(w: &mut ApplyWorker, job: Job) -> Result<(), ApplyError> {
     match job {
         Job::Relation(rel) => w.on_relation(rel).await,
@@ -798,6 +808,9 @@ async fn run_job(w: &mut ApplyWorker, job: Job) -> Result<(), ApplyError> {
             previous,
             after,
         } => w.commit_ordered(end, previous, after).await.map(|_| ()),
+        Job::Batch(_) => Err(ApplyError::Protocol(
+            "bug: a batch of apply jobs inside another".into(),
+        )),
     }
 }
 
