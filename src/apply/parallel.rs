@@ -272,6 +272,15 @@ struct Session {
     task: JoinHandle<()>,
 }
 
+/// A commit held until its predecessor (sequence number, session), on another session,
+/// holds its order lock.
+struct PendingCommit {
+    session: usize,
+    end: Lsn,
+    previous: Lsn,
+    after: Option<(u64, usize)>,
+}
+
 /// The source transaction being read.
 struct Open {
     txn: RemoteTxn,
@@ -304,6 +313,8 @@ pub struct Parallel {
     confirmed: Lsn,
     durable: Lsn,
     untaken: Option<Lsn>,
+    /// Commits not sent yet, oldest first: each waits for its predecessor's lock.
+    pending: VecDeque<PendingCommit>,
     /// Failures reported (session, error), and until when the others' are awaited.
     failures: Vec<(usize, ApplyError)>,
     gather_until: Option<tokio::time::Instant>,
@@ -355,13 +366,18 @@ impl Parallel {
             policies: tables.iter().map(|t| (t.qualified(), t.clone())).collect(),
             open: None,
             link_lock: h.finish() as i32,
-            next_seq: 0,
+            // Numbered from a fresh point each time, so that no order lock of an earlier
+            // run of the link (a session not gone yet) is ever one of this run's.
+            next_seq: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| u64::from(d.subsec_nanos()) << 8),
             previous: None,
             last_progress: progress,
             careful,
             confirmed: Lsn::ZERO,
             durable: Lsn::ZERO,
             untaken: None,
+            pending: VecDeque::new(),
             failures: Vec::new(),
             gather_until: None,
         }
@@ -562,40 +578,25 @@ impl Parallel {
             Some(placed) => placed,
             None => self.dispatch(&mut open).await?,
         };
-        let after = match self.previous {
-            Some((p, t)) if t != s => {
-                // Its wait is sent once the predecessor holds its lock.
-                while self.sessions[t].locked.is_none_or(|l| l < p) {
-                    self.next_report().await?;
-                }
-                Some(OrderLock {
-                    link: self.link_lock,
-                    seq: p,
-                })
-            }
-            _ => None,
-        };
-        let previous = self.last_progress;
-        self.send(
-            s,
-            Job::Commit {
-                end,
-                previous,
-                after,
-            },
-        )
-        .await?;
-        tracing::debug!(apply_session = s, seq, end = %end, waits_for = ?after.map(|l| l.seq), "transaction sent");
+        // The commit waits for its predecessor's end only if that ran on another session;
+        // it is sent once the predecessor holds its lock (`send_ready_commits`), so the
+        // link reads on meanwhile.
+        let after = self.previous.filter(|&(_, t)| t != s);
+        self.pending.push_back(PendingCommit {
+            session: s,
+            end,
+            previous: self.last_progress,
+            after,
+        });
+        self.send_ready_commits();
+        tracing::debug!(apply_session = s, seq, end = %end, waits_for = ?after.map(|(p, _)| p), "transaction dispatched");
         self.sessions[s].in_flight.add(end, open.ws);
         self.previous = Some((seq, s));
         self.last_progress = end;
         self.careful = self.careful.saturating_sub(1);
         if open.ddl {
-            for (i, other) in self.sessions.iter().enumerate() {
-                if i != s {
-                    // A failed session's error is reported by the next report read.
-                    let _ = other.jobs.send(Job::ForgetMaps).await;
-                }
+            for other in (0..self.sessions.len()).filter(|&o| o != s) {
+                self.send(other, Job::ForgetMaps).await?;
             }
             for r in self.relations.values_mut() {
                 r.keys = None;
@@ -604,7 +605,40 @@ impl Parallel {
         Ok(open.changes as u64)
     }
 
+    /// Sends the held commits whose predecessor holds its lock, in order, without
+    /// waiting (cancel-safe: called as reports are taken); a full queue is tried again
+    /// at the next report.
+    fn send_ready_commits(&mut self) {
+        while let Some(c) = self.pending.front() {
+            if let Some((p, t)) = c.after {
+                if self.sessions[t].locked.is_none_or(|l| l < p) {
+                    return;
+                }
+            }
+            let job = Job::Commit {
+                end: c.end,
+                previous: c.previous,
+                after: c.after.map(|(seq, _)| OrderLock {
+                    link: self.link_lock,
+                    seq,
+                }),
+            };
+            match self.sessions[c.session].jobs.try_send(job) {
+                Ok(()) => {
+                    self.pending.pop_front();
+                }
+                // Full: tried again at the next report. Closed: its failure is reported.
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Sends `job` to session `s` once the commits held for it are sent (its jobs stay in
+    /// stream order).
     async fn send(&mut self, s: usize, job: Job) -> Result<(), ApplyError> {
+        while self.pending.iter().any(|c| c.session == s) {
+            self.next_report().await?;
+        }
         if self.sessions[s].jobs.send(job).await.is_ok() {
             return Ok(());
         }
@@ -686,6 +720,7 @@ impl Parallel {
             }
             Report::Failed { session, error } => self.failures.push((session, error)),
         }
+        self.send_ready_commits();
     }
 
     /// The newest source end LSN whose target commit is durable, once.
@@ -695,7 +730,9 @@ impl Parallel {
 
     /// Nothing held or unconfirmed, and every commit durable.
     pub fn is_settled(&self) -> bool {
-        self.sessions.iter().all(|s| s.in_flight.is_empty()) && self.durable >= self.confirmed
+        self.pending.is_empty()
+            && self.sessions.iter().all(|s| s.in_flight.is_empty())
+            && self.durable >= self.confirmed
     }
 
     /// Waits until every commit sent is confirmed and durable.
