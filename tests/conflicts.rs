@@ -1051,3 +1051,59 @@ fn tag_race_cluster(test: &str) -> TestCluster {
         .sql("INSERT INTO tag VALUES (1, 'Today'), (10, 'Alpha')");
     c
 }
+
+/// With several apply sessions, a wait cycle through a local writer is one the server
+/// sees, so its deadlock detector breaks it and the link goes on. A local transaction
+/// on b holds row 1, which a's first transaction (on one session) must update; a's
+/// second transaction (on another session) updates row 2, which the local transaction
+/// then wants. The second waits for the first to end (commit order), the first for the
+/// local transaction, the local transaction for the second. A session that told its
+/// granted order lock only after its job (here: never, the job waits on the server)
+/// kept the second's commit in the sidecar: nobody saw the cycle and everyone waited for
+/// ever.
+#[test]
+fn a_wait_cycle_through_a_local_writer_and_two_apply_sessions_is_broken_by_the_server() {
+    let schema = "CREATE TABLE t (id integer PRIMARY KEY, v integer NOT NULL);
+                  INSERT INTO t VALUES (1, 0), (2, 0);";
+    let mut c = TestCluster::new("wait-cycle", Topology::Mesh, &["a", "b"], schema);
+    let config = c.node("b").config.clone();
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        text.replacen("[apply]\n", "[apply]\nsessions = 2\n", 1),
+    )
+    .unwrap();
+    c.node_mut("a").start_sidecar();
+    c.node("a").sql("UPDATE t SET v = 11 WHERE id = 1");
+    c.node("a").sql("UPDATE t SET v = 22 WHERE id = 2");
+    let mut holder = Holder::open(&c, "b", "UPDATE t SET v = 100 WHERE id = 1;");
+    c.node_mut("b").start_sidecar();
+    let b = c.node("b");
+    wait_for(
+        "a's first transaction to wait for the local one, and its second to hold row 2",
+        DEADLINE,
+        || {
+            b.sql(
+                "SELECT count(*) FILTER (WHERE wait_event_type = 'Lock') > 0 \
+                    AND count(backend_xid) > 0 \
+                 FROM pg_stat_activity WHERE application_name = 'walsync a->b apply'",
+            ) == "t"
+        },
+        || c.logs(),
+    );
+    writeln!(holder.stdin, "UPDATE t SET v = 200 WHERE id = 2; COMMIT;").unwrap();
+    drop(holder.stdin);
+    let deadline = std::time::Instant::now() + DEADLINE;
+    let ended = loop {
+        if let Some(status) = holder.child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = holder.child.kill();
+            panic!("the wait cycle was never broken:\n{}", c.logs());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    println!("the local transaction ended with {ended}");
+    c.wait_converged("t");
+}

@@ -147,7 +147,10 @@ pub struct ApplyWorker {
     /// Parallel apply (`parallel`): the advisory lock the next transaction takes as it
     /// begins, and the sequence number of the newest one the target granted.
     next_lock: Option<OrderLock>,
-    locked: Option<u64>,
+    /// Parallel apply: told of each granted order lock and confirmed commit as soon as
+    /// the answer is read, even in the middle of a job that then waits on the server
+    /// (a later report could close a wait cycle the server does not see).
+    on_answer: Option<Box<dyn Fn(Answered) + Send + Sync>>,
     /// The order lock the open transaction holds, released after its commit.
     held_lock: Option<OrderLock>,
     /// Parallel apply: the author's origin is set up for each commit and reset after it
@@ -155,8 +158,15 @@ pub struct ApplyWorker {
     /// the origins known to exist.
     origin_at_commit: bool,
     known_origins: std::collections::HashSet<String>,
-    /// End LSN of the newest commit the target confirmed.
-    confirmed: Lsn,
+}
+
+/// An answer parallel apply's coordinator waits for ([`ApplyWorker::on_answer`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answered {
+    /// The order lock of the transaction with this sequence number was granted.
+    Locked(u64),
+    /// The commit of the source transaction ending here was confirmed.
+    Confirmed(Lsn),
 }
 
 /// The advisory lock a transaction of a link applied on several sessions takes as it
@@ -269,11 +279,10 @@ impl ApplyWorker {
             merged_unconfirmed: Default::default(),
             merge_targets: HashMap::new(),
             next_lock: None,
-            locked: None,
+            on_answer: None,
             held_lock: None,
             origin_at_commit: false,
             known_origins: Default::default(),
-            confirmed: Lsn::ZERO,
         })
     }
 
@@ -318,14 +327,15 @@ impl ApplyWorker {
         self.next_lock = Some(lock);
     }
 
-    /// Sequence number of the newest order lock the target granted.
-    pub fn locked(&self) -> Option<u64> {
-        self.locked
+    /// `f` is told of every granted order lock and confirmed commit (parallel apply).
+    pub fn on_answer(&mut self, f: Box<dyn Fn(Answered) + Send + Sync>) {
+        self.on_answer = Some(f);
     }
 
-    /// End LSN of the newest commit the target confirmed (0/0: none yet).
-    pub fn confirmed(&self) -> Lsn {
-        self.confirmed
+    fn answered(&self, a: Answered) {
+        if let Some(f) = &self.on_answer {
+            f(a);
+        }
     }
 
     /// Creates replication origin `origin` here if it does not exist. A direct request,
@@ -433,7 +443,7 @@ impl ApplyWorker {
                     "the target answered a WAL position that does not parse".into(),
                 ))
             }
-            (Tag::Locked { seq }, Ok(_)) => self.locked = Some(seq),
+            (Tag::Locked { seq }, Ok(_)) => self.answered(Answered::Locked(seq)),
             (Tag::Progress { previous, end }, Err(e))
                 if e.code() == Some(&SqlState::DIVISION_BY_ZERO) =>
             {
@@ -454,7 +464,7 @@ impl ApplyWorker {
                 .into())
             }
             (Tag::Commit { end_lsn }, Ok(_)) => {
-                self.confirmed = end_lsn;
+                self.answered(Answered::Confirmed(end_lsn));
                 self.durability.confirmed(end_lsn);
                 self.publish_merges(end_lsn);
             }

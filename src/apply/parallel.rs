@@ -32,7 +32,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 use super::relations::travels;
-use super::{catalog, ApplyError, ApplyWorker, OrderLock, RemoteTxn};
+use super::{catalog, Answered, ApplyError, ApplyWorker, OrderLock, RemoteTxn};
 use crate::config::TablePolicy;
 use crate::lsn::Lsn;
 use crate::merge::statements::RelationMap;
@@ -774,9 +774,23 @@ async fn session_loop(
     mut jobs: mpsc::Receiver<Job>,
     reports: &mpsc::UnboundedSender<Report>,
 ) {
+    // Granted locks and confirmed commits are reported as soon as they are read: a job
+    // may then wait on the server for a while, and its successors' commits for them.
+    let to_link = reports.clone();
+    w.on_answer(Box::new(move |a| {
+        let _ = to_link.send(match a {
+            Answered::Locked(seq) => Report::Locked {
+                session: index,
+                seq,
+            },
+            Answered::Confirmed(end) => Report::Confirmed {
+                session: index,
+                end,
+            },
+        });
+    }));
     let mut tick = tokio::time::interval(FLUSH_CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut locked, mut confirmed) = (None, Lsn::ZERO);
     loop {
         let step = tokio::select! {
             biased;
@@ -794,22 +808,6 @@ async fn session_loop(
                 error,
             });
             return;
-        }
-        if w.locked() != locked {
-            locked = w.locked();
-            if let Some(seq) = locked {
-                let _ = reports.send(Report::Locked {
-                    session: index,
-                    seq,
-                });
-            }
-        }
-        if w.confirmed() != confirmed {
-            confirmed = w.confirmed();
-            let _ = reports.send(Report::Confirmed {
-                session: index,
-                end: confirmed,
-            });
         }
         if let Some(end) = w.take_committed() {
             let _ = reports.send(Report::Durable { end });

@@ -253,14 +253,14 @@ pub async fn run_link(
         let mut healthy = false;
         // A panic is a bug; it must not silently end the link: log it, and start over
         // from the recorded progress like after any failure.
-        let target = Target {
+        let with = ApplyWith {
             sessions: cfg.sessions,
             tables: &tables,
             merges: &merges,
         };
         let session = run_session(
             &spec,
-            &target,
+            with,
             &mut shutdown,
             &mut healthy,
             careful_txns,
@@ -361,7 +361,7 @@ struct SourceTxn {
 /// How the link applies on its target: on how many sessions, with which table policies,
 /// sharing merges with the node's other appliers.
 #[derive(Clone, Copy)]
-struct Target<'a> {
+struct ApplyWith<'a> {
     sessions: usize,
     tables: &'a [TablePolicy],
     merges: &'a SharedKeys,
@@ -369,17 +369,12 @@ struct Target<'a> {
 
 async fn run_session(
     spec: &LinkSpec,
-    target_cfg: &Target<'_>,
+    with: ApplyWith<'_>,
     shutdown: &mut watch::Receiver<bool>,
     healthy: &mut bool,
     careful_txns: u32,
     status: &mut StatusReporter,
 ) -> Result<(), LinkError> {
-    let Target {
-        sessions,
-        tables,
-        merges,
-    } = *target_cfg;
     let link = spec.name();
     let app = format!("walsync {link}");
     let slot = PgName::slot_to(&spec.to.name);
@@ -398,47 +393,8 @@ async fn run_session(
     .await??;
     refuse_removed(&target, spec).await?;
     slots::end_stale_appliers(&target, &apply_app, &link).await?;
-    let worker = |client| async {
-        let mut w =
-            ApplyWorker::new(client, link.clone(), PgName::origin_of(&spec.to.name)).await?;
-        w.set_policies(tables);
-        w.share_merges(merges.clone());
-        w.set_ddl_from(spec.ddl_from.clone());
-        Ok::<_, LinkError>(w)
-    };
-    let mut first = worker(target).await?;
-    let mut progress = first.progress().await?;
-    let mut apply = if sessions <= 1 {
-        first.set_careful(careful_txns);
-        Applier::Serial(Box::new(first))
-    } else {
-        // More sessions, and one to read the tables' keys, under the same name: a restart
-        // ends what a lost session left (end_stale_appliers).
-        let mut workers = vec![first];
-        for _ in 1..sessions {
-            let client = within(
-                OPEN_TIMEOUT,
-                "connecting to the target",
-                connect(&spec.to.dsn, &apply_app),
-            )
-            .await??;
-            workers.push(worker(client).await?);
-        }
-        let catalog = within(
-            OPEN_TIMEOUT,
-            "connecting to the target",
-            connect(&spec.to.dsn, &apply_app),
-        )
-        .await??;
-        Applier::Parallel(Box::new(Parallel::start(
-            workers,
-            catalog,
-            &link,
-            progress,
-            careful_txns,
-            tables,
-        )))
-    };
+    let (mut apply, mut progress) =
+        open_applier(spec, with, target, &link, &apply_app, careful_txns).await?;
     // A connection to the upstream for the whole session: it holds the slot's spool lock,
     // so no spooler reads the slot while this link does (crate::spool).
     let control_app = format!("{app} control");
@@ -595,6 +551,48 @@ async fn run_session(
     stream.close().await;
     drop(control);
     result
+}
+
+/// The link's applier on `target` (a connection to it, stale apply sessions ended) and
+/// the link's recorded progress: one session, or `with.sessions` and a catalog reader,
+/// all under the name `apply_app`, so that a restart ends what a lost one left
+/// (`end_stale_appliers`).
+async fn open_applier(
+    spec: &LinkSpec,
+    with: ApplyWith<'_>,
+    target: tokio_postgres::Client,
+    link: &str,
+    apply_app: &str,
+    careful_txns: u32,
+) -> Result<(Applier, Lsn), LinkError> {
+    let worker = |client| async {
+        let mut w =
+            ApplyWorker::new(client, link.to_string(), PgName::origin_of(&spec.to.name)).await?;
+        w.set_policies(with.tables);
+        w.share_merges(with.merges.clone());
+        w.set_ddl_from(spec.ddl_from.clone());
+        Ok::<_, LinkError>(w)
+    };
+    let connect_target = || {
+        within(
+            OPEN_TIMEOUT,
+            "connecting to the target",
+            connect(&spec.to.dsn, apply_app),
+        )
+    };
+    let mut first = worker(target).await?;
+    let progress = first.progress().await?;
+    if with.sessions <= 1 {
+        first.set_careful(careful_txns);
+        return Ok((Applier::Serial(Box::new(first)), progress));
+    }
+    let mut workers = vec![first];
+    for _ in 1..with.sessions {
+        workers.push(worker(connect_target().await??).await?);
+    }
+    let catalog = connect_target().await??;
+    let parallel = Parallel::start(workers, catalog, link, progress, careful_txns, with.tables);
+    Ok((Applier::Parallel(Box::new(parallel)), progress))
 }
 
 /// Acknowledges on the stream what the target made durable: confirmed commits, and once
