@@ -1063,9 +1063,23 @@ fn tag_race_cluster(test: &str) -> TestCluster {
 /// ever.
 #[test]
 fn a_wait_cycle_through_a_local_writer_and_two_apply_sessions_is_broken_by_the_server() {
+    wait_cycle("wait-cycle", false);
+}
+
+/// As above, with a second transaction on row 1 between the two: it waits in its
+/// session's queue behind the first, so the commit of row 2 waits in the sidecar for it
+/// to start, which the server cannot see. After `ORDER_WAIT` (5 s) the link restarts and
+/// applies one transaction at a time; the local transaction goes on and the nodes
+/// converge.
+#[test]
+fn a_commit_held_in_the_sidecar_behind_a_blocked_session_gives_up_and_applies_serially() {
+    wait_cycle("wait-cycle-queued", true);
+}
+
+fn wait_cycle(test: &str, extra_on_row_1: bool) {
     let schema = "CREATE TABLE t (id integer PRIMARY KEY, v integer NOT NULL);
                   INSERT INTO t VALUES (1, 0), (2, 0);";
-    let mut c = TestCluster::new("wait-cycle", Topology::Mesh, &["a", "b"], schema);
+    let mut c = TestCluster::new(test, Topology::Mesh, &["a", "b"], schema);
     let config = c.node("b").config.clone();
     let text = std::fs::read_to_string(&config).unwrap();
     std::fs::write(
@@ -1075,6 +1089,11 @@ fn a_wait_cycle_through_a_local_writer_and_two_apply_sessions_is_broken_by_the_s
     .unwrap();
     c.node_mut("a").start_sidecar();
     c.node("a").sql("UPDATE t SET v = 11 WHERE id = 1");
+    if extra_on_row_1 {
+        // On the first transaction's session, queued behind it: the second row's
+        // commit waits, in the sidecar, for this one to start.
+        c.node("a").sql("UPDATE t SET v = 12 WHERE id = 1");
+    }
     c.node("a").sql("UPDATE t SET v = 22 WHERE id = 2");
     let mut holder = Holder::open(&c, "b", "UPDATE t SET v = 100 WHERE id = 1;");
     c.node_mut("b").start_sidecar();

@@ -90,6 +90,11 @@ pub enum ApplyError {
              the transaction before it did not commit (its error is the cause), or another sidecar runs this link \
              (run each link in one sidecar only); the link restarts from its recorded progress")]
     OutOfOrder { previous: Lsn, end: Lsn },
+    /// Parallel apply: a commit waited too long for the transaction before it to start
+    /// on another session (which waits on the target): applied again one at a time.
+    #[error("a transaction waited {after} s for the one before it to start on another apply session, which waits on the target \
+             (a local writer may hold what it needs); re-applying the next transactions one at a time")]
+    OrderStalled { after: u64 },
     #[error("{table}: {kind}: {detail}")]
     Conflict {
         table: String,

@@ -47,6 +47,12 @@ const SESSION_QUEUE: usize = 1024;
 /// After a session failed, how long the others may take to report theirs (the first
 /// failure in source order is the one reported).
 const FAILURE_GATHERING: std::time::Duration = std::time::Duration::from_secs(3);
+/// How long a commit may wait in the sidecar for its predecessor (on another session)
+/// to start. Its predecessor starts at once unless its session is busy with an earlier
+/// transaction that waits on the target; a local writer that then waits for this commit
+/// would close a cycle no deadlock detector sees, so past this the link restarts and
+/// applies one transaction at a time (careful mode).
+const ORDER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 /// How often a session asks how far the target flushed while commits wait for it.
 const FLUSH_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
@@ -275,6 +281,7 @@ struct Session {
 /// A commit held until its predecessor (sequence number, session), on another session,
 /// holds its order lock.
 struct PendingCommit {
+    since: tokio::time::Instant,
     session: usize,
     end: Lsn,
     previous: Lsn,
@@ -583,6 +590,7 @@ impl Parallel {
         // link reads on meanwhile.
         let after = self.previous.filter(|&(_, t)| t != s);
         self.pending.push_back(PendingCommit {
+            since: tokio::time::Instant::now(),
             session: s,
             end,
             previous: self.last_progress,
@@ -671,7 +679,18 @@ impl Parallel {
     /// before the next await.
     pub async fn next_report(&mut self) -> Result<(), ApplyError> {
         if self.failures.is_empty() {
-            match self.reports.recv().await {
+            let report = match self.pending.front().map(|c| c.since + ORDER_WAIT) {
+                None => self.reports.recv().await,
+                Some(until) => match tokio::time::timeout_at(until, self.reports.recv()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(ApplyError::OrderStalled {
+                            after: ORDER_WAIT.as_secs(),
+                        })
+                    }
+                },
+            };
+            match report {
                 Some(r) => self.take(r),
                 None => return Err(ApplyError::Protocol("every apply session ended".into())),
             }

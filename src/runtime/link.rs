@@ -96,9 +96,9 @@ pub enum Disposition {
 impl LinkError {
     pub fn disposition(&self) -> Disposition {
         match self {
-            LinkError::Apply(ApplyError::FastPathHitUniqueKey { .. }) => {
-                Disposition::RetryCarefully
-            }
+            LinkError::Apply(
+                ApplyError::FastPathHitUniqueKey { .. } | ApplyError::OrderStalled { .. },
+            ) => Disposition::RetryCarefully,
             // Two of the link's sessions (or one and a local writer) waited on each
             // other and the server ended one: careful mode applies one at a time.
             LinkError::Apply(e) if e.sqlstate() == Some(DEADLOCK_DETECTED) => {
