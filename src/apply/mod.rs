@@ -149,8 +149,7 @@ pub struct ApplyWorker {
     merged_unconfirmed: std::collections::VecDeque<(Lsn, Vec<MergeEntry>)>,
     /// Tables merged into, with the foreign keys that point at them.
     merge_targets: HashMap<TableName, merged::MergeTarget>,
-    /// Parallel apply (`parallel`): the advisory lock the next transaction takes as it
-    /// begins, and the sequence number of the newest one the target granted.
+    /// Parallel apply (`parallel`): the order lock the next transaction takes as it begins.
     next_lock: Option<OrderLock>,
     /// Parallel apply: told of each granted order lock and confirmed commit as soon as
     /// the answer is read, even in the middle of a job that then waits on the server

@@ -12,11 +12,13 @@
 //! with its [`ApplyWorker`], pipelining as the serial applier does.
 //!
 //! Order: each transaction takes an advisory lock of its own as it begins
-//! ([`OrderLock`]); its successor, when on another session, waits for that lock just
-//! before its progress update, so it commits only after its predecessor ended, and its
-//! progress guard (`source_lsn = previous`) then fails if the predecessor rolled back.
-//! The successor's wait is sent only once the predecessor's lock was granted. So
-//! progress, origins and exactly-once stay what they are with one session.
+//! ([`OrderLock`]) and releases it after its commit and origin reset; its successor,
+//! when on another session, waits for that lock before it sets up its origin and moves
+//! the progress, so it commits only after its predecessor ended, and its progress guard
+//! (`source_lsn = previous`) then fails if the predecessor rolled back. The successor's
+//! commit is held in the sidecar until the predecessor's lock is granted (at most
+//! [`ORDER_WAIT`]). So progress, origins and exactly-once stay what they are with one
+//! session.
 //!
 //! The write-set bookkeeping ([`WriteSet`], [`InFlight`], [`place`]) and the choice of
 //! the error to report ([`root_failure`]) are pure and tested without a server.
