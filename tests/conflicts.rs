@@ -1080,13 +1080,7 @@ fn wait_cycle(test: &str, extra_on_row_1: bool) {
     let schema = "CREATE TABLE t (id integer PRIMARY KEY, v integer NOT NULL);
                   INSERT INTO t VALUES (1, 0), (2, 0);";
     let mut c = TestCluster::new(test, Topology::Mesh, &["a", "b"], schema);
-    let config = c.node("b").config.clone();
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replacen("[apply]\n", "[apply]\nsessions = 2\n", 1),
-    )
-    .unwrap();
+    c.node("b").set_apply_sessions(2);
     c.node_mut("a").start_sidecar();
     c.node("a").sql("UPDATE t SET v = 11 WHERE id = 1");
     if extra_on_row_1 {

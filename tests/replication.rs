@@ -593,13 +593,7 @@ fn a_backlog_applied_on_four_sessions_ends_as_the_source_even_through_a_kill9() 
     let seed = support::chaos::seed();
     let mut rng = support::chaos::Rng::new(seed);
     let mut c = TestCluster::new("parallel", Topology::Mesh, &["a", "b"], SCHEMA);
-    let config = c.node("b").config.clone();
-    let text = std::fs::read_to_string(&config).unwrap();
-    std::fs::write(
-        &config,
-        text.replacen("[apply]\n", "[apply]\nsessions = 4\n", 1),
-    )
-    .unwrap();
+    c.node("b").set_apply_sessions(4);
 
     // The backlog, written on a while b's sidecar (which runs a->b) is down.
     c.node_mut("a").start_sidecar();

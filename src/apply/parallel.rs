@@ -280,6 +280,14 @@ struct Session {
     task: JoinHandle<()>,
 }
 
+/// What ended a wait in [`Parallel::next_report`].
+enum Woke {
+    Report(Option<Report>),
+    /// The oldest held commit found room in its session's queue and was sent.
+    Sent,
+    Stalled,
+}
+
 /// A commit held until its predecessor (sequence number, session), on another session,
 /// holds its order lock.
 struct PendingCommit {
@@ -616,28 +624,18 @@ impl Parallel {
     }
 
     /// Sends the held commits whose predecessor holds its lock, in order, without
-    /// waiting (cancel-safe: called as reports are taken); a full queue is tried again
-    /// at the next report.
+    /// waiting (cancel-safe: called as reports are taken).
     fn send_ready_commits(&mut self) {
         while let Some(c) = self.pending.front() {
-            if let Some((p, t)) = c.after {
-                if self.sessions[t].locked.is_none_or(|l| l < p) {
-                    return;
-                }
+            if self.lock_awaited(c) {
+                return;
             }
-            let job = Job::Commit {
-                end: c.end,
-                previous: c.previous,
-                after: c.after.map(|(seq, _)| OrderLock {
-                    link: self.link_lock,
-                    seq,
-                }),
-            };
-            match self.sessions[c.session].jobs.try_send(job) {
+            match self.sessions[c.session].jobs.try_send(self.commit_job(c)) {
                 Ok(()) => {
                     self.pending.pop_front();
                 }
-                // Full: tried again at the next report. Closed: its failure is reported.
+                // Full: sent once there is room (`next_report`). Closed: its failure is
+                // reported.
                 Err(_) => return,
             }
         }
@@ -681,26 +679,77 @@ impl Parallel {
     /// before the next await.
     pub async fn next_report(&mut self) -> Result<(), ApplyError> {
         if self.failures.is_empty() {
-            let report = match self.pending.front().map(|c| c.since + ORDER_WAIT) {
-                None => self.reports.recv().await,
-                Some(until) => match tokio::time::timeout_at(until, self.reports.recv()).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        return Err(ApplyError::OrderStalled {
-                            after: ORDER_WAIT.as_secs(),
-                        })
-                    }
-                },
+            // The oldest held commit waits either for its predecessor's lock (at most
+            // ORDER_WAIT) or for room in its session's queue (as long as it takes: that
+            // session is busy with the transaction's own changes).
+            let (waits_for_lock, queue_full) = match self.pending.front() {
+                None => (None, None),
+                Some(c) if self.lock_awaited(c) => (Some(c.since + ORDER_WAIT), None),
+                Some(c) => (None, Some(c.session)),
             };
-            match report {
-                Some(r) => self.take(r),
-                None => return Err(ApplyError::Protocol("every apply session ended".into())),
+            let job = queue_full.and_then(|_| self.pending.front().map(|c| self.commit_job(c)));
+            let (reports, sessions) = (&mut self.reports, &self.sessions);
+            // Sends the job in the poll that gets the room, so it is never half done.
+            let room = async {
+                match (queue_full, job) {
+                    (Some(s), Some(job)) => match sessions[s].jobs.reserve().await {
+                        Ok(permit) => permit.send(job),
+                        // Closed: that session's failure is the next report.
+                        Err(_) => std::future::pending().await,
+                    },
+                    _ => std::future::pending().await,
+                }
+            };
+            let stalled = async {
+                match waits_for_lock {
+                    Some(until) => tokio::time::sleep_until(until).await,
+                    None => std::future::pending().await,
+                }
+            };
+            // Every branch is cancel-safe: `recv` and `reserve` take nothing when dropped.
+            let woke = tokio::select! {
+                report = reports.recv() => Woke::Report(report),
+                () = room => Woke::Sent,
+                _ = stalled => Woke::Stalled,
+            };
+            match woke {
+                Woke::Report(Some(r)) => self.take(r),
+                Woke::Report(None) => {
+                    return Err(ApplyError::Protocol("every apply session ended".into()))
+                }
+                Woke::Sent => {
+                    self.pending.pop_front();
+                    self.send_ready_commits();
+                    return Ok(());
+                }
+                Woke::Stalled => {
+                    return Err(ApplyError::OrderStalled {
+                        after: ORDER_WAIT.as_secs(),
+                    })
+                }
             }
             if self.failures.is_empty() {
                 return Ok(());
             }
         }
         self.gather().await
+    }
+
+    /// Whether held commit `c` still waits for its predecessor's lock.
+    fn lock_awaited(&self, c: &PendingCommit) -> bool {
+        c.after
+            .is_some_and(|(p, t)| self.sessions[t].locked.is_none_or(|l| l < p))
+    }
+
+    fn commit_job(&self, c: &PendingCommit) -> Job {
+        Job::Commit {
+            end: c.end,
+            previous: c.previous,
+            after: c.after.map(|(seq, _)| OrderLock {
+                link: self.link_lock,
+                seq,
+            }),
+        }
     }
 
     /// Once a session failed: the failures of the others that follow from it (their

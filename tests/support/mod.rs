@@ -128,6 +128,14 @@ impl Node {
         output_text(walsync_command(self.netns.as_deref()).args(args))
     }
 
+    /// `[apply] sessions = n` in this node's config: its links apply on `n` sessions.
+    pub fn set_apply_sessions(&self, n: usize) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        assert!(text.contains("[apply]\n"), "no [apply] section in {text}");
+        let text = text.replacen("[apply]\n", &format!("[apply]\nsessions = {n}\n"), 1);
+        std::fs::write(&self.config, text).unwrap();
+    }
+
     /// Gives this node's sidecar a metrics endpoint on 127.0.0.1:`port`.
     pub fn listen_metrics(&self, port: u16) {
         let text = std::fs::read_to_string(&self.config).unwrap();
