@@ -46,12 +46,7 @@ impl Applier {
 
     pub async fn change(&mut self, change: Change) -> Result<(), ApplyError> {
         match self {
-            Applier::Serial(w) => match &change {
-                Change::Insert(i) => w.insert(i).await,
-                Change::Update(u) => w.update(u).await,
-                Change::Delete(d) => w.delete(d).await,
-                Change::Truncate(t) => w.truncate(t).await,
-            },
+            Applier::Serial(w) => w.apply_change(&change).await,
             Applier::Parallel(p) => p.change(change).await,
         }
     }

@@ -355,6 +355,16 @@ impl ApplyWorker {
         Ok(())
     }
 
+    /// Applies one change of the open transaction.
+    pub async fn apply_change(&mut self, change: &parallel::Change) -> Result<(), ApplyError> {
+        match change {
+            parallel::Change::Insert(i) => self.insert(i).await,
+            parallel::Change::Update(u) => self.update(u).await,
+            parallel::Change::Delete(d) => self.delete(d).await,
+            parallel::Change::Truncate(t) => self.truncate(t).await,
+        }
+    }
+
     /// Opens the target transaction for `txn` (idempotent within one transaction).
     pub async fn begin(&mut self, txn: &RemoteTxn) -> Result<(), ApplyError> {
         if self.open.is_some() {
@@ -775,6 +785,10 @@ impl ApplyWorker {
         Ok(self.rows_in_txn)
     }
 }
+
+/// How often the target is asked how far it flushed while confirmed commits wait for it
+/// (it flushes every wal_writer_delay, 200 ms by default).
+pub const FLUSH_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Values as statement parameters of any type (see [`Param`]).
 pub(super) fn as_params<'a>(

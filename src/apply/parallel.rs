@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 use super::relations::travels;
-use super::{catalog, Answered, ApplyError, ApplyWorker, OrderLock, RemoteTxn};
+use super::{catalog, Answered, ApplyError, ApplyWorker, OrderLock, RemoteTxn, FLUSH_CHECK_EVERY};
 use crate::config::TablePolicy;
 use crate::lsn::Lsn;
 use crate::merge::statements::RelationMap;
@@ -55,8 +55,6 @@ const FAILURE_GATHERING: std::time::Duration = std::time::Duration::from_secs(3)
 /// would close a cycle no deadlock detector sees, so past this the link restarts and
 /// applies one transaction at a time (careful mode).
 const ORDER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-/// How often a session asks how far the target flushed while commits wait for it.
-const FLUSH_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// One change of a source transaction.
 #[derive(Debug, Clone)]
@@ -904,10 +902,7 @@ async fn run_job(w: &mut ApplyWorker, job: Job) -> Result<(), ApplyError> {
             w.lock_next(lock);
             w.begin(&txn).await
         }
-        Job::Change(Change::Insert(i)) => w.insert(&i).await,
-        Job::Change(Change::Update(u)) => w.update(&u).await,
-        Job::Change(Change::Delete(d)) => w.delete(&d).await,
-        Job::Change(Change::Truncate(t)) => w.truncate(&t).await,
+        Job::Change(change) => w.apply_change(&change).await,
         Job::Commit {
             end,
             previous,

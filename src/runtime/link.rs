@@ -15,7 +15,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::apply::merged::SharedKeys;
 use crate::apply::parallel::{Change, Parallel};
-use crate::apply::{Applier, ApplyError, ApplyWorker, RemoteTxn};
+use crate::apply::{Applier, ApplyError, ApplyWorker, RemoteTxn, FLUSH_CHECK_EVERY};
 use crate::config::{ApplyConfig, LinkSpec, TablePolicy};
 use crate::lsn::Lsn;
 use crate::merge::{self, MergeError, OriginFilter};
@@ -29,8 +29,6 @@ use crate::spool::{self, SpoolError};
 use crate::sql_error::SqlError;
 use crate::status::link::{LinkState, StatusReporter, HEARTBEAT_EVERY};
 use crate::stream::{NodeStream, StreamError};
-
-const FLUSH_CHECK_EVERY: Duration = Duration::from_millis(100);
 
 /// One change in this many gives a sample of the upstream's clock (keepalives always do).
 const OFFSET_SAMPLE_EVERY: u32 = 16;
