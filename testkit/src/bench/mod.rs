@@ -71,6 +71,19 @@ pub struct BenchArgs {
     /// `[apply] sessions` of each walsync sidecar: target sessions it applies on.
     #[arg(long, default_value_t = walsync::config::ApplyConfig::default().sessions)]
     pub apply_sessions: usize,
+    /// What the catch-up backlog is made of: new order lines, or updates of existing
+    /// ones (`--rows` of them are written first and caught up, untimed).
+    #[arg(long, value_enum, default_value_t = Workload::Insert)]
+    pub workload: Workload,
+}
+
+/// What a catch-up backlog's transactions do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Workload {
+    /// Each inserts `--txn-rows` new order lines.
+    Insert,
+    /// Each updates `--txn-rows` existing order lines (every row once per round).
+    Update,
 }
 
 /// How a sidecar reaches the node it sits next to.
@@ -206,6 +219,18 @@ async fn count(pg: &LocalCluster) -> Result<i64, BoxError> {
         .get(0))
 }
 
+/// What a target must hold to equal the source: the order lines' count, their
+/// quantities' sum and their names' hash.
+async fn contents(pg: &LocalCluster) -> Result<String, BoxError> {
+    let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
+    Ok(c.query_one(
+        "SELECT count(*) || ' rows, qty ' || coalesce(sum(qty), 0) || ', names ' || coalesce(sum(hashtext(name)::bigint), 0) FROM pos_order_line",
+        &[],
+    )
+    .await?
+    .get(0))
+}
+
 /// Polls until the target holds the row with id `id`; returns the time taken from
 /// `since`. An index probe, so that polling costs the target nothing.
 async fn wait_row(
@@ -215,14 +240,27 @@ async fn wait_row(
     since: Instant,
     deadline: Duration,
 ) -> Result<Duration, BoxError> {
+    wait_version(pg, table, (id, None), since, deadline).await
+}
+
+/// Polls until the target holds the row with id `row.0` and, if `row.1` is given, with
+/// that `name` (an update's mark); returns the time taken from `since`.
+async fn wait_version(
+    pg: &LocalCluster,
+    table: &str,
+    row: (i32, Option<&str>),
+    since: Instant,
+    deadline: Duration,
+) -> Result<Duration, BoxError> {
+    let (id, name) = row;
     let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
     let probe = c
         .prepare(&format!(
-            "SELECT EXISTS (SELECT 1 FROM {table} WHERE id = $1)"
+            "SELECT EXISTS (SELECT 1 FROM {table} WHERE id = $1 AND ($2::text IS NULL OR name = $2))"
         ))
         .await?;
     loop {
-        let there: bool = c.query_one(&probe, &[&id]).await?.get(0);
+        let there: bool = c.query_one(&probe, &[&id, &name]).await?.get(0);
         if there {
             return Ok(since.elapsed());
         }
@@ -244,13 +282,15 @@ async fn time_targets(
     targets: &[LocalCluster],
     first: i32,
     last: i32,
+    mark: Option<&str>,
     t0: Instant,
 ) -> Result<(Duration, Duration), BoxError> {
     let deadline = Duration::from_secs(1800);
-    let first_row = wait_row(&targets[0], "pos_order_line", first, t0, deadline).await?;
+    let table = "pos_order_line";
+    let first_row = wait_version(&targets[0], table, (first, mark), t0, deadline).await?;
     let mut all = Vec::new();
     for t in targets {
-        all.push(wait_row(t, "pos_order_line", last, t0, deadline).await?);
+        all.push(wait_version(t, table, (last, mark), t0, deadline).await?);
     }
     Ok((first_row, all[0]))
 }
@@ -495,7 +535,11 @@ fn median(v: &[f64]) -> f64 {
 
 async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
     println!(
-        "walsync bench: catch-up of a backlog by {} targets pulling from one upstream at once, walsync vs native logical replication, same machine, same run, fsync on; each sidecar reaches its own node over {} and applies on {} session(s)",
+        "walsync bench: catch-up of a backlog of {} by {} targets pulling from one upstream at once, walsync vs native logical replication, same machine, same run, fsync on; each sidecar reaches its own node over {} and applies on {} session(s)",
+        match args.workload {
+            Workload::Insert => "inserts",
+            Workload::Update => "updates",
+        },
         args.downstream.max(1),
         match args.node_over {
             NodeOver::Socket => "its Unix socket",
@@ -515,6 +559,9 @@ async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
     let mut ok = true;
     let mut summary = Vec::new();
     if args.rows > 0 {
+        if args.workload == Workload::Update {
+            fill(&b, args.downstream.max(1) as usize, args.rows).await?;
+        }
         for &size in &args.txn_rows {
             let mut r = Rounds {
                 ratios: vec![],
@@ -530,8 +577,12 @@ async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
                     "\n{size}-row transactions, round {round} of {}",
                     args.rounds.max(1)
                 );
-                ok &=
-                    catch_up(&b, args.downstream.max(1) as usize, args.rows, size, &mut r).await?;
+                let backlog = Backlog {
+                    workload: args.workload,
+                    rows: args.rows,
+                    txn_rows: size,
+                };
+                ok &= catch_up(&b, args.downstream.max(1) as usize, backlog, &mut r).await?;
             }
             summary.push((size, r));
         }
@@ -599,29 +650,27 @@ async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
 }
 
 /// One round: a backlog, then native, then walsync. Returns whether every target holds
-/// every row.
-async fn catch_up(
-    b: &Bench,
-    n: usize,
-    rows: u64,
-    txn_rows: u64,
-    r: &mut Rounds,
-) -> Result<bool, BoxError> {
+/// what the source holds.
+async fn catch_up(b: &Bench, n: usize, backlog: Backlog, r: &mut Rounds) -> Result<bool, BoxError> {
+    let Backlog {
+        workload,
+        rows,
+        txn_rows,
+    } = backlog;
     let txns = rows.div_ceil(txn_rows);
-    let (_, before) = id_range(&b.source, 0).await?;
-    sql(
-        &b.source,
-        &format!(
-            "DO $$ BEGIN FOR t IN 1..{txns} LOOP
-               INSERT INTO pos_order_line (order_id, product_id, qty, price_unit, name)
-               SELECT t, 1 + g % 40, 1 + g % 3, 9.99, 'Product ' || g FROM generate_series(1, {txn_rows}) g;
-               COMMIT;
-             END LOOP; END $$"
-        ),
-    )
-    .await?;
-    let total = count(&b.source).await?;
-    let (first, last) = id_range(&b.source, before).await?;
+    let (first, last, mark) = match workload {
+        Workload::Insert => {
+            let (first, last) = write_inserts(b, txns, txn_rows).await?;
+            (first, last, None)
+        }
+        Workload::Update => {
+            // A mark no earlier round wrote: the last row shows it once caught up.
+            let mark = format!("round {} of {txn_rows}-row updates", r.ratios.len() + 1);
+            let (first, last) = write_updates(b, txns, txn_rows, &mark).await?;
+            (first, last, Some(mark))
+        }
+    };
+    let mark = mark.as_deref();
     let new_rows = (txns * txn_rows) as f64;
 
     // Native first, then walsync: one kind at a time, so they do not compete for the cores.
@@ -630,7 +679,7 @@ async fn catch_up(
     for t in natives {
         sql(t, "ALTER SUBSCRIPTION bench_native ENABLE").await?;
     }
-    let native = time_targets(natives, first, last, t0).await;
+    let native = time_targets(natives, first, last, mark, t0).await;
     // The processes started with the subscriptions: their CPU so far is the catch-up's.
     let native_cpu = Processes::of(b, Kind::Native, n).await?.cpu();
     for t in natives {
@@ -646,7 +695,7 @@ async fn catch_up(
     };
     let t0 = Instant::now();
     let sidecars = Sidecars::start(b, n);
-    let walsync = time_targets(&b.walsyncs[..n], first, last, t0).await;
+    let walsync = time_targets(&b.walsyncs[..n], first, last, mark, t0).await;
     let walsync_cpu = Processes::of(b, Kind::Walsync, n)
         .await?
         .cpu()
@@ -683,15 +732,110 @@ async fn catch_up(
     );
     r.native_cpu.push(native_cpu);
     r.walsync_cpu.push(walsync_cpu);
+    let total = contents(&b.source).await?;
     let mut equal = true;
     for t in natives.iter().chain(&b.walsyncs[..n]) {
-        let n = count(t).await?;
-        if n != total {
-            println!("{} holds {n} rows of {total}", t.name());
+        let holds = contents(t).await?;
+        if holds != total {
+            println!("{} holds {holds}; the source holds {total}", t.name());
             equal = false;
         }
     }
     Ok(equal)
+}
+
+/// One round's backlog: what it does, how many rows, how many per transaction.
+#[derive(Debug, Clone, Copy)]
+struct Backlog {
+    workload: Workload,
+    rows: u64,
+    txn_rows: u64,
+}
+
+/// Writes `txns` transactions of `txn_rows` new order lines on the source; returns the
+/// first and last new id.
+async fn write_inserts(b: &Bench, txns: u64, txn_rows: u64) -> Result<(i32, i32), BoxError> {
+    let (_, before) = id_range(&b.source, 0).await?;
+    sql(
+        &b.source,
+        &format!(
+            "DO $$ BEGIN FOR t IN 1..{txns} LOOP
+               INSERT INTO pos_order_line (order_id, product_id, qty, price_unit, name)
+               SELECT t, 1 + g % 40, 1 + g % 3, 9.99, 'Product ' || g FROM generate_series(1, {txn_rows}) g;
+               COMMIT;
+             END LOOP; END $$"
+        ),
+    )
+    .await?;
+    id_range(&b.source, before).await
+}
+
+/// Writes `txns` transactions on the source that each update `txn_rows` existing order
+/// lines (in id order, each once), setting their name to `mark`; returns the first and
+/// last id updated.
+async fn write_updates(
+    b: &Bench,
+    txns: u64,
+    txn_rows: u64,
+    mark: &str,
+) -> Result<(i32, i32), BoxError> {
+    let want = (txns * txn_rows) as i64;
+    let have = count(&b.source).await?;
+    if have < want {
+        return Err(format!(
+            "the source holds {have} order lines, fewer than the {want} to update"
+        )
+        .into());
+    }
+    sql(
+        &b.source,
+        &format!(
+            "DO $$ DECLARE ids int[]; BEGIN
+               SELECT array_agg(id ORDER BY id) INTO ids FROM pos_order_line;
+               FOR t IN 0..{txns} - 1 LOOP
+                 UPDATE pos_order_line SET qty = qty + 1, name = '{mark}'
+                  WHERE id = ANY (ids[t * {txn_rows} + 1 : (t + 1) * {txn_rows}]);
+                 COMMIT;
+               END LOOP; END $$"
+        ),
+    )
+    .await?;
+    let c = connect(&Dsn::new(b.source.dsn()), "walsync bench").await?;
+    let r = c
+        .query_one(
+            "SELECT min(id), max(id) FROM pos_order_line WHERE name = $1",
+            &[&mark],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1)))
+}
+
+/// Before an update workload: `rows` order lines on the source and on every target of
+/// both kinds (written in 1,000-row transactions and caught up, untimed).
+async fn fill(b: &Bench, n: usize, rows: u64) -> Result<(), BoxError> {
+    let have = count(&b.source).await? as u64;
+    if have >= rows {
+        return Ok(());
+    }
+    println!(
+        "\nwriting {} order lines to update, caught up untimed by both kinds",
+        rows - have
+    );
+    let (_, last) = write_inserts(b, (rows - have).div_ceil(1000), 1000).await?;
+    let t0 = Instant::now();
+    for t in &b.natives[..n] {
+        sql(t, "ALTER SUBSCRIPTION bench_native ENABLE").await?;
+    }
+    let native = time_targets(&b.natives[..n], last, last, None, t0).await;
+    for t in &b.natives[..n] {
+        sql(t, "ALTER SUBSCRIPTION bench_native DISABLE").await?;
+    }
+    native?;
+    let sidecars = Sidecars::start(b, n);
+    let walsync = time_targets(&b.walsyncs[..n], last, last, None, t0).await;
+    sidecars.stop().await;
+    walsync?;
+    Ok(())
 }
 
 async fn big_transaction(b: &Bench, rows: u64) -> Result<(), BoxError> {
