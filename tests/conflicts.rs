@@ -172,6 +172,13 @@ fn an_edit_made_after_seeing_the_other_nodes_edit_is_no_conflict() {
             n.name
         );
     }
+    // Each edit was made on the row the other node holds, so it applied on the fast path:
+    // no transaction had to be decided again row by row.
+    assert!(
+        !c.logs().contains("applied carefully"),
+        "an edit in sequence took the careful path:\n{}",
+        tail(&c.logs(), 40)
+    );
 }
 
 #[test]

@@ -95,6 +95,18 @@ impl ApplyWorker {
         }))
     }
 
+    /// The fast path of an update or delete: `write`, made to write only where the
+    /// careful path would decide to apply it without a record
+    /// ([`crate::merge::statements::RelationMap::guarded`]); where it would not, the
+    /// statement fails and the transaction is applied again carefully. `None` if the
+    /// change's origin is not known here yet.
+    fn guarded(&self, m: &Mapped, write: RowWrite, old: Option<&OldTuple>) -> Option<RowWrite> {
+        let txn = self.open.as_ref()?;
+        let origin_id = *self.origin_ids.get(&txn.origin)?;
+        let per_node = &self.relations.get(&m.id)?.policy.per_node_columns;
+        Some(m.guarded(write, old, per_node, origin_id, txn.commit_time_us))
+    }
+
     /// Reads the local row with this key (target key order), locked.
     async fn read_local(
         &mut self,
@@ -252,6 +264,17 @@ impl ApplyWorker {
             tracing::warn!(link = %self.link, table = %self.table_name(id), "counter columns need REPLICA IDENTITY FULL on the upstream (walsync init sets it); this update overwrites them");
         }
         let key = m.key_values(upd.old.as_ref(), Some(&upd.new))?;
+        if !self.is_careful() {
+            if let Some(write) = m.update(upd.old.as_ref(), &upd.new)? {
+                if let Some(guarded) = self.guarded(m, write, upd.old.as_ref()) {
+                    let tag = Tag::Guarded {
+                        relation_id: id,
+                        delete: false,
+                    };
+                    return self.execute(m, guarded, tag).await;
+                }
+            }
+        }
         let local = self.read_local(m, &key).await?;
         let UpdatePlan { decision, mut new } = self.settle_against(m, local.as_ref(), |a| {
             settle_update(a, policy.merge_columns, upd.old.as_ref(), &upd.new)
@@ -363,6 +386,15 @@ impl ApplyWorker {
         };
         let key = m.key_values(Some(&del.old), None)?;
         let write = m.delete(&del.old)?;
+        if !self.is_careful() {
+            if let Some(guarded) = self.guarded(m, write.clone(), Some(&del.old)) {
+                let tag = Tag::Guarded {
+                    relation_id: id,
+                    delete: true,
+                };
+                return self.execute(m, guarded, tag).await;
+            }
+        }
         let (local, decision) = self
             .decide_against_local(m, &key, true, Some(&del.old))
             .await?;

@@ -80,6 +80,13 @@ pub enum ApplyError {
         "{table}: a change met an existing key ({detail}); re-applying its transaction row by row"
     )]
     FastPathHitUniqueKey { table: String, detail: String },
+    /// An update or delete on the fast path found its row missing, or last written
+    /// elsewhere and not as the change's author saw it: its transaction is applied again
+    /// in careful mode, where the conflict is decided and recorded.
+    #[error(
+        "{table}: an {change} found its row missing, or changed here since its author read it; re-applying its transaction row by row"
+    )]
+    FastPathUndecided { table: String, change: &'static str },
     #[error(
         "a change names relation id {0} that the upstream never described (no Relation message)"
     )]
@@ -161,7 +168,9 @@ pub struct ApplyWorker {
     /// (PostgreSQL 15 lets one session at a time have an origin set up), and these are
     /// the origins known to exist.
     origin_at_commit: bool,
-    known_origins: std::collections::HashSet<String>,
+    /// Each origin known to exist here, by name, with its `roident` (the guarded fast
+    /// path compares it with a row's last writer).
+    origin_ids: HashMap<String, u32>,
 }
 
 /// An answer parallel apply's coordinator waits for ([`ApplyWorker::on_answer`]).
@@ -286,7 +295,7 @@ impl ApplyWorker {
             on_answer: None,
             held_lock: None,
             origin_at_commit: false,
-            known_origins: Default::default(),
+            origin_ids: HashMap::new(),
         })
     }
 
@@ -342,16 +351,29 @@ impl ApplyWorker {
         }
     }
 
-    /// Creates replication origin `origin` here if it does not exist. A direct request,
-    /// which must not queue behind a COPY whose data only a poll of the pipeline would
-    /// send: everything is settled first (rare: once per origin switch or new origin).
-    async fn create_origin(&mut self, origin: &str) -> Result<(), ApplyError> {
+    /// Creates replication origin `origin` here if it does not exist, and learns its
+    /// `roident`. A direct request, which must not queue behind a COPY whose data only a
+    /// poll of the pipeline would send: everything is settled first (rare: once per
+    /// origin for the session).
+    async fn ensure_origin(&mut self, origin: &str) -> Result<(), ApplyError> {
+        if self.origin_ids.contains_key(origin) {
+            return Ok(());
+        }
         self.flush().await?;
+        let what = || format!("creating replication origin {origin}");
         ensure_origin(&self.client, origin)
             .await
-            .map_err(SqlError::of(format!(
-                "creating replication origin {origin}"
-            )))?;
+            .map_err(SqlError::of(what()))?;
+        let id: i64 = self
+            .client
+            .query_one(
+                "SELECT roident::int8 FROM pg_replication_origin WHERE roname = $1",
+                &[&origin],
+            )
+            .await
+            .map_err(SqlError::of(what()))?
+            .get(0);
+        self.origin_ids.insert(origin.to_string(), id as u32);
         Ok(())
     }
 
@@ -375,16 +397,13 @@ impl ApplyWorker {
         }
         if self.origin_at_commit {
             // Parallel apply: the origin is set up for each commit only (below).
-            if !self.known_origins.contains(&txn.origin) {
-                self.create_origin(&txn.origin).await?;
-                self.known_origins.insert(txn.origin.clone());
-            }
+            self.ensure_origin(&txn.origin).await?;
         } else if self.session_origin.as_deref() != Some(txn.origin.as_str()) {
             let mut sql = String::new();
             if self.session_origin.take().is_some() {
                 sql.push_str("SELECT pg_replication_origin_session_reset(); ");
             }
-            self.create_origin(&txn.origin).await?;
+            self.ensure_origin(&txn.origin).await?;
             sql.push_str(&format!(
                 "SELECT pg_replication_origin_session_setup({})",
                 quote_literal(&txn.origin)
@@ -518,9 +537,27 @@ impl ApplyWorker {
                 return Err(self.fast_path_hit(relation_id, &e));
             }
             (
+                Tag::Guarded {
+                    relation_id,
+                    delete,
+                },
+                Err(e),
+            ) if e.code() == Some(&SqlState::DIVISION_BY_ZERO) => {
+                return Err(ApplyError::FastPathUndecided {
+                    table: self.table_name(relation_id),
+                    change: if delete { "delete" } else { "update" },
+                });
+            }
+            (Tag::Guarded { relation_id, .. }, Err(e))
+                if e.code() == Some(&SqlState::UNIQUE_VIOLATION) =>
+            {
+                return Err(self.fast_path_hit(relation_id, &e));
+            }
+            (
                 Tag::Insert { relation_id }
                 | Tag::Copy { relation_id }
-                | Tag::Row { relation_id, .. },
+                | Tag::Row { relation_id, .. }
+                | Tag::Guarded { relation_id, .. },
                 Err(source),
             ) => {
                 return Err(SqlError::new(

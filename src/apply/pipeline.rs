@@ -28,6 +28,9 @@ pub const MAX_IN_FLIGHT_BYTES: usize = 32 * 1024 * 1024;
 pub enum Tag {
     /// An update or delete of a row already read and locked (see `apply::conflict`).
     Row { relation_id: u32 },
+    /// An update or delete guarded on the fast path (`Shape::Guarded`): `division_by_zero`
+    /// means it needs a decision.
+    Guarded { relation_id: u32, delete: bool },
     /// An insert: a unique violation is `insert_exists`.
     Insert { relation_id: u32 },
     /// A COPY of consecutive inserts into one relation (a unique violation is `insert_exists`).

@@ -131,6 +131,17 @@ pub enum Shape {
     ReadByIndex {
         unique: usize,
     },
+    /// An `Update` or `Delete` (`write`) that writes only if the local row would be
+    /// decided `Apply` without a record ([`RelationMap::guarded`]), and fails with
+    /// `division_by_zero` if it wrote nothing. Parameters: `write`'s, then the change's
+    /// origin id here, then (if `compared`) its commit time in µs since 2000-01-01 and
+    /// the old image's values of the `compared` target columns, in that order.
+    Guarded {
+        write: Box<Shape>,
+        /// Target columns compared with the change's old image; `None`: the change
+        /// carries no old image that could match the local row.
+        compared: Option<Vec<usize>>,
+    },
 }
 
 /// A change ready to execute: the statement's shape and its parameters, in order.
@@ -250,6 +261,48 @@ impl RelationMap {
             shape: Shape::Update { set },
             params,
         }))
+    }
+
+    /// `write` (an update or delete on the fast path) made to write only where the
+    /// careful path would decide [`crate::merge::conflict::Decision::Apply`]: where the
+    /// local row exists and either its last writer is the change's origin (`origin_id`,
+    /// its `roident` here), or it holds exactly the change's old image `old` (its
+    /// `unsent` source columns aside, as [`crate::merge::conflict::Against::made_on_local`]
+    /// compares) and did not commit after the change (`commit_time_us`). Anything else
+    /// must be decided and maybe recorded: the statement fails and its transaction is
+    /// applied again carefully.
+    pub fn guarded(
+        &self,
+        write: RowWrite,
+        old: Option<&OldTuple>,
+        unsent: &[usize],
+        origin_id: u32,
+        commit_time_us: i64,
+    ) -> RowWrite {
+        let mut params = write.params;
+        params.push(Value::Text(origin_id.to_string().into()));
+        let compared = match old {
+            Some(OldTuple::Full(old)) if !old.0.iter().any(|v| matches!(v, Value::Binary(_))) => {
+                params.push(Value::Text(commit_time_us.to_string().into()));
+                let mut columns = Vec::new();
+                for (i, v) in old.0.iter().enumerate() {
+                    if matches!(v, Value::UnchangedToast) || unsent.contains(&i) {
+                        continue;
+                    }
+                    columns.push(self.source_to_target[i]);
+                    params.push(v.clone());
+                }
+                Some(columns)
+            }
+            _ => None,
+        };
+        RowWrite {
+            shape: Shape::Guarded {
+                write: Box::new(write.shape),
+                compared,
+            },
+            params,
+        }
     }
 
     /// An update of a table with counter columns (`counters`: source column indexes),
@@ -393,6 +446,13 @@ impl RelationMap {
                 .collect::<Vec<_>>()
                 .join(" AND ")
         };
+        let set_clause = |set: &[usize]| {
+            set.iter()
+                .enumerate()
+                .map(|(n, &c)| format!("{} = ${}", col(c), n + 1))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
         match shape {
             Shape::Insert { columns, rows } => format!(
                 "INSERT INTO {} ({}) VALUES {}",
@@ -414,13 +474,40 @@ impl RelationMap {
             Shape::Update { set } => format!(
                 "UPDATE {} SET {} WHERE {}",
                 t.qualified(),
-                set.iter()
-                    .enumerate()
-                    .map(|(n, &c)| format!("{} = ${}", col(c), n + 1))
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                set_clause(set),
                 key_clause(set.len() + 1)
             ),
+            Shape::Guarded { write, compared } => {
+                let (head, given) = match write.as_ref() {
+                    Shape::Update { set } => (
+                        format!("UPDATE {} t SET {} WHERE", t.qualified(), set_clause(set)),
+                        set.len(),
+                    ),
+                    _ => (format!("DELETE FROM {} t WHERE", t.qualified()), 0),
+                };
+                let origin = given + t.key.len() + 1;
+                let same_image = match compared {
+                    None => "false".to_string(),
+                    Some(columns) => std::iter::once(format!(
+                        "NOT coalesce({LAST_COMMIT_US} > ${}::int8, false)",
+                        origin + 1
+                    ))
+                    .chain(columns.iter().enumerate().map(|(n, &c)| {
+                        format!(
+                            "{} IS NOT DISTINCT FROM ${}::text",
+                            as_output(&t.columns[c]),
+                            origin + 2 + n
+                        )
+                    }))
+                    .collect::<Vec<_>>()
+                    .join(" AND "),
+                };
+                format!(
+                    "WITH w AS ({head} {} AND ({LAST_ORIGIN_ID} = ${origin}::oid OR ({same_image})) RETURNING 1) \
+                     SELECT 1 / count(*)::int FROM w",
+                    key_clause(given + 1)
+                )
+            }
             Shape::UpdateCounters { set, counters } => {
                 let plain = set
                     .iter()
@@ -482,25 +569,34 @@ impl RelationMap {
 fn read_locked(t: &TargetTable, condition: &str) -> String {
     format!(
         "SELECT {}, \
-           (SELECT r.roname::text FROM pg_replication_origin r \
-             WHERE r.roident = (pg_xact_commit_timestamp_origin(t.xmin)).roident), \
-           (extract(epoch FROM (pg_xact_commit_timestamp_origin(t.xmin)).timestamp) * 1000000)::int8 \
-             - 946684800000000 \
+           (SELECT r.roname::text FROM pg_replication_origin r WHERE r.roident = {LAST_ORIGIN_ID}), \
+           {LAST_COMMIT_US} \
          FROM {} t \
          WHERE {condition} FOR UPDATE OF t",
         t.columns
             .iter()
-            // The type's output function, as the walsender prints a change's values
-            // (`format('%s', ..)`), not the cast to text: `true::text` is 'true' where
-            // the output is 't', and `inet::text` adds a netmask the output leaves out.
-            .map(|c| {
-                let c = quote_ident(c);
-                format!("CASE WHEN t.{c} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{c}) END")
-            })
+            .map(|c| as_output(c))
             .collect::<Vec<_>>()
             .join(", "),
         t.qualified(),
     )
+}
+
+/// The `roident` of the origin that last wrote row `t` (0: written here; NULL: its
+/// transaction has not committed or its commit time is no longer known).
+const LAST_ORIGIN_ID: &str = "(pg_xact_commit_timestamp_origin(t.xmin)).roident";
+/// The commit time of the transaction that last wrote row `t`, in µs since 2000-01-01.
+const LAST_COMMIT_US: &str =
+    "((extract(epoch FROM (pg_xact_commit_timestamp_origin(t.xmin)).timestamp) \
+     * 1000000)::int8 - 946684800000000)";
+
+/// Column `column` of row `t` as text, as the walsender prints a change's values: the
+/// type's output function (`format('%s', ..)`), not the cast to text (`true::text` is
+/// 'true' where the output is 't', and `inet::text` adds a netmask the output leaves
+/// out); NULL stays NULL.
+fn as_output(column: &str) -> String {
+    let c = quote_ident(column);
+    format!("CASE WHEN t.{c} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{c}) END")
 }
 
 /// `columns` of the row `t` equal `$1..$n`.
@@ -686,6 +782,62 @@ mod tests {
             .update_counters(&old, &old, &[2], false)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn a_guarded_write_compares_what_the_change_carries_and_fails_when_it_writes_nothing() {
+        let map = RelationMap::new(
+            &relation(&[("id", true), ("name", false), ("note", false)]),
+            target(&["note", "id", "name"], &[1]),
+        )
+        .unwrap();
+        let old = OldTuple::Full(Tuple(vec![t("1"), Value::Null, Value::UnchangedToast]));
+        let new = Tuple(vec![t("1"), t("Soap"), Value::UnchangedToast]);
+        let write = map.update(Some(&old), &new).unwrap().unwrap();
+        let g = map.guarded(write, Some(&old), &[], 7, 123);
+        assert_eq!(
+            g.shape,
+            Shape::Guarded {
+                write: Box::new(Shape::Update { set: vec![1, 2] }),
+                // The note's old value did not travel (unchanged TOAST): not compared.
+                compared: Some(vec![1, 2]),
+            }
+        );
+        assert_eq!(
+            g.params,
+            vec![
+                t("1"),
+                t("Soap"),
+                t("1"),
+                t("7"),
+                t("123"),
+                t("1"),
+                Value::Null
+            ]
+        );
+        let sql = map.sql(&g.shape);
+        assert!(sql.starts_with(
+            r#"WITH w AS (UPDATE "public"."pos_order" t SET "id" = $1, "name" = $2 WHERE "id" = $3 AND ((pg_xact_commit_timestamp_origin(t.xmin)).roident = $4::oid OR (NOT coalesce("#
+        ), "{sql}");
+        assert!(sql.contains(r#" > $5::int8, false) AND CASE WHEN t."id" IS NULL THEN NULL ELSE pg_catalog.format('%s', t."id") END IS NOT DISTINCT FROM $6::text AND CASE WHEN t."name" IS NULL"#), "{sql}");
+        assert!(
+            sql.ends_with(
+                r#" IS NOT DISTINCT FROM $7::text)) RETURNING 1) SELECT 1 / count(*)::int FROM w"#
+            ),
+            "{sql}"
+        );
+
+        // A per-node column is not compared; a key-only old image compares nothing.
+        let write = map.update(Some(&old), &new).unwrap().unwrap();
+        let g = map.guarded(write, Some(&old), &[1], 7, 123);
+        assert!(matches!(&g.shape, Shape::Guarded { compared: Some(c), .. } if c == &vec![1]));
+        let key_only = OldTuple::Key(Tuple(vec![t("1"), Value::Null, Value::Null]));
+        let g = map.guarded(map.delete(&key_only).unwrap(), Some(&key_only), &[], 7, 123);
+        assert_eq!(g.params, vec![t("1"), t("7")]);
+        assert_eq!(
+            map.sql(&g.shape),
+            r#"WITH w AS (DELETE FROM "public"."pos_order" t WHERE "id" = $1 AND ((pg_xact_commit_timestamp_origin(t.xmin)).roident = $2::oid OR (false)) RETURNING 1) SELECT 1 / count(*)::int FROM w"#
+        );
     }
 
     #[test]

@@ -95,7 +95,9 @@ impl LinkError {
     pub fn disposition(&self) -> Disposition {
         match self {
             LinkError::Apply(
-                ApplyError::FastPathHitUniqueKey { .. } | ApplyError::OrderStalled { .. },
+                ApplyError::FastPathHitUniqueKey { .. }
+                | ApplyError::FastPathUndecided { .. }
+                | ApplyError::OrderStalled { .. },
             ) => Disposition::RetryCarefully,
             // Two of the link's sessions (or one and a local writer) waited on each
             // other and the server ended one: careful mode applies one at a time.
