@@ -62,6 +62,16 @@ fn updates_and_deletes_that_are_no_conflict_take_the_fast_path() {
          UPDATE product SET price = 2.5 WHERE id = 1;
          COMMIT",
     );
+    // Updates of one shape travel together; one on a row already changed in the batch,
+    // or on the key another gave its row, comes after it.
+    c.node("a").sql(
+        "BEGIN;
+         UPDATE product SET price = price + 1 WHERE id IN (1, 2, 3);
+         UPDATE product SET price = price + 1 WHERE id = 1;
+         UPDATE product SET id = 20 WHERE id = 10;
+         UPDATE product SET price = 9 WHERE id = 20;
+         COMMIT",
+    );
     c.wait_converged("product");
     // On a, these rows were last written by a itself, not by b, the author: each is
     // applied because it is exactly what b saw.
@@ -73,7 +83,7 @@ fn updates_and_deletes_that_are_no_conflict_take_the_fast_path() {
         DEADLINE,
         || {
             c.node("a").sql("SELECT string_agg(id || ':' || price || ':' || qty_available, ' ' ORDER BY id) FROM product")
-            == "1:2.50:0 2:4.50:3 10:1.50:7"
+            == "1:4.50:0 2:4.50:3 20:9.00:7"
         },
         || c.logs(),
     );

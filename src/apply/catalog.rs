@@ -35,6 +35,17 @@ pub async fn target_table(
         &what(),
     )
     .await?;
+    // Named so that the apply session finds them whatever its search_path.
+    let types = names(
+        client,
+        "SELECT CASE WHEN n.nspname = 'pg_catalog' THEN format_type(a.atttypid, NULL) \
+                     ELSE quote_ident(n.nspname) || '.' || quote_ident(t.typname) END \
+         FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid JOIN pg_namespace n ON n.oid = t.typnamespace \
+         WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = '' ORDER BY a.attnum",
+        oid,
+        &what(),
+    )
+    .await?;
     let key_names = names(
         client,
         "SELECT a.attname::text FROM \
@@ -60,6 +71,7 @@ pub async fn target_table(
         schema: schema.to_string(),
         name: name.to_string(),
         columns,
+        types,
         key,
         uniques,
     }))

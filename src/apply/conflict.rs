@@ -125,7 +125,7 @@ impl ApplyWorker {
         params: &[Value],
     ) -> Result<Vec<LocalRow>, ApplyError> {
         let relation_id = m.id;
-        self.flush_inserts().await?;
+        self.flush_runs().await?;
         let stmt = self.statement(m, shape).await?;
         // A direct request: everything in flight is settled first (see `begin`).
         self.flush().await?;
@@ -267,11 +267,15 @@ impl ApplyWorker {
         if !self.is_careful() {
             if let Some(write) = m.update(upd.old.as_ref(), &upd.new)? {
                 if let Some(guarded) = self.guarded(m, write, upd.old.as_ref()) {
-                    let tag = Tag::Guarded {
-                        relation_id: id,
-                        delete: false,
-                    };
-                    return self.execute(m, guarded, tag).await;
+                    // The row it finds, and the key it gives that row if it changes it.
+                    let mut keys = vec![key];
+                    // (A key the new image does not carry is unchanged TOAST: the same.)
+                    if let Ok(new_key) = m.key_values(None, Some(&upd.new)) {
+                        if new_key != keys[0] {
+                            keys.push(new_key);
+                        }
+                    }
+                    return self.push_guarded(m, guarded, keys, false).await;
                 }
             }
         }
@@ -388,11 +392,7 @@ impl ApplyWorker {
         let write = m.delete(&del.old)?;
         if !self.is_careful() {
             if let Some(guarded) = self.guarded(m, write.clone(), Some(&del.old)) {
-                let tag = Tag::Guarded {
-                    relation_id: id,
-                    delete: true,
-                };
-                return self.execute(m, guarded, tag).await;
+                return self.push_guarded(m, guarded, vec![key], true).await;
             }
         }
         let (local, decision) = self
@@ -414,7 +414,7 @@ impl ApplyWorker {
         ins: &Insert,
     ) -> Result<(), ApplyError> {
         let id = ins.relation_id;
-        self.flush_inserts().await?;
+        self.flush_runs().await?;
         let key = m.key_values(None, Some(&ins.new))?;
         let mut new = ins.new.clone();
         let mut attempt = 1;
@@ -823,7 +823,7 @@ impl ApplyWorker {
         write: RowWrite,
     ) -> Result<Option<String>, ApplyError> {
         let relation_id = m.id;
-        self.flush_inserts().await?;
+        self.flush_runs().await?;
         let stmt = self.statement(m, write.shape).await?;
         self.flush().await?;
         self.rows_in_txn += 1;

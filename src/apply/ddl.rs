@@ -57,7 +57,7 @@ impl ApplyWorker {
             reason: e.to_string(),
         })?;
         // Everything before the DDL, in stream order, first.
-        self.flush_inserts().await?;
+        self.flush_runs().await?;
         self.flush().await?;
         let seq_num: i64 = seq.parse().unwrap_or(-1);
         let here = self

@@ -76,7 +76,7 @@ impl ApplyWorker {
         let same_run =
             matches!(&self.run, Some(run) if run.mapped.id == id && run.columns == columns);
         if !same_run {
-            self.flush_inserts().await?;
+            self.flush_runs().await?;
             self.run = Some(InsertRun {
                 mapped: m.clone(),
                 columns: columns.to_vec(),
@@ -102,7 +102,7 @@ impl ApplyWorker {
                     run.copy = copy;
                 } else {
                     // A binary value cannot travel in a text COPY: INSERTs then.
-                    self.flush_inserts().await?;
+                    self.flush_runs().await?;
                 }
             }
             return Ok(());
@@ -115,13 +115,13 @@ impl ApplyWorker {
         }
         self.rows_in_txn += 1;
         if run.copy.len() >= COPY_RUN_BYTES {
-            self.flush_inserts().await?;
+            self.flush_runs().await?;
         }
         Ok(())
     }
 
     /// Sends the pending run of inserts, if any: as multi-row INSERTs or as one COPY.
-    pub(super) async fn flush_inserts(&mut self) -> Result<(), ApplyError> {
+    pub(super) async fn send_insert_run(&mut self) -> Result<(), ApplyError> {
         let Some(run) = self.run.take() else {
             return Ok(());
         };

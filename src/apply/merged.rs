@@ -568,7 +568,7 @@ impl ApplyWorker {
         if let Some(t) = self.merge_targets.get(table) {
             return Ok(Some(t.clone()));
         }
-        self.flush_inserts().await?;
+        self.flush_runs().await?;
         self.flush().await?;
         let what = format!("reading the foreign keys into {}.{}", table.0, table.1);
         let t = merge_target(&self.client, &table.0, &table.1)
@@ -594,7 +594,7 @@ impl ApplyWorker {
                 table.0, table.1
             ))
         })?;
-        self.flush_inserts().await?;
+        self.flush_runs().await?;
         self.flush().await?;
         let what = format!("merging a row of {}.{} into another", table.0, table.1);
         let merged = merge_away(&self.client, &target, loser, winner, 0)
@@ -684,7 +684,7 @@ impl ApplyWorker {
     pub(super) async fn learn_merge(&mut self, ins: &Insert) -> Result<(), ApplyError> {
         // Direct requests follow: everything before them in the stream is settled first
         // (a COPY waiting to be sent would otherwise hold them up for ever; see `begin`).
-        self.flush_inserts().await?;
+        self.flush_runs().await?;
         self.flush().await?;
         let field = |name: &str| self.field_of(ins, name);
         let missing =
@@ -748,7 +748,7 @@ impl ApplyWorker {
             return Ok(None);
         }
         if self.relations.get(&id).is_some_and(|e| e.fks.is_none()) {
-            self.flush_inserts().await?;
+            self.flush_runs().await?;
             self.flush().await?;
             let (schema, name) = (m.target.schema.clone(), m.target.name.clone());
             let found = foreign_keys(&self.client, &schema, &name, false)
@@ -792,7 +792,7 @@ impl ApplyWorker {
     /// Reads every merge noted here into the shared map (at start, and when the count of
     /// noted merges changed: another sidecar decided one).
     pub(super) async fn reload_merged(&mut self) -> Result<(), ApplyError> {
-        self.flush_inserts().await?;
+        self.flush_runs().await?;
         self.flush().await?;
         let (loaded, count) = load(&self.client).await.map_err(SqlError::of(
             "reading walsync.merged_keys (has walsync init run on this node?)",

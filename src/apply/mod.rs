@@ -28,6 +28,7 @@ mod ddl;
 pub(crate) use ddl::run_captured_ddl;
 mod dropped;
 mod durability;
+mod guarded;
 mod inserts;
 pub mod merged;
 pub mod parallel;
@@ -132,6 +133,8 @@ pub struct ApplyWorker {
     /// Which confirmed commits are flushed on the target.
     durability: Durability,
     run: Option<InsertRun>,
+    /// Guarded updates or deletes not sent yet (at most one of `run` and this is pending).
+    guarded_run: Option<guarded::GuardedRun>,
     record_progress: Statement,
     record_conflict: Option<Statement>,
     /// Origin name of writes made on the target itself (`walsync_<target node>`).
@@ -278,6 +281,7 @@ impl ApplyWorker {
             pipeline: Pipeline::default(),
             durability: Durability::default(),
             run: None,
+            guarded_run: None,
             record_progress,
             record_conflict: None,
             local_origin,
@@ -451,6 +455,13 @@ impl ApplyWorker {
     ) -> Result<(), ApplyError> {
         let answers = self.pipeline.push(tag, bytes, request).await;
         self.settle(answers)
+    }
+
+    /// Sends the pending run of inserts or of guarded changes (at most one is pending):
+    /// every other request comes after the changes the source sent before it.
+    pub(super) async fn flush_runs(&mut self) -> Result<(), ApplyError> {
+        self.send_insert_run().await?;
+        self.send_guarded_run().await
     }
 
     /// A change on the fast path met a unique key: its transaction goes again, carefully.
@@ -665,7 +676,7 @@ impl ApplyWorker {
         write: RowWrite,
         tag: Tag,
     ) -> Result<(), ApplyError> {
-        self.flush_inserts().await?;
+        self.flush_runs().await?;
         self.rows_in_txn += 1;
         self.send_write(mapped, write, tag).await
     }
@@ -702,7 +713,7 @@ impl ApplyWorker {
     }
 
     pub async fn truncate(&mut self, t: &Truncate) -> Result<(), ApplyError> {
-        self.flush_inserts().await?;
+        self.flush_runs().await?;
         let mut tables = Vec::new();
         for &id in &t.relation_ids {
             if self.replicates(id)? {
@@ -749,7 +760,7 @@ impl ApplyWorker {
         previous: Lsn,
         after: Option<OrderLock>,
     ) -> Result<u64, ApplyError> {
-        self.flush_inserts().await?;
+        self.flush_runs().await?;
         let Some(txn) = self.open.take() else {
             return Ok(0);
         };

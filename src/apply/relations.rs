@@ -117,7 +117,7 @@ impl ApplyWorker {
     /// Inserts decoded under the old description are sent first, with the old mapping.
     pub async fn on_relation(&mut self, rel: Relation) -> Result<(), ApplyError> {
         if self.run.as_ref().is_some_and(|r| r.mapped.id == rel.id) {
-            self.flush_inserts().await?;
+            self.flush_runs().await?;
         }
         self.statements.retain(|(id, _), _| *id != rel.id);
         self.relations.insert(

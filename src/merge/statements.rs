@@ -16,6 +16,9 @@ pub struct TargetTable {
     pub schema: String,
     pub name: String,
     pub columns: Vec<String>,
+    /// Each column's type as SQL names it (schema-qualified outside `pg_catalog`), no
+    /// modifier: a batch of rows names it for its values.
+    pub types: Vec<String>,
     /// Indexes into `columns` of the primary key (or replica identity index).
     pub key: Vec<usize>,
     /// Its unique indexes other than the primary key: plain, partial, on expressions
@@ -131,17 +134,30 @@ pub enum Shape {
     ReadByIndex {
         unique: usize,
     },
-    /// An `Update` or `Delete` (`write`) that writes only if the local row would be
-    /// decided `Apply` without a record ([`RelationMap::guarded`]), and fails with
-    /// `division_by_zero` if it wrote nothing. Parameters: `write`'s, then the change's
-    /// origin id here, then (if `compared`) its commit time in µs since 2000-01-01 and
-    /// the old image's values of the `compared` target columns, in that order.
+    /// `rows` updates or deletes (`write`, each a row's) that write only if the local
+    /// rows would be decided `Apply` without a record ([`RelationMap::guarded`]), and
+    /// fail with `division_by_zero` unless every row was written. Parameters: the
+    /// changes' origin id here and, if `compared`, their commit time in µs since
+    /// 2000-01-01 (one source transaction's, shared); then per row `write`'s parameters
+    /// and the old image's values of the `compared` target columns.
     Guarded {
         write: Box<Shape>,
         /// Target columns compared with the change's old image; `None`: the change
         /// carries no old image that could match the local row.
         compared: Option<Vec<usize>>,
+        rows: usize,
     },
+}
+
+impl Shape {
+    /// A [`Shape::Guarded`]'s parameters shared by its rows (they come first).
+    pub fn shared_params(&self) -> usize {
+        match self {
+            Shape::Guarded { compared: None, .. } => 1,
+            Shape::Guarded { .. } => 2,
+            _ => 0,
+        }
+    }
 }
 
 /// A change ready to execute: the statement's shape and its parameters, in order.
@@ -279,11 +295,11 @@ impl RelationMap {
         origin_id: u32,
         commit_time_us: i64,
     ) -> RowWrite {
-        let mut params = write.params;
-        params.push(Value::Text(origin_id.to_string().into()));
+        let mut params = vec![Value::Text(origin_id.to_string().into())];
         let compared = match old {
             Some(OldTuple::Full(old)) if !old.0.iter().any(|v| matches!(v, Value::Binary(_))) => {
                 params.push(Value::Text(commit_time_us.to_string().into()));
+                params.extend(write.params);
                 let mut columns = Vec::new();
                 for (i, v) in old.0.iter().enumerate() {
                     if matches!(v, Value::UnchangedToast) || unsent.contains(&i) {
@@ -294,12 +310,16 @@ impl RelationMap {
                 }
                 Some(columns)
             }
-            _ => None,
+            _ => {
+                params.extend(write.params);
+                None
+            }
         };
         RowWrite {
             shape: Shape::Guarded {
                 write: Box::new(write.shape),
                 compared,
+                rows: 1,
             },
             params,
         }
@@ -477,35 +497,83 @@ impl RelationMap {
                 set_clause(set),
                 key_clause(set.len() + 1)
             ),
-            Shape::Guarded { write, compared } => {
-                let (head, given) = match write.as_ref() {
-                    Shape::Update { set } => (
-                        format!("UPDATE {} t SET {} WHERE", t.qualified(), set_clause(set)),
-                        set.len(),
-                    ),
-                    _ => (format!("DELETE FROM {} t WHERE", t.qualified()), 0),
+            Shape::Guarded {
+                write,
+                compared,
+                rows,
+            } => {
+                // The rows as a VALUES list `v`: per row the values set (s1..), the key
+                // (k1..) and the old image's compared values (o1..), each typed as its
+                // column (the compared ones as text, as the walsender printed them).
+                let set: &[usize] = match write.as_ref() {
+                    Shape::Update { set } => set,
+                    _ => &[],
                 };
-                let origin = given + t.key.len() + 1;
+                let compared = compared.as_deref();
+                let mut names = Vec::new();
+                let mut types = Vec::new();
+                for (n, &c) in set.iter().enumerate() {
+                    names.push(format!("s{}", n + 1));
+                    types.push(t.types[c].as_str());
+                }
+                for (n, &c) in t.key.iter().enumerate() {
+                    names.push(format!("k{}", n + 1));
+                    types.push(t.types[c].as_str());
+                }
+                for n in 0..compared.map_or(0, <[usize]>::len) {
+                    names.push(format!("o{}", n + 1));
+                    types.push("text");
+                }
+                let shared = shape.shared_params();
+                let values = (0..*rows)
+                    .map(|r| {
+                        let row = types
+                            .iter()
+                            .enumerate()
+                            .map(|(n, ty)| format!("${}::{ty}", shared + r * types.len() + n + 1));
+                        format!("({})", row.collect::<Vec<_>>().join(", "))
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let key_matches = t
+                    .key
+                    .iter()
+                    .enumerate()
+                    .map(|(n, &k)| format!("t.{} = v.k{}", col(k), n + 1))
+                    .collect::<Vec<_>>()
+                    .join(" AND ");
                 let same_image = match compared {
                     None => "false".to_string(),
-                    Some(columns) => std::iter::once(format!(
-                        "NOT coalesce({LAST_COMMIT_US} > ${}::int8, false)",
-                        origin + 1
-                    ))
-                    .chain(columns.iter().enumerate().map(|(n, &c)| {
-                        format!(
-                            "{} IS NOT DISTINCT FROM ${}::text",
-                            as_output(&t.columns[c]),
-                            origin + 2 + n
-                        )
-                    }))
-                    .collect::<Vec<_>>()
-                    .join(" AND "),
+                    Some(columns) => {
+                        std::iter::once(format!("NOT coalesce({LAST_COMMIT_US} > $2::int8, false)"))
+                            .chain(columns.iter().enumerate().map(|(n, &c)| {
+                                format!(
+                                    "{} IS NOT DISTINCT FROM v.o{}",
+                                    as_output(&t.columns[c]),
+                                    n + 1
+                                )
+                            }))
+                            .collect::<Vec<_>>()
+                            .join(" AND ")
+                    }
+                };
+                let write = match write.as_ref() {
+                    Shape::Update { set } => format!(
+                        "UPDATE {} t SET {} FROM v",
+                        t.qualified(),
+                        set.iter()
+                            .enumerate()
+                            .map(|(n, &c)| format!("{} = v.s{}", col(c), n + 1))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    _ => format!("DELETE FROM {} t USING v", t.qualified()),
                 };
                 format!(
-                    "WITH w AS ({head} {} AND ({LAST_ORIGIN_ID} = ${origin}::oid OR ({same_image})) RETURNING 1) \
-                     SELECT 1 / count(*)::int FROM w",
-                    key_clause(given + 1)
+                    "WITH v ({}) AS (VALUES {values}), \
+                     w AS ({write} WHERE {key_matches} AND ({LAST_ORIGIN_ID} = $1::oid OR ({same_image})) RETURNING 1) \
+                     SELECT 1 / (count(*) = {rows})::int FROM w",
+                    names.join(", ")
                 )
             }
             Shape::UpdateCounters { set, counters } => {
@@ -725,6 +793,7 @@ mod tests {
             schema: "public".into(),
             name: "pos_order".into(),
             columns: cols.iter().map(|c| c.to_string()).collect(),
+            types: cols.iter().map(|_| "text".to_string()).collect(),
             key: key.to_vec(),
         }
     }
@@ -785,10 +854,12 @@ mod tests {
     }
 
     #[test]
-    fn a_guarded_write_compares_what_the_change_carries_and_fails_when_it_writes_nothing() {
+    fn a_guarded_write_compares_what_the_change_carries_and_fails_unless_every_row_is_written() {
+        let mut target = target(&["note", "id", "name"], &[1]);
+        target.types = vec!["text".into(), "integer".into(), "public.label".into()];
         let map = RelationMap::new(
             &relation(&[("id", true), ("name", false), ("note", false)]),
-            target(&["note", "id", "name"], &[1]),
+            target,
         )
         .unwrap();
         let old = OldTuple::Full(Tuple(vec![t("1"), Value::Null, Value::UnchangedToast]));
@@ -801,28 +872,40 @@ mod tests {
                 write: Box::new(Shape::Update { set: vec![1, 2] }),
                 // The note's old value did not travel (unchanged TOAST): not compared.
                 compared: Some(vec![1, 2]),
+                rows: 1,
             }
         );
+        assert_eq!(g.shape.shared_params(), 2);
         assert_eq!(
             g.params,
             vec![
+                t("7"),
+                t("123"),
                 t("1"),
                 t("Soap"),
                 t("1"),
-                t("7"),
-                t("123"),
                 t("1"),
                 Value::Null
             ]
         );
-        let sql = map.sql(&g.shape);
-        assert!(sql.starts_with(
-            r#"WITH w AS (UPDATE "public"."pos_order" t SET "id" = $1, "name" = $2 WHERE "id" = $3 AND ((pg_xact_commit_timestamp_origin(t.xmin)).roident = $4::oid OR (NOT coalesce("#
-        ), "{sql}");
-        assert!(sql.contains(r#" > $5::int8, false) AND CASE WHEN t."id" IS NULL THEN NULL ELSE pg_catalog.format('%s', t."id") END IS NOT DISTINCT FROM $6::text AND CASE WHEN t."name" IS NULL"#), "{sql}");
+        let two = Shape::Guarded {
+            write: Box::new(Shape::Update { set: vec![1, 2] }),
+            compared: Some(vec![1, 2]),
+            rows: 2,
+        };
+        let sql = map.sql(&two);
+        let expected = [
+            r#"WITH v (s1, s2, k1, o1, o2) AS (VALUES ($3::integer, $4::public.label, $5::integer, $6::text, $7::text), "#,
+            r#"($8::integer, $9::public.label, $10::integer, $11::text, $12::text)), "#,
+            r#"w AS (UPDATE "public"."pos_order" t SET "id" = v.s1, "name" = v.s2 FROM v WHERE t."id" = v.k1 "#,
+            r#"AND ((pg_xact_commit_timestamp_origin(t.xmin)).roident = $1::oid OR (NOT coalesce("#,
+        ]
+        .concat();
+        assert!(sql.starts_with(&expected), "{sql}");
+        assert!(sql.contains(r#" > $2::int8, false) AND CASE WHEN t."id" IS NULL THEN NULL ELSE pg_catalog.format('%s', t."id") END IS NOT DISTINCT FROM v.o1 AND CASE WHEN t."name" IS NULL"#), "{sql}");
         assert!(
             sql.ends_with(
-                r#" IS NOT DISTINCT FROM $7::text)) RETURNING 1) SELECT 1 / count(*)::int FROM w"#
+                r#" IS NOT DISTINCT FROM v.o2)) RETURNING 1) SELECT 1 / (count(*) = 2)::int FROM w"#
             ),
             "{sql}"
         );
@@ -833,10 +916,11 @@ mod tests {
         assert!(matches!(&g.shape, Shape::Guarded { compared: Some(c), .. } if c == &vec![1]));
         let key_only = OldTuple::Key(Tuple(vec![t("1"), Value::Null, Value::Null]));
         let g = map.guarded(map.delete(&key_only).unwrap(), Some(&key_only), &[], 7, 123);
-        assert_eq!(g.params, vec![t("1"), t("7")]);
+        assert_eq!(g.params, vec![t("7"), t("1")]);
+        assert_eq!(g.shape.shared_params(), 1);
         assert_eq!(
             map.sql(&g.shape),
-            r#"WITH w AS (DELETE FROM "public"."pos_order" t WHERE "id" = $1 AND ((pg_xact_commit_timestamp_origin(t.xmin)).roident = $2::oid OR (false)) RETURNING 1) SELECT 1 / count(*)::int FROM w"#
+            r#"WITH v (k1) AS (VALUES ($2::integer)), w AS (DELETE FROM "public"."pos_order" t USING v WHERE t."id" = v.k1 AND ((pg_xact_commit_timestamp_origin(t.xmin)).roident = $1::oid OR (false)) RETURNING 1) SELECT 1 / (count(*) = 1)::int FROM w"#
         );
     }
 

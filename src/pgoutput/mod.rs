@@ -152,7 +152,7 @@ pub struct LogicalMessage {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tuple(pub Vec<Value>);
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Value {
     Null,
     /// A TOASTed value the change did not touch: the subscriber keeps what it has.
