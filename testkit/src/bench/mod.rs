@@ -84,6 +84,9 @@ pub enum Workload {
     Insert,
     /// Each updates `--txn-rows` existing order lines (every row once per round).
     Update,
+    /// Each is a point-of-sale sale: an order, its `--txn-rows` lines, the order's total
+    /// written back, and the stock of each product sold counted down.
+    Pos,
 }
 
 /// How a sidecar reaches the node it sits next to.
@@ -98,7 +101,9 @@ const SCHEMA: &str = "CREATE TABLE pos_order_line (
     qty numeric NOT NULL, price_unit numeric(12,2) NOT NULL, name text, create_date timestamp NOT NULL DEFAULT now());
   CREATE TABLE pos_order (
     id serial PRIMARY KEY, name text NOT NULL, amount numeric(12,2) NOT NULL,
-    created timestamptz NOT NULL DEFAULT clock_timestamp())";
+    created timestamptz NOT NULL DEFAULT clock_timestamp());
+  CREATE TABLE stock_quant (id integer PRIMARY KEY, product_id integer NOT NULL, quantity numeric NOT NULL);
+  INSERT INTO stock_quant SELECT g, g, 1000000 FROM generate_series(1, 40) g";
 
 /// On the targets only: when each order arrived there (the steady-load lag is `arrived -
 /// created`, both read from the one clock of this machine).
@@ -224,7 +229,9 @@ async fn count(pg: &LocalCluster) -> Result<i64, BoxError> {
 async fn contents(pg: &LocalCluster) -> Result<String, BoxError> {
     let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
     Ok(c.query_one(
-        "SELECT count(*) || ' rows, qty ' || coalesce(sum(qty), 0) || ', names ' || coalesce(sum(hashtext(name)::bigint), 0) FROM pos_order_line",
+        "SELECT count(*) || ' lines, qty ' || coalesce(sum(qty), 0) || ', names ' || coalesce(sum(hashtext(name)::bigint), 0) \
+           || ', ' || (SELECT count(*) || ' orders, total ' || coalesce(sum(amount), 0) FROM pos_order) \
+           || ', stock ' || (SELECT sum(quantity) FROM stock_quant) FROM pos_order_line",
         &[],
     )
     .await?
@@ -280,13 +287,11 @@ async fn wait_version(
 /// time to its last row.
 async fn time_targets(
     targets: &[LocalCluster],
-    first: i32,
-    last: i32,
+    (table, first, last): (&str, i32, i32),
     mark: Option<&str>,
     t0: Instant,
 ) -> Result<(Duration, Duration), BoxError> {
     let deadline = Duration::from_secs(1800);
-    let table = "pos_order_line";
     let first_row = wait_version(&targets[0], table, (first, mark), t0, deadline).await?;
     let mut all = Vec::new();
     for t in targets {
@@ -366,7 +371,7 @@ async fn setup(
     }
     sql(
         &source,
-        "CREATE PUBLICATION bench_native FOR TABLE pos_order_line, pos_order",
+        "CREATE PUBLICATION bench_native FOR TABLE pos_order_line, pos_order, stock_quant",
     )
     .await?;
     for (i, native) in natives.iter().enumerate() {
@@ -539,6 +544,7 @@ async fn bench(args: &BenchArgs, dir: &Path) -> CliResult {
         match args.workload {
             Workload::Insert => "inserts",
             Workload::Update => "updates",
+            Workload::Pos => "point-of-sale sales",
         },
         args.downstream.max(1),
         match args.node_over {
@@ -658,16 +664,20 @@ async fn catch_up(b: &Bench, n: usize, backlog: Backlog, r: &mut Rounds) -> Resu
         txn_rows,
     } = backlog;
     let txns = rows.div_ceil(txn_rows);
-    let (first, last, mark) = match workload {
+    // A mark no earlier round wrote: the last row shows it once caught up.
+    let mark = format!("round {} of {txn_rows}-row {workload:?}", r.ratios.len() + 1);
+    let (rows_of, mark) = match workload {
         Workload::Insert => {
             let (first, last) = write_inserts(b, txns, txn_rows).await?;
-            (first, last, None)
+            (("pos_order_line", first, last), None)
         }
         Workload::Update => {
-            // A mark no earlier round wrote: the last row shows it once caught up.
-            let mark = format!("round {} of {txn_rows}-row updates", r.ratios.len() + 1);
             let (first, last) = write_updates(b, txns, txn_rows, &mark).await?;
-            (first, last, Some(mark))
+            (("pos_order_line", first, last), Some(mark))
+        }
+        Workload::Pos => {
+            let (first, last) = write_sales(b, txns, txn_rows, &mark).await?;
+            (("pos_order", first, last), Some(mark))
         }
     };
     let mark = mark.as_deref();
@@ -679,7 +689,7 @@ async fn catch_up(b: &Bench, n: usize, backlog: Backlog, r: &mut Rounds) -> Resu
     for t in natives {
         sql(t, "ALTER SUBSCRIPTION bench_native ENABLE").await?;
     }
-    let native = time_targets(natives, first, last, mark, t0).await;
+    let native = time_targets(natives, rows_of, mark, t0).await;
     // The processes started with the subscriptions: their CPU so far is the catch-up's.
     let native_cpu = Processes::of(b, Kind::Native, n).await?.cpu();
     for t in natives {
@@ -695,7 +705,7 @@ async fn catch_up(b: &Bench, n: usize, backlog: Backlog, r: &mut Rounds) -> Resu
     };
     let t0 = Instant::now();
     let sidecars = Sidecars::start(b, n);
-    let walsync = time_targets(&b.walsyncs[..n], first, last, mark, t0).await;
+    let walsync = time_targets(&b.walsyncs[..n], rows_of, mark, t0).await;
     let walsync_cpu = Processes::of(b, Kind::Walsync, n)
         .await?
         .cpu()
@@ -810,6 +820,48 @@ async fn write_updates(
     Ok((r.get(0), r.get(1)))
 }
 
+/// Writes `txns` sales on the source, each in its transaction: an order, its
+/// `lines` order lines, the order's total and `mark` written back to it, and the stock
+/// of each product sold counted down. Returns the first and last order's id.
+async fn write_sales(
+    b: &Bench,
+    txns: u64,
+    lines: u64,
+    mark: &str,
+) -> Result<(i32, i32), BoxError> {
+    let c = connect(&Dsn::new(b.source.dsn()), "walsync bench").await?;
+    let before: i32 = c
+        .query_one("SELECT coalesce(max(id), 0) FROM pos_order", &[])
+        .await?
+        .get(0);
+    sql(
+        &b.source,
+        &format!(
+            "DO $$ DECLARE o int; BEGIN FOR t IN 1..{txns} LOOP
+               INSERT INTO pos_order (name, amount) VALUES ('draft', 0) RETURNING id INTO o;
+               INSERT INTO pos_order_line (order_id, product_id, qty, price_unit, name)
+               SELECT o, 1 + (t + g) % 40, 1 + g % 3, 9.99, 'Product ' || g FROM generate_series(1, {lines}) g;
+               UPDATE pos_order SET name = '{mark}',
+                      amount = (SELECT sum((1 + g % 3) * 9.99) FROM generate_series(1, {lines}) g)
+                WHERE id = o;
+               UPDATE stock_quant q SET quantity = q.quantity - s.qty
+                 FROM (SELECT 1 + (t + g) % 40 AS product_id, sum(1 + g % 3) AS qty
+                         FROM generate_series(1, {lines}) g GROUP BY 1) s
+                WHERE q.product_id = s.product_id;
+               COMMIT;
+             END LOOP; END $$"
+        ),
+    )
+    .await?;
+    let r = c
+        .query_one(
+            "SELECT min(id), max(id) FROM pos_order WHERE id > $1",
+            &[&before],
+        )
+        .await?;
+    Ok((r.get(0), r.get(1)))
+}
+
 /// Before an update workload: `rows` order lines on the source and on every target of
 /// both kinds (written in 1,000-row transactions and caught up, untimed).
 async fn fill(b: &Bench, n: usize, rows: u64) -> Result<(), BoxError> {
@@ -826,13 +878,14 @@ async fn fill(b: &Bench, n: usize, rows: u64) -> Result<(), BoxError> {
     for t in &b.natives[..n] {
         sql(t, "ALTER SUBSCRIPTION bench_native ENABLE").await?;
     }
-    let native = time_targets(&b.natives[..n], last, last, None, t0).await;
+    let rows_of = ("pos_order_line", last, last);
+    let native = time_targets(&b.natives[..n], rows_of, None, t0).await;
     for t in &b.natives[..n] {
         sql(t, "ALTER SUBSCRIPTION bench_native DISABLE").await?;
     }
     native?;
     let sidecars = Sidecars::start(b, n);
-    let walsync = time_targets(&b.walsyncs[..n], last, last, None, t0).await;
+    let walsync = time_targets(&b.walsyncs[..n], rows_of, None, t0).await;
     sidecars.stop().await;
     walsync?;
     Ok(())
