@@ -14,6 +14,10 @@
 //! holds the backlog's first row and its last row, then the same for the walsync sidecars.
 //! The ratio is walsync rows/s ÷ native rows/s on the first target (above 1.0: walsync is
 //! faster); the median over the rounds is reported, with the time to the first row.
+//! `--workload update` makes each backlog transaction update existing order lines, and
+//! `--workload pos` makes it a sale (an order, its lines, its total written back, the
+//! stock of each product counted down); a round's last row is then found by the mark the
+//! round writes into it.
 //!
 //! Memory (`--big-txn N`): one source transaction of N rows is applied by a `walsync run`
 //! child process, whose peak RSS (VmHWM) is read from /proc when it is done.
@@ -665,7 +669,10 @@ async fn catch_up(b: &Bench, n: usize, backlog: Backlog, r: &mut Rounds) -> Resu
     } = backlog;
     let txns = rows.div_ceil(txn_rows);
     // A mark no earlier round wrote: the last row shows it once caught up.
-    let mark = format!("round {} of {txn_rows}-row {workload:?}", r.ratios.len() + 1);
+    let mark = format!(
+        "round {} of {txn_rows}-row {workload:?}",
+        r.ratios.len() + 1
+    );
     let (rows_of, mark) = match workload {
         Workload::Insert => {
             let (first, last) = write_inserts(b, txns, txn_rows).await?;
@@ -823,12 +830,7 @@ async fn write_updates(
 /// Writes `txns` sales on the source, each in its transaction: an order, its
 /// `lines` order lines, the order's total and `mark` written back to it, and the stock
 /// of each product sold counted down. Returns the first and last order's id.
-async fn write_sales(
-    b: &Bench,
-    txns: u64,
-    lines: u64,
-    mark: &str,
-) -> Result<(i32, i32), BoxError> {
+async fn write_sales(b: &Bench, txns: u64, lines: u64, mark: &str) -> Result<(i32, i32), BoxError> {
     let c = connect(&Dsn::new(b.source.dsn()), "walsync bench").await?;
     let before: i32 = c
         .query_one("SELECT coalesce(max(id), 0) FROM pos_order", &[])
