@@ -305,13 +305,18 @@ async fn time_targets(
 }
 
 async fn id_range(pg: &LocalCluster, above: i32) -> Result<(i32, i32), BoxError> {
+    let sql = "SELECT coalesce(min(id), 0), coalesce(max(id), 0) FROM pos_order_line WHERE id > $1";
+    id_bounds(pg, sql, &above).await
+}
+
+/// The two ids a query that takes one parameter answers (the least and the greatest).
+async fn id_bounds(
+    pg: &LocalCluster,
+    sql: &str,
+    param: &(dyn tokio_postgres::types::ToSql + Sync),
+) -> Result<(i32, i32), BoxError> {
     let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
-    let r = c
-        .query_one(
-            "SELECT coalesce(min(id), 0), coalesce(max(id), 0) FROM pos_order_line WHERE id > $1",
-            &[&above],
-        )
-        .await?;
+    let r = c.query_one(sql, &[param]).await?;
     Ok((r.get(0), r.get(1)))
 }
 
@@ -817,14 +822,8 @@ async fn write_updates(
         ),
     )
     .await?;
-    let c = connect(&Dsn::new(b.source.dsn()), "walsync bench").await?;
-    let r = c
-        .query_one(
-            "SELECT min(id), max(id) FROM pos_order_line WHERE name = $1",
-            &[&mark],
-        )
-        .await?;
-    Ok((r.get(0), r.get(1)))
+    let sql = "SELECT min(id), max(id) FROM pos_order_line WHERE name = $1";
+    id_bounds(&b.source, sql, &mark).await
 }
 
 /// Writes `txns` sales on the source, each in its transaction: an order, its
@@ -855,13 +854,12 @@ async fn write_sales(b: &Bench, txns: u64, lines: u64, mark: &str) -> Result<(i3
         ),
     )
     .await?;
-    let r = c
-        .query_one(
-            "SELECT min(id), max(id) FROM pos_order WHERE id > $1",
-            &[&before],
-        )
-        .await?;
-    Ok((r.get(0), r.get(1)))
+    id_bounds(
+        &b.source,
+        "SELECT min(id), max(id) FROM pos_order WHERE id > $1",
+        &before,
+    )
+    .await
 }
 
 /// Before an update workload: `rows` order lines on the source and on every target of
