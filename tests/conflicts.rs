@@ -181,6 +181,43 @@ fn an_edit_made_after_seeing_the_other_nodes_edit_is_no_conflict() {
     );
 }
 
+/// A change whose old image equals the local row was not necessarily made on it: here a
+/// edited the row away and back (A-B-A) after b's edit, which was made on a's first
+/// version. b's edit committed before a's last one, so it is a conflict a wins, decided
+/// and recorded (the fast path's guard compares commit times, not only values), and both
+/// nodes end with a's row.
+#[test]
+fn an_older_edit_made_on_values_a_node_wrote_again_later_is_a_conflict() {
+    let mut c = TestCluster::new("aba", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    c.start();
+    c.node("a")
+        .sql("INSERT INTO partner (id, name) VALUES (1, 'Ana')");
+    c.wait_rows("b", "partner", 1);
+    cut(&mut c);
+    c.node("b")
+        .sql("UPDATE partner SET name = 'Ana from b' WHERE id = 1");
+    c.node("a")
+        .sql("UPDATE partner SET name = 'Ana away' WHERE id = 1");
+    c.node("a")
+        .sql("UPDATE partner SET name = 'Ana' WHERE id = 1"); // latest: wins
+    heal(&mut c);
+    c.wait_converged("partner");
+    assert_eq!(
+        c.node("b").sql("SELECT name FROM partner WHERE id = 1"),
+        "Ana"
+    );
+    wait_for(
+        "a to record b's older edit",
+        DEADLINE,
+        || !conflicts(c.node("a"), "update_origin_differs").is_empty(),
+        || c.logs(),
+    );
+    assert_eq!(
+        conflicts(c.node("a"), "update_origin_differs"),
+        ["local_kept|Ana|Ana from b"]
+    );
+}
+
 #[test]
 fn the_same_explicit_id_inserted_on_two_nodes_keeps_the_latest_and_records_the_other() {
     let mut c = TestCluster::new("insert-exists", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
