@@ -75,8 +75,8 @@ pub struct BenchArgs {
     /// `[apply] sessions` of each walsync sidecar: target sessions it applies on.
     #[arg(long, default_value_t = walsync::config::ApplyConfig::default().sessions)]
     pub apply_sessions: usize,
-    /// What the catch-up backlog is made of: new order lines, or updates of existing
-    /// ones (`--rows` of them are written first and caught up, untimed).
+    /// What the catch-up backlog is made of: new order lines, updates of existing ones
+    /// (`--rows` of them are written first and caught up, untimed), or sales.
     #[arg(long, value_enum, default_value_t = Workload::Insert)]
     pub workload: Workload,
 }
@@ -229,7 +229,7 @@ async fn count(pg: &LocalCluster) -> Result<i64, BoxError> {
 }
 
 /// What a target must hold to equal the source: the order lines' count, their
-/// quantities' sum and their names' hash.
+/// quantities' sum and their names' hash, the orders' count and total, the stock.
 async fn contents(pg: &LocalCluster) -> Result<String, BoxError> {
     let c = connect(&Dsn::new(pg.dsn()), "walsync bench").await?;
     Ok(c.query_one(
