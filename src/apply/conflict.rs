@@ -275,7 +275,7 @@ impl ApplyWorker {
                             keys.push(new_key);
                         }
                     }
-                    return self.push_guarded(m, guarded, keys, false).await;
+                    return self.push_guarded(m, guarded, keys).await;
                 }
             }
         }
@@ -392,7 +392,7 @@ impl ApplyWorker {
         let write = m.delete(&del.old)?;
         if !self.is_careful() {
             if let Some(guarded) = self.guarded(m, write.clone(), Some(&del.old)) {
-                return self.push_guarded(m, guarded, vec![key], true).await;
+                return self.push_guarded(m, guarded, vec![key]).await;
             }
         }
         let (local, decision) = self

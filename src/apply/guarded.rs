@@ -29,7 +29,6 @@ pub(super) struct GuardedRun {
     /// The keys of the rows the run's changes find or write: a change naming one of them
     /// comes after the run is sent.
     keys: HashSet<Vec<Value>>,
-    delete: bool,
 }
 
 impl ApplyWorker {
@@ -41,7 +40,6 @@ impl ApplyWorker {
         m: &Mapped,
         write: RowWrite,
         keys: Vec<Vec<Value>>,
-        delete: bool,
     ) -> Result<(), ApplyError> {
         let shared = write.shape.shared_params();
         let joins = matches!(&self.guarded_run, Some(run)
@@ -65,7 +63,6 @@ impl ApplyWorker {
                 values,
                 rows: 1,
                 keys: keys.into_iter().collect(),
-                delete,
             });
         }
         self.rows_in_txn += 1;
@@ -93,7 +90,7 @@ impl ApplyWorker {
         };
         let tag = Tag::Guarded {
             relation_id: run.mapped.id,
-            delete: run.delete,
+            delete: matches!(*write, Shape::Delete),
         };
         let width = run.values.len() / run.rows;
         let mut values = run.values.into_iter();
