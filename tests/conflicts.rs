@@ -174,11 +174,7 @@ fn an_edit_made_after_seeing_the_other_nodes_edit_is_no_conflict() {
     }
     // Each edit was made on the row the other node holds, so it applied on the fast path:
     // no transaction had to be decided again row by row.
-    assert!(
-        !c.logs().contains("applied carefully"),
-        "an edit in sequence took the careful path:\n{}",
-        tail(&c.logs(), 40)
-    );
+    c.assert_no_careful_pass("an edit in sequence");
 }
 
 /// A change whose old image equals the local row was not necessarily made on it: here a

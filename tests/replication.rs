@@ -91,11 +91,7 @@ fn updates_and_deletes_that_are_no_conflict_take_the_fast_path() {
     for n in &c.nodes {
         assert_eq!(n.count("walsync.conflicts"), 0, "no conflict on {}", n.name);
     }
-    assert!(
-        !c.logs().contains("applied carefully"),
-        "a change without a conflict took the careful path:\n{}",
-        tail(&c.logs(), 40)
-    );
+    c.assert_no_careful_pass("a change without a conflict");
 }
 
 /// A sidecar next to its node reaches it over the node's Unix socket (`host=/dir`), as
@@ -271,11 +267,7 @@ fn every_odoo_column_type_round_trips() {
         || c.logs(),
     );
     c.wait_converged("typed");
-    assert!(
-        !c.logs().contains("applied carefully"),
-        "an update made on the row a holds took the careful path:\n{}",
-        tail(&c.logs(), 40)
-    );
+    c.assert_no_careful_pass("an update made on the row a holds");
     // TRUNCATE travels too.
     c.node("b").sql("TRUNCATE typed");
     c.wait_rows("a", "typed", 0);

@@ -405,6 +405,20 @@ impl TestCluster {
             .join("\n")
     }
 
+    /// Asserts that no sidecar (in its whole log) restarted a link to apply transactions
+    /// carefully, row by row: every change went the fast path. `what` names the changes.
+    pub fn assert_no_careful_pass(&self, what: &str) {
+        for n in &self.nodes {
+            let log = n.sidecar_log();
+            assert!(
+                !log.contains("applied carefully"),
+                "{what} took the careful path on {}:\n{}",
+                n.name,
+                tail(&log, 40)
+            );
+        }
+    }
+
     /// Waits until `table` has the same checksum on every node and `cond` holds for it.
     pub fn wait_converged(&self, table: &str) {
         wait_for(
