@@ -265,6 +265,13 @@ impl ApplyWorker {
         }
         let key = m.key_values(upd.old.as_ref(), Some(&upd.new))?;
         if !self.is_careful() {
+            // A row this transaction inserted and has not sent yet (Odoo writes a record
+            // right after creating it): inserted as updated.
+            let same_key = m.key_values(None, Some(&upd.new)).is_ok_and(|k| k == key);
+            if same_key && self.fold_into_insert(m, &key, &upd.new) {
+                self.rows_in_txn += 1;
+                return Ok(());
+            }
             if let Some(write) = m.update(upd.old.as_ref(), &upd.new)? {
                 if let Some(guarded) = self.guarded(m, write, upd.old.as_ref()) {
                     // The row it finds, and the key it gives that row if it changes it.

@@ -53,7 +53,7 @@ impl ApplyWorker {
             run.rows += 1;
             run.keys.extend(keys);
         } else {
-            self.flush_runs().await?;
+            self.end_runs().await?;
             let mut shared_params = write.params;
             let values = shared_params.split_off(shared);
             self.guarded_run = Some(GuardedRun {
@@ -82,29 +82,61 @@ impl ApplyWorker {
         let Some(run) = self.guarded_run.take() else {
             return Ok(());
         };
+        let mapped = run.mapped.clone();
+        for (write, tag) in run.batches() {
+            self.send_write(&mapped, write, tag).await?;
+        }
+        Ok(())
+    }
+}
+
+impl GuardedRun {
+    pub(super) fn mapped(&self) -> &Mapped {
+        &self.mapped
+    }
+
+    pub(super) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Parameters of its statements, all told.
+    pub(super) fn params(&self) -> usize {
+        let width = self.values.len() / self.rows;
+        let batches = batch_sizes(self.rows, width + self.shared.len()).len();
+        self.values.len() + self.shared.len() * batches
+    }
+
+    /// Whether its changes delete (else they update).
+    pub(super) fn deletes(&self) -> bool {
+        matches!(&self.shape, Shape::Guarded { write, .. } if matches!(**write, Shape::Delete))
+    }
+
+    /// The run as statements of a bounded number of sizes, in order.
+    pub(super) fn batches(self) -> Vec<(RowWrite, Tag)> {
+        let tag = Tag::Guarded {
+            relation_id: self.mapped.id,
+            delete: self.deletes(),
+        };
         let Shape::Guarded {
             write, compared, ..
-        } = run.shape
+        } = self.shape
         else {
             unreachable!("a guarded run holds Shape::Guarded changes");
         };
-        let tag = Tag::Guarded {
-            relation_id: run.mapped.id,
-            delete: matches!(*write, Shape::Delete),
-        };
-        let width = run.values.len() / run.rows;
-        let mut values = run.values.into_iter();
-        for rows in batch_sizes(run.rows, width + run.shared.len()) {
-            let mut params = run.shared.clone();
-            params.extend(values.by_ref().take(rows * width));
-            let shape = Shape::Guarded {
-                write: write.clone(),
-                compared: compared.clone(),
-                rows,
-            };
-            self.send_write(&run.mapped, RowWrite { shape, params }, tag.clone())
-                .await?;
-        }
-        Ok(())
+        let width = self.values.len() / self.rows;
+        let mut values = self.values.into_iter();
+        batch_sizes(self.rows, width + self.shared.len())
+            .into_iter()
+            .map(|rows| {
+                let mut params = self.shared.clone();
+                params.extend(values.by_ref().take(rows * width));
+                let shape = Shape::Guarded {
+                    write: write.clone(),
+                    compared: compared.clone(),
+                    rows,
+                };
+                (RowWrite { shape, params }, tag.clone())
+            })
+            .collect()
     }
 }

@@ -76,7 +76,7 @@ impl ApplyWorker {
         let same_run =
             matches!(&self.run, Some(run) if run.mapped.id == id && run.columns == columns);
         if !same_run {
-            self.flush_runs().await?;
+            self.end_runs().await?;
             self.run = Some(InsertRun {
                 mapped: m.clone(),
                 columns: columns.to_vec(),
@@ -127,19 +127,9 @@ impl ApplyWorker {
         };
         let relation_id = run.mapped.id;
         if run.copy.is_empty() {
-            let mut values = run.values.into_iter();
-            for n in batch_sizes(run.rows, run.columns.len()) {
-                let params: Vec<Value> = values.by_ref().take(n * run.columns.len()).collect();
-                let shape = Shape::Insert {
-                    columns: run.columns.clone(),
-                    rows: n,
-                };
-                self.send_write(
-                    &run.mapped,
-                    RowWrite { shape, params },
-                    Tag::Insert { relation_id },
-                )
-                .await?;
+            let mapped = run.mapped.clone();
+            for (write, tag) in run.batches() {
+                self.send_write(&mapped, write, tag).await?;
             }
             return Ok(());
         }
@@ -160,5 +150,35 @@ impl ApplyWorker {
             sink.finish().await
         })
         .await
+    }
+}
+
+impl InsertRun {
+    /// The run's rows as multi-row INSERTs of a bounded number of sizes, in order (a run
+    /// kept as rows, not yet COPY text).
+    pub(super) fn batches(self) -> Vec<(RowWrite, Tag)> {
+        let relation_id = self.mapped.id;
+        let width = self.columns.len();
+        let mut values = self.values.into_iter();
+        batch_sizes(self.rows, width)
+            .into_iter()
+            .map(|n| {
+                let params: Vec<Value> = values.by_ref().take(n * width).collect();
+                let shape = Shape::Insert {
+                    columns: self.columns.clone(),
+                    rows: n,
+                };
+                (RowWrite { shape, params }, Tag::Insert { relation_id })
+            })
+            .collect()
+    }
+
+    /// The row of the run with this key (target key order), if any.
+    pub(super) fn row_with_key(&mut self, key: &[Value]) -> Option<&mut [Value]> {
+        let width = self.columns.len().max(1);
+        let at = self.mapped.key_in_source();
+        self.values
+            .chunks_mut(width)
+            .find(|row| at.iter().zip(key).all(|(&i, k)| row[i] == *k))
     }
 }

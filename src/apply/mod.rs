@@ -29,6 +29,7 @@ pub(crate) use ddl::run_captured_ddl;
 mod dropped;
 mod durability;
 mod guarded;
+mod held;
 mod inserts;
 pub mod merged;
 pub mod parallel;
@@ -40,7 +41,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Statement};
 
 use crate::config::TablePolicy;
@@ -135,6 +135,11 @@ pub struct ApplyWorker {
     run: Option<InsertRun>,
     /// Guarded updates or deletes not sent yet (at most one of `run` and this is pending).
     guarded_run: Option<guarded::GuardedRun>,
+    /// The runs of the open transaction kept back until its commit, while it is held
+    /// (`held`: its `BEGIN` is not sent yet).
+    held: Option<held::Held>,
+    /// Statements that apply a held transaction at once.
+    combined: held::Combined,
     record_progress: Statement,
     record_conflict: Option<Statement>,
     /// Origin name of writes made on the target itself (`walsync_<target node>`).
@@ -250,24 +255,10 @@ impl ApplyWorker {
             .await
             .map_err(SqlError::of("creating the link's progress row (has walsync init run on this node?)"))?;
         let record_progress = client
-            .prepare_typed(
-                // The update only succeeds on top of the previous transaction's progress;
-                // otherwise it fails (division by zero), so that after a failed source
-                // transaction no later one commits: requests are pipelined, and PostgreSQL
-                // turns the failed one's COMMIT into a ROLLBACK and would run the next.
-                // The same statement marks the transaction as replaying the author's
-                // (origin LSN and commit time, read at COMMIT): one request per transaction
-                // for both.
-                &format!(
-                    "WITH u AS (UPDATE walsync.link_progress SET source_lsn = $2::text::pg_lsn, \
-                       source_commit_time = {time}, transactions = transactions + 1, applied_at = now() \
-                       WHERE link = $1 AND source_lsn = $4::text::pg_lsn RETURNING 1), \
-                     o AS (SELECT pg_replication_origin_xact_setup($5::text::pg_lsn, {time})) \
-                     SELECT 1 / count(*)::int FROM u, o",
-                    time = timestamp_sql("$3::int8")
-                ),
-                &[Type::TEXT, Type::TEXT, Type::INT8, Type::TEXT, Type::TEXT],
-            )
+            .prepare(&format!(
+                "WITH {} SELECT 1 / count(*)::int FROM u, o",
+                progress_ctes()
+            ))
             .await
             .map_err(SqlError::of("preparing the progress update"))?;
         Ok(ApplyWorker {
@@ -282,6 +273,8 @@ impl ApplyWorker {
             durability: Durability::default(),
             run: None,
             guarded_run: None,
+            held: None,
+            combined: Default::default(),
             record_progress,
             record_conflict: None,
             local_origin,
@@ -417,6 +410,8 @@ impl ApplyWorker {
             self.session_origin = Some(txn.origin.clone());
         }
         match self.next_lock.take() {
+            // Held: opened by the first request that needs it, if any (`held`).
+            None if self.can_hold() => self.held = Some(Default::default()),
             None => {
                 self.send_batch("BEGIN".into(), "opening the target transaction")
                     .await?
@@ -446,8 +441,21 @@ impl ApplyWorker {
     }
 
     /// Sends one request through the pipeline and interprets the answers that came back
-    /// meanwhile.
+    /// meanwhile. A held transaction is opened first, unless the request only reads.
     async fn send(
+        &mut self,
+        tag: Tag,
+        bytes: usize,
+        request: impl std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'static,
+    ) -> Result<(), ApplyError> {
+        if self.held.is_some() && !tag.only_reads() {
+            self.open_held().await?;
+        }
+        self.push(tag, bytes, request).await
+    }
+
+    /// [`ApplyWorker::send`] as it is, into the transaction as it stands.
+    async fn push(
         &mut self,
         tag: Tag,
         bytes: usize,
@@ -457,9 +465,12 @@ impl ApplyWorker {
         self.settle(answers)
     }
 
-    /// Sends the pending run of inserts or of guarded changes (at most one is pending):
-    /// every other request comes after the changes the source sent before it.
+    /// Sends the pending run of inserts or of guarded changes (at most one is pending),
+    /// opening a held transaction first: every other request, and every direct request
+    /// (which the callers make next), comes after the changes the source sent before it,
+    /// in the open target transaction.
     pub(super) async fn flush_runs(&mut self) -> Result<(), ApplyError> {
+        self.open_held().await?;
         self.send_insert_run().await?;
         self.send_guarded_run().await
     }
@@ -507,7 +518,7 @@ impl ApplyWorker {
                 )
                 .into())
             }
-            (Tag::Commit { end_lsn }, Ok(_)) => {
+            (Tag::Commit { end_lsn } | Tag::Whole { end_lsn, .. }, Ok(_)) => {
                 self.answered(Answered::Confirmed(end_lsn));
                 self.durability.confirmed(end_lsn);
                 self.publish_merges(end_lsn);
@@ -573,6 +584,47 @@ impl ApplyWorker {
             ) => {
                 return Err(SqlError::new(
                     format!("applying a change to {}", self.table_name(relation_id)),
+                    source,
+                )
+                .into())
+            }
+            // A held transaction in one statement: a guarded write that wrote too few rows
+            // and a progress guard that refused both divide by zero. With a guarded write
+            // in it, the transaction goes again carefully, where an out-of-order progress
+            // shows as itself.
+            (
+                Tag::Whole {
+                    guarded: Some((relation_id, delete)),
+                    ..
+                },
+                Err(e),
+            ) if e.code() == Some(&SqlState::DIVISION_BY_ZERO) => {
+                return Err(ApplyError::FastPathUndecided {
+                    table: self.table_name(relation_id),
+                    change: if delete { "delete" } else { "update" },
+                });
+            }
+            (Tag::Whole { previous, end_lsn, .. }, Err(e))
+                if e.code() == Some(&SqlState::DIVISION_BY_ZERO) =>
+            {
+                return Err(ApplyError::OutOfOrder {
+                    previous,
+                    end: end_lsn,
+                });
+            }
+            (Tag::Whole { .. }, Err(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                let table = e
+                    .as_db_error()
+                    .and_then(|d| Some(format!("{}.{}", d.schema()?, d.table()?)))
+                    .unwrap_or_else(|| "a table of the transaction".into());
+                return Err(ApplyError::FastPathHitUniqueKey {
+                    table,
+                    detail: server_message(&e),
+                });
+            }
+            (Tag::Whole { .. }, Err(source)) => {
+                return Err(SqlError::new(
+                    "applying a transaction in one statement (its changes, the link's progress and the origin's commit)",
                     source,
                 )
                 .into())
@@ -687,11 +739,22 @@ impl ApplyWorker {
         write: RowWrite,
         tag: Tag,
     ) -> Result<(), ApplyError> {
+        self.open_held().await?;
+        self.push_write(mapped, write, tag).await
+    }
+
+    /// [`ApplyWorker::send_write`] into the transaction as it stands.
+    async fn push_write(
+        &mut self,
+        mapped: &Mapped,
+        write: RowWrite,
+        tag: Tag,
+    ) -> Result<(), ApplyError> {
         let stmt = self.statement(mapped, write.shape).await?;
         let client = self.client.clone();
         let params = write.params;
         let bytes = params.iter().map(|v| v.as_bytes_len()).sum::<usize>() + 64;
-        self.send(tag, bytes, async move {
+        self.push(tag, bytes, async move {
             client.execute_raw(&stmt, params.iter().map(Param)).await
         })
         .await
@@ -760,12 +823,16 @@ impl ApplyWorker {
         previous: Lsn,
         after: Option<OrderLock>,
     ) -> Result<u64, ApplyError> {
-        self.flush_runs().await?;
+        self.end_runs().await?;
         let Some(txn) = self.open.take() else {
             return Ok(0);
         };
         self.commit_merges(end_lsn);
         self.careful_txns = self.careful_txns.saturating_sub(1);
+        if self.commit_held(&txn, end_lsn, previous).await? {
+            self.last_progress = end_lsn;
+            return Ok(self.rows_in_txn);
+        }
         // One statement: the wait for the predecessor's end (a shared lock held to this
         // transaction's end) in a subquery, which the planner keeps apart (it calls a
         // volatile function), so it is done before the origin is set up.
@@ -794,21 +861,15 @@ impl ApplyWorker {
             .await?;
         }
         let (client, stmt) = (self.client.clone(), self.record_progress.clone());
-        let (link, end, time) = (self.link.clone(), end_lsn.to_string(), txn.commit_time_us);
+        let params = held::progress_params(&self.link, &txn, end_lsn, previous);
         self.last_progress = end_lsn;
-        let origin_lsn = txn.origin_lsn.to_string();
-        let previous_text = previous.to_string();
         self.send(
             Tag::Progress {
                 previous,
                 end: end_lsn,
             },
             160,
-            async move {
-                client
-                    .execute(&stmt, &[&link, &end, &time, &previous_text, &origin_lsn])
-                    .await
-            },
+            async move { client.execute_raw(&stmt, params.iter().map(Param)).await },
         )
         .await?;
         // Parallel apply: the origin is reset and the order lock released in the same
@@ -893,6 +954,24 @@ where
         }
         Err(e) => Err(e),
     }
+}
+
+/// The link's progress moved, only on top of the previous transaction's (`u`, one row
+/// returned), and the transaction marked as replaying the author's (`o`: origin LSN and
+/// commit time, read at commit). Parameters: [`held::progress_params`].
+///
+/// The update only succeeds on top of the previous transaction's progress; the statement
+/// that carries it fails otherwise (division by zero), so that after a failed source
+/// transaction no later one commits: requests are pipelined, and PostgreSQL turns the
+/// failed one's COMMIT into a ROLLBACK and would run the next.
+fn progress_ctes() -> String {
+    format!(
+        "u AS (UPDATE walsync.link_progress SET source_lsn = $2::text::pg_lsn, \
+           source_commit_time = {time}, transactions = transactions + 1, applied_at = now() \
+           WHERE link = $1 AND source_lsn = $4::text::pg_lsn RETURNING 1), \
+         o AS (SELECT pg_replication_origin_xact_setup($5::text::pg_lsn, {time}))",
+        time = timestamp_sql("$3::int8")
+    )
 }
 
 /// A PostgreSQL timestamp (µs since 2000-01-01 UTC, an int8 SQL expression) as an exact

@@ -41,6 +41,14 @@ pub enum Tag {
     Progress { previous: Lsn, end: Lsn },
     /// The commit of the target transaction for the source commit ending at `end_lsn`.
     Commit { end_lsn: Lsn },
+    /// A held transaction in one statement (`apply::held`): its changes, its progress on
+    /// top of `previous` and its commit. `guarded`: its first guarded write's relation,
+    /// and whether it deletes.
+    Whole {
+        previous: Lsn,
+        end_lsn: Lsn,
+        guarded: Option<(u32, bool)>,
+    },
     /// A read of the target's WAL insert position (answers it as a u64).
     InsertPosition,
     /// A read of the target's flushed WAL position (answers it as a u64).
@@ -49,6 +57,16 @@ pub enum Tag {
     MergedKeys,
     /// Anything else (BEGIN, origin setup, TRUNCATE).
     Other { what: &'static str },
+}
+
+impl Tag {
+    /// A request that reads and writes nothing of the open transaction's.
+    pub fn only_reads(&self) -> bool {
+        matches!(
+            self,
+            Tag::InsertPosition | Tag::FlushPosition | Tag::MergedKeys
+        )
+    }
 }
 
 pub type Answer = (Tag, Result<u64, tokio_postgres::Error>);

@@ -230,6 +230,12 @@ impl RelationMap {
         })
     }
 
+    /// For each target key column (key order), its index in the source relation: where an
+    /// insert's values hold the row's key.
+    pub fn key_in_source(&self) -> &[usize] {
+        &self.key_in_source
+    }
+
     /// The target columns an insert writes, in the order of its values: every column the
     /// upstream sends.
     pub fn insert_columns(&self) -> &[usize] {
@@ -474,23 +480,7 @@ impl RelationMap {
                 .join(", ")
         };
         match shape {
-            Shape::Insert { columns, rows } => format!(
-                "INSERT INTO {} ({}) VALUES {}",
-                t.qualified(),
-                columns
-                    .iter()
-                    .map(|&c| col(c))
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                (0..*rows)
-                    .map(|r| {
-                        let row =
-                            (1..=columns.len()).map(|n| format!("${}", r * columns.len() + n));
-                        format!("({})", row.collect::<Vec<_>>().join(", "))
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            Shape::Insert { columns, rows } => self.insert_sql(columns, *rows, 0),
             Shape::Update { set } => format!(
                 "UPDATE {} SET {} WHERE {}",
                 t.qualified(),
@@ -501,81 +491,10 @@ impl RelationMap {
                 write,
                 compared,
                 rows,
-            } => {
-                // The rows as a VALUES list `v`: per row the values set (s1..), the key
-                // (k1..) and the old image's compared values (o1..), each typed as its
-                // column (the compared ones as text, as the walsender printed them).
-                let set: &[usize] = match write.as_ref() {
-                    Shape::Update { set } => set,
-                    _ => &[],
-                };
-                let compared = compared.as_deref();
-                let mut names = Vec::new();
-                let mut types = Vec::new();
-                for (n, &c) in set.iter().enumerate() {
-                    names.push(format!("s{}", n + 1));
-                    types.push(t.types[c].as_str());
-                }
-                for (n, &c) in t.key.iter().enumerate() {
-                    names.push(format!("k{}", n + 1));
-                    types.push(t.types[c].as_str());
-                }
-                for n in 0..compared.map_or(0, <[usize]>::len) {
-                    names.push(format!("o{}", n + 1));
-                    types.push("text");
-                }
-                let shared = shape.shared_params();
-                let values = (0..*rows)
-                    .map(|r| {
-                        let row = types
-                            .iter()
-                            .enumerate()
-                            .map(|(n, ty)| format!("${}::{ty}", shared + r * types.len() + n + 1));
-                        format!("({})", row.collect::<Vec<_>>().join(", "))
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let key_matches = t
-                    .key
-                    .iter()
-                    .enumerate()
-                    .map(|(n, &k)| format!("t.{} = v.k{}", col(k), n + 1))
-                    .collect::<Vec<_>>()
-                    .join(" AND ");
-                let same_image = match compared {
-                    None => "false".to_string(),
-                    Some(columns) => {
-                        std::iter::once(format!("NOT coalesce({LAST_COMMIT_US} > $2::int8, false)"))
-                            .chain(columns.iter().enumerate().map(|(n, &c)| {
-                                format!(
-                                    "{} IS NOT DISTINCT FROM v.o{}",
-                                    as_output(&t.columns[c]),
-                                    n + 1
-                                )
-                            }))
-                            .collect::<Vec<_>>()
-                            .join(" AND ")
-                    }
-                };
-                let write = match write.as_ref() {
-                    Shape::Update { set } => format!(
-                        "UPDATE {} t SET {} FROM v",
-                        t.qualified(),
-                        set.iter()
-                            .enumerate()
-                            .map(|(n, &c)| format!("{} = v.s{}", col(c), n + 1))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                    _ => format!("DELETE FROM {} t USING v", t.qualified()),
-                };
-                format!(
-                    "WITH v ({}) AS (VALUES {values}), \
-                     w AS ({write} WHERE {key_matches} AND ({LAST_ORIGIN_ID} = $1::oid OR ({same_image})) RETURNING 1) \
-                     SELECT 1 / (count(*) = {rows})::int FROM w",
-                    names.join(", ")
-                )
-            }
+            } => format!(
+                "WITH {} SELECT 1 / (count(*) = {rows})::int FROM w",
+                self.guarded_ctes(write, compared.as_deref(), *rows, 0, "")
+            ),
             Shape::UpdateCounters { set, counters } => {
                 let plain = set
                     .iter()
@@ -623,6 +542,162 @@ impl RelationMap {
             ),
         }
     }
+
+    /// `rows` rows of `columns` inserted, their values in parameters `$first+1..`.
+    fn insert_sql(&self, columns: &[usize], rows: usize, first: usize) -> String {
+        let t = &self.target;
+        format!(
+            "INSERT INTO {} ({}) VALUES {}",
+            t.qualified(),
+            columns
+                .iter()
+                .map(|&c| quote_ident(&t.columns[c]))
+                .collect::<Vec<_>>()
+                .join(", "),
+            (0..rows)
+                .map(|r| {
+                    let row =
+                        (1..=columns.len()).map(|n| format!("${}", first + r * columns.len() + n));
+                    format!("({})", row.collect::<Vec<_>>().join(", "))
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    }
+
+    /// The two common table expressions of a [`Shape::Guarded`] write, `v{suffix}` (its
+    /// rows) and `w{suffix}` (the write, returning a row per row written), with its
+    /// parameters in `$first+1..`.
+    fn guarded_ctes(
+        &self,
+        write: &Shape,
+        compared: Option<&[usize]>,
+        rows: usize,
+        first: usize,
+        suffix: &str,
+    ) -> String {
+        let t = &self.target;
+        let col = |i: usize| quote_ident(&t.columns[i]);
+        let v = format!("v{suffix}");
+        // The rows as a VALUES list `v`: per row the values set (s1..), the key (k1..)
+        // and the old image's compared values (o1..), each typed as its column (the
+        // compared ones as text, as the walsender printed them).
+        let set: &[usize] = match write {
+            Shape::Update { set } => set,
+            _ => &[],
+        };
+        let mut names = Vec::new();
+        let mut types = Vec::new();
+        for (n, &c) in set.iter().enumerate() {
+            names.push(format!("s{}", n + 1));
+            types.push(t.types[c].as_str());
+        }
+        for (n, &c) in t.key.iter().enumerate() {
+            names.push(format!("k{}", n + 1));
+            types.push(t.types[c].as_str());
+        }
+        for n in 0..compared.map_or(0, <[usize]>::len) {
+            names.push(format!("o{}", n + 1));
+            types.push("text");
+        }
+        let shared = if compared.is_some() { 2 } else { 1 };
+        let values = (0..rows)
+            .map(|r| {
+                let row = types
+                    .iter()
+                    .enumerate()
+                    .map(|(n, ty)| format!("${}::{ty}", first + shared + r * types.len() + n + 1));
+                format!("({})", row.collect::<Vec<_>>().join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let key_matches = t
+            .key
+            .iter()
+            .enumerate()
+            .map(|(n, &k)| format!("t.{} = {v}.k{}", col(k), n + 1))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let same_image = match compared {
+            None => "false".to_string(),
+            Some(columns) => std::iter::once(format!(
+                "NOT coalesce({LAST_COMMIT_US} > ${}::int8, false)",
+                first + 2
+            ))
+            .chain(columns.iter().enumerate().map(|(n, &c)| {
+                format!(
+                    "{} IS NOT DISTINCT FROM {v}.o{}",
+                    as_output(&t.columns[c]),
+                    n + 1
+                )
+            }))
+            .collect::<Vec<_>>()
+            .join(" AND "),
+        };
+        let write = match write {
+            Shape::Update { set } => format!(
+                "UPDATE {} t SET {} FROM {v}",
+                t.qualified(),
+                set.iter()
+                    .enumerate()
+                    .map(|(n, &c)| format!("{} = {v}.s{}", col(c), n + 1))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            _ => format!("DELETE FROM {} t USING {v}", t.qualified()),
+        };
+        format!(
+            "{v} ({}) AS (VALUES {values}), \
+             w{suffix} AS ({write} WHERE {key_matches} AND ({LAST_ORIGIN_ID} = ${}::oid OR ({same_image})) RETURNING 1)",
+            names.join(", "),
+            first + 1
+        )
+    }
+}
+
+/// Several writes of one transaction in one statement: the common table expressions
+/// that make them (named after their place, parameters numbered from `$first+1` in
+/// `parts` order) and the condition that holds if every guarded write wrote all its rows
+/// (`true` if there is none). Only [`Shape::Insert`] and [`Shape::Guarded`] can be
+/// parts. Every part sees the rows as they were before the statement, and the order in
+/// which the parts run is PostgreSQL's to choose: parts must write different rows.
+pub fn combined_ctes(parts: &[(&RelationMap, &Shape)], first: usize) -> (String, String) {
+    let mut ctes = Vec::with_capacity(parts.len());
+    let mut checks = Vec::new();
+    let mut first = first;
+    for (n, (map, shape)) in parts.iter().enumerate() {
+        match shape {
+            Shape::Insert { columns, rows } => {
+                ctes.push(format!(
+                    "i{n} AS ({})",
+                    map.insert_sql(columns, *rows, first)
+                ));
+                first += columns.len() * rows;
+            }
+            Shape::Guarded {
+                write,
+                compared,
+                rows,
+            } => {
+                let suffix = n.to_string();
+                ctes.push(map.guarded_ctes(write, compared.as_deref(), *rows, first, &suffix));
+                checks.push(format!("(SELECT count(*) FROM w{n}) = {rows}"));
+                let width = match write.as_ref() {
+                    Shape::Update { set } => set.len(),
+                    _ => 0,
+                } + map.target.key.len()
+                    + compared.as_ref().map_or(0, Vec::len);
+                first += shape.shared_params() + width * rows;
+            }
+            other => unreachable!("{other:?} cannot be part of a combined statement"),
+        }
+    }
+    let check = if checks.is_empty() {
+        "true".to_string()
+    } else {
+        checks.join(" AND ")
+    };
+    (ctes.join(", "), check)
 }
 
 /// Rows of `t` whose `columns` equal `$1..$n`, locked: every column as text, then the
@@ -851,6 +926,45 @@ mod tests {
             .update_counters(&old, &old, &[2], false)
             .unwrap()
             .is_none());
+    }
+
+    #[test]
+    fn writes_of_one_transaction_combine_into_one_statement_numbering_their_parameters_in_turn() {
+        let mut target = target(&["id", "name"], &[0]);
+        target.types = vec!["integer".into(), "text".into()];
+        let map = RelationMap::new(&relation(&[("id", true), ("name", false)]), target).unwrap();
+        let insert = Shape::Insert {
+            columns: vec![0, 1],
+            rows: 2,
+        };
+        let old = OldTuple::Full(Tuple(vec![t("3"), t("Soap")]));
+        let write = map
+            .update(Some(&old), &Tuple(vec![t("3"), t("Tea")]))
+            .unwrap()
+            .unwrap();
+        let guarded = map.guarded(write, Some(&old), &[], 7, 123);
+        // Five parameters before the parts; the insert's four, the guarded write's two
+        // shared and five of its row.
+        let (ctes, check) = combined_ctes(&[(&map, &insert), (&map, &guarded.shape)], 5);
+        assert!(
+            ctes.starts_with(
+                r#"i0 AS (INSERT INTO "public"."pos_order" ("id", "name") VALUES ($6, $7), ($8, $9)), v1 (s1, s2, k1, o1, o2) AS (VALUES ($12::integer, $13::text, $14::integer, $15::text, $16::text)), w1 AS (UPDATE "public"."pos_order" t SET "id" = v1.s1, "name" = v1.s2 FROM v1 WHERE t."id" = v1.k1 AND ((pg_xact_commit_timestamp_origin(t.xmin)).roident = $10::oid OR (NOT coalesce("#
+            ),
+            "{ctes}"
+        );
+        assert!(ctes.contains(" > $11::int8, false)"), "{ctes}");
+        assert!(
+            ctes.ends_with(" IS NOT DISTINCT FROM v1.o2)) RETURNING 1)"),
+            "{ctes}"
+        );
+        assert_eq!(guarded.params.len(), 7);
+        assert_eq!(check, "(SELECT count(*) FROM w1) = 1");
+        // The statement of the guarded write alone is what it was.
+        assert!(map.sql(&guarded.shape).starts_with(
+            r#"WITH v (s1, s2, k1, o1, o2) AS (VALUES ($3::integer, $4::text, $5::integer, $6::text, $7::text)), w AS (UPDATE"#
+        ));
+        let (_, check) = combined_ctes(&[(&map, &insert)], 5);
+        assert_eq!(check, "true", "inserts fail by themselves");
     }
 
     #[test]

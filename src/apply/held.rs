@@ -1,0 +1,300 @@
+//! Small transactions in one request ([decision 0013](../../docs/decisions/0013-small-transactions-in-one-statement.md)).
+//!
+//! A source transaction that is nothing but runs of fast-path inserts and guarded
+//! updates or deletes, at most one run per table and [`HELD_ROWS`] rows in all, is not
+//! opened with `BEGIN`: its runs are held until its commit and then sent as one
+//! statement, with the link's progress and the origin's commit LSN and time, which
+//! PostgreSQL runs as a transaction of its own (an implicit one: no `BEGIN`, no
+//! `COMMIT`). The target thus answers one request per such transaction instead of four
+//! to seven, and the sidecar sends one.
+//!
+//! Anything else the transaction needs (another run of a table already held, a run too
+//! long, a change that reads its row first, DDL, a merge, a truncate, a COPY) opens the
+//! transaction as usual first (`BEGIN`, then the held runs as their own statements): what
+//! a held transaction writes, and in which transaction, never differs from the usual way.
+//!
+//! Within one statement the parts see the rows as they were before it and run in an
+//! order of PostgreSQL's choosing; they are runs of different tables (and foreign keys
+//! are not checked: the session is in replica mode), so no part can see or miss what
+//! another wrote. A part that fails (an insert meets a key, a guarded write finds its row
+//! changed) fails the statement and so the transaction: it is applied again carefully.
+
+use std::collections::HashMap;
+
+use tokio_postgres::Statement;
+
+use super::guarded::GuardedRun;
+use super::inserts::InsertRun;
+use super::pipeline::Tag;
+use super::{ApplyError, ApplyWorker, Mapped, RemoteTxn};
+use crate::lsn::Lsn;
+use crate::merge::statements::{combined_ctes, RowWrite, Shape};
+use crate::pgoutput::{Tuple, Value};
+
+/// A transaction is held while its runs hold at most this many rows...
+const HELD_ROWS: usize = 256;
+/// ... and this many statement parameters.
+const HELD_PARAMS: usize = 16_384;
+/// Combined statements prepared at most (then the cache starts again).
+const COMBINED_STATEMENTS: usize = 256;
+
+/// The runs of the open source transaction, kept back until its commit (while this
+/// exists, the target transaction is not open).
+#[derive(Default)]
+pub(super) struct Held {
+    runs: Vec<HeldRun>,
+    rows: usize,
+    params: usize,
+}
+
+pub(super) enum HeldRun {
+    Insert(InsertRun),
+    Guarded(GuardedRun),
+}
+
+impl HeldRun {
+    fn mapped(&self) -> &Mapped {
+        match self {
+            HeldRun::Insert(r) => &r.mapped,
+            HeldRun::Guarded(r) => r.mapped(),
+        }
+    }
+
+    fn rows(&self) -> usize {
+        match self {
+            HeldRun::Insert(r) => r.rows,
+            HeldRun::Guarded(r) => r.rows(),
+        }
+    }
+
+    fn params(&self) -> usize {
+        match self {
+            HeldRun::Insert(r) => r.values.len(),
+            HeldRun::Guarded(r) => r.params(),
+        }
+    }
+
+    fn batches(self) -> (Mapped, Vec<(RowWrite, Tag)>) {
+        let mapped = self.mapped().clone();
+        let batches = match self {
+            HeldRun::Insert(r) => r.batches(),
+            HeldRun::Guarded(r) => r.batches(),
+        };
+        (mapped, batches)
+    }
+}
+
+impl Held {
+    /// Keeps `run` back if it fits; gives it back otherwise.
+    fn keep(&mut self, run: HeldRun) -> Result<(), HeldRun> {
+        let copying = matches!(&run, HeldRun::Insert(r) if !r.copy.is_empty());
+        let table_held = self.runs.iter().any(|r| r.mapped().id == run.mapped().id);
+        if copying
+            || table_held
+            || self.rows + run.rows() > HELD_ROWS
+            || self.params + run.params() > HELD_PARAMS
+        {
+            return Err(run);
+        }
+        self.rows += run.rows();
+        self.params += run.params();
+        self.runs.push(run);
+        Ok(())
+    }
+}
+
+/// The prepared combined statements by the parts they are made of, and the combinations
+/// seen once (`None`): a combination is prepared when it comes a second time, so that a
+/// one-off transaction costs no statement the server keeps.
+#[derive(Default)]
+pub(super) struct Combined(HashMap<Vec<(u32, Shape)>, Option<Statement>>);
+
+impl ApplyWorker {
+    /// Whether the transaction being begun can be held (see the module doc).
+    pub(super) fn can_hold(&self) -> bool {
+        self.next_lock.is_none() && !self.origin_at_commit && !self.is_careful()
+    }
+
+    /// Ends the pending run before another starts: kept back while the transaction is
+    /// held and it fits, sent otherwise.
+    pub(super) async fn end_runs(&mut self) -> Result<(), ApplyError> {
+        if let Some(held) = self.held.as_mut() {
+            if let Some(run) = self.run.take() {
+                if let Err(HeldRun::Insert(run)) = held.keep(HeldRun::Insert(run)) {
+                    self.run = Some(run);
+                }
+            }
+            if let Some(run) = self.guarded_run.take() {
+                if let Err(HeldRun::Guarded(run)) = held.keep(HeldRun::Guarded(run)) {
+                    self.guarded_run = Some(run);
+                }
+            }
+        }
+        if self.run.is_none() && self.guarded_run.is_none() {
+            return Ok(());
+        }
+        self.flush_runs().await
+    }
+
+    /// Opens the held transaction the usual way: `BEGIN`, then its runs, each as its own
+    /// statements. Nothing if the transaction is not held.
+    pub(super) async fn open_held(&mut self) -> Result<(), ApplyError> {
+        let Some(held) = self.held.take() else {
+            return Ok(());
+        };
+        let client = self.client.clone();
+        let what = "opening the target transaction";
+        self.push(Tag::Other { what }, 16, async move {
+            client.batch_execute("BEGIN").await.map(|_| 0)
+        })
+        .await?;
+        for run in held.runs {
+            let (mapped, batches) = run.batches();
+            for (write, tag) in batches {
+                self.push_write(&mapped, write, tag).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// An update of a row that an insert of this transaction still waiting in a run
+    /// (pending or held) writes: the insert then writes the updated row, and the update
+    /// is done. `key`: the row's key, unchanged by the update. As the insert and the
+    /// update are of one source transaction, the row holds nothing else between them.
+    pub(super) fn fold_into_insert(&mut self, m: &Mapped, key: &[Value], new: &Tuple) -> bool {
+        let pending = self.run.as_mut().filter(|r| r.mapped.id == m.id);
+        let held = self.held.as_mut().into_iter().flat_map(|h| {
+            h.runs.iter_mut().filter_map(|r| match r {
+                HeldRun::Insert(r) if r.mapped.id == m.id => Some(r),
+                _ => None,
+            })
+        });
+        for run in pending.into_iter().chain(held) {
+            if !run.copy.is_empty() {
+                continue;
+            }
+            if let Some(row) = run.row_with_key(key) {
+                for (value, changed) in row.iter_mut().zip(&new.0) {
+                    if !matches!(changed, Value::UnchangedToast) {
+                        *value = changed.clone();
+                    }
+                }
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Commits a held transaction: as one statement if its combination of runs was seen
+    /// before (see [`Combined`]); otherwise opened the usual way, and `false` is returned
+    /// for the caller to commit it so.
+    pub(super) async fn commit_held(
+        &mut self,
+        txn: &RemoteTxn,
+        end_lsn: Lsn,
+        previous: Lsn,
+    ) -> Result<bool, ApplyError> {
+        let Some(held) = self.held.take() else {
+            return Ok(false);
+        };
+        let mut parts = Vec::new();
+        for run in held.runs {
+            let (mapped, batches) = run.batches();
+            parts.extend(batches.into_iter().map(|(w, t)| (mapped.clone(), w, t)));
+        }
+        let key: Vec<(u32, Shape)> = parts
+            .iter()
+            .map(|(m, w, _)| (m.id, w.shape.clone()))
+            .collect();
+        let stmt = match self.combined.0.get(&key) {
+            Some(Some(stmt)) => stmt.clone(),
+            seen => {
+                if seen.is_none() {
+                    if self.combined.0.len() >= COMBINED_STATEMENTS {
+                        self.combined.0.clear();
+                    }
+                    self.combined.0.insert(key, None);
+                    // Sent the usual way this time.
+                    let client = self.client.clone();
+                    let what = "opening the target transaction";
+                    self.push(Tag::Other { what }, 16, async move {
+                        client.batch_execute("BEGIN").await.map(|_| 0)
+                    })
+                    .await?;
+                    for (mapped, write, tag) in parts {
+                        self.push_write(&mapped, write, tag).await?;
+                    }
+                    return Ok(false);
+                }
+                let sql = {
+                    let refs: Vec<_> = parts.iter().map(|(m, w, _)| (&*m.map, &w.shape)).collect();
+                    let (ctes, check) = combined_ctes(&refs, PROGRESS_PARAMS);
+                    let ctes = [super::progress_ctes(), ctes];
+                    format!(
+                        "WITH {} SELECT 1 / ((SELECT count(*) FROM u) = 1 AND {check})::int FROM o",
+                        ctes.iter()
+                            .filter(|c| !c.is_empty())
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                };
+                self.flush().await?;
+                let stmt = self
+                    .client
+                    .prepare(&sql)
+                    .await
+                    .map_err(crate::sql_error::SqlError::of(format!("preparing {sql}")))?;
+                self.combined.0.insert(key, Some(stmt.clone()));
+                stmt
+            }
+        };
+        let guarded = parts.iter().find_map(|(_, _, t)| match t {
+            Tag::Guarded {
+                relation_id,
+                delete,
+            } => Some((*relation_id, *delete)),
+            _ => None,
+        });
+        let mut params = progress_params(&self.link, txn, end_lsn, previous);
+        for (_, write, _) in parts {
+            params.extend(write.params);
+        }
+        let client = self.client.clone();
+        let bytes = params.iter().map(|v| v.as_bytes_len()).sum::<usize>() + 64;
+        self.push(
+            Tag::Whole {
+                previous,
+                end_lsn,
+                guarded,
+            },
+            bytes,
+            async move {
+                client
+                    .execute_raw(&stmt, params.iter().map(super::Param))
+                    .await
+            },
+        )
+        .await?;
+        tracing::debug!(link = %self.link, lsn = %end_lsn, "sent in one statement");
+        Ok(true)
+    }
+}
+
+/// The progress update's parameters come first: `$1..$5`.
+const PROGRESS_PARAMS: usize = 5;
+
+/// Parameters of `progress_ctes`: the link, the source commit's end LSN, its commit time
+/// (µs since 2000-01-01), the progress it builds on, the origin's LSN.
+pub(super) fn progress_params(link: &str, txn: &RemoteTxn, end: Lsn, previous: Lsn) -> Vec<Value> {
+    [
+        link.to_string(),
+        end.to_string(),
+        txn.commit_time_us.to_string(),
+        previous.to_string(),
+        txn.origin_lsn.to_string(),
+    ]
+    .into_iter()
+    .map(|s| Value::Text(s.into()))
+    .collect()
+}
