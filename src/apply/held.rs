@@ -85,21 +85,20 @@ impl HeldRun {
 }
 
 impl Held {
-    /// Keeps `run` back if it fits; gives it back otherwise.
-    fn keep(&mut self, run: HeldRun) -> Result<(), HeldRun> {
-        let copying = matches!(&run, HeldRun::Insert(r) if !r.copy.is_empty());
+    /// Whether `run` can be kept back too.
+    fn fits(&self, run: &HeldRun) -> bool {
+        let copying = matches!(run, HeldRun::Insert(r) if !r.copy.is_empty());
         let table_held = self.runs.iter().any(|r| r.mapped().id == run.mapped().id);
-        if copying
-            || table_held
-            || self.rows + run.rows() > HELD_ROWS
-            || self.params + run.params() > HELD_PARAMS
-        {
-            return Err(run);
-        }
+        !copying
+            && !table_held
+            && self.rows + run.rows() <= HELD_ROWS
+            && self.params + run.params() <= HELD_PARAMS
+    }
+
+    fn keep(&mut self, run: HeldRun) {
         self.rows += run.rows();
         self.params += run.params();
         self.runs.push(run);
-        Ok(())
     }
 }
 
@@ -119,15 +118,14 @@ impl ApplyWorker {
     /// held and it fits, sent otherwise.
     pub(super) async fn end_runs(&mut self) -> Result<(), ApplyError> {
         if let Some(held) = self.held.as_mut() {
-            if let Some(run) = self.run.take() {
-                if let Err(HeldRun::Insert(run)) = held.keep(HeldRun::Insert(run)) {
-                    self.run = Some(run);
-                }
-            }
-            if let Some(run) = self.guarded_run.take() {
-                if let Err(HeldRun::Guarded(run)) = held.keep(HeldRun::Guarded(run)) {
-                    self.guarded_run = Some(run);
-                }
+            // At most one run is pending.
+            let pending = (self.run.take().map(HeldRun::Insert))
+                .or_else(|| self.guarded_run.take().map(HeldRun::Guarded));
+            match pending {
+                Some(run) if held.fits(&run) => held.keep(run),
+                Some(HeldRun::Insert(run)) => self.run = Some(run),
+                Some(HeldRun::Guarded(run)) => self.guarded_run = Some(run),
+                None => {}
             }
         }
         if self.run.is_none() && self.guarded_run.is_none() {
