@@ -30,6 +30,7 @@ use super::{ApplyError, ApplyWorker, Mapped, RemoteTxn};
 use crate::lsn::Lsn;
 use crate::merge::statements::{combined_ctes, RowWrite, Shape};
 use crate::pgoutput::{Tuple, Value};
+use crate::sql_error::SqlError;
 
 /// A transaction is held while its runs hold at most this many rows...
 const HELD_ROWS: usize = 256;
@@ -137,20 +138,22 @@ impl ApplyWorker {
     /// Opens the held transaction the usual way: `BEGIN`, then its runs, each as its own
     /// statements. Nothing if the transaction is not held.
     pub(super) async fn open_held(&mut self) -> Result<(), ApplyError> {
-        let Some(held) = self.held.take() else {
-            return Ok(());
-        };
+        match self.held.take() {
+            Some(held) => self.begin_with(held.parts()).await,
+            None => Ok(()),
+        }
+    }
+
+    /// `BEGIN`, then `parts` as their own statements.
+    async fn begin_with(&mut self, parts: Vec<Part>) -> Result<(), ApplyError> {
         let client = self.client.clone();
         let what = "opening the target transaction";
         self.push(Tag::Other { what }, 16, async move {
             client.batch_execute("BEGIN").await.map(|_| 0)
         })
         .await?;
-        for run in held.runs {
-            let (mapped, batches) = run.batches();
-            for (write, tag) in batches {
-                self.push_write(&mapped, write, tag).await?;
-            }
+        for (mapped, write, tag) in parts {
+            self.push_write(&mapped, write, tag).await?;
         }
         Ok(())
     }
@@ -195,56 +198,25 @@ impl ApplyWorker {
         let Some(held) = self.held.take() else {
             return Ok(false);
         };
-        let mut parts = Vec::new();
-        for run in held.runs {
-            let (mapped, batches) = run.batches();
-            parts.extend(batches.into_iter().map(|(w, t)| (mapped.clone(), w, t)));
-        }
+        let parts = held.parts();
         let key: Vec<(u32, Shape)> = parts
             .iter()
             .map(|(m, w, _)| (m.id, w.shape.clone()))
             .collect();
         let stmt = match self.combined.0.get(&key) {
             Some(Some(stmt)) => stmt.clone(),
-            seen => {
-                if seen.is_none() {
-                    if self.combined.0.len() >= COMBINED_STATEMENTS {
-                        self.combined.0.clear();
-                    }
-                    self.combined.0.insert(key, None);
-                    // Sent the usual way this time.
-                    let client = self.client.clone();
-                    let what = "opening the target transaction";
-                    self.push(Tag::Other { what }, 16, async move {
-                        client.batch_execute("BEGIN").await.map(|_| 0)
-                    })
-                    .await?;
-                    for (mapped, write, tag) in parts {
-                        self.push_write(&mapped, write, tag).await?;
-                    }
-                    return Ok(false);
-                }
-                let sql = {
-                    let refs: Vec<_> = parts.iter().map(|(m, w, _)| (&*m.map, &w.shape)).collect();
-                    let (ctes, check) = combined_ctes(&refs, PROGRESS_PARAMS);
-                    let ctes = [super::progress_ctes(), ctes];
-                    format!(
-                        "WITH {} SELECT 1 / ((SELECT count(*) FROM u) = 1 AND {check})::int FROM o",
-                        ctes.iter()
-                            .filter(|c| !c.is_empty())
-                            .cloned()
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    )
-                };
-                self.flush().await?;
-                let stmt = self
-                    .client
-                    .prepare(&sql)
-                    .await
-                    .map_err(crate::sql_error::SqlError::of(format!("preparing {sql}")))?;
+            Some(None) => {
+                let stmt = self.prepare_combined(&parts).await?;
                 self.combined.0.insert(key, Some(stmt.clone()));
                 stmt
+            }
+            None => {
+                if self.combined.0.len() >= COMBINED_STATEMENTS {
+                    self.combined.0.clear();
+                }
+                self.combined.0.insert(key, None);
+                self.begin_with(parts).await?;
+                return Ok(false);
             }
         };
         let guarded = parts.iter().find_map(|(_, _, t)| match t {
@@ -276,6 +248,44 @@ impl ApplyWorker {
         .await?;
         tracing::debug!(link = %self.link, lsn = %end_lsn, "sent in one statement");
         Ok(true)
+    }
+}
+
+/// One statement of a held run: the relation, the write and what its answer means.
+type Part = (Mapped, RowWrite, Tag);
+
+impl Held {
+    /// The held runs as statements, in order.
+    fn parts(self) -> Vec<Part> {
+        let mut parts = Vec::new();
+        for run in self.runs {
+            let (mapped, batches) = run.batches();
+            parts.extend(batches.into_iter().map(|(w, t)| (mapped.clone(), w, t)));
+        }
+        parts
+    }
+}
+
+impl ApplyWorker {
+    /// Prepares the statement that applies `parts` with the link's progress.
+    async fn prepare_combined(&mut self, parts: &[Part]) -> Result<Statement, ApplyError> {
+        let refs: Vec<_> = parts.iter().map(|(m, w, _)| (&*m.map, &w.shape)).collect();
+        let (ctes, check) = combined_ctes(&refs, PROGRESS_PARAMS);
+        let ctes = [super::progress_ctes(), ctes];
+        let sql = format!(
+            "WITH {} SELECT 1 / ((SELECT count(*) FROM u) = 1 AND {check})::int FROM o",
+            ctes.iter()
+                .filter(|c| !c.is_empty())
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        // Direct requests wait for everything in flight (see `begin`).
+        self.flush().await?;
+        self.client
+            .prepare(&sql)
+            .await
+            .map_err(|e| SqlError::new(format!("preparing {sql}"), e).into())
     }
 }
 
