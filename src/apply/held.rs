@@ -36,8 +36,12 @@ use crate::sql_error::SqlError;
 const HELD_ROWS: usize = 256;
 /// ... and this many statement parameters.
 const HELD_PARAMS: usize = 16_384;
-/// Combined statements prepared at most (then the cache starts again).
-const COMBINED_STATEMENTS: usize = 256;
+/// Combined statements kept prepared at most, the least recently used going first: each
+/// takes about 200 kB of the target backend's memory (a sale's: three runs and the
+/// progress), so at most about 13 MB.
+const COMBINED_STATEMENTS: usize = 64;
+/// Combinations remembered as seen once at most (then they are forgotten).
+const SEEN_ONCE: usize = 4096;
 
 /// The runs of the open source transaction, kept back until its commit (while this
 /// exists, the target transaction is not open).
@@ -104,10 +108,58 @@ impl Held {
 }
 
 /// The prepared combined statements by the parts they are made of, and the combinations
-/// seen once (`None`): a combination is prepared when it comes a second time, so that a
-/// one-off transaction costs no statement the server keeps.
-#[derive(Default)]
-pub(super) struct Combined(HashMap<Vec<(u32, Shape)>, Option<Statement>>);
+/// seen once: a combination is prepared when it comes a second time, so that a one-off
+/// transaction costs no statement the server keeps.
+pub(super) struct Combined<S = Statement> {
+    /// Each prepared statement with when it was last used.
+    prepared: HashMap<Vec<(u32, Shape)>, (S, u64)>,
+    seen_once: std::collections::HashSet<Vec<(u32, Shape)>>,
+    uses: u64,
+}
+
+impl<S> Default for Combined<S> {
+    fn default() -> Self {
+        Combined {
+            prepared: HashMap::new(),
+            seen_once: Default::default(),
+            uses: 0,
+        }
+    }
+}
+
+impl<S: Clone> Combined<S> {
+    /// The statement prepared for this combination, if any, now the most recently used.
+    fn get(&mut self, key: &[(u32, Shape)]) -> Option<S> {
+        self.uses += 1;
+        let (stmt, used) = self.prepared.get_mut(key)?;
+        *used = self.uses;
+        Some(stmt.clone())
+    }
+
+    /// Remembers that this combination came; whether it came before.
+    fn seen(&mut self, key: &[(u32, Shape)]) -> bool {
+        if self.seen_once.contains(key) {
+            return true;
+        }
+        if self.seen_once.len() >= SEEN_ONCE {
+            self.seen_once.clear();
+        }
+        self.seen_once.insert(key.to_vec());
+        false
+    }
+
+    fn keep(&mut self, key: Vec<(u32, Shape)>, stmt: S) {
+        if self.prepared.len() >= COMBINED_STATEMENTS {
+            // Deallocated on the server once the last request using it is answered.
+            let oldest = self.prepared.iter().min_by_key(|(_, (_, used))| *used);
+            if let Some(oldest) = oldest.map(|(k, _)| k.clone()) {
+                self.prepared.remove(&oldest);
+            }
+        }
+        self.seen_once.remove(&key);
+        self.prepared.insert(key, (stmt, self.uses));
+    }
+}
 
 impl ApplyWorker {
     /// Whether the transaction being begun can be held (see the module doc).
@@ -203,18 +255,14 @@ impl ApplyWorker {
             .iter()
             .map(|(m, w, _)| (m.id, w.shape.clone()))
             .collect();
-        let stmt = match self.combined.0.get(&key) {
-            Some(Some(stmt)) => stmt.clone(),
-            Some(None) => {
+        let stmt = match self.combined.get(&key) {
+            Some(stmt) => stmt,
+            None if self.combined.seen(&key) => {
                 let stmt = self.prepare_combined(&parts).await?;
-                self.combined.0.insert(key, Some(stmt.clone()));
+                self.combined.keep(key, stmt.clone());
                 stmt
             }
             None => {
-                if self.combined.0.len() >= COMBINED_STATEMENTS {
-                    self.combined.0.clear();
-                }
-                self.combined.0.insert(key, None);
                 self.begin_with(parts).await?;
                 return Ok(false);
             }
@@ -305,4 +353,40 @@ pub(super) fn progress_params(link: &str, txn: &RemoteTxn, end: Lsn, previous: L
     .into_iter()
     .map(|s| Value::Text(s.into()))
     .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn combination(n: usize) -> Vec<(u32, Shape)> {
+        vec![(
+            1,
+            Shape::Insert {
+                columns: vec![0],
+                rows: n,
+            },
+        )]
+    }
+
+    #[test]
+    fn a_combination_is_prepared_on_its_second_sight_and_the_least_recently_used_goes_first() {
+        let mut c = Combined::<usize>::default();
+        assert!(!c.seen(&combination(1)), "first sight");
+        assert!(c.seen(&combination(1)), "second sight");
+        for n in 0..COMBINED_STATEMENTS {
+            assert_eq!(c.get(&combination(n)), None);
+            c.keep(combination(n), n);
+        }
+        assert_eq!(
+            c.get(&combination(0)),
+            Some(0),
+            "used again: now the most recent"
+        );
+        c.keep(combination(1000), 1000);
+        assert_eq!(c.prepared.len(), COMBINED_STATEMENTS);
+        assert_eq!(c.get(&combination(1)), None, "the least recently used went");
+        assert_eq!(c.get(&combination(0)), Some(0));
+        assert_eq!(c.get(&combination(1000)), Some(1000));
+    }
 }
