@@ -99,6 +99,11 @@ impl GuardedRun {
         self.rows
     }
 
+    /// The keys of the rows its changes find or write.
+    pub(super) fn keys(&self) -> impl Iterator<Item = &Vec<Value>> {
+        self.keys.iter()
+    }
+
     /// Parameters of its statements, all told.
     pub(super) fn params(&self) -> usize {
         let width = self.values.len() / self.rows;

@@ -1,22 +1,24 @@
 //! Small transactions in one request ([decision 0013](../../docs/decisions/0013-small-transactions-in-one-statement.md)).
 //!
 //! A source transaction that is nothing but runs of fast-path inserts and guarded
-//! updates or deletes, at most one run per table and [`HELD_ROWS`] rows in all, is not
+//! updates or deletes, no two of them on one row and [`HELD_ROWS`] rows in all, is not
 //! opened with `BEGIN`: its runs are held until its commit and then sent as one
 //! statement, with the link's progress and the origin's commit LSN and time, which
 //! PostgreSQL runs as a transaction of its own (an implicit one: no `BEGIN`, no
 //! `COMMIT`). The target thus answers one request per such transaction instead of four
 //! to seven, and the sidecar sends one.
 //!
-//! Anything else the transaction needs (another run of a table already held, a run too
-//! long, a change that reads its row first, DDL, a merge, a truncate, a COPY) opens the
+//! Anything else the transaction needs (a run on a row a held run writes, or on a table
+//! with unique keys besides its primary key that a held run writes, a run too long, a
+//! change that reads its row first, DDL, a merge, a truncate, a COPY) opens the
 //! transaction as usual first (`BEGIN`, then the held runs as their own statements): what
 //! a held transaction writes, and in which transaction, never differs from the usual way.
 //!
 //! Within one statement the parts see the rows as they were before it and run in an
-//! order of PostgreSQL's choosing; they are runs of different tables (and foreign keys
-//! are not checked: the session is in replica mode), so no part can see or miss what
-//! another wrote. A part that fails (an insert meets a key, a guarded write finds its row
+//! order of PostgreSQL's choosing; they write different rows, a value of a unique key
+//! cannot move between two of them (two runs of one table only where the primary key is
+//! its one unique key), and foreign keys are not checked (the session is in replica
+//! mode), so no part can see or miss what another wrote. A part that fails (an insert meets a key, a guarded write finds its row
 //! changed) fails the statement and so the transaction: it is applied again carefully.
 
 use std::collections::HashMap;
@@ -79,6 +81,22 @@ impl HeldRun {
         }
     }
 
+    /// The keys of the rows it finds or writes.
+    fn keys(&self) -> Vec<Vec<Value>> {
+        match self {
+            HeldRun::Insert(r) => r.keys(),
+            HeldRun::Guarded(r) => r.keys().cloned().collect(),
+        }
+    }
+
+    /// Whether it finds or writes the row with this key.
+    fn finds(&self, key: &[Value]) -> bool {
+        match self {
+            HeldRun::Insert(r) => r.has_key(key),
+            HeldRun::Guarded(r) => r.keys().any(|k| k[..] == *key),
+        }
+    }
+
     fn batches(self) -> (Mapped, Vec<(RowWrite, Tag)>) {
         let mapped = self.mapped().clone();
         let batches = match self {
@@ -90,12 +108,24 @@ impl HeldRun {
 }
 
 impl Held {
-    /// Whether `run` can be kept back too.
+    /// Whether `run` can be kept back too: it is no COPY, it fits, and each run of its
+    /// table already held writes other rows, on a table with no unique key but its
+    /// primary key (parts of one statement run in any order: two writes of one row, or
+    /// a unique value moved from one row to another, must not meet there).
     fn fits(&self, run: &HeldRun) -> bool {
         let copying = matches!(run, HeldRun::Insert(r) if !r.copy.is_empty());
-        let table_held = self.runs.iter().any(|r| r.mapped().id == run.mapped().id);
+        let mut same_table = self
+            .runs
+            .iter()
+            .filter(|r| r.mapped().id == run.mapped().id)
+            .peekable();
+        let apart = same_table.peek().is_none()
+            || (run.mapped().target.uniques.is_empty() && {
+                let keys = run.keys();
+                same_table.all(|r| !keys.iter().any(|k| r.finds(k)))
+            });
         !copying
-            && !table_held
+            && apart
             && self.rows + run.rows() <= HELD_ROWS
             && self.params + run.params() <= HELD_PARAMS
     }

@@ -173,12 +173,33 @@ impl InsertRun {
             .collect()
     }
 
+    /// Where the row with this key (target key order) is in the run, if it is.
+    fn row_index(&self, key: &[Value]) -> Option<usize> {
+        let at = self.mapped.key_in_source();
+        self.values
+            .chunks(self.columns.len().max(1))
+            .position(|row| at.iter().zip(key).all(|(&i, k)| row[i] == *k))
+    }
+
     /// The row of the run with this key (target key order), if any.
     pub(super) fn row_with_key(&mut self, key: &[Value]) -> Option<&mut [Value]> {
         let width = self.columns.len().max(1);
+        let i = self.row_index(key)?;
+        Some(&mut self.values[i * width..(i + 1) * width])
+    }
+
+    /// Whether the run inserts a row with this key (target key order).
+    pub(super) fn has_key(&self, key: &[Value]) -> bool {
+        self.row_index(key).is_some()
+    }
+
+    /// The keys of the rows it inserts (target key order).
+    pub(super) fn keys(&self) -> Vec<Vec<Value>> {
+        let width = self.columns.len().max(1);
         let at = self.mapped.key_in_source();
         self.values
-            .chunks_mut(width)
-            .find(|row| at.iter().zip(key).all(|(&i, k)| row[i] == *k))
+            .chunks(width)
+            .map(|row| at.iter().map(|&i| row[i].clone()).collect())
+            .collect()
     }
 }
