@@ -285,8 +285,12 @@ fn nothing_commits_past_a_transaction_that_fails_on_the_target() {
         .sql("ALTER TABLE product ADD CONSTRAINT b_price_below_1000 CHECK (price < 1000)");
     // A backlog, so that the failing transaction and the ones after it leave together.
     c.node("a").sql(
-        "INSERT INTO product (id, name, price) SELECT g, 'p' || g, 1 FROM generate_series(100001, 100050) g",
+        "INSERT INTO product (id, name, price) SELECT g, 'p' || g, 1 FROM generate_series(100001, 100049) g",
     );
+    // A one-row transaction before the failing one, of its shape: the failing one goes
+    // to b in one statement (decision 0013).
+    c.node("a")
+        .sql("INSERT INTO product (id, name, price) VALUES (100050, 'p100050', 1)");
     c.node("a")
         .sql("INSERT INTO product (id, name, price) VALUES (100051, 'too dear for b', 5000)");
     for i in 0..20 {
@@ -302,6 +306,12 @@ fn nothing_commits_past_a_transaction_that_fails_on_the_target() {
         std::time::Duration::from_secs(60),
         || b.sidecar_log().contains("b_price_below_1000"),
         || tail(&b.sidecar_log(), 30),
+    );
+    assert!(
+        b.sidecar_log()
+            .contains("applying a transaction to public.product in one statement"),
+        "the error names the table:\n{}",
+        tail(&b.sidecar_log(), 30)
     );
     assert_eq!(
         b.count("product"),

@@ -304,6 +304,8 @@ impl ApplyWorker {
             } => Some((*relation_id, *delete)),
             _ => None,
         });
+        let mut relations: Vec<u32> = parts.iter().map(|(m, _, _)| m.id).collect();
+        relations.dedup();
         let mut params = progress_params(&self.link, txn, end_lsn, previous);
         for (_, write, _) in parts {
             params.extend(write.params);
@@ -315,6 +317,7 @@ impl ApplyWorker {
                 previous,
                 end_lsn,
                 guarded,
+                relations,
             },
             bytes,
             async move {

@@ -2,7 +2,8 @@
 //!
 //! Guarantees, for each source transaction that the merge step lets through:
 //! - it runs in exactly one target transaction, in source commit order, rows written as
-//!   they arrive (nothing collected first, so memory does not grow with its size);
+//!   they arrive, or for a small one (at most 256 rows) held until its commit and sent as
+//!   one statement that is its transaction (`held`): memory does not grow with its size;
 //! - that transaction carries the author's replication origin and the author's commit LSN
 //!   and time (`pg_replication_origin_session_setup` + `pg_replication_origin_xact_setup`),
 //!   so the row keeps its first author and the change is never sent back to it;
@@ -15,10 +16,11 @@
 //!
 //! This file holds the session, the transaction lifecycle and the request pipeline's
 //! answers; each other job has its file: the relations and their statements
-//! (`relations`), inserts in runs and COPY (`inserts`), which commits are durable
-//! (`durability`), the careful paths that read the local row and carry out what
-//! `merge::conflict` decides (`conflict`), merging one entity's two rows (`merged`),
-//! DDL replay (`ddl`), rows for what this node dropped (`dropped`).
+//! (`relations`), inserts in runs and COPY (`inserts`), guarded updates and deletes in
+//! runs (`guarded`), small transactions held and sent as one statement (`held`), which
+//! commits are durable (`durability`), the careful paths that read the local row and
+//! carry out what `merge::conflict` decides (`conflict`), merging one entity's two rows
+//! (`merged`), DDL replay (`ddl`), rows for what this node dropped (`dropped`).
 
 mod applier;
 pub use applier::Applier;
@@ -604,9 +606,12 @@ impl ApplyWorker {
                     change: if delete { "delete" } else { "update" },
                 });
             }
-            (Tag::Whole { previous, end_lsn, .. }, Err(e))
-                if e.code() == Some(&SqlState::DIVISION_BY_ZERO) =>
-            {
+            (
+                Tag::Whole {
+                    previous, end_lsn, ..
+                },
+                Err(e),
+            ) if e.code() == Some(&SqlState::DIVISION_BY_ZERO) => {
                 return Err(ApplyError::OutOfOrder {
                     previous,
                     end: end_lsn,
@@ -622,12 +627,16 @@ impl ApplyWorker {
                     detail: server_message(&e),
                 });
             }
-            (Tag::Whole { .. }, Err(source)) => {
+            (Tag::Whole { relations, .. }, Err(source)) => {
+                let tables: Vec<String> = relations.iter().map(|&r| self.table_name(r)).collect();
                 return Err(SqlError::new(
-                    "applying a transaction in one statement (its changes, the link's progress and the origin's commit)",
+                    format!(
+                        "applying a transaction to {} in one statement (its changes, the link's progress and the origin's commit)",
+                        tables.join(", ")
+                    ),
                     source,
                 )
-                .into())
+                .into());
             }
             (Tag::Commit { .. }, Err(source)) => {
                 return Err(SqlError::new("committing the target transaction", source).into())

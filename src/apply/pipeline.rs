@@ -43,11 +43,12 @@ pub enum Tag {
     Commit { end_lsn: Lsn },
     /// A held transaction in one statement (`apply::held`): its changes, its progress on
     /// top of `previous` and its commit. `guarded`: its first guarded write's relation,
-    /// and whether it deletes.
+    /// and whether it deletes; `relations`: those it writes.
     Whole {
         previous: Lsn,
         end_lsn: Lsn,
         guarded: Option<(u32, bool)>,
+        relations: Vec<u32>,
     },
     /// A read of the target's WAL insert position (answers it as a u64).
     InsertPosition,
