@@ -268,12 +268,16 @@ fn sale(order: i32, products: [i32; 2]) -> String {
     )
 }
 
-/// Small transactions of several tables go to the target in one statement each (decision
-/// 0013), and a conflict inside one, an insert meeting a key or an update meeting a
+/// Small transactions of several tables go to the target in one statement each on one
+/// apply session (decision 0013), and a conflict inside one, an insert meeting a key or an update meeting a
 /// changed row, is still decided and recorded, the same on both nodes.
 #[test]
 fn sales_go_in_one_statement_each_and_their_conflicts_are_still_settled() {
     let mut c = TestCluster::new("one-statement", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    // Parallel apply holds no transaction back (decision 0013).
+    for n in ["a", "b"] {
+        c.node_mut(n).one_apply_session();
+    }
     c.start();
     c.node("a").sql(
         "INSERT INTO product (id, name, price, qty_available) SELECT g, 'P' || g, 1, 100 FROM generate_series(1, 5) g",

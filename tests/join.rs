@@ -71,6 +71,7 @@ fn a_branch_joins_a_running_cluster_while_orders_are_written_and_ends_identical(
         config: config.clone(),
         sidecar: None,
         netns: None,
+        sidecar_env: Vec::new(),
     });
     c.node_mut("branch2").start_sidecar();
     c.node("branch2")

@@ -60,6 +60,8 @@ pub struct Node {
     pub sidecar: Option<Sidecar>,
     /// The network namespace its sidecar runs in (its PostgreSQL too), if not this one.
     pub netns: Option<String>,
+    /// Variables its sidecar runs with, over what the test process has.
+    pub sidecar_env: Vec<(String, String)>,
 }
 
 impl Node {
@@ -105,6 +107,7 @@ impl Node {
             &self.config,
             &self.pg.dir().join(format!("sidecar-{}.log", self.name)),
             self.netns.as_deref(),
+            &self.sidecar_env,
         ));
     }
 
@@ -129,6 +132,13 @@ impl Node {
     }
 
     /// `[apply] sessions = n` in this node's config: its links apply on `n` sessions.
+    /// Its sidecar applies on one session, whatever `WALSYNC_APPLY_SESSIONS` the suite
+    /// runs with (a test of what only one session does).
+    pub fn one_apply_session(&mut self) {
+        self.sidecar_env
+            .push(("WALSYNC_APPLY_SESSIONS".into(), "1".into()));
+    }
+
     pub fn set_apply_sessions(&self, n: usize) {
         let text = std::fs::read_to_string(&self.config).unwrap();
         assert!(text.contains("[apply]\n"), "no [apply] section in {text}");
@@ -165,7 +175,12 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// `walsync run` with `config`, logging to `log`, in network namespace `netns`.
-    pub fn start(config: &Path, log: &Path, netns: Option<&str>) -> Sidecar {
+    pub fn start(
+        config: &Path,
+        log: &Path,
+        netns: Option<&str>,
+        env: &[(String, String)],
+    ) -> Sidecar {
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -175,6 +190,7 @@ impl Sidecar {
             .args(["run", "--config"])
             .arg(config)
             .env("WALSYNC_LOG", "walsync=debug")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()
@@ -308,6 +324,7 @@ impl TestCluster {
                 config: PathBuf::new(),
                 sidecar: None,
                 netns: None,
+                sidecar_env: Vec::new(),
             });
         }
         let mut cluster = TestCluster {
