@@ -204,6 +204,48 @@ fn rows_before_and_after_an_alter_in_one_transaction_all_arrive() {
     assert_eq!(c.node("b").sql("SELECT count(vat) FROM partner"), "5");
 }
 
+/// Small transactions go to the target in one statement each, prepared once for all of
+/// one shape (decision 0013); a replayed DDL that renames a column makes that statement
+/// anew, and the transactions after it arrive without an error.
+#[test]
+fn a_statement_made_for_many_small_transactions_is_made_anew_after_a_column_is_renamed() {
+    let mut c = TestCluster::new(
+        "ddl-one-statement",
+        Topology::Mesh,
+        &["a", "b"],
+        RETAIL_SCHEMA,
+    );
+    for n in ["a", "b"] {
+        c.node_mut(n).one_apply_session();
+    }
+    c.start();
+    let partners = |from: i32, column: &str| -> String {
+        (from..from + 3)
+            .map(|i| {
+                format!("BEGIN; INSERT INTO partner (id, {column}) VALUES ({i}, 'P{i}'); COMMIT;")
+            })
+            .collect()
+    };
+    c.node("a").sql(&partners(1, "name"));
+    c.wait_rows("b", "partner", 3);
+    c.node("a")
+        .sql("ALTER TABLE partner RENAME COLUMN name TO display_name");
+    c.node("a").sql(&partners(4, "display_name"));
+    c.wait_rows("b", "partner", 6);
+    c.wait_converged("partner");
+    let log = c.node("b").sidecar_log();
+    assert!(
+        log.contains("sent in one statement"),
+        "no transaction went in one statement:\n{}",
+        c.logs()
+    );
+    assert!(
+        !log.contains("does not exist"),
+        "a statement made before the rename was used after it:\n{}",
+        c.logs()
+    );
+}
+
 #[test]
 fn a_column_added_with_values_computed_per_node_is_reported() {
     let mut c = TestCluster::new(

@@ -24,6 +24,7 @@ impl ApplyWorker {
             e.fks = None;
         }
         self.statements.clear();
+        self.combined.forget(None);
         self.merge_targets.clear();
     }
 

@@ -178,6 +178,15 @@ impl<S: Clone> Combined<S> {
         false
     }
 
+    /// Forgets every statement that writes `relation` (its description changed), or every
+    /// one (`None`: tables here may have changed).
+    pub(super) fn forget(&mut self, relation: Option<u32>) {
+        let stale =
+            |key: &Vec<(u32, Shape)>| relation.is_none_or(|r| key.iter().any(|(id, _)| *id == r));
+        self.prepared.retain(|key, _| !stale(key));
+        self.seen_once.retain(|key| !stale(key));
+    }
+
     fn keep(&mut self, key: Vec<(u32, Shape)>, stmt: S) {
         if self.prepared.len() >= COMBINED_STATEMENTS {
             // Deallocated on the server once the last request using it is answered.
@@ -192,6 +201,13 @@ impl<S: Clone> Combined<S> {
 }
 
 impl ApplyWorker {
+    /// Whether a held run writes `relation`.
+    pub(super) fn holds(&self, relation: u32) -> bool {
+        self.held
+            .as_ref()
+            .is_some_and(|h| h.runs.iter().any(|r| r.mapped().id == relation))
+    }
+
     /// Whether the transaction being begun can be held (see the module doc).
     pub(super) fn can_hold(&self) -> bool {
         self.next_lock.is_none() && !self.origin_at_commit && !self.is_careful()
@@ -421,5 +437,26 @@ mod tests {
         assert_eq!(c.get(&combination(1)), None, "the least recently used went");
         assert_eq!(c.get(&combination(0)), Some(0));
         assert_eq!(c.get(&combination(1000)), Some(1000));
+    }
+
+    #[test]
+    fn a_relation_described_anew_takes_its_statements_and_sightings_with_it() {
+        let mut c = Combined::<usize>::default();
+        let other = vec![(
+            2,
+            Shape::Insert {
+                columns: vec![0],
+                rows: 1,
+            },
+        )];
+        c.keep(combination(1), 1);
+        c.keep(other.clone(), 2);
+        assert!(!c.seen(&combination(2)));
+        c.forget(Some(1));
+        assert_eq!(c.get(&combination(1)), None);
+        assert!(!c.seen(&combination(2)), "seen once before, forgotten");
+        assert_eq!(c.get(&other), Some(2), "another relation's stays");
+        c.forget(None);
+        assert_eq!(c.get(&other), None);
     }
 }

@@ -113,13 +113,16 @@ pub(super) struct RelationPolicy {
 }
 
 impl ApplyWorker {
-    /// A Relation message: (re)describes a source relation. Anything cached for it goes.
-    /// Inserts decoded under the old description are sent first, with the old mapping.
+    /// A Relation message: (re)describes a source relation. Anything cached for it goes
+    /// (its statements, and the combined ones that write it: `held`). Changes decoded
+    /// under the old description and not sent yet (pending or held) are sent first, with
+    /// the old mapping.
     pub async fn on_relation(&mut self, rel: Relation) -> Result<(), ApplyError> {
-        if self.run.as_ref().is_some_and(|r| r.mapped.id == rel.id) {
+        if self.run.as_ref().is_some_and(|r| r.mapped.id == rel.id) || self.holds(rel.id) {
             self.flush_runs().await?;
         }
         self.statements.retain(|(id, _), _| *id != rel.id);
+        self.combined.forget(Some(rel.id));
         self.relations.insert(
             rel.id,
             RelationEntry {
