@@ -104,6 +104,11 @@ impl GuardedRun {
         self.keys.iter()
     }
 
+    /// Whether one of its changes finds or writes the row with this key.
+    pub(super) fn finds(&self, key: &[Value]) -> bool {
+        self.keys.contains(key)
+    }
+
     /// Parameters of its statements, all told.
     pub(super) fn params(&self) -> usize {
         let width = self.values.len() / self.rows;

@@ -93,7 +93,7 @@ impl HeldRun {
     fn finds(&self, key: &[Value]) -> bool {
         match self {
             HeldRun::Insert(r) => r.has_key(key),
-            HeldRun::Guarded(r) => r.keys().any(|k| k[..] == *key),
+            HeldRun::Guarded(r) => r.finds(key),
         }
     }
 
