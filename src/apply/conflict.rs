@@ -265,9 +265,12 @@ impl ApplyWorker {
         }
         let key = m.key_values(upd.old.as_ref(), Some(&upd.new))?;
         if !self.is_careful() {
+            // The key the update gives the row (none in the new image: unchanged TOAST,
+            // the same key).
+            let new_key = m.key_values(None, Some(&upd.new)).ok();
             // A row this transaction inserted and has not sent yet (Odoo writes a record
             // right after creating it): inserted as updated.
-            let same_key = m.key_values(None, Some(&upd.new)).is_ok_and(|k| k == key);
+            let same_key = new_key.as_ref() == Some(&key);
             if same_key && self.fold_into_insert(m, &key, &upd.new) {
                 self.rows_in_txn += 1;
                 return Ok(());
@@ -276,12 +279,7 @@ impl ApplyWorker {
                 if let Some(guarded) = self.guarded(m, write, upd.old.as_ref()) {
                     // The row it finds, and the key it gives that row if it changes it.
                     let mut keys = vec![key];
-                    // (A key the new image does not carry is unchanged TOAST: the same.)
-                    if let Ok(new_key) = m.key_values(None, Some(&upd.new)) {
-                        if new_key != keys[0] {
-                            keys.push(new_key);
-                        }
-                    }
+                    keys.extend(new_key.filter(|k| *k != keys[0]));
                     return self.push_guarded(m, guarded, keys).await;
                 }
             }
