@@ -321,8 +321,9 @@ impl ApplyWorker {
             _ => None,
         });
         let mut relations: Vec<u32> = parts.iter().map(|(m, _, _)| m.id).collect();
+        relations.sort_unstable();
         relations.dedup();
-        let mut params = progress_params(&self.link, txn, end_lsn, previous);
+        let mut params = super::progress_params(&self.link, txn, end_lsn, previous);
         for (_, write, _) in parts {
             params.extend(write.params);
         }
@@ -366,16 +367,14 @@ impl Held {
 impl ApplyWorker {
     /// Prepares the statement that applies `parts` with the link's progress.
     async fn prepare_combined(&mut self, parts: &[Part]) -> Result<Statement, ApplyError> {
-        let refs: Vec<_> = parts.iter().map(|(m, w, _)| (&*m.map, &w.shape)).collect();
-        let (ctes, check) = combined_ctes(&refs, PROGRESS_PARAMS);
-        let ctes = [super::progress_ctes(), ctes];
+        let refs: Vec<_> = parts.iter().map(|(m, w, _)| (&*m.map, w)).collect();
+        let (ctes, check) = combined_ctes(&refs, super::PROGRESS_PARAMS);
+        let mut with = super::progress_ctes();
+        if !ctes.is_empty() {
+            with = format!("{with}, {ctes}");
+        }
         let sql = format!(
-            "WITH {} SELECT 1 / ((SELECT count(*) FROM u) = 1 AND {check})::int FROM o",
-            ctes.iter()
-                .filter(|c| !c.is_empty())
-                .cloned()
-                .collect::<Vec<_>>()
-                .join(", ")
+            "WITH {with} SELECT 1 / ((SELECT count(*) FROM u) = 1 AND {check})::int FROM o"
         );
         // Direct requests wait for everything in flight (see `begin`).
         self.flush().await?;
@@ -384,24 +383,6 @@ impl ApplyWorker {
             .await
             .map_err(|e| SqlError::new(format!("preparing {sql}"), e).into())
     }
-}
-
-/// The progress update's parameters come first: `$1..$5`.
-const PROGRESS_PARAMS: usize = 5;
-
-/// Parameters of `progress_ctes`: the link, the source commit's end LSN, its commit time
-/// (µs since 2000-01-01), the progress it builds on, the origin's LSN.
-pub(super) fn progress_params(link: &str, txn: &RemoteTxn, end: Lsn, previous: Lsn) -> Vec<Value> {
-    [
-        link.to_string(),
-        end.to_string(),
-        txn.commit_time_us.to_string(),
-        previous.to_string(),
-        txn.origin_lsn.to_string(),
-    ]
-    .into_iter()
-    .map(|s| Value::Text(s.into()))
-    .collect()
 }
 
 #[cfg(test)]

@@ -52,7 +52,7 @@ use crate::merge::statements::{RowWrite, Shape, StatementError};
 pub use crate::merge::RemoteTxn;
 use crate::names::quote_literal;
 use crate::node::setup::ensure_origin;
-use crate::pgoutput::Truncate;
+use crate::pgoutput::{Truncate, Value};
 use crate::sql_error::SqlError;
 use durability::Durability;
 use inserts::InsertRun;
@@ -870,7 +870,7 @@ impl ApplyWorker {
             .await?;
         }
         let (client, stmt) = (self.client.clone(), self.record_progress.clone());
-        let params = held::progress_params(&self.link, &txn, end_lsn, previous);
+        let params = progress_params(&self.link, &txn, end_lsn, previous);
         self.last_progress = end_lsn;
         self.send(
             Tag::Progress {
@@ -967,7 +967,7 @@ where
 
 /// The link's progress moved, only on top of the previous transaction's (`u`, one row
 /// returned), and the transaction marked as replaying the author's (`o`: origin LSN and
-/// commit time, read at commit). Parameters: [`held::progress_params`].
+/// commit time, read at commit). Parameters: [`progress_params`].
 ///
 /// The update only succeeds on top of the previous transaction's progress; the statement
 /// that carries it fails otherwise (division by zero), so that after a failed source
@@ -981,6 +981,25 @@ fn progress_ctes() -> String {
          o AS (SELECT pg_replication_origin_xact_setup($5::text::pg_lsn, {time}))",
         time = timestamp_sql("$3::int8")
     )
+}
+
+/// How many parameters `progress_ctes` takes (`$1..$5`): a statement that carries it
+/// numbers its own from `$6`.
+const PROGRESS_PARAMS: usize = 5;
+
+/// Parameters of `progress_ctes`: the link, the source commit's end LSN, its commit time
+/// (µs since 2000-01-01), the progress it builds on, the origin's LSN.
+fn progress_params(link: &str, txn: &RemoteTxn, end: Lsn, previous: Lsn) -> Vec<Value> {
+    [
+        link.to_string(),
+        end.to_string(),
+        txn.commit_time_us.to_string(),
+        previous.to_string(),
+        txn.origin_lsn.to_string(),
+    ]
+    .into_iter()
+    .map(|s| Value::Text(s.into()))
+    .collect()
 }
 
 /// A PostgreSQL timestamp (µs since 2000-01-01 UTC, an int8 SQL expression) as an exact

@@ -657,22 +657,21 @@ impl RelationMap {
 
 /// Several writes of one transaction in one statement: the common table expressions
 /// that make them (named after their place, parameters numbered from `$first+1` in
-/// `parts` order) and the condition that holds if every guarded write wrote all its rows
+/// `parts` order, each write's [`RowWrite::params`] in turn) and the condition that holds if every guarded write wrote all its rows
 /// (`true` if there is none). Only [`Shape::Insert`] and [`Shape::Guarded`] can be
 /// parts. Every part sees the rows as they were before the statement, and the order in
 /// which the parts run is PostgreSQL's to choose: parts must write different rows.
-pub fn combined_ctes(parts: &[(&RelationMap, &Shape)], first: usize) -> (String, String) {
+pub fn combined_ctes(parts: &[(&RelationMap, &RowWrite)], first: usize) -> (String, String) {
     let mut ctes = Vec::with_capacity(parts.len());
     let mut checks = Vec::new();
     let mut first = first;
-    for (n, (map, shape)) in parts.iter().enumerate() {
-        match shape {
+    for (n, (map, write)) in parts.iter().enumerate() {
+        match &write.shape {
             Shape::Insert { columns, rows } => {
                 ctes.push(format!(
                     "i{n} AS ({})",
                     map.insert_sql(columns, *rows, first)
                 ));
-                first += columns.len() * rows;
             }
             Shape::Guarded {
                 write,
@@ -682,15 +681,10 @@ pub fn combined_ctes(parts: &[(&RelationMap, &Shape)], first: usize) -> (String,
                 let suffix = n.to_string();
                 ctes.push(map.guarded_ctes(write, compared.as_deref(), *rows, first, &suffix));
                 checks.push(format!("(SELECT count(*) FROM w{n}) = {rows}"));
-                let width = match write.as_ref() {
-                    Shape::Update { set } => set.len(),
-                    _ => 0,
-                } + map.target.key.len()
-                    + compared.as_ref().map_or(0, Vec::len);
-                first += shape.shared_params() + width * rows;
             }
             other => unreachable!("{other:?} cannot be part of a combined statement"),
         }
+        first += write.params.len();
     }
     let check = if checks.is_empty() {
         "true".to_string()
@@ -933,9 +927,12 @@ mod tests {
         let mut target = target(&["id", "name"], &[0]);
         target.types = vec!["integer".into(), "text".into()];
         let map = RelationMap::new(&relation(&[("id", true), ("name", false)]), target).unwrap();
-        let insert = Shape::Insert {
-            columns: vec![0, 1],
-            rows: 2,
+        let insert = RowWrite {
+            shape: Shape::Insert {
+                columns: vec![0, 1],
+                rows: 2,
+            },
+            params: vec![t("1"), t("Soap"), t("2"), t("Tea")],
         };
         let old = OldTuple::Full(Tuple(vec![t("3"), t("Soap")]));
         let write = map
@@ -945,7 +942,7 @@ mod tests {
         let guarded = map.guarded(write, Some(&old), &[], 7, 123);
         // Five parameters before the parts; the insert's four, the guarded write's two
         // shared and five of its row.
-        let (ctes, check) = combined_ctes(&[(&map, &insert), (&map, &guarded.shape)], 5);
+        let (ctes, check) = combined_ctes(&[(&map, &insert), (&map, &guarded)], 5);
         assert!(
             ctes.starts_with(
                 r#"i0 AS (INSERT INTO "public"."pos_order" ("id", "name") VALUES ($6, $7), ($8, $9)), v1 (s1, s2, k1, o1, o2) AS (VALUES ($12::integer, $13::text, $14::integer, $15::text, $16::text)), w1 AS (UPDATE "public"."pos_order" t SET "id" = v1.s1, "name" = v1.s2 FROM v1 WHERE t."id" = v1.k1 AND ((pg_xact_commit_timestamp_origin(t.xmin)).roident = $10::oid OR (NOT coalesce("#
