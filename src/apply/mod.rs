@@ -128,6 +128,8 @@ pub struct ApplyWorker {
     link: String,
     relations: HashMap<u32, RelationEntry>,
     statements: HashMap<(u32, Shape), Statement>,
+    /// Reads the target's catalog for a relation's map (its queries prepared here).
+    catalog: catalog::CatalogReader,
     session_origin: Option<String>,
     open: Option<RemoteTxn>,
     rows_in_txn: u64,
@@ -268,6 +270,7 @@ impl ApplyWorker {
             link,
             relations: HashMap::new(),
             statements: HashMap::new(),
+            catalog: Default::default(),
             session_origin: None,
             open: None,
             rows_in_txn: 0,

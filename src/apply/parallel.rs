@@ -315,6 +315,7 @@ pub struct Parallel {
     reports: mpsc::UnboundedReceiver<Report>,
     /// A connection of its own to the target, to read the tables' keys.
     catalog: Client,
+    catalog_reader: catalog::CatalogReader,
     relations: HashMap<u32, Rel>,
     policies: HashMap<(String, String), TablePolicy>,
     open: Option<Open>,
@@ -377,6 +378,7 @@ impl Parallel {
             sessions,
             reports,
             catalog,
+            catalog_reader: Default::default(),
             relations: HashMap::new(),
             policies: tables.iter().map(|t| (t.qualified(), t.clone())).collect(),
             open: None,
@@ -529,7 +531,11 @@ impl Parallel {
     async fn read_keys(&mut self, id: u32) -> Result<Keys, ApplyError> {
         let rel = self.relations.get(&id).expect("looked up by the caller");
         let (namespace, name) = (&rel.source.namespace, &rel.source.name);
-        let keys = match catalog::target_table(&self.catalog, namespace, name).await? {
+        let found = self
+            .catalog_reader
+            .table(&self.catalog, namespace, name)
+            .await?;
+        let keys = match found.map(|e| e.table) {
             None => Keys::Barrier,
             Some(t) if !t.uniques.is_empty() => Keys::Whole,
             Some(t) => match RelationMap::new(&rel.source, t) {

@@ -163,7 +163,13 @@ impl ApplyWorker {
             .get(&relation_id)
             .ok_or(ApplyError::UnknownRelation(relation_id))?;
         let (namespace, name) = (entry.source.namespace.clone(), entry.source.name.clone());
-        let Some(target) = catalog::target_table(&self.client, &namespace, &name).await? else {
+        let client = self.client.clone();
+        let found = self.catalog.table(&client, &namespace, &name).await?;
+        let Some(catalog::CatalogEntry {
+            table: target,
+            per_node_columns,
+        }) = found
+        else {
             if dropped::table_was_dropped(&self.client, &namespace, &name).await? {
                 self.set_gone(relation_id, Gone::Table);
                 return Ok(Target::Dropped);
@@ -202,17 +208,7 @@ impl ApplyWorker {
             },
             None => RelationPolicy::default(),
         };
-        let warned: Vec<String> = self
-            .client
-            .query_one(
-                "SELECT coalesce(array_agg(DISTINCT c), '{}') FROM walsync.ddl_warnings w, unnest(w.columns) c \
-                 WHERE w.resolved_at IS NULL AND w.table_schema = $1 AND w.table_name = $2",
-                &[&map.target.schema, &map.target.name],
-            )
-            .await
-            .map_err(SqlError::of("reading walsync.ddl_warnings"))?
-            .get(0);
-        policy.per_node_columns = map.source_indexes_of(&warned);
+        policy.per_node_columns = map.source_indexes_of(&per_node_columns);
         let target = Target::of(relation_id, map.clone(), &gone);
         if let Some(e) = self.relations.get_mut(&relation_id) {
             e.map = Some(map);
