@@ -247,10 +247,16 @@ impl ApplyWorker {
             .map_err(SqlError::of("flushing the target's WAL"))?;
         // Commits need not wait for their flush: the upstream is acknowledged only up to
         // what pg_current_wal_flush_lsn() shows durable (DESIGN.md, "Apply").
+        // Every statement walsync prepares finds rows by their keys, so its plan does not
+        // depend on the values bound: planned once, at its first execution, rather than
+        // for each of its first five (PostgreSQL's default, `auto`), which for a wide
+        // table's guarded update costs more than the execution.
         client
-            .batch_execute("SET synchronous_commit = off")
+            .batch_execute("SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan")
             .await
-            .map_err(SqlError::of("setting synchronous_commit = off"))?;
+            .map_err(SqlError::of(
+                "setting synchronous_commit = off, plan_cache_mode = force_generic_plan",
+            ))?;
         client
             .execute(
                 "INSERT INTO walsync.link_progress (link, source_lsn) VALUES ($1, '0/0') ON CONFLICT (link) DO NOTHING",
