@@ -1,10 +1,12 @@
 """Sells through Odoo 16's JSON-RPC as the Point of Sale till does (scripts/odoo-catchup).
 
-    odoo-catchup-till.py URL ORDERS SEED
+    odoo-catchup-till.py URL sell ORDERS SEED
+    odoo-catchup-till.py URL install MODULE
 
-Opens the shop's session, sends ORDERS orders one `pos.order.create_from_ui` call each (3
-lines of storable products, paid by bank), then closes the session, which posts its journal
-entries and moves the stock. Run with Odoo's own Python (it has `requests`).
+`sell` opens the shop's session, sends ORDERS orders one `pos.order.create_from_ui` call
+each (3 lines of storable products, paid by bank), then closes the session, which posts its
+journal entries and moves the stock. `install` installs a module as the Apps menu does.
+Run with Odoo's own Python (it has `requests`).
 """
 import datetime
 import itertools
@@ -34,11 +36,19 @@ class Odoo:
         return self.call(f"/web/dataset/call_kw/{model}/{method}", model=model, method=method, args=list(args), kwargs=kwargs)
 
 
-def main():
-    url, orders, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def install(o, module):
+    found = o.kw("ir.module.module", "search", [["name", "=", module]])
+    if not found:
+        sys.exit(f"odoo-catchup-till: no module {module}")
+    started = time.time()
+    o.kw("ir.module.module", "button_immediate_install", found)
+    state = o.kw("ir.module.module", "read", found, ["state"])[0]["state"]
+    print(f"till: {module} {state} in {time.time() - started:.1f} s", file=sys.stderr)
+
+
+def sell(o, orders, seed):
     print(f"till: seed {seed}", file=sys.stderr)
     rnd = random.Random(seed)
-    o = Odoo(url, "odoo", "admin", "admin")
     products = o.kw("product.product", "search_read",
                     [["available_in_pos", "=", True], ["detailed_type", "=", "product"]], ["lst_price"])
     o.kw("pos.config", "open_ui", [1])
@@ -71,6 +81,17 @@ def main():
     o.kw("pos.session", "close_session_from_ui", [session])
     print(f"till: {orders} orders in {sold - started:.1f} s, session closed in {time.time() - sold:.1f} s",
           file=sys.stderr)
+
+
+def main():
+    url, what = sys.argv[1], sys.argv[2]
+    o = Odoo(url, "odoo", "admin", "admin")
+    if what == "sell":
+        sell(o, int(sys.argv[3]), int(sys.argv[4]))
+    elif what == "install":
+        install(o, sys.argv[3])
+    else:
+        sys.exit(f"odoo-catchup-till: {what}? (sell ORDERS SEED, or install MODULE)")
 
 
 if __name__ == "__main__":
