@@ -247,10 +247,11 @@ impl ApplyWorker {
             .map_err(SqlError::of("flushing the target's WAL"))?;
         // Commits need not wait for their flush: the upstream is acknowledged only up to
         // what pg_current_wal_flush_lsn() shows durable (DESIGN.md, "Apply").
-        // Every statement walsync prepares finds rows by their keys, so its plan does not
-        // depend on the values bound: planned once, at its first execution, rather than
-        // for each of its first five (PostgreSQL's default, `auto`), which for a wide
-        // table's guarded update costs more than the execution.
+        // Every statement walsync prepares writes the values bound or finds rows by a key
+        // or a unique index, so its plan does not depend on the values: planned once, at
+        // its first execution, rather than for each of its first five (PostgreSQL's
+        // default, `auto`), which for a wide table's guarded update costs more than the
+        // execution.
         client
             .batch_execute("SET synchronous_commit = off; SET plan_cache_mode = force_generic_plan")
             .await
