@@ -246,6 +246,46 @@ fn a_statement_made_for_many_small_transactions_is_made_anew_after_a_column_is_r
     );
 }
 
+/// A unique key added by a replayed DDL statement counts at once on a link that has been
+/// writing the table: a row that meets it afterwards is settled as on a key the table had
+/// from the start (the older row renamed), not refused. After a DDL replay a link keeps a
+/// table's map and statements only if the catalog shows the table unchanged.
+#[test]
+fn a_unique_key_added_by_ddl_settles_the_next_collision_on_a_running_link() {
+    let mut c = TestCluster::new("ddl-unique", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
+    c.start();
+    c.node("a")
+        .sql("INSERT INTO partner (id, name, email) VALUES (1, 'Ann', 'ann@shop')");
+    c.wait_rows("b", "partner", 1);
+    // b keeps its link from a (which now knows partner); a's link from b stops, so b's
+    // next partner stays on b for now.
+    c.node_mut("a").stop_sidecar();
+    c.node("b")
+        .sql("INSERT INTO partner (id, name, email) VALUES (2, 'Cy at b', 'cy@shop')");
+    c.node("a")
+        .sql("ALTER TABLE partner ADD CONSTRAINT partner_email_key UNIQUE (email)");
+    c.node("a")
+        .sql("INSERT INTO partner (id, name, email) VALUES (3, 'Cy at a', 'cy@shop')");
+    c.wait_rows("b", "partner", 3);
+    c.node_mut("a").start_sidecar();
+    c.wait_rows("a", "partner", 3);
+    c.wait_converged("partner");
+    let emails = c
+        .node("b")
+        .sql("SELECT email FROM partner WHERE id IN (2, 3) ORDER BY id");
+    assert_eq!(
+        emails,
+        "cy@shop [conflict #c]\ncy@shop",
+        "the older row is renamed on the key added by DDL, the later keeps its value:\n{}",
+        c.logs()
+    );
+    let recorded = c.node("b").sql(
+        "SELECT count(*) FROM walsync.conflicts WHERE table_name = 'partner' \
+         AND detail LIKE '%partner_email_key%'",
+    );
+    assert_eq!(recorded, "1", "b records the collision:\n{}", c.logs());
+}
+
 #[test]
 fn a_column_added_with_values_computed_per_node_is_reported() {
     let mut c = TestCluster::new(

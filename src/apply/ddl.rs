@@ -15,16 +15,17 @@ use crate::sql_error::SqlError;
 
 impl ApplyWorker {
     /// Tables here may have changed shape (a DDL replay, here or on another session of the
-    /// link): their maps are read again when next needed, and the foreign keys into
-    /// merged tables too.
+    /// link): their maps are checked against the catalog when next needed (and kept, with
+    /// their statements, if their table is as it was), and the foreign keys into merged
+    /// tables are read again.
     pub fn forget_maps(&mut self) {
         for e in self.relations.values_mut() {
-            e.map = None;
-            e.gone = Gone::Nothing;
+            e.stale = e.map.is_some();
+            if e.map.is_none() {
+                e.gone = Gone::Nothing;
+            }
             e.fks = None;
         }
-        self.statements.clear();
-        self.combined.forget(None);
         self.merge_targets.clear();
     }
 

@@ -24,6 +24,10 @@ pub(super) struct RelationEntry {
     pub(super) travels: bool,
     /// `None` until the first change needs it (the target catalog is read then).
     pub(super) map: Option<Arc<RelationMap>>,
+    /// A DDL statement was replayed since the map was made: the catalog is read again
+    /// at the next change, and the map and its statements are kept only if the table is
+    /// as it was.
+    pub(super) stale: bool,
     /// How its conflicts are decided (from the table policy, set with the map).
     pub(super) policy: RelationPolicy,
     /// What this node dropped of it (found with the map): its changes are recorded, not
@@ -131,6 +135,7 @@ impl ApplyWorker {
                 gone: Gone::Nothing,
                 source: rel,
                 map: None,
+                stale: false,
                 fks: None,
             },
         );
@@ -152,9 +157,11 @@ impl ApplyWorker {
             .get(&relation_id)
             .ok_or(ApplyError::UnknownRelation(relation_id))?;
         match (&entry.map, &entry.gone) {
-            (Some(map), gone) => return Ok(Target::of(relation_id, map.clone(), gone)),
+            (Some(map), gone) if !entry.stale => {
+                return Ok(Target::of(relation_id, map.clone(), gone))
+            }
             (None, Gone::Table) => return Ok(Target::Dropped),
-            (None, _) => {}
+            _ => {}
         }
         // Direct requests wait for everything in flight (see `begin`); once per relation.
         self.flush().await?;
@@ -165,6 +172,9 @@ impl ApplyWorker {
         let (namespace, name) = (entry.source.namespace.clone(), entry.source.name.clone());
         let client = self.client.clone();
         let found = self.catalog.table(&client, &namespace, &name).await?;
+        if let Some(target) = self.unchanged_after_ddl(relation_id, found.as_ref()) {
+            return Ok(target);
+        }
         let Some(catalog::CatalogEntry {
             table: target,
             per_node_columns,
@@ -212,10 +222,40 @@ impl ApplyWorker {
         let target = Target::of(relation_id, map.clone(), &gone);
         if let Some(e) = self.relations.get_mut(&relation_id) {
             e.map = Some(map);
+            e.stale = false;
             e.policy = policy;
             e.gone = gone;
         }
         Ok(target)
+    }
+
+    /// For a map made before a DDL replay (`stale`): the relation's target as it was, if
+    /// the catalog shows its table unchanged (`found`: the table as read now) and no DDL
+    /// warning changed which of its columns are per node. Otherwise the map and every
+    /// statement that writes the relation are dropped, for the caller to make them anew.
+    fn unchanged_after_ddl(
+        &mut self,
+        relation_id: u32,
+        found: Option<&catalog::CatalogEntry>,
+    ) -> Option<Target> {
+        let entry = self.relations.get_mut(&relation_id)?;
+        if !entry.stale {
+            return None;
+        }
+        entry.stale = false;
+        let map = entry.map.take()?;
+        if let Some(found) = found {
+            if found.table == map.target
+                && map.source_indexes_of(&found.per_node_columns) == entry.policy.per_node_columns
+            {
+                entry.map = Some(map.clone());
+                return Some(Target::of(relation_id, map, &entry.gone));
+            }
+        }
+        entry.gone = Gone::Nothing;
+        self.statements.retain(|(id, _), _| *id != relation_id);
+        self.combined.forget(Some(relation_id));
+        None
     }
 
     /// The prepared statement of `shape` on this relation. Prepared before it is pushed,
