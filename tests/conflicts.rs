@@ -269,8 +269,9 @@ fn sale(order: i32, products: [i32; 2]) -> String {
 }
 
 /// Small transactions of several tables go to the target in one statement each on one
-/// apply session (decision 0013), and a conflict inside one, an insert meeting a key or an update meeting a
-/// changed row, is still decided and recorded, the same on both nodes.
+/// apply session (decision 0013), and a conflict inside one, an insert meeting a key or
+/// an update meeting a changed row, is still decided and recorded, the same on both
+/// nodes.
 #[test]
 fn sales_go_in_one_statement_each_and_their_conflicts_are_still_settled() {
     let mut c = TestCluster::new("one-statement", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);

@@ -657,8 +657,8 @@ impl RelationMap {
 
 /// Several writes of one transaction in one statement: the common table expressions
 /// that make them (named after their place, parameters numbered from `$first+1` in
-/// `parts` order, each write's [`RowWrite::params`] in turn) and the condition that holds if every guarded write wrote all its rows
-/// (`true` if there is none). Only [`Shape::Insert`] and [`Shape::Guarded`] can be
+/// `parts` order, each write's [`RowWrite::params`] in turn) and the condition that
+/// holds if every guarded write wrote all its rows (`true` if there is none). Only [`Shape::Insert`] and [`Shape::Guarded`] can be
 /// parts. Every part sees the rows as they were before the statement, and the order in
 /// which the parts run is PostgreSQL's to choose: parts must write different rows.
 pub fn combined_ctes(parts: &[(&RelationMap, &RowWrite)], first: usize) -> (String, String) {

@@ -131,7 +131,6 @@ impl Node {
         output_text(walsync_command(self.netns.as_deref()).args(args))
     }
 
-    /// `[apply] sessions = n` in this node's config: its links apply on `n` sessions.
     /// Its sidecar applies on one session, whatever `WALSYNC_APPLY_SESSIONS` the suite
     /// runs with (a test of what only one session does).
     pub fn one_apply_session(&mut self) {
@@ -139,6 +138,7 @@ impl Node {
             .push(("WALSYNC_APPLY_SESSIONS".into(), "1".into()));
     }
 
+    /// `[apply] sessions = n` in this node's config: its links apply on `n` sessions.
     pub fn set_apply_sessions(&self, n: usize) {
         let text = std::fs::read_to_string(&self.config).unwrap();
         assert!(text.contains("[apply]\n"), "no [apply] section in {text}");
