@@ -6,7 +6,10 @@
 //! statement, with the link's progress and the origin's commit LSN and time, which
 //! PostgreSQL runs as a transaction of its own (an implicit one: no `BEGIN`, no
 //! `COMMIT`). The target thus answers one request per such transaction instead of four
-//! to seven, and the sidecar sends one.
+//! to seven, and the sidecar sends one. On one of several sessions (parallel apply) the
+//! statement also waits for the predecessor's order lock and sets up the origin first,
+//! and the origin is reset and the lock released by one more request after it
+//! ([decision 0011](../../docs/decisions/0011-parallel-apply.md)).
 //!
 //! Anything else the transaction needs (a run on a row a held run writes, or on a table
 //! with unique keys besides its primary key that a held run writes, a run too long, a
@@ -28,7 +31,7 @@ use tokio_postgres::Statement;
 use super::guarded::GuardedRun;
 use super::inserts::InsertRun;
 use super::pipeline::Tag;
-use super::{ApplyError, ApplyWorker, Mapped, RemoteTxn};
+use super::{ApplyError, ApplyWorker, Mapped, OrderLock, RemoteTxn};
 use crate::lsn::Lsn;
 use crate::merge::statements::{combined_ctes, RowWrite, Shape};
 use crate::pgoutput::{Tuple, Value};
@@ -210,7 +213,7 @@ impl ApplyWorker {
 
     /// Whether the transaction being begun can be held (see the module doc).
     pub(super) fn can_hold(&self) -> bool {
-        self.next_lock.is_none() && !self.origin_at_commit && !self.is_careful()
+        !self.is_careful()
     }
 
     /// Ends the pending run before another starts: kept back while the transaction is
@@ -292,6 +295,7 @@ impl ApplyWorker {
         txn: &RemoteTxn,
         end_lsn: Lsn,
         previous: Lsn,
+        after: Option<OrderLock>,
     ) -> Result<bool, ApplyError> {
         let Some(held) = self.held.take() else {
             return Ok(false);
@@ -324,6 +328,19 @@ impl ApplyWorker {
         relations.sort_unstable();
         relations.dedup();
         let mut params = super::progress_params(&self.link, txn, end_lsn, previous);
+        // Parallel apply: the order lock waited for is the predecessor's, or, when that
+        // ran on this session, this transaction's own (granted at once to its holder).
+        let own = match self.origin_at_commit {
+            true => Some(self.held_lock.take().ok_or_else(|| {
+                ApplyError::Protocol(
+                    "bug: a transaction on one of several apply sessions has no order lock".into(),
+                )
+            })?),
+            false => None,
+        };
+        if let Some(own) = own {
+            params.extend(super::order_params(after.unwrap_or(own), &txn.origin));
+        }
         for (_, write, _) in parts {
             params.extend(write.params);
         }
@@ -344,6 +361,20 @@ impl ApplyWorker {
             },
         )
         .await?;
+        if let Some(own) = own {
+            // As after a COMMIT (`commit_ordered`): the origin is reset before the lock
+            // goes, so the successor, which waits for the lock, can set it up.
+            let client = self.client.clone();
+            let sql = format!(
+                "{} FROM (SELECT pg_replication_origin_session_reset()) r",
+                own.unlock_sql()
+            );
+            let what = "resetting the origin and releasing the order lock";
+            self.push(Tag::Other { what }, 64, async move {
+                client.batch_execute(&sql).await.map(|_| 0)
+            })
+            .await?;
+        }
         tracing::debug!(link = %self.link, lsn = %end_lsn, "sent in one statement");
         Ok(true)
     }
@@ -368,8 +399,14 @@ impl ApplyWorker {
     /// Prepares the statement that applies `parts` with the link's progress.
     async fn prepare_combined(&mut self, parts: &[Part]) -> Result<Statement, ApplyError> {
         let refs: Vec<_> = parts.iter().map(|(m, w, _)| (&*m.map, w)).collect();
-        let (ctes, check) = combined_ctes(&refs, super::PROGRESS_PARAMS);
-        let mut with = super::progress_ctes();
+        let (mut with, numbered) = match self.origin_at_commit {
+            true => (
+                super::ordered_progress_ctes(),
+                super::ORDERED_PROGRESS_PARAMS,
+            ),
+            false => (super::progress_ctes(), super::PROGRESS_PARAMS),
+        };
+        let (ctes, check) = combined_ctes(&refs, numbered);
         if !ctes.is_empty() {
             with = format!("{with}, {ctes}");
         }

@@ -208,7 +208,12 @@ impl OrderLock {
     /// The lock's two int4 keys: the sequence number wraps, which only matters for
     /// transactions 2^32 apart, never both open.
     fn keys(&self) -> String {
-        format!("{}, {}", self.link, self.seq as u32 as i32)
+        let (link, seq) = self.key_pair();
+        format!("{link}, {seq}")
+    }
+
+    fn key_pair(&self) -> (i32, i32) {
+        (self.link, self.seq as u32 as i32)
     }
 
     fn lock_sql(&self) -> String {
@@ -421,9 +426,11 @@ impl ApplyWorker {
                 .await?;
             self.session_origin = Some(txn.origin.clone());
         }
+        // Held: opened by the first request that needs it, if any (`held`). Its order
+        // lock, a session-level one, is taken at once, outside the transaction.
+        let hold = self.can_hold();
         match self.next_lock.take() {
-            // Held: opened by the first request that needs it, if any (`held`).
-            None if self.can_hold() => self.held = Some(Default::default()),
+            None if hold => self.held = Some(Default::default()),
             None => {
                 self.send_batch("BEGIN".into(), "opening the target transaction")
                     .await?
@@ -431,11 +438,17 @@ impl ApplyWorker {
             Some(lock) => {
                 self.held_lock = Some(lock);
                 let client = self.client.clone();
-                let sql = format!("BEGIN; {}", lock.lock_sql());
+                let sql = match hold {
+                    true => lock.lock_sql(),
+                    false => format!("BEGIN; {}", lock.lock_sql()),
+                };
                 self.send(Tag::Locked { seq: lock.seq }, 64, async move {
                     client.batch_execute(&sql).await.map(|_| 0)
                 })
-                .await?
+                .await?;
+                if hold {
+                    self.held = Some(Default::default());
+                }
             }
         }
         self.open = Some(txn.clone());
@@ -848,7 +861,7 @@ impl ApplyWorker {
         };
         self.commit_merges(end_lsn);
         self.careful_txns = self.careful_txns.saturating_sub(1);
-        if self.commit_held(&txn, end_lsn, previous).await? {
+        if self.commit_held(&txn, end_lsn, previous, after).await? {
             self.last_progress = end_lsn;
             return Ok(self.rows_in_txn);
         }
@@ -996,6 +1009,45 @@ fn progress_ctes() -> String {
 /// How many parameters `progress_ctes` takes (`$1..$5`): a statement that carries it
 /// numbers its own from `$6`.
 const PROGRESS_PARAMS: usize = 5;
+
+/// [`progress_ctes`] for a held transaction applied on one of several sessions, in the
+/// statement that is the whole transaction (decision 0011). First the wait for the
+/// predecessor's order lock (`w`), then the author's origin set up on this session
+/// (`s`): the progress update and the origin's commit read `s`, so they come after both.
+/// The statement's snapshot may be older than the predecessor's commit, so the update
+/// (`m`) finds the link's row by its key alone and moves the progress only if it is the
+/// previous one; `u` has a row if it moved. PostgreSQL computes the values written from
+/// the newest version of the row once the predecessor has ended (READ COMMITTED re-reads
+/// a row updated meanwhile): the progress moves if the predecessor committed, and if it
+/// rolled back it does not and the statement divides by zero. (A guard that divided by
+/// zero in the update itself would fail on the older version, before the re-read.)
+/// Parameters: [`progress_params`], then [`order_params`].
+fn ordered_progress_ctes() -> String {
+    format!(
+        "w AS (SELECT pg_advisory_xact_lock_shared($6::int4, $7::int4)), \
+         s AS (SELECT pg_replication_origin_session_setup($8::text) FROM w), \
+         m AS (UPDATE walsync.link_progress p \
+           SET source_lsn = CASE WHEN p.source_lsn = $4::text::pg_lsn THEN $2::text::pg_lsn ELSE p.source_lsn END, \
+           source_commit_time = {time}, transactions = p.transactions + 1, applied_at = now() \
+           FROM s WHERE p.link = $1 RETURNING p.source_lsn = $2::text::pg_lsn AS moved), \
+         u AS (SELECT 1 FROM m WHERE moved), \
+         o AS (SELECT pg_replication_origin_xact_setup($5::text::pg_lsn, {time}) FROM s)",
+        time = timestamp_sql("$3::int8")
+    )
+}
+
+/// How many parameters `ordered_progress_ctes` takes (`$1..$8`).
+const ORDERED_PROGRESS_PARAMS: usize = 8;
+
+/// Parameters of `ordered_progress_ctes` after [`progress_params`]: the order lock
+/// waited for, the origin to set up.
+fn order_params(wait: OrderLock, origin: &str) -> Vec<Value> {
+    let (link, seq) = wait.key_pair();
+    [link.to_string(), seq.to_string(), origin.to_string()]
+        .into_iter()
+        .map(|s| Value::Text(s.into()))
+        .collect()
+}
 
 /// Parameters of `progress_ctes`: the link, the source commit's end LSN, its commit time
 /// (µs since 2000-01-01), the progress it builds on, the origin's LSN.
