@@ -1264,6 +1264,64 @@ fn a_commit_held_in_the_sidecar_behind_a_blocked_session_gives_up_and_applies_se
     wait_cycle("wait-cycle-queued", true);
 }
 
+/// A small transaction on one of several sessions writes its rows before it waits for
+/// the transaction before it, as one in the usual form does: the sessions' work
+/// overlaps. The second session is first shown the transaction's shape twice (the second
+/// time it is prepared as one statement), then the cycle above runs through that
+/// statement: row 2 is written (the session has a transaction id) while the statement
+/// waits for the first transaction's order lock, the local transaction then waits for
+/// row 2, and the server breaks the cycle. A statement that waited before it wrote would
+/// hold nothing while it waits.
+#[test]
+fn a_small_transaction_on_a_second_session_writes_its_rows_before_it_waits_for_the_first() {
+    let schema = "CREATE TABLE t (id integer PRIMARY KEY, v integer NOT NULL);
+                  INSERT INTO t VALUES (1, 0), (2, 0);";
+    let mut c = TestCluster::new("write-then-wait", Topology::Mesh, &["a", "b"], schema);
+    c.node("b").set_apply_sessions(2);
+    c.node_mut("a").start_sidecar();
+    // Row 1's transaction goes to the first session (the least busy, the first on a
+    // tie) and waits for the local one; both of row 2's go to the second, one after the
+    // other.
+    c.node("a").sql("UPDATE t SET v = 1 WHERE id = 1");
+    c.node("a").sql("UPDATE t SET v = 2 WHERE id = 2");
+    c.node("a").sql("UPDATE t SET v = 3 WHERE id = 2");
+    // Row 2 written while its transaction waits for row 1's (`wait_event` 'advisory'),
+    // row 1's transaction waiting for the local one.
+    let row_2_written_while_waiting = |c: &TestCluster| {
+        c.node("b").sql(
+            "SELECT count(*) FILTER (WHERE wait_event_type = 'Lock' AND wait_event <> 'advisory') > 0 \
+                AND count(*) FILTER (WHERE wait_event = 'advisory' AND backend_xid IS NOT NULL) > 0 \
+             FROM pg_stat_activity WHERE application_name = 'walsync a->b apply'",
+        ) == "t"
+    };
+    let mut warm = Holder::open(&c, "b", "UPDATE t SET v = 100 WHERE id = 1;");
+    c.node_mut("b").start_sidecar();
+    wait_for(
+        "the first of row 2's transactions, in the usual form, to write row 2 and wait for row 1's",
+        DEADLINE,
+        || row_2_written_while_waiting(&c),
+        || c.logs(),
+    );
+    writeln!(warm.stdin, "ROLLBACK;").unwrap();
+    drop(warm.stdin);
+    warm.child.wait().unwrap();
+    c.wait_converged("t");
+
+    let mut holder = Holder::open(&c, "b", "UPDATE t SET v = 100 WHERE id = 1;");
+    c.node("a").sql("UPDATE t SET v = 11 WHERE id = 1");
+    c.node("a").sql("UPDATE t SET v = 22 WHERE id = 2");
+    wait_for(
+        "row 2's transaction, now one statement, to write row 2 and wait for row 1's",
+        DEADLINE,
+        || row_2_written_while_waiting(&c),
+        || c.logs(),
+    );
+    writeln!(holder.stdin, "UPDATE t SET v = 200 WHERE id = 2; COMMIT;").unwrap();
+    drop(holder.stdin);
+    holder.child.wait().unwrap();
+    c.wait_converged("t");
+}
+
 fn wait_cycle(test: &str, extra_on_row_1: bool) {
     let schema = "CREATE TABLE t (id integer PRIMARY KEY, v integer NOT NULL);
                   INSERT INTO t VALUES (1, 0), (2, 0);";

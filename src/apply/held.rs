@@ -399,20 +399,33 @@ impl ApplyWorker {
     /// Prepares the statement that applies `parts` with the link's progress.
     async fn prepare_combined(&mut self, parts: &[Part]) -> Result<Statement, ApplyError> {
         let refs: Vec<_> = parts.iter().map(|(m, w, _)| (&*m.map, w)).collect();
-        let (mut with, numbered) = match self.origin_at_commit {
-            true => (
-                super::ordered_progress_ctes(),
-                super::ORDERED_PROGRESS_PARAMS,
-            ),
-            false => (super::progress_ctes(), super::PROGRESS_PARAMS),
+        let sql = match self.origin_at_commit {
+            // On one of several sessions: the parts first, while the predecessor may
+            // still run on another session; then the wait for it, which reads the check
+            // of every part (`c`), and what comes after the wait.
+            true => {
+                let (ctes, check) = combined_ctes(&refs, super::ORDERED_PROGRESS_PARAMS, true);
+                let parts = match ctes.is_empty() {
+                    true => String::new(),
+                    false => format!("{ctes}, "),
+                };
+                format!(
+                    "WITH {parts}c AS (SELECT {check} AS ok), {} \
+                     SELECT 1 / ((SELECT count(*) FROM u) = 1 AND (SELECT ok FROM c))::int FROM o",
+                    super::ordered_progress_ctes("c")
+                )
+            }
+            false => {
+                let (ctes, check) = combined_ctes(&refs, super::PROGRESS_PARAMS, false);
+                let mut with = super::progress_ctes();
+                if !ctes.is_empty() {
+                    with = format!("{with}, {ctes}");
+                }
+                format!(
+                    "WITH {with} SELECT 1 / ((SELECT count(*) FROM u) = 1 AND {check})::int FROM o"
+                )
+            }
         };
-        let (ctes, check) = combined_ctes(&refs, numbered);
-        if !ctes.is_empty() {
-            with = format!("{with}, {ctes}");
-        }
-        let sql = format!(
-            "WITH {with} SELECT 1 / ((SELECT count(*) FROM u) = 1 AND {check})::int FROM o"
-        );
         // Direct requests wait for everything in flight (see `begin`).
         self.flush().await?;
         self.client

@@ -1021,10 +1021,13 @@ const PROGRESS_PARAMS: usize = 5;
 /// a row updated meanwhile): the progress moves if the predecessor committed, and if it
 /// rolled back it does not and the statement divides by zero. (A guard that divided by
 /// zero in the update itself would fail on the older version, before the re-read.)
+/// The wait comes after the transaction's own writes: its first key is offset by `0 *`
+/// the boolean column `ok` of CTE `after` (the check of every write), so PostgreSQL
+/// computes that first.
 /// Parameters: [`progress_params`], then [`order_params`].
-fn ordered_progress_ctes() -> String {
+fn ordered_progress_ctes(after: &str) -> String {
     format!(
-        "w AS (SELECT pg_advisory_xact_lock_shared($6::int4, $7::int4)), \
+        "w AS (SELECT pg_advisory_xact_lock_shared($6::int4 + 0 * {after}.ok::int, $7::int4) FROM {after}), \
          s AS (SELECT pg_replication_origin_session_setup($8::text) FROM w), \
          m AS (UPDATE walsync.link_progress p \
            SET source_lsn = CASE WHEN p.source_lsn = $4::text::pg_lsn THEN $2::text::pg_lsn ELSE p.source_lsn END, \

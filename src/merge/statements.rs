@@ -658,15 +658,32 @@ impl RelationMap {
 /// Several writes of one transaction in one statement: the common table expressions
 /// that make them (named after their place, parameters numbered from `$first+1` in
 /// `parts` order, each write's [`RowWrite::params`] in turn) and the condition that
-/// holds if every guarded write wrote all its rows (`true` if there is none). Only [`Shape::Insert`] and [`Shape::Guarded`] can be
-/// parts. Every part sees the rows as they were before the statement, and the order in
-/// which the parts run is PostgreSQL's to choose: parts must write different rows.
-pub fn combined_ctes(parts: &[(&RelationMap, &RowWrite)], first: usize) -> (String, String) {
+/// holds if every guarded write wrote all its rows (`true` if there is none). Only
+/// [`Shape::Insert`] and [`Shape::Guarded`] can be parts. Every part sees the rows as
+/// they were before the statement, and the order in which the parts run is PostgreSQL's
+/// to choose: parts must write different rows.
+///
+/// With `every_part_checked`, the condition reads every part, inserts too (they return a
+/// row per row and are counted; an insert that fails fails the statement, so their count
+/// always holds): whatever needs the condition's value then runs after every part.
+/// Otherwise an insert, which nothing reads, runs when the statement ends.
+pub fn combined_ctes(
+    parts: &[(&RelationMap, &RowWrite)],
+    first: usize,
+    every_part_checked: bool,
+) -> (String, String) {
     let mut ctes = Vec::with_capacity(parts.len());
     let mut checks = Vec::new();
     let mut first = first;
     for (n, (map, write)) in parts.iter().enumerate() {
         match &write.shape {
+            Shape::Insert { columns, rows } if every_part_checked => {
+                ctes.push(format!(
+                    "i{n} AS ({} RETURNING 1)",
+                    map.insert_sql(columns, *rows, first)
+                ));
+                checks.push(format!("(SELECT count(*) FROM i{n}) = {rows}"));
+            }
             Shape::Insert { columns, rows } => {
                 ctes.push(format!(
                     "i{n} AS ({})",
@@ -942,7 +959,7 @@ mod tests {
         let guarded = map.guarded(write, Some(&old), &[], 7, 123);
         // Five parameters before the parts; the insert's four, the guarded write's two
         // shared and five of its row.
-        let (ctes, check) = combined_ctes(&[(&map, &insert), (&map, &guarded)], 5);
+        let (ctes, check) = combined_ctes(&[(&map, &insert), (&map, &guarded)], 5, false);
         assert!(
             ctes.starts_with(
                 r#"i0 AS (INSERT INTO "public"."pos_order" ("id", "name") VALUES ($6, $7), ($8, $9)), v1 (s1, s2, k1, o1, o2) AS (VALUES ($12::integer, $13::text, $14::integer, $15::text, $16::text)), w1 AS (UPDATE "public"."pos_order" t SET "id" = v1.s1, "name" = v1.s2 FROM v1 WHERE t."id" = v1.k1 AND ((pg_xact_commit_timestamp_origin(t.xmin)).roident = $10::oid OR (NOT coalesce("#
@@ -960,8 +977,21 @@ mod tests {
         assert!(map.sql(&guarded.shape).starts_with(
             r#"WITH v (s1, s2, k1, o1, o2) AS (VALUES ($3::integer, $4::text, $5::integer, $6::text, $7::text)), w AS (UPDATE"#
         ));
-        let (_, check) = combined_ctes(&[(&map, &insert)], 5);
+        let (_, check) = combined_ctes(&[(&map, &insert)], 5, false);
         assert_eq!(check, "true", "inserts fail by themselves");
+        // On one of several sessions every part is read by the check, so that what
+        // waits on it (the order lock) comes after them.
+        let (ctes, check) = combined_ctes(&[(&map, &insert), (&map, &guarded)], 5, true);
+        assert!(
+            ctes.starts_with(
+                r#"i0 AS (INSERT INTO "public"."pos_order" ("id", "name") VALUES ($6, $7), ($8, $9) RETURNING 1), v1 "#
+            ),
+            "{ctes}"
+        );
+        assert_eq!(
+            check,
+            "(SELECT count(*) FROM i0) = 2 AND (SELECT count(*) FROM w1) = 1"
+        );
     }
 
     #[test]
