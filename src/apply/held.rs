@@ -7,8 +7,8 @@
 //! PostgreSQL runs as a transaction of its own (an implicit one: no `BEGIN`, no
 //! `COMMIT`). The target thus answers one request per such transaction instead of four
 //! to seven, and the sidecar sends one. On one of several sessions (parallel apply) the
-//! statement also waits for the predecessor's order lock and sets up the origin first,
-//! and the origin is reset and the lock released by one more request after it
+//! statement, once it has written the runs, also waits for the predecessor's order lock
+//! and sets up the origin, and one more request resets the origin and releases the lock
 //! ([decision 0011](../../docs/decisions/0011-parallel-apply.md)).
 //!
 //! Anything else the transaction needs (a run on a row a held run writes, or on a table

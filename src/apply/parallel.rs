@@ -18,7 +18,8 @@
 //! (`source_lsn = previous`) then fails if the predecessor rolled back. The successor's
 //! commit is held in the sidecar until the predecessor's lock is granted (at most
 //! [`ORDER_WAIT`]). So progress, origins and exactly-once stay what they are with one
-//! session.
+//! session. A small transaction is held on its session too (`apply::held`): its rows,
+//! the wait, the origin set-up and the progress in one statement, in that order.
 //!
 //! The write-set bookkeeping ([`WriteSet`], [`InFlight`], [`place`]) and the choice of
 //! the error to report ([`root_failure`]) are pure and tested without a server.
