@@ -362,16 +362,14 @@ impl ApplyWorker {
         )
         .await?;
         if let Some(own) = own {
-            // As after a COMMIT (`commit_ordered`): the origin is reset before the lock
-            // goes, so the successor, which waits for the lock, can set it up.
+            // As after a COMMIT (`commit_ordered`): the origin is reset, then the lock
+            // released.
+            let release = self.order_statements().await?.unlock;
             let client = self.client.clone();
-            let sql = format!(
-                "{} FROM (SELECT pg_replication_origin_session_reset()) r",
-                own.unlock_sql()
-            );
+            let (link, seq) = own.key_pair();
             let what = "resetting the origin and releasing the order lock";
             self.push(Tag::Other { what }, 64, async move {
-                client.batch_execute(&sql).await.map(|_| 0)
+                client.execute(&release, &[&link, &seq]).await
             })
             .await?;
         }

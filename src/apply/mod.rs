@@ -183,6 +183,16 @@ pub struct ApplyWorker {
     /// Each origin known to exist here, by name, with its `roident` (the guarded fast
     /// path compares it with a row's last writer).
     origin_ids: HashMap<String, u32>,
+    /// Parallel apply: a held transaction's order lock, taken alone, and its release with
+    /// the origin's reset, prepared at the first one.
+    order_statements: Option<OrderStatements>,
+}
+
+/// See [`ApplyWorker::order_statements`].
+#[derive(Clone)]
+struct OrderStatements {
+    lock: Statement,
+    unlock: Statement,
 }
 
 /// An answer parallel apply's coordinator waits for ([`ApplyWorker::on_answer`]).
@@ -310,6 +320,7 @@ impl ApplyWorker {
             held_lock: None,
             origin_at_commit: false,
             origin_ids: HashMap::new(),
+            order_statements: None,
         })
     }
 
@@ -435,25 +446,58 @@ impl ApplyWorker {
                 self.send_batch("BEGIN".into(), "opening the target transaction")
                     .await?
             }
+            Some(lock) if hold => {
+                self.held_lock = Some(lock);
+                let take = self.order_statements().await?.lock;
+                let client = self.client.clone();
+                let (link, seq) = lock.key_pair();
+                self.send(Tag::Locked { seq: lock.seq }, 64, async move {
+                    client.execute(&take, &[&link, &seq]).await
+                })
+                .await?;
+                self.held = Some(Default::default());
+            }
             Some(lock) => {
                 self.held_lock = Some(lock);
                 let client = self.client.clone();
-                let sql = match hold {
-                    true => lock.lock_sql(),
-                    false => format!("BEGIN; {}", lock.lock_sql()),
-                };
+                let sql = format!("BEGIN; {}", lock.lock_sql());
                 self.send(Tag::Locked { seq: lock.seq }, 64, async move {
                     client.batch_execute(&sql).await.map(|_| 0)
                 })
                 .await?;
-                if hold {
-                    self.held = Some(Default::default());
-                }
             }
         }
         self.open = Some(txn.clone());
         self.rows_in_txn = 0;
         Ok(())
+    }
+
+    /// Parallel apply: the statements that take a held transaction's order lock (`$1`,
+    /// `$2`: its keys) and release it after the origin's reset, prepared once.
+    async fn order_statements(&mut self) -> Result<OrderStatements, ApplyError> {
+        if let Some(s) = &self.order_statements {
+            return Ok(s.clone());
+        }
+        // Direct requests wait for everything in flight (see `begin`).
+        self.flush().await?;
+        let lock = self
+            .client
+            .prepare("SELECT pg_advisory_lock($1::int4, $2::int4)")
+            .await
+            .map_err(SqlError::of("preparing the order lock"))?;
+        // The origin is reset before the lock goes (the subquery runs first), so the
+        // successor, which waits for the lock, can set it up.
+        let unlock = self
+            .client
+            .prepare(
+                "SELECT pg_advisory_unlock($1::int4, $2::int4) \
+                 FROM (SELECT pg_replication_origin_session_reset()) r",
+            )
+            .await
+            .map_err(SqlError::of("preparing the release of the order lock"))?;
+        let s = OrderStatements { lock, unlock };
+        self.order_statements = Some(s.clone());
+        Ok(s)
     }
 
     async fn send_batch(&mut self, sql: String, what: &'static str) -> Result<(), ApplyError> {
