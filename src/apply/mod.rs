@@ -1055,9 +1055,15 @@ fn progress_ctes() -> String {
 const PROGRESS_PARAMS: usize = 5;
 
 /// [`progress_ctes`] for a held transaction applied on one of several sessions, in the
-/// statement that is the whole transaction (decision 0011). First the wait for the
-/// predecessor's order lock (`w`), then the author's origin set up on this session
-/// (`s`): the progress update and the origin's commit read `s`, so they come after both.
+/// statement that is the whole transaction (decision 0011). Each step reads the one
+/// before, so they run in this order:
+/// - CTE `after`, whose boolean column `ok` checks every write of the transaction (so
+///   the writes come first);
+/// - the wait for the predecessor's order lock (`w`; its first key is offset by `0 *`
+///   `after.ok`);
+/// - the author's origin set up on this session (`s`);
+/// - the progress update (`m`, `u`) and the origin's commit (`o`), both reading `s`.
+///
 /// The statement's snapshot may be older than the predecessor's commit, so the update
 /// (`m`) finds the link's row by its key alone and moves the progress only if it is the
 /// previous one; `u` has a row if it moved. PostgreSQL computes the values written from
@@ -1065,9 +1071,6 @@ const PROGRESS_PARAMS: usize = 5;
 /// a row updated meanwhile): the progress moves if the predecessor committed, and if it
 /// rolled back it does not and the statement divides by zero. (A guard that divided by
 /// zero in the update itself would fail on the older version, before the re-read.)
-/// The wait comes after the transaction's own writes: its first key is offset by `0 *`
-/// the boolean column `ok` of CTE `after` (the check of every write), so PostgreSQL
-/// computes that first.
 /// Parameters: [`progress_params`], then [`order_params`].
 fn ordered_progress_ctes(after: &str) -> String {
     format!(
