@@ -694,6 +694,12 @@ async fn catch_up(b: &Bench, n: usize, backlog: Backlog, r: &mut Rounds) -> Resu
     };
     let mark = mark.as_deref();
     let new_rows = (txns * txn_rows) as f64;
+    // A checkpoint logs the running transactions, as PostgreSQL does by itself every 15 s
+    // of activity: a slot's restart point can move only past such a record. A backlog
+    // written in seconds has none, so without it each round's walsenders would decode
+    // every earlier round's backlog again before the new one (both kinds alike; the
+    // first row came later and the CPU grew with each round).
+    sql(&b.source, "CHECKPOINT").await?;
 
     // Native first, then walsync: one kind at a time, so they do not compete for the cores.
     let t0 = Instant::now();
