@@ -3,8 +3,7 @@
 //! sent as few multi-row statements (`UPDATE … FROM (VALUES …)`), never waited for one
 //! by one.
 
-use std::collections::HashSet;
-
+use super::fast_hash::FastSet;
 use super::pipeline::Tag;
 use super::{ApplyError, ApplyWorker, Mapped};
 use crate::merge::statements::{batch_sizes, RowWrite, Shape};
@@ -28,7 +27,7 @@ pub(super) struct GuardedRun {
     rows: usize,
     /// The keys of the rows the run's changes find or write: a change naming one of them
     /// comes after the run is sent.
-    keys: HashSet<Vec<Value>>,
+    keys: FastSet<Vec<Value>>,
 }
 
 impl ApplyWorker {

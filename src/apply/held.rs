@@ -24,10 +24,9 @@
 //! mode), so no part can see or miss what another wrote. A part that fails (an insert meets a key, a guarded write finds its row
 //! changed) fails the statement and so the transaction: it is applied again carefully.
 
-use std::collections::HashMap;
-
 use tokio_postgres::Statement;
 
+use super::fast_hash::{FastMap, FastSet};
 use super::guarded::GuardedRun;
 use super::inserts::InsertRun;
 use super::pipeline::Tag;
@@ -145,15 +144,15 @@ impl Held {
 /// transaction costs no statement the server keeps.
 pub(super) struct Combined<S = Statement> {
     /// Each prepared statement with when it was last used.
-    prepared: HashMap<Vec<(u32, Shape)>, (S, u64)>,
-    seen_once: std::collections::HashSet<Vec<(u32, Shape)>>,
+    prepared: FastMap<Vec<(u32, Shape)>, (S, u64)>,
+    seen_once: FastSet<Vec<(u32, Shape)>>,
     uses: u64,
 }
 
 impl<S> Default for Combined<S> {
     fn default() -> Self {
         Combined {
-            prepared: HashMap::new(),
+            prepared: Default::default(),
             seen_once: Default::default(),
             uses: 0,
         }
@@ -328,6 +327,11 @@ impl ApplyWorker {
         relations.sort_unstable();
         relations.dedup();
         let mut params = super::progress_params(&self.link, txn, end_lsn, previous);
+        // Room for every value at once, not regrown (and copied) part after part.
+        params.reserve(
+            super::ORDERED_PROGRESS_PARAMS
+                + parts.iter().map(|(_, w, _)| w.params.len()).sum::<usize>(),
+        );
         // Parallel apply: the order lock waited for is the predecessor's, or, when that
         // ran on this session, this transaction's own (granted at once to its holder).
         let own = match self.origin_at_commit {

@@ -77,10 +77,13 @@ impl ApplyWorker {
             matches!(&self.run, Some(run) if run.mapped.id == id && run.columns == columns);
         if !same_run {
             self.end_runs().await?;
+            // Room for as many rows as the run before had: runs of a backlog are alike,
+            // so the values are not regrown (and copied) row after row.
+            let rows = self.last_run_rows.clamp(1, SMALL_RUN_ROWS);
             self.run = Some(InsertRun {
                 mapped: m.clone(),
                 columns: columns.to_vec(),
-                values: Vec::new(),
+                values: Vec::with_capacity(rows * columns.len()),
                 rows: 0,
                 copy: BytesMut::new(),
             });
@@ -89,6 +92,7 @@ impl ApplyWorker {
         if run.copy.is_empty() {
             m.insert_values(&ins.new, &mut run.values)?;
             run.rows += 1;
+            self.last_run_rows = run.rows;
             self.rows_in_txn += 1;
             if run.rows >= SMALL_RUN_ROWS {
                 let mut copy = BytesMut::new();

@@ -30,6 +30,7 @@ mod ddl;
 pub(crate) use ddl::run_captured_ddl;
 mod dropped;
 mod durability;
+mod fast_hash;
 mod guarded;
 mod held;
 mod inserts;
@@ -126,8 +127,8 @@ impl ApplyError {
 pub struct ApplyWorker {
     client: Arc<Client>,
     link: String,
-    relations: HashMap<u32, RelationEntry>,
-    statements: HashMap<(u32, Shape), Statement>,
+    relations: fast_hash::FastMap<u32, RelationEntry>,
+    statements: fast_hash::FastMap<(u32, Shape), Statement>,
     /// Reads the target's catalog for a relation's map (its queries prepared here).
     catalog: catalog::CatalogReader,
     session_origin: Option<String>,
@@ -137,6 +138,8 @@ pub struct ApplyWorker {
     /// Which confirmed commits are flushed on the target.
     durability: Durability,
     run: Option<InsertRun>,
+    /// Rows of the insert run made last (a new run makes room for as many).
+    last_run_rows: usize,
     /// Guarded updates or deletes not sent yet (at most one of `run` and this is pending).
     guarded_run: Option<guarded::GuardedRun>,
     /// The runs of the open transaction kept back until its commit, while it is held
@@ -182,7 +185,7 @@ pub struct ApplyWorker {
     origin_at_commit: bool,
     /// Each origin known to exist here, by name, with its `roident` (the guarded fast
     /// path compares it with a row's last writer).
-    origin_ids: HashMap<String, u32>,
+    origin_ids: fast_hash::FastMap<String, u32>,
     /// Parallel apply: a held transaction's order lock, taken alone, and its release with
     /// the origin's reset, prepared at the first one.
     order_statements: Option<OrderStatements>,
@@ -290,8 +293,8 @@ impl ApplyWorker {
         Ok(ApplyWorker {
             client: Arc::new(client),
             link,
-            relations: HashMap::new(),
-            statements: HashMap::new(),
+            relations: Default::default(),
+            statements: Default::default(),
             catalog: Default::default(),
             session_origin: None,
             open: None,
@@ -299,6 +302,7 @@ impl ApplyWorker {
             pipeline: Pipeline::default(),
             durability: Durability::default(),
             run: None,
+            last_run_rows: 0,
             guarded_run: None,
             held: None,
             combined: Default::default(),
@@ -319,7 +323,7 @@ impl ApplyWorker {
             on_answer: None,
             held_lock: None,
             origin_at_commit: false,
-            origin_ids: HashMap::new(),
+            origin_ids: Default::default(),
             order_statements: None,
         })
     }

@@ -317,7 +317,7 @@ pub struct Parallel {
     /// A connection of its own to the target, to read the tables' keys.
     catalog: Client,
     catalog_reader: catalog::CatalogReader,
-    relations: HashMap<u32, Rel>,
+    relations: super::fast_hash::FastMap<u32, Rel>,
     policies: HashMap<(String, String), TablePolicy>,
     open: Option<Open>,
     link_lock: i32,
@@ -380,7 +380,7 @@ impl Parallel {
             reports,
             catalog,
             catalog_reader: Default::default(),
-            relations: HashMap::new(),
+            relations: Default::default(),
             policies: tables.iter().map(|t| (t.qualified(), t.clone())).collect(),
             open: None,
             link_lock: h.finish() as i32,

@@ -28,8 +28,9 @@ pub(super) struct RelationEntry {
     /// at the next change, and the map and its statements are kept only if the table is
     /// as it was.
     pub(super) stale: bool,
-    /// How its conflicts are decided (from the table policy, set with the map).
-    pub(super) policy: RelationPolicy,
+    /// How its conflicts are decided (from the table policy, set with the map); shared,
+    /// as every change of the relation reads it.
+    pub(super) policy: Arc<RelationPolicy>,
     /// What this node dropped of it (found with the map): its changes are recorded, not
     /// applied, for the dropped part.
     pub(super) gone: Gone,
@@ -131,7 +132,7 @@ impl ApplyWorker {
             rel.id,
             RelationEntry {
                 travels: travels(&self.policies, &rel),
-                policy: RelationPolicy::default(),
+                policy: Default::default(),
                 gone: Gone::Nothing,
                 source: rel,
                 map: None,
@@ -223,7 +224,7 @@ impl ApplyWorker {
         if let Some(e) = self.relations.get_mut(&relation_id) {
             e.map = Some(map);
             e.stale = false;
-            e.policy = policy;
+            e.policy = Arc::new(policy);
             e.gone = gone;
         }
         Ok(target)
@@ -290,7 +291,7 @@ impl ApplyWorker {
         }
     }
 
-    pub(super) fn policy_of(&self, relation_id: u32) -> RelationPolicy {
+    pub(super) fn policy_of(&self, relation_id: u32) -> Arc<RelationPolicy> {
         self.relations
             .get(&relation_id)
             .map(|e| e.policy.clone())

@@ -301,12 +301,17 @@ impl RelationMap {
         origin_id: u32,
         commit_time_us: i64,
     ) -> RowWrite {
-        let mut params = vec![Value::Text(origin_id.to_string().into())];
+        let old_len = match old {
+            Some(OldTuple::Full(old)) => old.0.len(),
+            _ => 0,
+        };
+        let mut params = Vec::with_capacity(2 + write.params.len() + old_len);
+        params.push(Value::Text(origin_id.to_string().into()));
         let compared = match old {
             Some(OldTuple::Full(old)) if !old.0.iter().any(|v| matches!(v, Value::Binary(_))) => {
                 params.push(Value::Text(commit_time_us.to_string().into()));
                 params.extend(write.params);
-                let mut columns = Vec::new();
+                let mut columns = Vec::with_capacity(old_len);
                 for (i, v) in old.0.iter().enumerate() {
                     if matches!(v, Value::UnchangedToast) || unsent.contains(&i) {
                         continue;
