@@ -9,8 +9,8 @@
 //! It is used only where that costs nothing worth having: keys nobody writes (relation
 //! ids, which the upstream's PostgreSQL assigns; origin names, from the configuration;
 //! statement shapes, which the applier makes from a relation's columns) and sets bounded
-//! by a small constant (the row keys of one run of at most 128 changes,
-//! where even all-colliding keys cost a few thousand comparisons).
+//! by a small constant (the row keys of one run of at most 128 changes, where even keys
+//! that all collide cost a few thousand comparisons).
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};

@@ -327,9 +327,10 @@ impl ApplyWorker {
         relations.sort_unstable();
         relations.dedup();
         let mut params = super::progress_params(&self.link, txn, end_lsn, previous);
-        // Room for every value at once, not regrown (and copied) part after part.
+        // Room for every value at once (the order lock's too, if any), not regrown (and
+        // copied) part after part.
         params.reserve(
-            super::ORDERED_PROGRESS_PARAMS
+            (super::ORDERED_PROGRESS_PARAMS - params.len())
                 + parts.iter().map(|(_, w, _)| w.params.len()).sum::<usize>(),
         );
         // Parallel apply: the order lock waited for is the predecessor's, or, when that
