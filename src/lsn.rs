@@ -17,7 +17,7 @@ impl Lsn {
 }
 
 impl fmt::Display for Lsn {
-    /// `{:X}/{:X}` of the two halves, written out by hand: the applier prints two LSNs
+    /// `{:X}/{:X}` of the two halves, written out by hand: the applier prints three LSNs
     /// per applied transaction, and the formatting machinery cost ~1,000 instructions each.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut buf = [0u8; 17];
