@@ -682,18 +682,19 @@ pub fn combined_ctes(
     let mut first = first;
     for (n, (map, write)) in parts.iter().enumerate() {
         match &write.shape {
-            Shape::Insert { columns, rows } if every_part_checked => {
-                ctes.push(format!(
-                    "i{n} AS ({} RETURNING 1)",
-                    map.insert_sql(columns, *rows, first)
-                ));
-                checks.push(format!("(SELECT count(*) FROM i{n}) = {rows}"));
-            }
             Shape::Insert { columns, rows } => {
+                let returning = if every_part_checked {
+                    " RETURNING 1"
+                } else {
+                    ""
+                };
                 ctes.push(format!(
-                    "i{n} AS ({})",
+                    "i{n} AS ({}{returning})",
                     map.insert_sql(columns, *rows, first)
                 ));
+                if every_part_checked {
+                    checks.push(format!("(SELECT count(*) FROM i{n}) = {rows}"));
+                }
             }
             Shape::Guarded {
                 write,
