@@ -75,6 +75,24 @@ impl LinkRun {
     pub fn pushes(self) -> bool {
         matches!(self, LinkRun::Push | LinkRun::Both)
     }
+    /// What the peer's config says of us so that every link with it runs exactly once:
+    /// we run both, it runs none; we pull, it pulls the other direction.
+    pub fn counterpart(self) -> LinkRun {
+        match self {
+            LinkRun::Both => LinkRun::None,
+            LinkRun::None => LinkRun::Both,
+            same => same,
+        }
+    }
+    /// The word the config file uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkRun::Pull => "pull",
+            LinkRun::Push => "push",
+            LinkRun::Both => "both",
+            LinkRun::None => "none",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

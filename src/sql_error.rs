@@ -30,4 +30,25 @@ impl SqlError {
         let what = what.into();
         move |source| SqlError { what, source }
     }
+
+    /// Wraps a failure of a statement on walsync's own tables (for `map_err`). Only when
+    /// the server says the table or schema is missing does the message point at
+    /// `walsync init`; a lost connection or any other error is shown as it is.
+    pub fn of_bookkeeping(
+        what: impl Into<String>,
+    ) -> impl FnOnce(tokio_postgres::Error) -> SqlError {
+        use tokio_postgres::error::SqlState;
+        let what = what.into();
+        move |source| {
+            let missing = source.code().is_some_and(|c| {
+                *c == SqlState::UNDEFINED_TABLE || *c == SqlState::INVALID_SCHEMA_NAME
+            });
+            let what = if missing {
+                format!("{what}: walsync's tables are missing here; run walsync init with this node's config")
+            } else {
+                what
+            };
+            SqlError { what, source }
+        }
+    }
 }

@@ -200,3 +200,196 @@ fn a_join_that_stopped_halfway_is_refused_until_restarted() {
         "the partial table was replaced by the copy"
     );
 }
+
+/// The operator's path of docs/operations.md and docs/security.md, as written: init as a
+/// superuser with `--grant-to`, sidecars as the unprivileged role, a branch joined with
+/// `join --grant-to`, main's config told of it as join prints, then `remove-node`.
+///
+/// The sequences main partitioned at init and never used (`is_called = false`, which
+/// `pg_sequences.last_value` shows as NULL) arrive on the joined node in main's class:
+/// join must restart every one of them for the new node before its first insert.
+#[test]
+fn a_branch_joined_with_least_privilege_hands_out_its_own_ids_and_its_removal_reaches_it() {
+    const SCHEMA: &str = "
+        CREATE TABLE app_user (id serial PRIMARY KEY, login text NOT NULL);
+        CREATE SEQUENCE ir_sequence_001;";
+    let prepare = |pg: &LocalCluster| {
+        pg.psql("CREATE ROLE shop LOGIN; GRANT CREATE ON SCHEMA public TO shop")
+            .unwrap();
+        pg.psql(&format!("SET ROLE shop; {RETAIL_SCHEMA} {SCHEMA}"))
+            .unwrap();
+    };
+    let mut c = TestCluster::new_in(
+        "join-least-privilege",
+        Topology::Star,
+        &["main", "branch1"],
+        "postgres",
+        &prepare,
+        "",
+    );
+    for n in &c.nodes {
+        n.sql("CREATE ROLE walsync LOGIN");
+        let (ok, out) = n.walsync(&["init", "--grant-to", "walsync"]);
+        assert!(ok, "{out}");
+    }
+    for n in &mut c.nodes {
+        let text = std::fs::read_to_string(&n.config).unwrap();
+        std::fs::write(&n.config, text.replace("user=postgres", "user=walsync")).unwrap();
+    }
+    c.start();
+    // Main has customers; every other sequence it partitioned at init was never called.
+    c.node("main")
+        .sql("INSERT INTO partner (name) SELECT 'partner ' || g FROM generate_series(1, 20) g");
+    c.wait_converged("partner");
+
+    // The new branch: the roles the copied objects belong to, and the sidecar's role.
+    let pg = LocalCluster::start(&c.dir.join("branch2"), "branch2").expect("start branch2");
+    pg.psql("CREATE ROLE shop LOGIN; CREATE ROLE walsync LOGIN")
+        .unwrap();
+    let config = c.dir.join("branch2.toml");
+    let main_as_walsync = c
+        .node("main")
+        .pg
+        .dsn()
+        .replace("user=postgres", "user=walsync");
+    std::fs::write(
+        &config,
+        format!(
+            "[cluster]\ntopology = \"star\"\nhub = \"main\"\n\n[node]\nname = \"branch2\"\nid = 3\ndsn = \"{}\"\n\n\
+             [apply]\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\n\
+             [[peers]]\nname = \"main\"\nid = 1\ndsn = \"{main_as_walsync}\"\nlinks = \"both\"\n",
+            pg.dsn(),
+        ),
+    )
+    .unwrap();
+    // The new node's DSN is a superuser's for the join; main's is the sidecar's role.
+    let (ok, joined) = walsync(&[
+        "join",
+        "--config",
+        config.to_str().unwrap(),
+        "--grant-to",
+        "walsync",
+    ]);
+    assert!(ok, "walsync join failed:\n{joined}");
+    assert!(
+        joined.contains("GRANT \"shop\" TO \"walsync\"") && joined.contains("granted walsync"),
+        "join --grant-to grants the sidecar's role its rights:\n{joined}"
+    );
+    assert!(
+        joined.contains("[[peers]]\nname = \"branch2\"\nid = 3")
+            && joined.contains("links = \"none\""),
+        "join prints what main's config must say:\n{joined}"
+    );
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replacen("user=postgres", "user=walsync", 1)).unwrap();
+    // Main's config told of the new branch as join printed (branch2 runs both links).
+    let main_config = c.node("main").config.clone();
+    let mut main_text = std::fs::read_to_string(&main_config).unwrap();
+    main_text.push_str(&format!(
+        "\n[[peers]]\nname = \"branch2\"\nid = 3\ndsn = \"{}\"\nlinks = \"none\"\n",
+        pg.dsn().replace("user=postgres", "user=walsync")
+    ));
+    std::fs::write(&main_config, main_text).unwrap();
+    c.node_mut("main").stop_sidecar();
+    c.node_mut("main").start_sidecar();
+    c.nodes.push(Node {
+        name: "branch2".into(),
+        id: 3,
+        pg,
+        config: config.clone(),
+        sidecar: None,
+        netns: None,
+        sidecar_env: Vec::new(),
+    });
+
+    // Before its sidecar even starts, every sequence hands out branch2's ids: the
+    // new node's first insert can never take an id main will hand out too.
+    let b2 = c.node("branch2");
+    let (_, status) = b2.walsync(&["status", "--json"]);
+    let report: serde_json::Value =
+        serde_json::from_str(&status).unwrap_or_else(|e| panic!("{e}: {status}"));
+    let sequences = report["sequences"].as_array().unwrap();
+    assert_eq!(sequences.len(), 6, "{status}");
+    for s in sequences {
+        assert_eq!(s["partitioned"], true, "{s}");
+        assert_eq!(s["next"].as_i64().unwrap() % 16, 3, "{s}");
+    }
+    assert!(
+        !report["problems"].to_string().contains("sequence"),
+        "{status}"
+    );
+
+    c.node_mut("branch2").start_sidecar();
+    // Every sequence: first on the new branch, then on main.
+    let sell = |node: &str, tag: &str| {
+        c.node(node).sql(&format!(
+            "SET SESSION AUTHORIZATION shop;
+             INSERT INTO app_user (login) VALUES ('{tag}');
+             INSERT INTO product (name, price) VALUES ('{tag}', 1);
+             INSERT INTO partner (name) VALUES ('{tag}');
+             WITH o AS (INSERT INTO pos_order (name, partner_id, amount_total)
+                        SELECT '{tag}', id, 1 FROM partner WHERE name = '{tag}' RETURNING id)
+             INSERT INTO pos_order_line (order_id, product_id, qty, price_unit)
+             SELECT o.id, p.id, 1, 1 FROM o, product p WHERE p.name = '{tag}';
+             SELECT nextval('ir_sequence_001');"
+        ))
+    };
+    let b2_counter = sell("branch2", "branch2/first");
+    let main_counter = sell("main", "main/after");
+    assert_eq!(
+        b2_counter.lines().last().unwrap().parse::<i64>().unwrap() % 16,
+        3,
+        "{b2_counter}"
+    );
+    assert_eq!(
+        main_counter.lines().last().unwrap().parse::<i64>().unwrap() % 16,
+        1,
+        "{main_counter}"
+    );
+    for t in [
+        "app_user",
+        "product",
+        "partner",
+        "pos_order",
+        "pos_order_line",
+    ] {
+        c.wait_converged(t);
+        let main = c.node("main");
+        assert_eq!(
+            main.sql(&format!(
+                "SELECT string_agg(DISTINCT (id % 16)::text, ',' ORDER BY (id % 16)::text) FROM {t}"
+            )),
+            "1,3",
+            "{t}: main's rows in main's class, branch2's in branch2's"
+        );
+    }
+    for n in &c.nodes {
+        assert_eq!(n.count("walsync.conflicts"), 0, "{}", n.name);
+    }
+
+    // Removal from main reaches the joined node through main's config: its status says so.
+    c.node_mut("branch2").stop_sidecar();
+    let (ok, removed) = walsync(&[
+        "remove-node",
+        "--config",
+        main_config.to_str().unwrap(),
+        "branch2",
+    ]);
+    assert!(
+        ok && removed.contains("branch2: recorded its removal there too"),
+        "{removed}"
+    );
+    let (ok, status) = c.node("branch2").walsync(&["status"]);
+    assert!(
+        !ok && status.contains("node branch2 was removed from the cluster"),
+        "{status}"
+    );
+    // A joined node main's config never listed holds no record of its own; its status
+    // still finds the removal on main.
+    c.node("branch2").sql("DELETE FROM walsync.removed_nodes");
+    let (ok, status) = c.node("branch2").walsync(&["status"]);
+    assert!(
+        !ok && status.contains("node branch2 was removed from the cluster"),
+        "{status}"
+    );
+}

@@ -867,7 +867,7 @@ impl ApplyWorker {
                     ],
                 )
                 .await
-                .map_err(SqlError::of("preparing the conflict record (has walsync init run on this node?)"))?;
+                .map_err(SqlError::of_bookkeeping("preparing the conflict record"))?;
             self.record_conflict = Some(stmt);
         }
         let stmt = self.record_conflict.clone().expect("prepared above");

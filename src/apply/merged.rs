@@ -794,9 +794,9 @@ impl ApplyWorker {
     pub(super) async fn reload_merged(&mut self) -> Result<(), ApplyError> {
         self.flush_runs().await?;
         self.flush().await?;
-        let (loaded, count) = load(&self.client).await.map_err(SqlError::of(
-            "reading walsync.merged_keys (has walsync init run on this node?)",
-        ))?;
+        let (loaded, count) = load(&self.client)
+            .await
+            .map_err(SqlError::of_bookkeeping("reading walsync.merged_keys"))?;
         let mut map = self
             .merged
             .lock()

@@ -282,7 +282,7 @@ impl ApplyWorker {
                 &[&link],
             )
             .await
-            .map_err(SqlError::of("creating the link's progress row (has walsync init run on this node?)"))?;
+            .map_err(SqlError::of_bookkeeping("creating the link's progress row"))?;
         let record_progress = client
             .prepare(&format!(
                 "WITH {} SELECT 1 / count(*)::int FROM u, o",
@@ -338,9 +338,7 @@ impl ApplyWorker {
                 &[&self.link],
             )
             .await
-            .map_err(SqlError::of(
-                "reading walsync.link_progress (has walsync init run on this node?)",
-            ))?;
+            .map_err(SqlError::of_bookkeeping("reading walsync.link_progress"))?;
         let lsn = match row {
             Some(r) => r.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO),
             None => Lsn::ZERO,

@@ -130,28 +130,15 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
                 println!("no conflicts on node {}", me.name);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!(
-                "{:>6}  {:<26}  {:<22}  {:<24}  {:<14}  {:<16}  key",
-                "id", "detected", "kind", "table", "outcome", "winner"
-            );
+            let mut table = vec![[
+                "id", "detected", "kind", "table", "outcome", "winner", "key",
+            ]
+            .map(String::from)];
             for r in &rows {
-                let j = row_json(r);
-                let outcome = j["outcome"].as_str().and_then(Outcome::parse);
-                let winner = match outcome.and_then(Outcome::remote_won) {
-                    Some(true) => j["remote_origin"].as_str().unwrap_or("").to_string(),
-                    Some(false) => j["local_origin"].as_str().unwrap_or("").to_string(),
-                    None => "-".to_string(),
-                };
-                super::print_out(&format!(
-                    "{:>6}  {:<26}  {:<22}  {:<24}  {:<14}  {:<16}  {}",
-                    j["id"],
-                    j["detected_at"].as_str().unwrap_or(""),
-                    j["kind"].as_str().unwrap_or(""),
-                    j["table"].as_str().unwrap_or(""),
-                    j["outcome"].as_str().unwrap_or(""),
-                    winner.trim_start_matches("walsync_"),
-                    j["key"]
-                ));
+                table.push(list_line(&row_json(r)));
+            }
+            for line in aligned(&table) {
+                super::print_out(&line);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -163,10 +150,14 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
                 )
                 .await?
                 .ok_or_else(|| format!("no conflict {id} on node {}", me.name))?;
-            println!("{}", serde_json::to_string_pretty(&row_json(&row))?);
+            let j = row_json(&row);
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&j)?);
+            } else {
+                super::print_out(&show_text(&j));
+            }
             Ok(ExitCode::SUCCESS)
         }
-        ConflictsAction::Reapply { id } => reapply(&mut client, id).await,
         ConflictsAction::Resolve { id } => {
             let n = client
                 .execute(
@@ -181,7 +172,118 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
             println!("conflict {id}: marked settled; nothing was written");
             Ok(ExitCode::SUCCESS)
         }
+        ConflictsAction::Reapply { id } => reapply(&mut client, id).await,
     }
+}
+
+/// One conflict as a line of the list: the outcome says when the losing version was
+/// written again (`reapply`) or a parked row settled by hand (`resolve`).
+fn list_line(j: &Json) -> [String; 7] {
+    let text = |v: &Json| v.as_str().unwrap_or("").to_string();
+    let outcome = j["outcome"].as_str().and_then(Outcome::parse);
+    let winner = match outcome.and_then(Outcome::remote_won) {
+        Some(true) => text(&j["remote_origin"]),
+        Some(false) => text(&j["local_origin"]),
+        None => "-".to_string(),
+    };
+    let mut outcome_text = text(&j["outcome"]);
+    if j["reapplied_at"].is_string() {
+        outcome_text.push_str(if outcome == Some(Outcome::Parked) {
+            ", settled"
+        } else {
+            ", reapplied"
+        });
+    }
+    [
+        j["id"].to_string(),
+        text(&j["detected_at"]),
+        text(&j["kind"]),
+        text(&j["table"]),
+        outcome_text,
+        winner.trim_start_matches("walsync_").to_string(),
+        j["key"].to_string(),
+    ]
+}
+
+/// Lines of cells padded to each column's widest cell (the id column right-aligned, the
+/// last one left as it is).
+fn aligned<const N: usize>(rows: &[[String; N]]) -> Vec<String> {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    rows.iter()
+        .map(|row| {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                let pad = widths[i].saturating_sub(cell.chars().count());
+                match i {
+                    0 => line.push_str(&format!("{}{cell}", " ".repeat(pad))),
+                    _ if i + 1 == N => line.push_str(cell),
+                    _ => line.push_str(&format!("{cell}{}", " ".repeat(pad))),
+                }
+                if i + 1 < N {
+                    line.push_str("  ");
+                }
+            }
+            line
+        })
+        .collect()
+}
+
+/// One conflict for a person: what happened, then each side's row, one column a line.
+fn show_text(j: &Json) -> String {
+    let text = |v: &Json| v.as_str().unwrap_or("-").to_string();
+    let mut out = format!(
+        "conflict {} on {}, detected {} on link {}\n  kind     {}\n  key      {}\n  rule     {}\n  outcome  {}\n",
+        j["id"],
+        text(&j["table"]),
+        text(&j["detected_at"]),
+        text(&j["link"]),
+        text(&j["kind"]),
+        j["key"],
+        text(&j["rule"]),
+        text(&j["outcome"]),
+    );
+    if let Some(at) = j["reapplied_at"].as_str() {
+        out.push_str(&format!("  reapplied or settled at {at}\n"));
+    }
+    if let Some(d) = j["detail"].as_str() {
+        out.push_str(&format!("  detail   {d}\n"));
+    }
+    for (side, row, origin, time) in [
+        (
+            "this node's row",
+            "local_row",
+            "local_origin",
+            "local_commit_time",
+        ),
+        (
+            "the incoming row",
+            "remote_row",
+            "remote_origin",
+            "remote_commit_time",
+        ),
+    ] {
+        out.push_str(&format!(
+            "\n{side} (written by {}, committed {}):\n",
+            text(&j[origin]).trim_start_matches("walsync_"),
+            text(&j[time])
+        ));
+        match j[row].as_object() {
+            Some(columns) => {
+                let width = columns.keys().map(|k| k.chars().count()).max().unwrap_or(0);
+                for (column, value) in columns {
+                    out.push_str(&format!("  {column:<width$}  {value}\n"));
+                }
+            }
+            None => out.push_str("  (none)\n"),
+        }
+    }
+    out.push_str("\n(--json for the same as JSON)");
+    out
 }
 
 /// Writes the losing image of conflict `id` as a new local write (insert, update or the
@@ -309,4 +411,59 @@ async fn reapply(client: &mut tokio_postgres::Client, id: i64) -> CliResult {
         j["key"]
     );
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conflict(id: i64, outcome: &str, reapplied: bool) -> Json {
+        json!({
+            "id": id, "detected_at": "2026-12-07 21:02:52.123456+00", "link": "main->branch1",
+            "kind": "update_origin_differs", "table": "public.partner", "key": {"id": 17},
+            "local_row": {"id": 17, "name": "alice"}, "local_origin": "walsync_branch1",
+            "local_commit_time": "2026-12-07 21:02:50+00",
+            "remote_row": {"id": 17, "name": "alice b"}, "remote_origin": "walsync_main",
+            "remote_commit_time": "2026-12-07 21:02:51+00", "rule": "last_writer_wins",
+            "outcome": outcome, "reapplied_at": if reapplied { json!("2026-12-07 22:00:00+00") } else { Json::Null },
+            "detail": null,
+        })
+    }
+
+    #[test]
+    fn the_list_keeps_its_columns_aligned_and_marks_what_was_written_again() {
+        let mut table = vec![[
+            "id", "detected", "kind", "table", "outcome", "winner", "key",
+        ]
+        .map(String::from)];
+        table.push(list_line(&conflict(7, "remote_applied", false)));
+        table.push(list_line(&conflict(12345, "local_kept", true)));
+        table.push(list_line(&conflict(8, "parked", true)));
+        let lines = aligned(&table);
+        let kind_at: Vec<usize> = lines
+            .iter()
+            .map(|l| {
+                l.find("update_origin_differs")
+                    .or_else(|| l.find("kind"))
+                    .unwrap()
+            })
+            .collect();
+        assert!(kind_at.windows(2).all(|w| w[0] == w[1]), "{lines:#?}");
+        assert!(lines[1].starts_with("    7  "), "{lines:#?}");
+        assert!(lines[2].contains("local_kept, reapplied") && lines[2].contains("branch1"));
+        assert!(lines[3].contains("parked, settled"));
+        assert!(lines[1].contains("remote_applied ") && !lines[1].contains("reapplied"));
+    }
+
+    #[test]
+    fn show_prints_both_rows_column_by_column() {
+        let text = show_text(&conflict(7, "remote_applied", false));
+        assert!(text.starts_with("conflict 7 on public.partner"), "{text}");
+        assert!(
+            text.contains("this node's row (written by branch1"),
+            "{text}"
+        );
+        assert!(text.contains("the incoming row (written by main"), "{text}");
+        assert!(text.contains("  name  \"alice b\""), "{text}");
+    }
 }

@@ -42,6 +42,10 @@ pub struct JoinArgs {
     /// Drop what an earlier, stopped join copied here and start over.
     #[arg(long)]
     pub restart: bool,
+    /// Grant ROLE what a sidecar needs on the new node once it is set up, as
+    /// `walsync init --grant-to` does, so that its `walsync run` needs no superuser.
+    #[arg(long, value_name = "ROLE")]
+    pub grant_to: Option<String>,
 }
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
@@ -147,6 +151,9 @@ pub async fn run(args: JoinArgs) -> CliResult {
     for a in &report.actions {
         println!("  {a}");
     }
+    if let Some(role) = &args.grant_to {
+        super::init::grant_sidecar_rights(&here, me.name.as_str(), role).await?;
+    }
     here.execute(
         "UPDATE walsync.join_state SET finished_at = now(), start_lsn = $1",
         &[&start],
@@ -156,7 +163,40 @@ pub async fn run(args: JoinArgs) -> CliResult {
         "node {} joined from {}: start its sidecar (walsync run); changes since {start} arrive through slot {slot}",
         me.name, source.name
     );
+    print_source_entry(&config, &source);
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the source's config must say of the new node, so that `remove-node` and
+/// `status --cluster` run there reach it, and each link with it runs exactly once.
+fn print_source_entry(config: &Config, source: &NodeRef) {
+    let me = config.this_node();
+    let Some(links) = config
+        .peer_nodes()
+        .into_iter()
+        .find(|(p, _)| p.name == source.name)
+        .map(|(_, links)| links)
+    else {
+        return;
+    };
+    println!(
+        "\nnow add {} to {}'s config, so that walsync remove-node and status --cluster run there reach it:\n\n\
+         [[peers]]\nname = \"{}\"\nid = {}\ndsn = \"...\"        # how {} reaches {}'s PostgreSQL\n\
+         links = \"{}\"{}\n\n\
+         {}'s sidecar reads it at its next start; until then nothing changes for the links.",
+        me.name,
+        source.name,
+        me.name,
+        me.id,
+        source.name,
+        me.name,
+        links.counterpart().as_str(),
+        match links.counterpart() {
+            crate::config::LinkRun::None => format!("       # {}'s sidecar runs both links", me.name),
+            _ => String::new(),
+        },
+        source.name,
+    );
 }
 
 fn source_node(config: &Config, from: Option<&str>) -> Result<NodeRef, Error> {

@@ -43,6 +43,14 @@ pub async fn run(args: StatusArgs) -> CliResult {
     let client = connect(&me.dsn, "walsync status").await?;
     let mut report = gather(&client, config.cluster.step, config.status.alert_after_s).await?;
     report["setup"] = crate::advice::gather(&client, &config).await?;
+    if let Some(removal) = removal_seen_by_peers(&config).await {
+        let text = json!(removal.to_string());
+        if let Some(problems) = report["problems"].as_array_mut() {
+            if !problems.contains(&text) {
+                problems.push(text);
+            }
+        }
+    }
     let needs_human = report["problems"].as_array().is_some_and(|p| !p.is_empty());
     if args.json {
         super::print_out(&serde_json::to_string_pretty(&report)?);
@@ -56,12 +64,45 @@ pub async fn run(args: StatusArgs) -> CliResult {
     })
 }
 
+/// How long `status` waits for a peer's answer about this node's removal.
+const PEER_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The removal of this node as recorded on any peer this config reaches (a node removed
+/// by `remove-node` on a main whose config did not list it holds no record itself).
+/// Peers that cannot be reached in [`PEER_ASK_TIMEOUT`] are passed over.
+async fn removal_seen_by_peers(config: &Config) -> Option<crate::node::fence::Removal> {
+    let me = config.this_node();
+    let asks = config.peer_nodes().into_iter().map(|(peer, _)| {
+        let name = me.name.to_string();
+        async move {
+            let ask = async {
+                let client = connect(&peer.dsn, "walsync status").await.ok()?;
+                crate::node::fence::removed(&client, &[name.as_str()])
+                    .await
+                    .ok()
+                    .flatten()
+            };
+            tokio::time::timeout(PEER_ASK_TIMEOUT, ask)
+                .await
+                .ok()
+                .flatten()
+        }
+    });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .next()
+}
+
 /// A connection's encryption as the server sees it (`pg_stat_ssl`).
-fn encryption(tls: &Json) -> &'static str {
-    match tls.as_bool() {
-        Some(true) => "tls",
-        Some(false) => "plain",
-        None => "",
+/// `local`: a Unix-socket session, which crosses no network.
+fn encryption(tls: &Json, local: &Json) -> &'static str {
+    match (tls.as_bool(), local.as_bool()) {
+        (Some(true), _) => "tls",
+        (Some(false), Some(true)) => "local",
+        (Some(false), _) => "plain",
+        (None, _) => "",
     }
 }
 
@@ -88,7 +129,7 @@ fn print_text(name: &str, r: &Json) {
             l["transactions"],
             l["last_source_commit"].as_str().unwrap_or("-"),
             offset,
-            encryption(&l["apply_tls"])
+            encryption(&l["apply_tls"], &l["apply_local"])
         );
         if let Some(d) = l["detail"].as_str() {
             println!("      {d}");
@@ -114,7 +155,7 @@ fn print_text(name: &str, r: &Json) {
             s["retained_wal_bytes"],
             s["lag_bytes"],
             s["wal_status"].as_str().unwrap_or(""),
-            encryption(&s["stream_tls"])
+            encryption(&s["stream_tls"], &s["stream_local"])
         );
         if s["spool_segments"].as_i64().unwrap_or(0) > 0 {
             println!(

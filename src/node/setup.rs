@@ -397,6 +397,12 @@ async fn check_server(client: &Client, me: &NodeRef, peers: usize) -> Result<(),
             peers + 2
         ));
     }
+    if !superuser && (!replication || !origin_grant) {
+        problems.push(format!(
+            "role {user:?} is not a superuser: run walsync init once with a superuser's dsn (WALSYNC_NODE_DSN=...) \
+             and --grant-to {user}, which grants {user} everything a sidecar needs; or grant what is named below"
+        ));
+    }
     if !superuser {
         if !replication {
             problems.push(format!(

@@ -33,6 +33,9 @@ pub async fn gather(
     let node = client
         .query_one("SELECT name, id, step FROM walsync.node", &[])
         .await?;
+    if let Some(removal) = crate::node::fence::removed(client, &[node.get::<_, &str>(0)]).await? {
+        problems.push(removal.to_string());
+    }
     let links: Vec<Json> = client
         .query(
             "SELECT p.link, \
@@ -49,7 +52,9 @@ pub async fn gather(
                                                     THEN coalesce(s.heartbeat_at, s.since) ELSE s.since END)::float8, \
                     (SELECT bool_and(t.ssl) FROM pg_stat_activity a JOIN pg_stat_ssl t USING (pid) \
                      WHERE a.application_name = 'walsync ' || p.link || ' apply'), \
-                    s.heartbeat_at::text \
+                    s.heartbeat_at::text, \
+                    (SELECT bool_and(a.client_addr IS NULL) FROM pg_stat_activity a \
+                     WHERE a.application_name = 'walsync ' || p.link || ' apply') \
              FROM walsync.link_progress p LEFT JOIN walsync.link_status s USING (link) \
              CROSS JOIN LATERAL (SELECT s.state IS NOT NULL AND (s.state = 'down' OR s.heartbeat_at IS NULL \
                                   OR s.heartbeat_at < now() - make_interval(secs => $1)) AS down) l \
@@ -69,6 +74,8 @@ pub async fn gather(
                 // the server sees it; null while no apply session is connected.
                 "apply_tls": r.get::<_, Option<bool>>(10),
                 "heartbeat_at": r.get::<_, Option<String>>(11),
+                // Whether that session came through a Unix socket (no network to encrypt).
+                "apply_local": r.get::<_, Option<bool>>(12),
             })
         })
         .collect();
@@ -106,6 +113,7 @@ pub async fn gather(
                     EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = s.active_pid \
                             AND a.application_name LIKE 'walsync spool %'), \
                     (SELECT t.ssl FROM pg_stat_ssl t WHERE t.pid = s.active_pid), \
+                    (SELECT a.client_addr IS NULL FROM pg_stat_activity a WHERE a.pid = s.active_pid), \
                     (SELECT extract(epoch FROM now() - a.inactive_since)::float8 \
                      FROM walsync.slot_activity a WHERE a.slot = s.slot_name AND NOT s.active) \
              FROM pg_replication_slots s \
@@ -128,7 +136,8 @@ pub async fn gather(
                 "stream_tls": r.get::<_, Option<bool>>(11),
                 // Seconds without a reader, as this node's sidecar saw it (null: active,
                 // or no sidecar has watched it since it became inactive).
-                "inactive_seconds": r.get::<_, Option<f64>>(12),
+                "inactive_seconds": r.get::<_, Option<f64>>(13),
+                "stream_local": r.get::<_, Option<bool>>(12),
             })
         })
         .collect();
@@ -205,28 +214,35 @@ pub async fn gather(
         })
         .collect();
 
+    // Each sequence as the sequence itself shows it (`pg_sequences.last_value` hides one
+    // not called since its restart: a copy of another node's, crate::sequences).
+    let my_id = node.get::<_, i32>(1) as u32;
     let mut sequences = Vec::new();
-    for r in client
-        .query(
-            "SELECT format('%I.%I', schemaname, sequencename), increment_by, max_value FROM pg_sequences \
-             WHERE schemaname <> 'walsync' ORDER BY 1",
-            &[],
-        )
-        .await?
-    {
-        let name: String = r.get(0);
-        let (increment, max_value): (i64, i64) = (r.get(1), r.get(2));
-        let s = client.query_one(&format!("SELECT last_value, is_called FROM {name}"), &[]).await?;
-        let (last, called): (i64, bool) = (s.get(0), s.get(1));
-        let next = if called { last.saturating_add(increment) } else { last };
-        let left = ids_left(next, increment, max_value);
-        let total = ids_left(1, increment.max(1), max_value).max(1);
+    for s in crate::sequences::read_all(client).await? {
+        let next = s.next();
+        let left = next.map_or(0, |n| ids_left(n, s.increment, s.max_value));
+        let total = ids_left(1, s.increment.max(1), s.max_value).max(1);
         let share = left as f64 / total as f64;
-        let partitioned = increment == step as i64;
-        if share < HEADROOM_WARN {
-            problems.push(format!("sequence {name} has {left} ids left on this node ({:.1} %)", share * 100.0));
+        let partitioned = s.serves(my_id, step);
+        let name = &s.name;
+        match next {
+            None => problems.push(format!(
+                "sequence {name} cannot be read by this role, so it is not known to hand out this node's ids: \
+                 GRANT SELECT ON SEQUENCE {name} to it (or run walsync init --grant-to ROLE again)"
+            )),
+            Some(n) if !partitioned => problems.push(format!(
+                "sequence {name} hands out {n} next by {}, not only this node's ids (\u{2261} {} mod {step}): \
+                 the sidecar's guard restarts it within seconds; if this stays, run walsync init",
+                s.increment,
+                my_id % step
+            )),
+            Some(_) if share < HEADROOM_WARN => problems.push(format!(
+                "sequence {name} has {left} ids left on this node ({:.1} %)",
+                share * 100.0
+            )),
+            Some(_) => {}
         }
-        sequences.push(json!({ "sequence": name, "next": next, "increment": increment, "ids_left": left, "share_left": share, "partitioned": partitioned }));
+        sequences.push(json!({ "sequence": name, "next": next, "increment": s.increment, "ids_left": left, "share_left": share, "partitioned": partitioned }));
     }
     sequences.sort_by(|a, b| {
         a["share_left"]
