@@ -228,6 +228,9 @@ impl ApplyWorker {
         upd: &Update,
     ) -> Result<(), ApplyError> {
         let id = upd.relation_id;
+        if m.is_keyless() {
+            return self.update_keyless(m, upd).await;
+        }
         // References to rows merged away name the rows they merged into, in the old image
         // too, so that it still matches the local row (decision 0008).
         let redirected;
@@ -379,6 +382,9 @@ impl ApplyWorker {
         del: &Delete,
     ) -> Result<(), ApplyError> {
         let id = del.relation_id;
+        if m.is_keyless() {
+            return self.delete_keyless(m, del).await;
+        }
         let redirected;
         let del = match &del.old {
             OldTuple::Full(old) => match self.redirected(m, old).await? {
@@ -419,6 +425,9 @@ impl ApplyWorker {
         ins: &Insert,
     ) -> Result<(), ApplyError> {
         let id = ins.relation_id;
+        if m.is_keyless() {
+            return self.insert_keyless_carefully(m, ins).await;
+        }
         self.flush_runs().await?;
         let key = m.key_values(None, Some(&ins.new))?;
         let mut new = ins.new.clone();
@@ -822,7 +831,7 @@ impl ApplyWorker {
     /// A unique violation (a key no lookup found, a rename that still collides) rolls
     /// the change back and is returned as the server's message, for the caller to park
     /// the row; the transaction goes on.
-    async fn write_or_park(
+    pub(super) async fn write_or_park(
         &mut self,
         m: &Mapped,
         write: RowWrite,
@@ -943,7 +952,7 @@ impl Mapped {
         row_image(&self.target.columns, &values)
     }
 
-    fn source_image(&self, tuple: &Tuple) -> Json {
+    pub(super) fn source_image(&self, tuple: &Tuple) -> Json {
         row_image(&self.source_column_names(), &tuple.0)
     }
 

@@ -28,25 +28,82 @@ pub(super) struct InsertRun {
 
 const SMALL_RUN_ROWS: usize = 256;
 
+/// Rows of one transaction that may wait for their table's DDL later in it (64 MiB of
+/// values: a `CREATE TABLE ... AS` of a few hundred thousand rows); beyond, the link
+/// stops naming the table, as it does for a table that never comes.
+pub(super) const WAIT_FOR_TABLE_BYTES: usize = 64 * 1024 * 1024;
+
 /// A COPY run is sent once it holds this much (4 MiB).
 const COPY_RUN_BYTES: usize = 4 * 1024 * 1024;
 
 impl ApplyWorker {
     pub async fn insert(&mut self, ins: &Insert) -> Result<(), ApplyError> {
         let id = ins.relation_id;
-        if self.is_ddl_log(id) && !self.replay_ddl(ins).await? {
-            return Ok(());
+        if self.is_ddl_log(id) {
+            if !self.replay_ddl(ins).await? {
+                return Ok(());
+            }
+            self.insert_waiting_rows().await?;
         }
         if self.is_merged_keys(id) {
             return self.learn_merge(ins).await;
         }
-        match self.ensure_map(id).await? {
+        self.insert_into_target(ins).await
+    }
+
+    /// An insert into its relation's target here; into a table not here yet, kept for a
+    /// DDL later in the transaction ([`ApplyWorker::insert_waiting_rows`]).
+    async fn insert_into_target(&mut self, ins: &Insert) -> Result<(), ApplyError> {
+        let id = ins.relation_id;
+        let target = match self.ensure_map(id).await {
+            Err(ApplyError::MissingTable { table }) => {
+                let bytes = ins
+                    .new
+                    .0
+                    .iter()
+                    .map(|v| v.as_bytes_len() + 8)
+                    .sum::<usize>();
+                if self.waiting_bytes + bytes > WAIT_FOR_TABLE_BYTES {
+                    return Err(ApplyError::MissingTable { table });
+                }
+                self.waiting_bytes += bytes;
+                self.waiting_for_table.push(ins.clone());
+                return Ok(());
+            }
+            other => other?,
+        };
+        match target {
             Target::Whole(m) => self.insert_mapped(&m, ins).await,
             Target::WithoutColumns(m, gone) => self.insert_without_columns(&m, ins, &gone).await,
             Target::Dropped => {
                 self.record_dropped(id, ConflictKind::TableDropped, &ins.new, &[])
                     .await
             }
+        }
+    }
+
+    /// The rows kept for a table that was not here, now that a DDL ran: inserted in
+    /// their order (those whose table is still missing are kept again).
+    async fn insert_waiting_rows(&mut self) -> Result<(), ApplyError> {
+        if self.waiting_for_table.is_empty() {
+            return Ok(());
+        }
+        let waiting = std::mem::take(&mut self.waiting_for_table);
+        self.waiting_bytes = 0;
+        for ins in &waiting {
+            self.insert_into_target(ins).await?;
+        }
+        Ok(())
+    }
+
+    /// At commit: no row may still wait for its table (its DDL never came in the
+    /// transaction). The link stops naming the table, as for any row of a missing table.
+    pub(super) fn no_rows_waiting_for_a_table(&self) -> Result<(), ApplyError> {
+        match self.waiting_for_table.first() {
+            None => Ok(()),
+            Some(ins) => Err(ApplyError::MissingTable {
+                table: self.table_name(ins.relation_id),
+            }),
         }
     }
 

@@ -34,6 +34,7 @@ mod fast_hash;
 mod guarded;
 mod held;
 mod inserts;
+mod keyless;
 pub mod merged;
 pub mod parallel;
 mod param;
@@ -189,6 +190,12 @@ pub struct ApplyWorker {
     /// Parallel apply: a held transaction's order lock, taken alone, and its release with
     /// the origin's reset, prepared at the first one.
     order_statements: Option<OrderStatements>,
+    /// Inserts of the open transaction into a table not here yet, applied once a DDL
+    /// later in the same transaction creates it: `CREATE TABLE ... AS` and `SELECT
+    /// INTO` write their rows before the capture trigger logs the statement
+    /// (`inserts::WAIT_FOR_TABLE_BYTES` bounds them).
+    waiting_for_table: Vec<crate::pgoutput::Insert>,
+    waiting_bytes: usize,
 }
 
 /// See [`ApplyWorker::order_statements`].
@@ -325,6 +332,8 @@ impl ApplyWorker {
             origin_at_commit: false,
             origin_ids: Default::default(),
             order_statements: None,
+            waiting_for_table: Vec::new(),
+            waiting_bytes: 0,
         })
     }
 
@@ -419,6 +428,8 @@ impl ApplyWorker {
         if self.open.is_some() {
             return Ok(());
         }
+        self.waiting_for_table.clear();
+        self.waiting_bytes = 0;
         if self.merged_stale {
             self.reload_merged().await?;
         }
@@ -901,6 +912,7 @@ impl ApplyWorker {
         previous: Lsn,
         after: Option<OrderLock>,
     ) -> Result<u64, ApplyError> {
+        self.no_rows_waiting_for_a_table()?;
         self.end_runs().await?;
         let Some(txn) = self.open.take() else {
             return Ok(0);

@@ -538,7 +538,9 @@ impl Parallel {
             .await?;
         let keys = match found.map(|e| e.table) {
             None => Keys::Barrier,
-            Some(t) if !t.uniques.is_empty() => Keys::Whole,
+            // No unique key, or no key at all (rows found by their old image): the
+            // table's changes keep their order.
+            Some(t) if !t.uniques.is_empty() || t.key.is_empty() => Keys::Whole,
             Some(t) => match RelationMap::new(&rel.source, t) {
                 Ok(map) => Keys::Rows(Arc::new(map)),
                 // Columns this node dropped, or no key: the worker sorts it out, alone.

@@ -77,8 +77,8 @@ pub struct RelationMap {
 pub enum StatementError {
     #[error("column {column:?} of {table} exists on the upstream but not here; the schemas differ (apply the missing DDL here, then the link resumes)")]
     MissingColumn { table: String, column: String },
-    #[error("table {table} has no primary key or replica identity index here, so rows cannot be found; add one")]
-    NoKey { table: String },
+    #[error("{table} has no key here and the upstream sent no old row to find the row by (its table needs REPLICA IDENTITY FULL there: walsync init sets it)")]
+    NoOldImage { table: String },
     #[error("key column {column:?} of {table} is not sent by the upstream; give both tables the same primary key")]
     KeyNotSent { table: String, column: String },
     #[error("{table}: tuple has {got} values, relation has {want} columns")]
@@ -147,6 +147,18 @@ pub enum Shape {
         compared: Option<Vec<usize>>,
         rows: usize,
     },
+    /// In a keyless table: one row whose `compared` target columns hold the old image
+    /// (as the walsender printed it) gets `set`. Parameters: the set values, then the
+    /// compared ones.
+    UpdateByImage {
+        set: Vec<usize>,
+        compared: Vec<usize>,
+    },
+    /// In a keyless table: one row whose `compared` target columns hold the old image is
+    /// deleted. Parameters: the compared values.
+    DeleteByImage {
+        compared: Vec<usize>,
+    },
 }
 
 impl Shape {
@@ -168,11 +180,10 @@ pub struct RowWrite {
 }
 
 impl RelationMap {
+    /// A table without a primary key or replica identity index maps too (a keyless
+    /// table, [`RelationMap::is_keyless`]): its rows are found by their whole old image.
     pub fn new(source: &Relation, target: TargetTable) -> Result<RelationMap, StatementError> {
         let table = target.qualified();
-        if target.key.is_empty() {
-            return Err(StatementError::NoKey { table });
-        }
         let source_to_target = source
             .columns
             .iter()
@@ -228,6 +239,79 @@ impl RelationMap {
             },
             params,
         })
+    }
+
+    /// Whether the target has no primary key or replica identity index: its rows are
+    /// found by their whole old image ([`RelationMap::update_by_image`]), one row per
+    /// change, as PostgreSQL's own apply finds them under REPLICA IDENTITY FULL.
+    pub fn is_keyless(&self) -> bool {
+        self.target.key.is_empty()
+    }
+
+    /// An update of a keyless table: the first row equal to the old image `old` gets the
+    /// new values. `None` when it writes nothing (every new value unchanged TOAST).
+    pub fn update_by_image(
+        &self,
+        old: Option<&OldTuple>,
+        new: &Tuple,
+    ) -> Result<Option<RowWrite>, StatementError> {
+        self.check_width(new)?;
+        let old = self.old_image(old)?;
+        let mut set = Vec::with_capacity(new.0.len());
+        let mut params = Vec::with_capacity(new.0.len() * 2);
+        for (i, v) in new.0.iter().enumerate() {
+            if !matches!(v, Value::UnchangedToast) {
+                set.push(self.source_to_target[i]);
+                params.push(v.clone());
+            }
+        }
+        if set.is_empty() {
+            return Ok(None);
+        }
+        let compared = self.image_values(old, &mut params);
+        Ok(Some(RowWrite {
+            shape: Shape::UpdateByImage { set, compared },
+            params,
+        }))
+    }
+
+    /// A delete from a keyless table: the first row equal to the old image.
+    pub fn delete_by_image(&self, old: &OldTuple) -> Result<RowWrite, StatementError> {
+        let old = self.old_image(Some(old))?;
+        let mut params = Vec::with_capacity(old.0.len());
+        let compared = self.image_values(old, &mut params);
+        Ok(RowWrite {
+            shape: Shape::DeleteByImage { compared },
+            params,
+        })
+    }
+
+    /// The whole old row a keyless table's change was made on.
+    fn old_image<'a>(&self, old: Option<&'a OldTuple>) -> Result<&'a Tuple, StatementError> {
+        match old {
+            Some(OldTuple::Full(t)) => {
+                self.check_width(t)?;
+                Ok(t)
+            }
+            _ => Err(StatementError::NoOldImage {
+                table: self.target.qualified(),
+            }),
+        }
+    }
+
+    /// Appends the old image's comparable values to `params`; returns their target
+    /// columns. Unchanged TOAST and binary values are not compared (text is what the
+    /// walsender printed, which the target's output functions print alike).
+    fn image_values(&self, old: &Tuple, params: &mut Vec<Value>) -> Vec<usize> {
+        let mut compared = Vec::with_capacity(old.0.len());
+        for (i, v) in old.0.iter().enumerate() {
+            if matches!(v, Value::UnchangedToast | Value::Binary(_)) {
+                continue;
+            }
+            compared.push(self.source_to_target[i]);
+            params.push(v.clone());
+        }
+        compared
     }
 
     /// For each target key column (key order), its index in the source relation: where an
@@ -524,6 +608,17 @@ impl RelationMap {
                 )
             }
             Shape::Delete => format!("DELETE FROM {} WHERE {}", t.qualified(), key_clause(1)),
+            Shape::UpdateByImage { set, compared } => format!(
+                "UPDATE {} SET {} WHERE (tableoid, ctid) = ({})",
+                t.qualified(),
+                set_clause(set),
+                one_row_by_image(t, compared, set.len())
+            ),
+            Shape::DeleteByImage { compared } => format!(
+                "DELETE FROM {} WHERE (tableoid, ctid) = ({})",
+                t.qualified(),
+                one_row_by_image(t, compared, 0)
+            ),
             Shape::InsertOrNothing { columns } => format!(
                 "{} ON CONFLICT DO NOTHING",
                 self.sql(&Shape::Insert {
@@ -757,6 +852,32 @@ const LAST_COMMIT_US: &str =
 fn as_output(column: &str) -> String {
     let c = quote_ident(column);
     format!("CASE WHEN t.{c} IS NULL THEN NULL ELSE pg_catalog.format('%s', t.{c}) END")
+}
+
+/// The first row (`tableoid`, `ctid`: unique also across a partitioned table's
+/// partitions) whose `compared` columns print as `$first+1..` do, locked. A keyless
+/// table may hold equal rows: one of them is changed, as PostgreSQL's own apply does.
+fn one_row_by_image(t: &TargetTable, compared: &[usize], first: usize) -> String {
+    let matches = compared
+        .iter()
+        .enumerate()
+        .map(|(n, &c)| {
+            format!(
+                "{} IS NOT DISTINCT FROM ${}::text",
+                as_output(&t.columns[c]),
+                first + n + 1
+            )
+        })
+        .collect::<Vec<_>>();
+    let filter = if matches.is_empty() {
+        "true".to_string()
+    } else {
+        matches.join(" AND ")
+    };
+    format!(
+        "SELECT t.tableoid, t.ctid FROM {} t WHERE {filter} LIMIT 1 FOR UPDATE",
+        t.qualified()
+    )
 }
 
 /// `columns` of the row `t` equal `$1..$n`.
@@ -1165,12 +1286,60 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("\"extra\""), "{err}");
-        let err = RelationMap::new(&relation(&[("id", true)]), target(&["id"], &[])).unwrap_err();
-        assert!(matches!(err, StatementError::NoKey { .. }));
+        let keyless = RelationMap::new(&relation(&[("id", true)]), target(&["id"], &[])).unwrap();
+        assert!(keyless.is_keyless());
+        assert!(matches!(
+            keyless.delete_by_image(&OldTuple::Key(Tuple(vec![t("1")]))),
+            Err(StatementError::NoOldImage { .. })
+        ));
         let map = RelationMap::new(&relation(&[("id", true)]), target(&["id"], &[0])).unwrap();
         assert!(
             map.insert(&Tuple(vec![t("1"), t("2")])).is_err(),
             "wider tuple than relation"
+        );
+    }
+
+    #[test]
+    fn a_keyless_tables_rows_are_found_by_their_whole_old_image_one_at_a_time() {
+        let map = RelationMap::new(
+            &relation(&[("msg", false), ("at", false), ("body", false)]),
+            target(&["msg", "at", "body"], &[]),
+        )
+        .unwrap();
+        let old = OldTuple::Full(Tuple(vec![t("hello"), Value::Null, Value::UnchangedToast]));
+        let w = map
+            .update_by_image(
+                Some(&old),
+                &Tuple(vec![t("bye"), t("2026-12-07"), Value::UnchangedToast]),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            map.sql(&w.shape),
+            "UPDATE \"public\".\"pos_order\" SET \"msg\" = $1, \"at\" = $2 WHERE (tableoid, ctid) = \
+             (SELECT t.tableoid, t.ctid FROM \"public\".\"pos_order\" t WHERE \
+             CASE WHEN t.\"msg\" IS NULL THEN NULL ELSE pg_catalog.format('%s', t.\"msg\") END IS NOT DISTINCT FROM $3::text \
+             AND CASE WHEN t.\"at\" IS NULL THEN NULL ELSE pg_catalog.format('%s', t.\"at\") END IS NOT DISTINCT FROM $4::text \
+             LIMIT 1 FOR UPDATE)"
+        );
+        assert_eq!(
+            w.params,
+            vec![t("bye"), t("2026-12-07"), t("hello"), Value::Null]
+        );
+        let d = map.delete_by_image(&old).unwrap();
+        assert_eq!(
+            map.sql(&d.shape),
+            "DELETE FROM \"public\".\"pos_order\" WHERE (tableoid, ctid) = \
+             (SELECT t.tableoid, t.ctid FROM \"public\".\"pos_order\" t WHERE \
+             CASE WHEN t.\"msg\" IS NULL THEN NULL ELSE pg_catalog.format('%s', t.\"msg\") END IS NOT DISTINCT FROM $1::text \
+             AND CASE WHEN t.\"at\" IS NULL THEN NULL ELSE pg_catalog.format('%s', t.\"at\") END IS NOT DISTINCT FROM $2::text \
+             LIMIT 1 FOR UPDATE)"
+        );
+        assert_eq!(d.params, vec![t("hello"), Value::Null]);
+        assert!(
+            map.update_by_image(None, &Tuple(vec![t("a"), t("b"), t("c")]))
+                .is_err(),
+            "no old row: nothing to find the row by"
         );
     }
 

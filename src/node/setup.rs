@@ -136,6 +136,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "announced_merges",
         sql: include_str!("../../migrations/0017_announced_merges.sql"),
     },
+    Migration {
+        version: 18,
+        name: "tables_from_queries",
+        sql: include_str!("../../migrations/0018_tables_from_queries.sql"),
+    },
 ];
 
 impl SetupError {
@@ -168,7 +173,6 @@ pub async fn init_node(config: &Config) -> Result<SetupReport, SetupError> {
     let me = config.this_node();
     let client = connect(&me.dsn, "walsync init").await?;
     check_server(&client, &me, config.peers.len()).await?;
-    check_tables(&client, &me).await?;
     check_superuser_needed(&client, &me).await?;
 
     let mut report = SetupReport::default();
@@ -469,36 +473,6 @@ async fn check_superuser_needed(client: &Client, me: &NodeRef) -> Result<(), Set
         });
     }
     Ok(())
-}
-
-/// A table that logical replication cannot identify rows of would break the stream at its
-/// first UPDATE or DELETE; refuse it here instead, naming the tables and the fix.
-async fn check_tables(client: &Client, me: &NodeRef) -> Result<(), SetupError> {
-    let rows = client
-        .query(
-            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'p' \
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walsync') \
-               AND n.nspname NOT LIKE 'pg\\_%' \
-               AND NOT EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND (i.indisprimary OR i.indisreplident)) \
-             ORDER BY 1",
-            &[],
-        )
-        .await
-        .map_err(sql_err(me, "listing tables"))?;
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let tables: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
-    Err(SetupError::NotReady {
-        node: me.name.to_string(),
-        problems: vec![format!(
-            "{} table(s) have no primary key or replica identity index, so their updates and deletes cannot be replicated: {}; add a primary key (ALTER TABLE ... ADD PRIMARY KEY) or ALTER TABLE ... REPLICA IDENTITY USING INDEX <unique index>",
-            tables.len(),
-            tables.join(", ")
-        )],
-    })
 }
 
 /// Every replicated table sends its whole old row with updates and deletes.

@@ -1,0 +1,168 @@
+//! Ordinary schema never stops the chain: table shapes and DDL a real database sees
+//! (tables without a primary key, tables made from a query) replicate, and what cannot
+//! be applied is recorded while the links go on.
+
+mod support;
+
+use support::*;
+
+/// No link of any node is stopped.
+fn assert_no_link_stopped(c: &TestCluster) {
+    for n in &c.nodes {
+        assert_eq!(
+            n.sql("SELECT count(*) FROM walsync.link_status WHERE state = 'stopped'"),
+            "0",
+            "{}: a link stopped\n{}",
+            n.name,
+            c.logs()
+        );
+    }
+}
+
+/// A sale on `node` reaches every node: the links from it still flow.
+fn sale_reaches_everyone(c: &TestCluster, node: &str, name: &str) {
+    c.node(node).sql(&format!(
+        "INSERT INTO pos_order (name, amount_total) VALUES ('{name}', 1)"
+    ));
+    for n in &c.nodes {
+        c.wait_rows(&n.name, &format!("pos_order WHERE name = '{name}'"), 1);
+    }
+}
+
+#[test]
+fn a_table_without_a_primary_key_replicates_and_a_row_not_found_is_recorded() {
+    let mut c = TestCluster::new(
+        "keyless",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    // An insert-only log, and the application's UPDATE right after the CREATE in its
+    // transaction: PostgreSQL refuses an UPDATE of a published table without a replica
+    // identity, so the table must have one from the creating statement on.
+    c.node("main").sql(
+        "BEGIN;
+         CREATE TABLE audit (msg text, at timestamptz DEFAULT now(), n integer);
+         INSERT INTO audit (msg, n) SELECT 'event ' || g, g FROM generate_series(1, 10) g;
+         UPDATE audit SET msg = 'first event' WHERE n = 1;
+         COMMIT;",
+    );
+    // Two equal rows: a delete of one of them takes one, not both.
+    c.node("main")
+        .sql("INSERT INTO audit (msg, at, n) VALUES ('twin', '2026-01-01', 0), ('twin', '2026-01-01', 0)");
+    c.node("main")
+        .sql("DELETE FROM audit WHERE ctid = (SELECT ctid FROM audit WHERE msg = 'twin' LIMIT 1)");
+    for n in ["branch1", "branch2"] {
+        c.wait_rows(n, "audit", 11);
+    }
+    c.wait_converged("audit");
+    c.node("branch1")
+        .sql("UPDATE audit SET msg = 'seen at branch1' WHERE n = 2");
+    c.node("branch2").sql("DELETE FROM audit WHERE n = 3");
+    for n in ["main", "branch1", "branch2"] {
+        c.wait_rows(n, "audit WHERE msg = 'twin'", 1);
+        c.wait_rows(n, "audit WHERE msg = 'seen at branch1'", 1);
+        c.wait_rows(n, "audit", 10);
+    }
+    c.wait_converged("audit");
+    assert_eq!(
+        c.node("branch2").count("audit WHERE msg = 'first event'"),
+        1
+    );
+    sale_reaches_everyone(&c, "main", "after the log");
+
+    // During a cut, branch1 deletes a row main changes: no row is equal to what either
+    // change was made on, and each side records it; the links go on.
+    c.stop();
+    c.node("branch1").sql("DELETE FROM audit WHERE n = 5");
+    c.node("main")
+        .sql("UPDATE audit SET msg = 'changed on main' WHERE n = 5");
+    c.start();
+    c.wait_rows(
+        "branch1",
+        "walsync.conflicts WHERE kind = 'update_missing' AND table_name = 'audit'",
+        1,
+    );
+    c.wait_rows(
+        "main",
+        "walsync.conflicts WHERE kind = 'delete_missing' AND table_name = 'audit'",
+        1,
+    );
+    let detail = c.node("branch1").sql(
+        "SELECT outcome || ' ' || (remote_row->>'msg') FROM walsync.conflicts WHERE kind = 'update_missing'",
+    );
+    assert_eq!(detail, "skipped changed on main");
+    sale_reaches_everyone(&c, "branch1", "after the cut");
+    assert_no_link_stopped(&c);
+}
+
+#[test]
+fn a_table_made_from_a_query_arrives_as_its_structure_with_the_authors_rows() {
+    let mut c = TestCluster::new(
+        "from-query",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    c.node("main")
+        .sql("INSERT INTO partner (name, email) SELECT 'partner ' || g, 'p' || g || '@x' FROM generate_series(1, 5) g");
+    c.wait_converged("partner");
+    // branch1 has a customer main has not seen yet: a re-run of main's query there
+    // would copy it too.
+    c.stop();
+    c.node("branch1")
+        .sql("INSERT INTO partner (name) VALUES ('only at branch1 yet')");
+    // A DBA's copies before a risky change, in both spellings, and one in a multi-
+    // statement string with an index after it.
+    c.node("main")
+        .sql("CREATE TABLE partner_copy AS SELECT * FROM partner");
+    c.node("main")
+        .sql("SELECT id, name INTO partner_names FROM partner WHERE id % 2 = 1");
+    c.node("main").sql(
+        "CREATE TABLE partner_emails AS SELECT email FROM partner WHERE email IS NOT NULL; \
+         CREATE INDEX partner_emails_email ON partner_emails (email)",
+    );
+    c.start();
+    for t in ["partner_copy", "partner_names", "partner_emails"] {
+        for n in ["branch1", "branch2"] {
+            c.wait_rows(n, t, c.node("main").count(t));
+        }
+        c.wait_converged(t);
+    }
+    assert_eq!(
+        c.node("branch1")
+            .count("partner_copy WHERE name = 'only at branch1 yet'"),
+        0
+    );
+    assert_eq!(
+        c.node("branch2")
+            .sql("SELECT count(*) FROM pg_indexes WHERE indexname = 'partner_emails_email'"),
+        "1"
+    );
+    // The captured statement is the table's structure, not the query.
+    let captured = c
+        .node("branch2")
+        .sql("SELECT query FROM walsync.ddl_log WHERE command_tag = 'CREATE TABLE AS' ORDER BY seq LIMIT 1");
+    assert!(
+        captured.starts_with(
+            "CREATE TABLE public.partner_copy (id integer, name text, email character varying(120)"
+        ),
+        "{captured}"
+    );
+    // The copies are tables like any other: changes to them flow.
+    c.node("main")
+        .sql("UPDATE partner_copy SET name = 'renamed in the copy' WHERE id = 1");
+    c.wait_rows(
+        "branch2",
+        "partner_copy WHERE name = 'renamed in the copy'",
+        1,
+    );
+    c.wait_converged("partner");
+    sale_reaches_everyone(&c, "main", "after the copies");
+    assert_no_link_stopped(&c);
+    for n in &c.nodes {
+        assert_eq!(n.count("walsync.conflicts"), 0, "{}", n.name);
+    }
+}
