@@ -8,7 +8,9 @@
 //! replayed statement is not captured again.
 
 use super::{ApplyError, ApplyWorker, Gone};
-use crate::ddl::{altered_table, columns_filled_per_node, redact_secrets, statement_to_replay};
+use crate::ddl::{
+    altered_table, columns_filled_per_node, probe, redact_secrets, statement_to_replay, PROBE_TABLE,
+};
 use crate::names::quote_ident;
 use crate::pgoutput::Insert;
 use crate::sql_error::SqlError;
@@ -98,13 +100,55 @@ impl ApplyWorker {
             return Ok(true);
         }
         tracing::info!(link = %self.link, ddl = %id, statement = %redact_secrets(&statement), "replaying ddl");
-        run_captured_ddl(&self.client, &search_path, &role, &statement)
+        let savepoint = SqlError::of("setting a savepoint for the ddl");
+        self.client
+            .batch_execute("SAVEPOINT walsync_ddl")
             .await
-            .map_err(|e| ApplyError::Ddl {
-                id: id.clone(),
-                statement: redact_secrets(&statement),
-                reason: super::server_message(&e),
-            })?;
+            .map_err(savepoint)?;
+        match run_captured_ddl(&self.client, &search_path, &role, &statement).await {
+            Ok(()) => {}
+            Err(e) if creates_what_exists(&e) => {
+                // Two nodes made the same object while cut off (one module installed on
+                // two stores): if its effect is here already, the statement is done.
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT walsync_ddl")
+                    .await
+                    .map_err(SqlError::of("rolling back the failed ddl"))?;
+                let refused = ApplyError::Ddl {
+                    id: id.clone(),
+                    statement: redact_secrets(&statement),
+                    reason: super::server_message(&e),
+                };
+                if !already_here(&self.client, &search_path, &role, &statement).await? {
+                    return Err(refused);
+                }
+                let note = format!(
+                    "already here: {}; what the statement makes exists on this node with the same definition \
+                     (the same change made here too), so it was not run again",
+                    super::server_message(&e)
+                );
+                tracing::info!(link = %self.link, ddl = %id, "ddl already applied here (the same object exists); going on");
+                self.client
+                    .execute(
+                        "INSERT INTO walsync.ddl_warnings (origin, seq, statement, warning, resolved_at) \
+                         VALUES ($1, $2, $3, $4, now()) ON CONFLICT DO NOTHING",
+                        &[&origin, &seq_num, &redact_secrets(&statement), &note],
+                    )
+                    .await
+                    .map_err(SqlError::of("recording a ddl found here already"))?;
+            }
+            Err(e) => {
+                return Err(ApplyError::Ddl {
+                    id: id.clone(),
+                    statement: redact_secrets(&statement),
+                    reason: super::server_message(&e),
+                })
+            }
+        }
+        self.client
+            .batch_execute("RELEASE SAVEPOINT walsync_ddl")
+            .await
+            .map_err(SqlError::of("releasing the ddl's savepoint"))?;
         self.forget_maps();
         let columns = columns_filled_per_node(&statement);
         if !columns.is_empty() {
@@ -178,4 +222,85 @@ pub(crate) async fn run_captured_ddl(
     client.batch_execute("RESET ROLE").await?;
     client.batch_execute("RESET search_path").await?;
     Ok(())
+}
+
+/// The server refused a statement because what it creates exists: a relation (table,
+/// index, sequence), a column or another object (a constraint).
+fn creates_what_exists(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        *c == SqlState::DUPLICATE_TABLE
+            || *c == SqlState::DUPLICATE_COLUMN
+            || *c == SqlState::DUPLICATE_OBJECT
+    })
+}
+
+/// Columns, constraints and indexes of table `$1` (a name resolved with the session's
+/// search_path), each as one line of text.
+const TABLE_ITEMS: &str = "WITH t AS (SELECT $1::text::regclass AS oid) \
+    SELECT pg_catalog.format('column %I %s%s%s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), \
+             CASE WHEN a.attnotnull THEN ' not null' ELSE '' END, \
+             ' default ' || pg_catalog.pg_get_expr(d.adbin, d.adrelid)) \
+      FROM t JOIN pg_catalog.pg_attribute a ON a.attrelid = t.oid AND a.attnum > 0 AND NOT a.attisdropped \
+      LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+    UNION ALL \
+    SELECT pg_catalog.format('constraint %I %s', c.conname, pg_catalog.pg_get_constraintdef(c.oid)) \
+      FROM t JOIN pg_catalog.pg_constraint c ON c.conrelid = t.oid \
+    UNION ALL \
+    SELECT pg_catalog.pg_get_indexdef(i.indexrelid) FROM t JOIN pg_catalog.pg_index i ON i.indrelid = t.oid";
+
+/// Whether a creating statement that failed because its object exists has its effect
+/// here already: run on the probe's names (`crate::ddl::Probe`, as the captured role,
+/// with the captured search_path, inside a savepoint rolled back at once), it makes
+/// nothing the existing table lacks (`crate::ddl::already_here`). Any failure of the
+/// probe answers no: the caller stops the link as before.
+async fn already_here(
+    client: &tokio_postgres::Client,
+    search_path: &str,
+    role: &str,
+    statement: &str,
+) -> Result<bool, ApplyError> {
+    let Some(p) = probe(statement) else {
+        return Ok(false);
+    };
+    let qualified = |name: &str| match &p.table.0 {
+        Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(name)),
+        None => quote_ident(name),
+    };
+    let (table, probe_table) = (qualified(&p.table.1), qualified(PROBE_TABLE));
+    let items =
+        |rows: Vec<tokio_postgres::Row>| -> Vec<String> { rows.iter().map(|r| r.get(0)).collect() };
+    let probed = async {
+        client.batch_execute("SAVEPOINT walsync_probe").await?;
+        client
+            .execute(
+                "SELECT pg_catalog.set_config('search_path', $1, true), pg_catalog.set_config('role', $2, true)",
+                &[&search_path, &role],
+            )
+            .await?;
+        let existing = items(client.query(TABLE_ITEMS, &[&table]).await?);
+        if p.needs_copy() {
+            client
+                .batch_execute(&format!(
+                    "CREATE TABLE {probe_table} (LIKE {table} INCLUDING DEFAULTS INCLUDING GENERATED INCLUDING IDENTITY)"
+                ))
+                .await?;
+        }
+        client.execute(p.statement.as_str(), &[]).await?;
+        let probed = items(client.query(TABLE_ITEMS, &[&probe_table]).await?);
+        Ok::<_, tokio_postgres::Error>((existing, probed))
+    }
+    .await;
+    // Whatever the probe made or failed at goes, the role and search_path with it.
+    client
+        .batch_execute("ROLLBACK TO SAVEPOINT walsync_probe; RELEASE SAVEPOINT walsync_probe")
+        .await
+        .map_err(SqlError::of("rolling back the ddl probe"))?;
+    Ok(match probed {
+        Ok((existing, probed)) => crate::ddl::already_here(&probed, &existing, &p.renames()),
+        Err(e) => {
+            tracing::debug!(error = %e, "the ddl probe failed; the statement stays refused");
+            false
+        }
+    })
 }

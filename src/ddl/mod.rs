@@ -266,11 +266,202 @@ fn structure_only(node: &NodeEnum, version: i32) -> Option<String> {
     pg_query::deparse(&tree, Default::default()).ok()
 }
 
+/// The name a probe gives the table it creates or copies ([`Probe`]).
+pub const PROBE_TABLE: &str = "walsync_probe_tbl";
+/// The name a probe gives the index, column or constraint it creates.
+pub const PROBE_OBJECT: &str = "walsync_probe_obj";
+
+/// A creating statement that failed because what it creates exists here (two stores
+/// installed one module during a cut), and the same statement made to create it under
+/// other names, on a table of its own: run beside the existing object and compared with
+/// it (`apply::ddl`), it tells whether the statement's effect is here already. The probe
+/// never touches the existing table: a `CREATE TABLE` creates [`PROBE_TABLE`]; an
+/// index, column or constraint is added, as [`PROBE_OBJECT`], to an empty copy of its
+/// table named [`PROBE_TABLE`] (so a NOT NULL column or a constraint is not checked
+/// against rows, and no index is built over them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// The existing table: the one created, or the one the index, column or constraint
+    /// belongs to (schema if written, name).
+    pub table: (Option<String>, String),
+    /// The index, column or constraint name; `None` for a `CREATE TABLE`.
+    pub object: Option<String>,
+    /// The statement on the probe's names.
+    pub statement: String,
+}
+
+impl Probe {
+    /// Whether the probe needs an empty copy of [`Probe::table`] named [`PROBE_TABLE`]
+    /// first (everything but a `CREATE TABLE`).
+    pub fn needs_copy(&self) -> bool {
+        self.object.is_some()
+    }
+
+    /// The probe's names and the statement's, to read the probe's shape as the
+    /// statement's.
+    pub fn renames(&self) -> Vec<(&str, &str)> {
+        let mut r = vec![(PROBE_TABLE, self.table.1.as_str())];
+        if let Some(o) = &self.object {
+            r.push((PROBE_OBJECT, o.as_str()));
+        }
+        r
+    }
+}
+
+/// The [`Probe`] of `statement`: a `CREATE TABLE`, a named `CREATE INDEX`, or an
+/// `ALTER TABLE` with one `ADD COLUMN` or one named `ADD CONSTRAINT`.
+pub fn probe(statement: &str) -> Option<Probe> {
+    let mut parsed = pg_query::parse(statement, pg_query::ParserOptions::DEFAULT).ok()?;
+    if parsed.protobuf.stmts.len() != 1 {
+        return None;
+    }
+    let node = parsed.protobuf.stmts[0].stmt.as_mut()?.node.as_mut()?;
+    // The relation renamed to the probe's table, in the schema written (if any).
+    let to_probe_table = |rel: &mut protobuf::RangeVar| {
+        let schema = (!rel.schemaname.is_empty()).then(|| rel.schemaname.clone());
+        let name = std::mem::replace(&mut rel.relname, PROBE_TABLE.to_string());
+        (schema, name)
+    };
+    let (table, object) = match node {
+        N::CreateStmt(create) if create.inh_relations.is_empty() && create.partbound.is_none() => {
+            (to_probe_table(create.relation.as_mut()?), None)
+        }
+        N::IndexStmt(index) if !index.idxname.is_empty() && !index.concurrent => {
+            let table = to_probe_table(index.relation.as_mut()?);
+            let name = std::mem::replace(&mut index.idxname, PROBE_OBJECT.to_string());
+            (table, Some(name))
+        }
+        N::AlterTableStmt(alter) if alter.cmds.len() == 1 => {
+            let table = to_probe_table(alter.relation.as_mut()?);
+            let Some(N::AlterTableCmd(cmd)) = alter.cmds[0].node.as_mut() else {
+                return None;
+            };
+            let add_column = cmd.subtype == protobuf::AlterTableType::AtAddColumn as i32;
+            let add_constraint = cmd.subtype == protobuf::AlterTableType::AtAddConstraint as i32;
+            let name = match cmd.def.as_mut()?.node.as_mut()? {
+                N::ColumnDef(col) if add_column => {
+                    std::mem::replace(&mut col.colname, PROBE_OBJECT.to_string())
+                }
+                N::Constraint(con) if add_constraint && !con.conname.is_empty() => {
+                    std::mem::replace(&mut con.conname, PROBE_OBJECT.to_string())
+                }
+                _ => return None,
+            };
+            (table, Some(name))
+        }
+        _ => return None,
+    };
+    let statement = pg_query::deparse(&parsed.protobuf, Default::default()).ok()?;
+    Some(Probe {
+        table,
+        object,
+        statement,
+    })
+}
+
+/// Whether the effect of a creating statement is here already: every item of the shape
+/// its probe gave (`probed`: columns, constraints and indexes as text), with the probe's
+/// names read as the statement's (`renames`), is one of the existing table's
+/// (`existing`). The existing table may hold more (later statements of the same install
+/// ran here first).
+pub fn already_here(probed: &[String], existing: &[String], renames: &[(&str, &str)]) -> bool {
+    probed.iter().all(|item| {
+        let item = renames.iter().fold(item.clone(), |text, (probe, name)| {
+            text.replace(probe, name)
+        });
+        existing.contains(&item)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const ODOO_M2M: &str = "CREATE TABLE IF NOT EXISTS \"pos_config_product_category_rel\" (\"pos_config_id\" INTEGER NOT NULL REFERENCES \"pos_config\"(id) ON DELETE cascade, \"product_category_id\" INTEGER NOT NULL REFERENCES \"product_category\"(id) ON DELETE cascade, PRIMARY KEY(\"pos_config_id\",\"product_category_id\"));\n                    COMMENT ON TABLE \"pos_config_product_category_rel\" IS 'RELATION BETWEEN pos_config AND product_category';\n                    CREATE INDEX ON \"pos_config_product_category_rel\" (\"product_category_id\", \"pos_config_id\");";
+
+    #[test]
+    fn a_creating_statement_is_probed_under_other_names() {
+        let p = probe("CREATE TABLE gift_card (id serial PRIMARY KEY, code text)").unwrap();
+        assert_eq!(p.table, (None, "gift_card".to_string()));
+        assert!(!p.needs_copy());
+        assert!(
+            p.statement
+                .starts_with("CREATE TABLE walsync_probe_tbl (id serial"),
+            "{}",
+            p.statement
+        );
+
+        let p =
+            probe("CREATE UNIQUE INDEX gift_card_code ON public.gift_card (lower(code))").unwrap();
+        assert_eq!(
+            p.table,
+            (Some("public".to_string()), "gift_card".to_string())
+        );
+        assert!(p.needs_copy());
+        assert_eq!(
+            p.renames(),
+            vec![
+                ("walsync_probe_tbl", "gift_card"),
+                ("walsync_probe_obj", "gift_card_code")
+            ]
+        );
+        assert!(
+            p.statement
+                .starts_with("CREATE UNIQUE INDEX walsync_probe_obj ON public.walsync_probe_tbl"),
+            "{}",
+            p.statement
+        );
+
+        let p = probe("ALTER TABLE \"gift_card\" ADD COLUMN \"amount\" numeric NOT NULL DEFAULT 0")
+            .unwrap();
+        assert_eq!(p.object.as_deref(), Some("amount"));
+        assert!(
+            p.statement.contains(
+                "walsync_probe_tbl ADD COLUMN walsync_probe_obj numeric NOT NULL DEFAULT 0"
+            ),
+            "{}",
+            p.statement
+        );
+
+        let p = probe("ALTER TABLE gift_card ADD CONSTRAINT gift_card_code_uniq UNIQUE (code)")
+            .unwrap();
+        assert_eq!(p.object.as_deref(), Some("gift_card_code_uniq"));
+        assert!(
+            p.statement.contains("CONSTRAINT walsync_probe_obj UNIQUE"),
+            "{}",
+            p.statement
+        );
+
+        for other in [
+            "ALTER TABLE gift_card ADD COLUMN a int, ADD COLUMN b int",
+            "CREATE INDEX ON gift_card (code)",
+            "DROP TABLE gift_card",
+            "CREATE TABLE a (id int); CREATE TABLE b (id int)",
+            "CREATE TABLE p1 PARTITION OF p FOR VALUES IN (1)",
+        ] {
+            assert_eq!(probe(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn a_statement_is_here_already_when_every_item_of_its_probe_is() {
+        let existing = vec![
+            "column id integer not null default nextval('gift_card_id_seq'::regclass)".to_string(),
+            "column code text".to_string(),
+            "column amount numeric".to_string(),
+            "constraint gift_card_pkey PRIMARY KEY (id)".to_string(),
+        ];
+        let probed = vec![
+            "column id integer not null default nextval('walsync_probe_tbl_id_seq'::regclass)"
+                .to_string(),
+            "column code text".to_string(),
+            "constraint walsync_probe_tbl_pkey PRIMARY KEY (id)".to_string(),
+        ];
+        let renames = [("walsync_probe_tbl", "gift_card")];
+        assert!(already_here(&probed, &existing, &renames));
+        let other = vec!["column code varchar(20)".to_string()];
+        assert!(!already_here(&other, &existing, &renames));
+    }
 
     #[test]
     fn each_ddl_statement_of_a_multi_statement_string_is_found_by_position() {
