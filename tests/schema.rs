@@ -21,9 +21,8 @@ fn assert_no_link_stopped(c: &TestCluster) {
 
 /// A sale on `node` reaches every node: the links from it still flow.
 fn sale_reaches_everyone(c: &TestCluster, node: &str, name: &str) {
-    c.node(node).sql(&format!(
-        "INSERT INTO pos_order (name, amount_total) VALUES ('{name}', 1)"
-    ));
+    c.node(node)
+        .sql(&format!("INSERT INTO pos_order (name) VALUES ('{name}')"));
     for n in &c.nodes {
         c.wait_rows(&n.name, &format!("pos_order WHERE name = '{name}'"), 1);
     }
@@ -165,4 +164,56 @@ fn a_table_made_from_a_query_arrives_as_its_structure_with_the_authors_rows() {
     for n in &c.nodes {
         assert_eq!(n.count("walsync.conflicts"), 0, "{}", n.name);
     }
+}
+
+#[test]
+fn rows_written_under_an_old_column_or_table_name_during_a_cut_arrive_under_the_new_one() {
+    let mut c = TestCluster::new(
+        "renamed",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    c.node("main")
+        .sql("CREATE TABLE loyalty (id serial PRIMARY KEY, points int)");
+    c.start();
+    c.wait_rows("branch1", "loyalty", 0);
+    c.stop();
+    // branch1 keeps selling in the shape it knows.
+    for i in 1..=5 {
+        c.node("branch1").sql(&format!(
+            "INSERT INTO pos_order (name, amount_total) VALUES ('cut {i}', {i}); \
+             INSERT INTO loyalty (points) VALUES ({i})"
+        ));
+    }
+    // main's module upgrade renames a column and a table, and adds a NOT NULL column.
+    c.node("main").sql(
+        "ALTER TABLE pos_order RENAME COLUMN amount_total TO amount; \
+         ALTER TABLE pos_order ADD COLUMN state text NOT NULL DEFAULT 'draft'; \
+         ALTER TABLE loyalty RENAME TO loyalty_card; \
+         ALTER TABLE loyalty_card RENAME COLUMN points TO balance",
+    );
+    c.node("main").sql(
+        "INSERT INTO pos_order (name, amount, state) VALUES ('main after the upgrade', 9, 'paid')",
+    );
+    c.start();
+    for n in ["main", "branch1", "branch2"] {
+        c.wait_rows(n, "pos_order", 6);
+        c.wait_rows(n, "loyalty_card", 5);
+    }
+    c.wait_converged("pos_order");
+    c.wait_converged("loyalty_card");
+    let b2 = c.node("branch2");
+    assert_eq!(
+        b2.sql("SELECT sum(amount)::int FROM pos_order WHERE name LIKE 'cut %'"),
+        "15"
+    );
+    assert_eq!(b2.sql("SELECT sum(balance)::int FROM loyalty_card"), "15");
+    assert_eq!(
+        b2.count("pos_order WHERE state = 'draft'"),
+        5,
+        "the new column's default"
+    );
+    assert_no_link_stopped(&c);
+    sale_reaches_everyone(&c, "branch1", "after the upgrade");
 }

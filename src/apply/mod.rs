@@ -40,6 +40,7 @@ pub mod parallel;
 mod param;
 pub mod pipeline;
 mod relations;
+mod renamed;
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use tokio_postgres::Statement;
 
-use super::{catalog, dropped, ApplyError, ApplyWorker};
+use super::{catalog, dropped, renamed, ApplyError, ApplyWorker};
 use crate::config::{MergeMode, TablePolicy};
 use crate::merge::conflict::Rule;
 use crate::merge::keys::ForeignKey;
@@ -172,7 +172,14 @@ impl ApplyWorker {
             .ok_or(ApplyError::UnknownRelation(relation_id))?;
         let (namespace, name) = (entry.source.namespace.clone(), entry.source.name.clone());
         let client = self.client.clone();
-        let found = self.catalog.table(&client, &namespace, &name).await?;
+        let mut found = self.catalog.table(&client, &namespace, &name).await?;
+        if found.is_none() && !dropped::table_was_dropped(&self.client, &namespace, &name).await? {
+            // Renamed here since the upstream wrote the change (a cut during the rename).
+            let renames = renamed::captured_renames(&self.client).await?;
+            if let Some(new) = crate::ddl::renamed_table(&renames, &namespace, &name) {
+                found = self.catalog.table(&client, &namespace, &new).await?;
+            }
+        }
         if let Some(target) = self.unchanged_after_ddl(relation_id, found.as_ref()) {
             return Ok(target);
         }
@@ -190,8 +197,12 @@ impl ApplyWorker {
             });
         };
         let entry = self.relations.get(&relation_id).expect("checked above");
-        let (source, gone) =
+        let (mut source, gone) =
             dropped::without_dropped_columns(&self.client, &entry.source, &target).await?;
+        if renamed::lacks_a_column(&source, &target) {
+            let renames = renamed::captured_renames(&self.client).await?;
+            source = renamed::with_renamed_columns(source, &target, &renames);
+        }
         let map = Arc::new(RelationMap::new(&source, target)?);
         let key = (entry.source.namespace.clone(), entry.source.name.clone());
         let mut policy = match self.policies.get(&key) {

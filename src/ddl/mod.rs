@@ -266,6 +266,86 @@ fn structure_only(node: &NodeEnum, version: i32) -> Option<String> {
     pg_query::deparse(&tree, Default::default()).ok()
 }
 
+/// A rename a captured statement made: of a column (`column` is `Some((old, new))`) or
+/// of the table itself (`column` is `None`, `new_table` the new name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rename {
+    /// The table as the statement named it (schema if written, name).
+    pub table: (Option<String>, String),
+    pub column: Option<(String, String)>,
+    pub new_table: Option<String>,
+}
+
+/// The rename `statement` makes, if it is an `ALTER TABLE ... RENAME [COLUMN] ... TO`.
+pub fn rename(statement: &str) -> Option<Rename> {
+    let parsed = pg_query::parse(statement, pg_query::ParserOptions::DEFAULT).ok()?;
+    let Some(N::RenameStmt(r)) = parsed.protobuf.stmts.first()?.stmt.as_ref()?.node.as_ref() else {
+        return None;
+    };
+    let rel = r.relation.as_ref()?;
+    let table = (
+        (!rel.schemaname.is_empty()).then(|| rel.schemaname.clone()),
+        rel.relname.clone(),
+    );
+    if r.rename_type == ObjectType::ObjectColumn as i32 {
+        Some(Rename {
+            table,
+            column: Some((r.subname.clone(), r.newname.clone())),
+            new_table: None,
+        })
+    } else if r.rename_type == ObjectType::ObjectTable as i32 {
+        Some(Rename {
+            table,
+            column: None,
+            new_table: Some(r.newname.clone()),
+        })
+    } else {
+        None
+    }
+}
+
+/// What column `column` of table `table` (in `schema`) is called after `renames` (in
+/// the order they ran), following a table renamed on the way; `None` if it was never
+/// renamed. A rename that names no schema is taken for the table of that name.
+pub fn renamed_column(
+    renames: &[Rename],
+    schema: &str,
+    table: &str,
+    column: &str,
+) -> Option<String> {
+    let mut table = table.to_string();
+    let mut column = column.to_string();
+    let mut renamed = false;
+    for r in renames {
+        let same_table = r.table.1 == table && r.table.0.as_deref().is_none_or(|s| s == schema);
+        if !same_table {
+            continue;
+        }
+        match (&r.column, &r.new_table) {
+            (Some((old, new)), _) if *old == column => {
+                column = new.clone();
+                renamed = true;
+            }
+            (None, Some(new_table)) => table = new_table.clone(),
+            _ => {}
+        }
+    }
+    renamed.then_some(column)
+}
+
+/// What table `schema.table` is called after `renames`; `None` if it was never renamed.
+pub fn renamed_table(renames: &[Rename], schema: &str, table: &str) -> Option<String> {
+    let mut name = table.to_string();
+    for r in renames {
+        if r.table.1 == name && r.table.0.as_deref().is_none_or(|s| s == schema) {
+            if let Some(new) = &r.new_table {
+                name = new.clone();
+            }
+        }
+    }
+    (name != table).then_some(name)
+}
+
 /// The name a probe gives the table it creates or copies ([`Probe`]).
 pub const PROBE_TABLE: &str = "walsync_probe_tbl";
 /// The name a probe gives the index, column or constraint it creates.
@@ -441,6 +521,45 @@ mod tests {
         ] {
             assert_eq!(probe(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn renames_are_followed_in_the_order_they_ran() {
+        let renames: Vec<Rename> = [
+            "ALTER TABLE pos_order RENAME COLUMN amount_total TO amount",
+            "ALTER TABLE public.pos_order RENAME amount TO amount_paid",
+            "ALTER TABLE other RENAME COLUMN note TO memo",
+            "ALTER TABLE pos_order RENAME TO pos_sale",
+            "ALTER TABLE pos_sale RENAME COLUMN note TO comment",
+        ]
+        .iter()
+        .map(|s| rename(s).unwrap())
+        .collect();
+        assert_eq!(
+            renamed_column(&renames, "public", "pos_order", "amount_total").as_deref(),
+            Some("amount_paid")
+        );
+        assert_eq!(
+            renamed_column(&renames, "public", "pos_order", "note").as_deref(),
+            Some("comment"),
+            "followed through the table's own rename"
+        );
+        assert_eq!(
+            renamed_column(&renames, "public", "pos_order", "name"),
+            None
+        );
+        assert_eq!(
+            renamed_column(&renames, "shop", "pos_order", "amount_total").as_deref(),
+            Some("amount"),
+            "unqualified renames: any schema; the qualified one is public's"
+        );
+        assert_eq!(
+            renamed_table(&renames, "public", "pos_order").as_deref(),
+            Some("pos_sale")
+        );
+        assert_eq!(renamed_table(&renames, "public", "partner"), None);
+        assert_eq!(rename("ALTER TABLE a ADD COLUMN b int"), None);
+        assert_eq!(rename("ALTER INDEX a RENAME TO b"), None);
     }
 
     #[test]
