@@ -529,6 +529,22 @@ impl Config {
             .collect()
     }
 
+    /// The nodes whose captured DDL runs on this node: `[cluster] ddl_from` if set; in
+    /// a star, else, the hub alone (a store's schema change, whoever made it there, is
+    /// recorded on main for a person to accept, never run by itself on main and on every
+    /// other store); in a mesh, else, every node (`None`).
+    pub fn ddl_from(&self) -> Option<Vec<String>> {
+        match (
+            &self.cluster.ddl_from,
+            self.cluster.topology,
+            &self.cluster.hub,
+        ) {
+            (Some(nodes), _, _) => Some(nodes.clone()),
+            (None, Topology::Star, Some(hub)) => Some(vec![hub.clone()]),
+            (None, _, _) => None,
+        }
+    }
+
     fn is_hub(&self, name: &str) -> bool {
         self.cluster.topology == Topology::Star && self.cluster.hub.as_deref() == Some(name)
     }
@@ -543,7 +559,7 @@ impl Config {
                     from_forwards_others: self.is_hub(peer.name.as_str()),
                     from: peer.clone(),
                     to: me.clone(),
-                    ddl_from: self.cluster.ddl_from.clone(),
+                    ddl_from: self.ddl_from(),
                 });
             }
             if run.pushes() {
@@ -551,7 +567,7 @@ impl Config {
                     from_forwards_others: self.is_hub(me.name.as_str()),
                     from: me.clone(),
                     to: peer,
-                    ddl_from: self.cluster.ddl_from.clone(),
+                    ddl_from: self.ddl_from(),
                 });
             }
         }

@@ -12,6 +12,19 @@ fn a_multi_statement_string_with_ddl_and_inserts_arrives_once_everywhere() {
         &["main", "branch1", "branch2"],
         RETAIL_SCHEMA,
     );
+    // branch1's schema changes are trusted too (a star runs only the hub's by default).
+    for n in &c.nodes {
+        let text = std::fs::read_to_string(&n.config).unwrap();
+        std::fs::write(
+            &n.config,
+            text.replacen(
+                "[cluster]\n",
+                "[cluster]\nddl_from = [\"main\", \"branch1\"]\n",
+                1,
+            ),
+        )
+        .unwrap();
+    }
     c.start();
     // As Odoo sends it: one string, DDL and DML mixed, in one transaction.
     c.node("main").sql(
@@ -59,7 +72,8 @@ fn a_multi_statement_string_with_ddl_and_inserts_arrives_once_everywhere() {
             || c.logs(),
         );
     }
-    // A branch's DDL reaches the other branch through the hub, and rows written with it.
+    // A trusted branch's DDL reaches the other branch through the hub, and rows written
+    // with it.
     c.node("branch1")
         .sql("ALTER TABLE loyalty_program ADD COLUMN expires date");
     c.node("branch1")
@@ -700,4 +714,104 @@ fn ddl_from_other_nodes_is_recorded_not_run() {
     c.node("main")
         .sql("CREATE TABLE public.from_main (id int PRIMARY KEY)");
     c.wait_rows("branch1", "pg_tables WHERE tablename = 'from_main'", 1);
+}
+
+/// A stolen store cannot take the chain: in a star, by default, main runs DDL from main
+/// only. A branch superuser's table, function and trigger are recorded on main, not run
+/// there nor on the other branch; a `ddl_log` row the branch forges in main's name is
+/// refused and not kept; main and the other branch keep trading rows. A person on main
+/// accepts the table, which then reaches every node as main's change.
+#[test]
+fn a_stores_ddl_waits_on_main_for_a_person_and_a_forged_ddl_row_is_refused() {
+    let mut c = TestCluster::new(
+        "ddl-contained",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    c.node("branch1").sql(
+        "CREATE TABLE branch_audit (msg text, port int); \
+         CREATE FUNCTION stolen() RETURNS trigger LANGUAGE plpgsql AS \
+           $$ BEGIN INSERT INTO branch_audit VALUES (NEW.name, inet_server_port()); RETURN NEW; END $$; \
+         CREATE TRIGGER stolen AFTER INSERT ON partner FOR EACH ROW EXECUTE FUNCTION stolen()",
+    );
+    c.node("branch1").sql(
+        "INSERT INTO walsync.ddl_log (origin, seq, statement_index, query, command_tag, search_path, role) \
+         VALUES ('main', 999, 1, 'CREATE TABLE forged (id int)', 'CREATE TABLE', 'public', 'postgres')",
+    );
+    c.node("branch1")
+        .sql("INSERT INTO partner (name) VALUES ('from branch1')");
+    c.node("main")
+        .sql("INSERT INTO partner (name) VALUES ('from main')");
+    c.node("branch2")
+        .sql("INSERT INTO partner (name) VALUES ('from branch2')");
+    // main <-> branch2 and main -> branch1 go on.
+    for n in ["main", "branch1", "branch2"] {
+        c.wait_rows(n, "partner WHERE name IN ('from main', 'from branch2')", 2);
+    }
+    c.wait_rows("main", "walsync.ddl_warnings WHERE resolved_at IS NULL", 4);
+    c.wait_rows(
+        "branch2",
+        "walsync.ddl_warnings WHERE resolved_at IS NULL",
+        3,
+    );
+    for n in ["main", "branch2"] {
+        let node = c.node(n);
+        assert_eq!(
+            node.sql(
+                "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal AND tgrelid = 'partner'::regclass"
+            ),
+            "0",
+            "{n}: no trigger of branch1's"
+        );
+        assert_eq!(
+            node.sql("SELECT count(*) FROM pg_proc WHERE proname = 'stolen'"),
+            "0",
+            "{n}"
+        );
+        assert_eq!(
+            node.sql(
+                "SELECT count(*) FROM pg_tables WHERE tablename IN ('forged', 'branch_audit')"
+            ),
+            "0",
+            "{n}"
+        );
+        assert_eq!(
+            node.count("walsync.ddl_log WHERE seq = 999"),
+            0,
+            "{n}: the forged row is not kept"
+        );
+    }
+    let (_, status) = c.node("main").walsync(&["status"]);
+    assert!(
+        status.contains("accepts schema changes only from main")
+            && status.contains("branch_audit")
+            && status.contains("claiming to be main's DDL"),
+        "{status}"
+    );
+
+    // A person on main accepts the table: it runs there and reaches branch2 as main's;
+    // branch1's rows that needed it flow again. The function and trigger stay refused.
+    let (ok, out) = c
+        .node("main")
+        .walsync(&["ddl-replay", "--accept", "branch1/1"]);
+    assert!(ok, "{out}");
+    c.wait_rows("branch2", "pg_tables WHERE tablename = 'branch_audit'", 1);
+    for n in ["main", "branch2"] {
+        c.wait_rows(n, "partner WHERE name = 'from branch1'", 1);
+        c.wait_rows(n, "branch_audit", 1);
+        assert_eq!(
+            c.node(n).sql("SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal AND tgrelid = 'partner'::regclass"),
+            "0"
+        );
+    }
+    c.wait_rows(
+        "branch2",
+        "walsync.ddl_warnings WHERE origin = 'branch1' AND seq = 1 AND resolved_at IS NOT NULL",
+        1,
+    );
+    c.node("branch1")
+        .sql("INSERT INTO partner (name) VALUES ('branch1 again')");
+    c.wait_rows("branch2", "partner WHERE name = 'branch1 again'", 1);
 }

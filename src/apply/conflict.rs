@@ -67,7 +67,7 @@ struct Collision {
 }
 
 impl ApplyWorker {
-    fn open_txn(&self) -> RemoteTxn {
+    pub(super) fn open_txn(&self) -> RemoteTxn {
         self.open
             .clone()
             .expect("a change is applied inside an open target transaction")

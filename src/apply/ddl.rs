@@ -9,7 +9,8 @@
 
 use super::{ApplyError, ApplyWorker, Gone};
 use crate::ddl::{
-    altered_table, columns_filled_per_node, probe, redact_secrets, statement_to_replay, PROBE_TABLE,
+    altered_table, columns_filled_per_node, probe, redact_secrets, statement_to_replay, verdict,
+    DdlVerdict, PROBE_TABLE,
 };
 use crate::names::quote_ident;
 use crate::pgoutput::Insert;
@@ -54,6 +55,7 @@ impl ApplyWorker {
             field("origin").unwrap_or_default(),
             field("seq").unwrap_or_default(),
         );
+        let accepts = field("accepts");
         let id = format!("{origin}/{seq}");
         let statement = statement_to_replay(&query, index).map_err(|e| ApplyError::Ddl {
             id: id.clone(),
@@ -82,13 +84,38 @@ impl ApplyWorker {
             tracing::warn!(link = %self.link, ddl = %id, "skipping ddl as the operator asked (walsync ddl-replay --skip)");
             return Ok(true);
         }
-        if let Some(accepted) = self.ddl_from.as_ref().filter(|a| !a.contains(&origin)) {
-            let warning = format!(
-                "not run here: [cluster] ddl_from accepts schema changes only from {}; make the change there \
-                 (rows that need it stop this link, naming what is missing), or undo it on {origin}",
-                accepted.join(", ")
-            );
-            tracing::warn!(link = %self.link, ddl = %id, %warning, "ddl from a node not in ddl_from");
+        let author = self.open_txn().origin;
+        let author = author
+            .strip_prefix("walsync_")
+            .unwrap_or(&author)
+            .to_string();
+        let accepts_origin = accepts
+            .as_deref()
+            .and_then(|a| a.split_once('/'))
+            .map(|(o, _)| o);
+        let here = self.node_name().to_string();
+        let refusal = match verdict(&origin, &author, &here, self.ddl_from.as_deref(), accepts_origin) {
+            DdlVerdict::Run => None,
+            DdlVerdict::RanHereAlready => {
+                tracing::info!(link = %self.link, ddl = %id, "an accepted ddl made here: nothing to run");
+                return Ok(true);
+            }
+            DdlVerdict::Refused => Some((true, format!(
+                "not run here: [cluster] ddl_from accepts schema changes only from {} (in a star, the hub, unless \
+                 ddl_from names more); if the change is wanted, accept it on the hub with walsync ddl-replay --accept \
+                 {id} (it then replicates from there), or undo it on {origin}. Rows that need it stop only the link \
+                 from {origin}, naming what is missing",
+                self.ddl_from.as_deref().unwrap_or_default().join(", ")
+            ))),
+            // A forged row is not kept: the real author's row of that number may come.
+            DdlVerdict::Forged => Some((false, format!(
+                "refused: a walsync.ddl_log row claiming to be {origin}'s DDL arrived in a transaction written by \
+                 {author}; a node writes only its own DDL rows, so it was neither run nor kept. {author} may be \
+                 compromised (docs/security.md)"
+            ))),
+        };
+        if let Some((keep_row, warning)) = refusal {
+            tracing::warn!(link = %self.link, ddl = %id, %warning, "ddl not run");
             self.client
                 .execute(
                     "INSERT INTO walsync.ddl_warnings (origin, seq, statement, warning) VALUES ($1, $2, $3, $4) \
@@ -97,7 +124,7 @@ impl ApplyWorker {
                 )
                 .await
                 .map_err(SqlError::of("recording a refused ddl"))?;
-            return Ok(true);
+            return Ok(keep_row);
         }
         tracing::info!(link = %self.link, ddl = %id, statement = %redact_secrets(&statement), "replaying ddl");
         let savepoint = SqlError::of("setting a savepoint for the ddl");
@@ -149,6 +176,17 @@ impl ApplyWorker {
             .batch_execute("RELEASE SAVEPOINT walsync_ddl")
             .await
             .map_err(SqlError::of("releasing the ddl's savepoint"))?;
+        if let Some((o, s)) = accepts.as_deref().and_then(|a| a.split_once('/')) {
+            // Accepted where it was refused: this node's own record of the refusal is done.
+            self.client
+                .execute(
+                    "UPDATE walsync.ddl_warnings SET resolved_at = now() \
+                     WHERE origin = $1 AND seq = $2::text::int8 AND resolved_at IS NULL",
+                    &[&o, &s],
+                )
+                .await
+                .map_err(SqlError::of("closing the record of an accepted ddl"))?;
+        }
         self.forget_maps();
         let columns = columns_filled_per_node(&statement);
         if !columns.is_empty() {

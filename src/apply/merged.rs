@@ -555,7 +555,7 @@ impl ApplyWorker {
     }
 
     /// The node this worker writes to, as merges name it.
-    fn node_name(&self) -> &str {
+    pub(super) fn node_name(&self) -> &str {
         self.local_origin
             .strip_prefix("walsync_")
             .unwrap_or(&self.local_origin)

@@ -28,6 +28,11 @@ pub struct DdlReplayArgs {
     /// telling conflicts from sequential edits.
     #[arg(long, value_name = "ORIGIN/SEQ", conflicts_with_all = ["apply", "skip"])]
     pub resolve_warning: Option<String>,
+    /// Accept the schema change ORIGIN/SEQ that this node refused (its author is not in
+    /// `ddl_from`; in a star, a store's DDL recorded on main): run it here now, and send
+    /// it on to every node as this node's.
+    #[arg(long, value_name = "ORIGIN/SEQ", conflicts_with_all = ["apply", "skip", "resolve_warning"])]
+    pub accept: Option<String>,
     /// Show what would be applied (the default).
     #[arg(long, conflicts_with_all = ["apply", "skip"])]
     pub dry_run: bool,
@@ -58,6 +63,15 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
             .into());
         }
         println!("node {}: ddl warning {id} resolved", me.name);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(id) = &args.accept {
+        let (origin, seq) = origin_seq(id, "--accept")?;
+        accept(&local, me.name.as_str(), &origin, seq).await?;
+        println!(
+            "node {}: ddl {id} accepted: it ran here and goes to every node as {}'s",
+            me.name, me.name
+        );
         return Ok(ExitCode::SUCCESS);
     }
     if let Some(id) = &args.skip {
@@ -155,10 +169,9 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
     }
     // `[cluster] ddl_from`: statements from other nodes are not run here (the links
     // record them the same way).
+    let ddl_from = config.ddl_from();
     let accepted = |origin: &str| {
-        config
-            .cluster
-            .ddl_from
+        ddl_from
             .as_ref()
             .is_none_or(|a| a.iter().any(|n| n == origin))
     };
@@ -181,6 +194,68 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
 }
 
 /// `ORIGIN/SEQ` as the link's errors and status name a captured statement.
+/// Runs the refused statement `origin/seq` here in one transaction with a `ddl_log` row
+/// of this node's (`accepts` naming it, so that its author skips it and the nodes that
+/// refused it close their record), and closes this node's record of the refusal. The
+/// statement runs as captured (role, search_path); the capture trigger stays quiet.
+async fn accept(
+    client: &tokio_postgres::Client,
+    me: &str,
+    origin: &str,
+    seq: i64,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let row = client
+        .query_opt(
+            "SELECT l.query, l.statement_index, l.command_tag, l.object_identities, l.search_path, l.role \
+             FROM walsync.ddl_log l JOIN walsync.ddl_warnings w USING (origin, seq) \
+             WHERE l.origin = $1 AND l.seq = $2 AND w.resolved_at IS NULL",
+            &[&origin, &seq],
+        )
+        .await?
+        .ok_or_else(|| {
+            format!(
+                "node {me}: no refused ddl {origin}/{seq} here (walsync status lists the ddl this node did not run)"
+            )
+        })?;
+    let (query, index): (String, i32) = (row.get(0), row.get(1));
+    let (tag, objects): (String, Option<Vec<String>>) = (row.get(2), row.get(3));
+    let (search_path, role): (String, String) = (row.get(4), row.get(5));
+    let statement = statement_to_replay(&query, index)?;
+    client
+        .batch_execute("BEGIN; SET LOCAL session_replication_role = replica")
+        .await?;
+    let accepted = async {
+        crate::apply::run_captured_ddl(client, &search_path, &role, &statement)
+            .await
+            .map_err(|e| crate::apply::server_message(&e))?;
+        client
+            .execute(
+                "INSERT INTO walsync.ddl_log (origin, seq, statement_index, query, command_tag, \
+                   object_identities, search_path, role, accepts) \
+                 VALUES ($1, nextval('walsync.ddl_log_seq'), 1, $2, $3, $4, $5, $6, $7)",
+                &[&me, &statement, &tag, &objects, &search_path, &role, &format!("{origin}/{seq}")],
+            )
+            .await
+            .map_err(|e| crate::apply::server_message(&e))?;
+        client
+            .execute(
+                "UPDATE walsync.ddl_warnings SET resolved_at = now() WHERE origin = $1 AND seq = $2",
+                &[&origin, &seq],
+            )
+            .await
+            .map_err(|e| crate::apply::server_message(&e))?;
+        Ok::<(), String>(())
+    }
+    .await;
+    match accepted {
+        Ok(()) => Ok(client.batch_execute("COMMIT").await?),
+        Err(e) => {
+            let _ = client.batch_execute("ROLLBACK").await;
+            Err(format!("ddl {origin}/{seq} failed here: {e}; nothing was changed").into())
+        }
+    }
+}
+
 fn origin_seq(id: &str, flag: &str) -> Result<(String, i64), String> {
     id.split_once('/')
         .and_then(|(o, s)| Some((o.to_string(), s.parse::<i64>().ok()?)))

@@ -37,6 +37,38 @@ fn branch_behind_nat_runs_both_links_with_main() {
 }
 
 #[test]
+fn a_star_runs_the_hubs_ddl_only_unless_told_more_and_a_mesh_every_nodes() {
+    let star = load(BRANCH, &[]).unwrap();
+    assert_eq!(star.ddl_from(), Some(vec!["main".to_string()]));
+    assert!(star
+        .links()
+        .iter()
+        .all(|l| l.ddl_from == Some(vec!["main".to_string()])));
+    let told = load(
+        &BRANCH.replacen(
+            "step = 16",
+            "step = 16\nddl_from = [\"main\", \"branch1\"]",
+            1,
+        ),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(told.ddl_from().map(|d| d.len()), Some(2));
+    let mesh = load(
+        &BRANCH
+            .replacen(
+                "topology = \"star\"\nhub = \"main\"",
+                "topology = \"mesh\"",
+                1,
+            )
+            .replacen("links = \"both\"", "", 1),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(mesh.ddl_from(), None);
+}
+
+#[test]
 fn unknown_key_is_an_error_that_names_it() {
     let text = BRANCH.replace("step = 16", "step = 16\ntpology = \"mesh\"");
     let err = load(&text, &[]).unwrap_err().to_string();

@@ -266,6 +266,46 @@ fn structure_only(node: &NodeEnum, version: i32) -> Option<String> {
     pg_query::deparse(&tree, Default::default()).ok()
 }
 
+/// What a node does with a captured statement that arrives in the stream
+/// (`walsync.ddl_log`), decided from the row and the link alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DdlVerdict {
+    /// Run it here, then keep its row.
+    Run,
+    /// Keep its row without running it: this node is the author of the statement an
+    /// accepting row accepts (it ran here when it was made).
+    RanHereAlready,
+    /// Keep its row, run nothing, and record why: its author is not one whose schema
+    /// changes run here (`ddl_from`); a person may accept it.
+    Refused,
+    /// Neither run nor keep it, and record it: the row claims an author other than the
+    /// node whose transaction carries it. A node writes only its own DDL rows.
+    Forged,
+}
+
+/// The [`DdlVerdict`] for a `walsync.ddl_log` row claiming `row_origin`, carried by a
+/// transaction written by `author`, arriving at node `here` that runs DDL from
+/// `ddl_from` (`None`: every node). `accepts` is the accepted statement's origin if the
+/// row accepts one.
+pub fn verdict(
+    row_origin: &str,
+    author: &str,
+    here: &str,
+    ddl_from: Option<&[String]>,
+    accepts: Option<&str>,
+) -> DdlVerdict {
+    if row_origin != author {
+        return DdlVerdict::Forged;
+    }
+    if ddl_from.is_some_and(|nodes| !nodes.iter().any(|n| n == row_origin)) {
+        return DdlVerdict::Refused;
+    }
+    if accepts == Some(here) {
+        return DdlVerdict::RanHereAlready;
+    }
+    DdlVerdict::Run
+}
+
 /// A rename a captured statement made: of a column (`column` is `Some((old, new))`) or
 /// of the table itself (`column` is `None`, `new_table` the new name).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -521,6 +561,42 @@ mod tests {
         ] {
             assert_eq!(probe(other), None, "{other}");
         }
+    }
+
+    #[test]
+    fn ddl_runs_only_from_its_author_and_from_nodes_whose_ddl_is_accepted() {
+        let hub = ["main".to_string()];
+        assert_eq!(
+            verdict("main", "main", "branch1", Some(&hub), None),
+            DdlVerdict::Run
+        );
+        assert_eq!(
+            verdict("branch1", "branch1", "main", Some(&hub), None),
+            DdlVerdict::Refused
+        );
+        assert_eq!(
+            verdict("branch1", "branch1", "main", None, None),
+            DdlVerdict::Run,
+            "a mesh"
+        );
+        assert_eq!(
+            verdict("main", "branch1", "branch2", Some(&hub), None),
+            DdlVerdict::Forged,
+            "a store's row claiming main"
+        );
+        assert_eq!(
+            verdict("main", "branch1", "main", None, None),
+            DdlVerdict::Forged
+        );
+        assert_eq!(
+            verdict("main", "main", "branch1", Some(&hub), Some("branch1")),
+            DdlVerdict::RanHereAlready,
+            "main accepted branch1's statement: branch1 made it"
+        );
+        assert_eq!(
+            verdict("main", "main", "branch2", Some(&hub), Some("branch1")),
+            DdlVerdict::Run
+        );
     }
 
     #[test]

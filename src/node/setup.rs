@@ -141,6 +141,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "tables_from_queries",
         sql: include_str!("../../migrations/0018_tables_from_queries.sql"),
     },
+    Migration {
+        version: 19,
+        name: "accepted_ddl",
+        sql: include_str!("../../migrations/0019_accepted_ddl.sql"),
+    },
 ];
 
 impl SetupError {
