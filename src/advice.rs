@@ -26,8 +26,37 @@ pub async fn gather(client: &Client, config: &Config) -> Result<Json, tokio_post
     if odoo {
         odoo_warnings(client, config, &mut warnings).await?;
     }
+    unlogged_tables(client, &mut warnings).await?;
     let unique_keys = unique_key_settlement(client, config).await?;
     Ok(json!({ "warnings": warnings, "unique_keys": unique_keys }))
+}
+
+/// Unlogged tables write no WAL, so logical decoding never sees their rows: they stay
+/// on the node that writes them (as in native logical replication). Said once, by name.
+async fn unlogged_tables(
+    client: &Client,
+    warnings: &mut Vec<String>,
+) -> Result<(), tokio_postgres::Error> {
+    let names: Vec<String> = client
+        .query(
+            "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE c.relkind IN ('r', 'p') AND c.relpersistence = 'u' \
+               AND n.nspname NOT IN ('walsync', 'pg_catalog', 'information_schema') ORDER BY 1",
+            &[],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !names.is_empty() {
+        warnings.push(format!(
+            "unlogged table(s) {}: their rows write no WAL, so they are not replicated and stay on this node \
+             (their schema changes are); ALTER TABLE ... SET LOGGED to replicate one",
+            names.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 /// Whether the table exists (an Odoo without that module has not got it).

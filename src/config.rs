@@ -266,6 +266,11 @@ pub struct ClusterConfig {
     /// shown, not run (a branch cannot push schema changes to main). None: every node.
     #[serde(default)]
     pub ddl_from: Option<Vec<String>>,
+    /// The role every replayed DDL statement runs as, instead of the role that ran it on
+    /// its author (which may not exist here, or be a superuser here). None: the captured
+    /// role.
+    #[serde(default)]
+    pub ddl_role: Option<String>,
 }
 
 fn default_step() -> u32 {
@@ -345,6 +350,8 @@ pub struct LinkSpec {
     pub from_forwards_others: bool,
     /// `[cluster] ddl_from`: the nodes whose DDL is run on `to`.
     pub ddl_from: Option<Vec<String>>,
+    /// `[cluster] ddl_role`: the role replayed DDL runs as on `to` (None: the captured one).
+    pub ddl_role: Option<String>,
 }
 
 impl LinkSpec {
@@ -560,6 +567,7 @@ impl Config {
                     from: peer.clone(),
                     to: me.clone(),
                     ddl_from: self.ddl_from(),
+                    ddl_role: self.cluster.ddl_role.clone(),
                 });
             }
             if run.pushes() {
@@ -568,6 +576,7 @@ impl Config {
                     from: me.clone(),
                     to: peer,
                     ddl_from: self.ddl_from(),
+                    ddl_role: self.cluster.ddl_role.clone(),
                 });
             }
         }

@@ -815,3 +815,48 @@ fn a_stores_ddl_waits_on_main_for_a_person_and_a_forged_ddl_row_is_refused() {
         .sql("INSERT INTO partner (name) VALUES ('branch1 again')");
     c.wait_rows("branch2", "partner WHERE name = 'branch1 again'", 1);
 }
+
+/// `[cluster] ddl_role`: replayed DDL runs as that role, not as whoever ran it on its
+/// author (here a superuser): what it creates belongs to the application's role, and a
+/// peer's superuser is never borrowed.
+#[test]
+fn replayed_ddl_runs_as_the_configured_role() {
+    let prepare = |pg: &walsync_testkit::localpg::LocalCluster| {
+        pg.psql("CREATE ROLE shop LOGIN; GRANT CREATE ON SCHEMA public TO shop")
+            .unwrap();
+        pg.psql(&format!("SET ROLE shop; {RETAIL_SCHEMA}")).unwrap();
+    };
+    let mut c = TestCluster::new_in(
+        "ddl-role",
+        Topology::Mesh,
+        &["a", "b"],
+        "postgres",
+        &prepare,
+        "",
+    );
+    for n in &c.nodes {
+        let text = std::fs::read_to_string(&n.config).unwrap();
+        std::fs::write(
+            &n.config,
+            text.replacen("[cluster]\n", "[cluster]\nddl_role = \"shop\"\n", 1),
+        )
+        .unwrap();
+    }
+    c.start();
+    c.node("a")
+        .sql("CREATE TABLE voucher (id serial PRIMARY KEY, code text)");
+    c.wait_rows("b", "pg_tables WHERE tablename = 'voucher'", 1);
+    assert_eq!(
+        c.node("a")
+            .sql("SELECT tableowner FROM pg_tables WHERE tablename = 'voucher'"),
+        "postgres"
+    );
+    assert_eq!(
+        c.node("b")
+            .sql("SELECT tableowner FROM pg_tables WHERE tablename = 'voucher'"),
+        "shop",
+        "replayed as ddl_role, not as a's superuser"
+    );
+    c.node("a").sql("INSERT INTO voucher (code) VALUES ('V-1')");
+    c.wait_rows("b", "voucher", 1);
+}

@@ -94,6 +94,17 @@ fn a_table_without_a_primary_key_replicates_and_a_row_not_found_is_recorded() {
     assert_eq!(detail, "skipped changed on main");
     sale_reaches_everyone(&c, "branch1", "after the cut");
     assert_no_link_stopped(&c);
+
+    // An unlogged table writes no WAL: its schema replicates, its rows cannot, and
+    // status says so by name.
+    c.node("main")
+        .sql("CREATE UNLOGGED TABLE scratch (id int); INSERT INTO scratch VALUES (1)");
+    c.wait_rows("branch1", "pg_tables WHERE tablename = 'scratch'", 1);
+    let (_, status) = c.node("main").walsync(&["status"]);
+    assert!(
+        status.contains("unlogged table(s) public.scratch"),
+        "{status}"
+    );
 }
 
 #[test]

@@ -126,13 +126,15 @@ impl ApplyWorker {
                 .map_err(SqlError::of("recording a refused ddl"))?;
             return Ok(keep_row);
         }
-        tracing::info!(link = %self.link, ddl = %id, statement = %redact_secrets(&statement), "replaying ddl");
+        // `[cluster] ddl_role`, where set, instead of whoever ran it on its author.
+        let replay_role = self.ddl_role.as_deref().unwrap_or(&role);
+        tracing::info!(link = %self.link, ddl = %id, role = %replay_role, statement = %redact_secrets(&statement), "replaying ddl");
         let savepoint = SqlError::of("setting a savepoint for the ddl");
         self.client
             .batch_execute("SAVEPOINT walsync_ddl")
             .await
             .map_err(savepoint)?;
-        match run_captured_ddl(&self.client, &search_path, &role, &statement).await {
+        match run_captured_ddl(&self.client, &search_path, replay_role, &statement).await {
             Ok(()) => {}
             Err(e) if creates_what_exists(&e) => {
                 // Two nodes made the same object while cut off (one module installed on
@@ -146,7 +148,7 @@ impl ApplyWorker {
                     statement: redact_secrets(&statement),
                     reason: super::server_message(&e),
                 };
-                if !already_here(&self.client, &search_path, &role, &statement).await? {
+                if !already_here(&self.client, &search_path, replay_role, &statement).await? {
                     return Err(refused);
                 }
                 let note = format!(

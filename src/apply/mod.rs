@@ -157,6 +157,8 @@ pub struct ApplyWorker {
     careful_txns: u32,
     /// `[cluster] ddl_from`: the nodes whose DDL is run here; None: every node.
     ddl_from: Option<Vec<String>>,
+    /// `[cluster] ddl_role`: the role replayed DDL runs as here; None: the captured one.
+    ddl_role: Option<String>,
     /// The progress the next applied transaction builds on (see `record_progress`).
     last_progress: Lsn,
     /// The config's table policies per `(schema, table)`.
@@ -319,6 +321,7 @@ impl ApplyWorker {
             local_origin,
             careful_txns: 0,
             ddl_from: None,
+            ddl_role: None,
             last_progress: Lsn::ZERO,
             policies: HashMap::new(),
             merged: merged::SharedKeys::default(),
@@ -853,6 +856,11 @@ impl ApplyWorker {
     /// The nodes whose captured DDL runs here (`[cluster] ddl_from`; None: every node).
     pub fn set_ddl_from(&mut self, nodes: Option<Vec<String>>) {
         self.ddl_from = nodes;
+    }
+
+    /// The role replayed DDL runs as here (`[cluster] ddl_role`; None: the captured one).
+    pub fn set_ddl_role(&mut self, role: Option<String>) {
+        self.ddl_role = role;
     }
 
     fn is_careful(&self) -> bool {

@@ -67,7 +67,14 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
     }
     if let Some(id) = &args.accept {
         let (origin, seq) = origin_seq(id, "--accept")?;
-        accept(&local, me.name.as_str(), &origin, seq).await?;
+        accept(
+            &local,
+            me.name.as_str(),
+            &origin,
+            seq,
+            config.cluster.ddl_role.as_deref(),
+        )
+        .await?;
         println!(
             "node {}: ddl {id} accepted: it ran here and goes to every node as {}'s",
             me.name, me.name
@@ -177,7 +184,7 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
     };
     for p in pending.iter().filter(|p| !p.skip && accepted(&p.key.0)) {
         let id = format!("{}/{}", p.key.0, p.key.1);
-        apply_one(&local, p).await.map_err(|e| {
+        apply_one(&local, p, config.cluster.ddl_role.as_deref()).await.map_err(|e| {
             format!(
                 "ddl {id} failed on node {}: {e}; nothing after it was applied. Fix it by hand, then \
                  `walsync ddl-replay --skip {id}` and --apply again",
@@ -203,6 +210,7 @@ async fn accept(
     me: &str,
     origin: &str,
     seq: i64,
+    ddl_role: Option<&str>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let row = client
         .query_opt(
@@ -219,7 +227,8 @@ async fn accept(
         })?;
     let (query, index): (String, i32) = (row.get(0), row.get(1));
     let (tag, objects): (String, Option<Vec<String>>) = (row.get(2), row.get(3));
-    let (search_path, role): (String, String) = (row.get(4), row.get(5));
+    let (search_path, captured_role): (String, String) = (row.get(4), row.get(5));
+    let role = ddl_role.unwrap_or(&captured_role).to_string();
     let statement = statement_to_replay(&query, index)?;
     client
         .batch_execute("BEGIN; SET LOCAL session_replication_role = replica")
@@ -280,16 +289,19 @@ struct Pending {
 
 /// Runs one captured statement here and logs it, in one transaction, in replica mode
 /// (not captured again): as the applier would when the link delivers it.
+/// Runs one pending statement with its `ddl_log` row, as `role` if given (`[cluster]
+/// ddl_role`) or else as the role that ran it on its author.
 async fn apply_one(
     client: &tokio_postgres::Client,
     p: &Pending,
+    role: Option<&str>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let statement = statement_to_replay(&p.query, p.statement_index)?;
     client
         .batch_execute("BEGIN; SET LOCAL session_replication_role = replica")
         .await?;
     let applied = async {
-        crate::apply::run_captured_ddl(client, &p.search_path, &p.role, &statement)
+        crate::apply::run_captured_ddl(client, &p.search_path, role.unwrap_or(&p.role), &statement)
             .await
             .map_err(|e| crate::apply::server_message(&e))?;
         client

@@ -571,6 +571,7 @@ async fn open_applier(
         w.set_policies(with.tables);
         w.share_merges(with.merges.clone());
         w.set_ddl_from(spec.ddl_from.clone());
+        w.set_ddl_role(spec.ddl_role.clone());
         Ok::<_, LinkError>(w)
     };
     let connect_target = || {
