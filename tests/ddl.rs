@@ -13,18 +13,7 @@ fn a_multi_statement_string_with_ddl_and_inserts_arrives_once_everywhere() {
         RETAIL_SCHEMA,
     );
     // branch1's schema changes are trusted too (a star runs only the hub's by default).
-    for n in &c.nodes {
-        let text = std::fs::read_to_string(&n.config).unwrap();
-        std::fs::write(
-            &n.config,
-            text.replacen(
-                "[cluster]\n",
-                "[cluster]\nddl_from = [\"main\", \"branch1\"]\n",
-                1,
-            ),
-        )
-        .unwrap();
-    }
+    c.set_cluster_option("ddl_from = [\"main\", \"branch1\"]");
     c.start();
     // As Odoo sends it: one string, DDL and DML mixed, in one transaction.
     c.node("main").sql(
@@ -685,14 +674,7 @@ fn ddl_from_other_nodes_is_recorded_not_run() {
         &["main", "branch1"],
         RETAIL_SCHEMA,
     );
-    for n in &c.nodes {
-        let text = std::fs::read_to_string(&n.config).unwrap();
-        std::fs::write(
-            &n.config,
-            text.replacen("[cluster]\n", "[cluster]\nddl_from = [\"main\"]\n", 1),
-        )
-        .unwrap();
-    }
+    c.set_cluster_option("ddl_from = [\"main\"]");
     c.start();
     c.node("branch1")
         .sql("CREATE TABLE public.branch_only (id int PRIMARY KEY)");
@@ -821,11 +803,7 @@ fn a_stores_ddl_waits_on_main_for_a_person_and_a_forged_ddl_row_is_refused() {
 /// peer's superuser is never borrowed.
 #[test]
 fn replayed_ddl_runs_as_the_configured_role() {
-    let prepare = |pg: &walsync_testkit::localpg::LocalCluster| {
-        pg.psql("CREATE ROLE shop LOGIN; GRANT CREATE ON SCHEMA public TO shop")
-            .unwrap();
-        pg.psql(&format!("SET ROLE shop; {RETAIL_SCHEMA}")).unwrap();
-    };
+    let prepare = |pg: &walsync_testkit::localpg::LocalCluster| owned_by_shop(pg, RETAIL_SCHEMA);
     let mut c = TestCluster::new_in(
         "ddl-role",
         Topology::Mesh,
@@ -834,14 +812,7 @@ fn replayed_ddl_runs_as_the_configured_role() {
         &prepare,
         "",
     );
-    for n in &c.nodes {
-        let text = std::fs::read_to_string(&n.config).unwrap();
-        std::fs::write(
-            &n.config,
-            text.replacen("[cluster]\n", "[cluster]\nddl_role = \"shop\"\n", 1),
-        )
-        .unwrap();
-    }
+    c.set_cluster_option("ddl_role = \"shop\"");
     c.start();
     c.node("a")
         .sql("CREATE TABLE voucher (id serial PRIMARY KEY, code text)");

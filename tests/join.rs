@@ -64,15 +64,7 @@ fn a_branch_joins_a_running_cluster_while_orders_are_written_and_ends_identical(
         "progress is shown:\n{text}"
     );
     assert!(written.load(Ordering::Relaxed) > 0);
-    c.nodes.push(Node {
-        name: "branch2".into(),
-        id: 3,
-        pg,
-        config: config.clone(),
-        sidecar: None,
-        netns: None,
-        sidecar_env: Vec::new(),
-    });
+    c.adopt("branch2", 3, pg, &config);
     c.node_mut("branch2").start_sidecar();
     c.node("branch2")
         .sql("INSERT INTO pos_order (name, amount_total) VALUES ('branch2/first', 7)");
@@ -213,12 +205,7 @@ fn a_branch_joined_with_least_privilege_hands_out_its_own_ids_and_its_removal_re
     const SCHEMA: &str = "
         CREATE TABLE app_user (id serial PRIMARY KEY, login text NOT NULL);
         CREATE SEQUENCE ir_sequence_001;";
-    let prepare = |pg: &LocalCluster| {
-        pg.psql("CREATE ROLE shop LOGIN; GRANT CREATE ON SCHEMA public TO shop")
-            .unwrap();
-        pg.psql(&format!("SET ROLE shop; {RETAIL_SCHEMA} {SCHEMA}"))
-            .unwrap();
-    };
+    let prepare = |pg: &LocalCluster| owned_by_shop(pg, &format!("{RETAIL_SCHEMA} {SCHEMA}"));
     let mut c = TestCluster::new_in(
         "join-least-privilege",
         Topology::Star,
@@ -292,15 +279,7 @@ fn a_branch_joined_with_least_privilege_hands_out_its_own_ids_and_its_removal_re
     std::fs::write(&main_config, main_text).unwrap();
     c.node_mut("main").stop_sidecar();
     c.node_mut("main").start_sidecar();
-    c.nodes.push(Node {
-        name: "branch2".into(),
-        id: 3,
-        pg,
-        config: config.clone(),
-        sidecar: None,
-        netns: None,
-        sidecar_env: Vec::new(),
-    });
+    c.adopt("branch2", 3, pg, &config);
 
     // Before its sidecar even starts, every sequence hands out branch2's ids: the
     // new node's first insert can never take an id main will hand out too.

@@ -9,11 +9,7 @@ use walsync_testkit::localpg::LocalCluster;
 #[test]
 fn a_cluster_runs_with_no_superuser_in_the_sidecars_dsns() {
     // The tables belong to an application role, as Odoo's belong to odoo.
-    let prepare = |pg: &LocalCluster| {
-        pg.psql("CREATE ROLE shop LOGIN; GRANT CREATE ON SCHEMA public TO shop")
-            .unwrap();
-        pg.psql(&format!("SET ROLE shop; {RETAIL_SCHEMA}")).unwrap();
-    };
+    let prepare = |pg: &LocalCluster| owned_by_shop(pg, RETAIL_SCHEMA);
     let mut c = TestCluster::new_in(
         "least-privilege",
         Topology::Mesh,

@@ -257,17 +257,9 @@ impl RelationMap {
     ) -> Result<Option<RowWrite>, StatementError> {
         self.check_width(new)?;
         let old = self.old_image(old)?;
-        let mut set = Vec::with_capacity(new.0.len());
-        let mut params = Vec::with_capacity(new.0.len() * 2);
-        for (i, v) in new.0.iter().enumerate() {
-            if !matches!(v, Value::UnchangedToast) {
-                set.push(self.source_to_target[i]);
-                params.push(v.clone());
-            }
-        }
-        if set.is_empty() {
+        let Some((set, mut params)) = self.set_values(new, new.0.len()) else {
             return Ok(None);
-        }
+        };
         let compared = self.image_values(old, &mut params);
         Ok(Some(RowWrite {
             shape: Shape::UpdateByImage { set, compared },
@@ -284,6 +276,21 @@ impl RelationMap {
             shape: Shape::DeleteByImage { compared },
             params,
         })
+    }
+
+    /// The target columns an update sets (every one the new image carries, unchanged
+    /// TOAST left out) and their values, with room for `more` parameters after them;
+    /// `None` if it sets nothing.
+    fn set_values(&self, new: &Tuple, more: usize) -> Option<(Vec<usize>, Vec<Value>)> {
+        let mut set = Vec::with_capacity(new.0.len());
+        let mut params = Vec::with_capacity(new.0.len() + more);
+        for (i, v) in new.0.iter().enumerate() {
+            if !matches!(v, Value::UnchangedToast) {
+                set.push(self.source_to_target[i]);
+                params.push(v.clone());
+            }
+        }
+        (!set.is_empty()).then_some((set, params))
     }
 
     /// The whole old row a keyless table's change was made on.
@@ -351,17 +358,9 @@ impl RelationMap {
         new: &Tuple,
     ) -> Result<Option<RowWrite>, StatementError> {
         self.check_width(new)?;
-        let mut set = Vec::with_capacity(new.0.len());
-        let mut params = Vec::with_capacity(new.0.len() + self.key_in_source.len());
-        for (i, v) in new.0.iter().enumerate() {
-            if !matches!(v, Value::UnchangedToast) {
-                set.push(self.source_to_target[i]);
-                params.push(v.clone());
-            }
-        }
-        if set.is_empty() {
+        let Some((set, mut params)) = self.set_values(new, self.key_in_source.len()) else {
             return Ok(None);
-        }
+        };
         params.extend(self.key_values(old, Some(new))?);
         Ok(Some(RowWrite {
             shape: Shape::Update { set },

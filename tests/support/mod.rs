@@ -386,6 +386,32 @@ impl TestCluster {
         }
     }
 
+    /// Adds `line` (a `key = value`) to the `[cluster]` section of every node's config.
+    pub fn set_cluster_option(&self, line: &str) {
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.config).unwrap();
+            std::fs::write(
+                &n.config,
+                text.replacen("[cluster]\n", &format!("[cluster]\n{line}\n"), 1),
+            )
+            .unwrap();
+        }
+    }
+
+    /// Takes a node made outside the cluster (a joined branch) into it, its sidecar not
+    /// started.
+    pub fn adopt(&mut self, name: &str, id: u32, pg: LocalCluster, config: &std::path::Path) {
+        self.nodes.push(Node {
+            name: name.into(),
+            id,
+            pg,
+            config: config.to_path_buf(),
+            sidecar: None,
+            netns: None,
+            sidecar_env: Vec::new(),
+        });
+    }
+
     /// Stops every sidecar (SIGTERM): no link runs, as in a cut, and both sides can write.
     pub fn stop(&mut self) {
         for n in &mut self.nodes {
@@ -500,6 +526,14 @@ CREATE TABLE product (id serial PRIMARY KEY, name text NOT NULL, price numeric(1
 CREATE TABLE pos_order (id serial PRIMARY KEY, name text NOT NULL, partner_id integer REFERENCES partner(id), amount_total numeric(12,2), note jsonb, date_order timestamptz NOT NULL DEFAULT now());
 CREATE TABLE pos_order_line (id serial PRIMARY KEY, order_id integer NOT NULL REFERENCES pos_order(id) ON DELETE CASCADE, product_id integer NOT NULL REFERENCES product(id), qty numeric NOT NULL, price_unit numeric(12,2) NOT NULL);
 ";
+
+/// Prepares a node whose replicated tables belong to an application role `shop` (as
+/// Odoo's belong to `odoo`): `schema` runs as that role.
+pub fn owned_by_shop(pg: &LocalCluster, schema: &str) {
+    pg.psql("CREATE ROLE shop LOGIN; GRANT CREATE ON SCHEMA public TO shop")
+        .unwrap();
+    pg.psql(&format!("SET ROLE shop; {schema}")).unwrap();
+}
 
 /// `GET path` on 127.0.0.1:`port` (a sidecar's metrics endpoint): (status line, body).
 pub fn http_get(port: u16, path: &str) -> (String, String) {
