@@ -722,15 +722,44 @@ fn a_stores_ddl_waits_on_main_for_a_person_and_a_forged_ddl_row_is_refused() {
         "INSERT INTO walsync.ddl_log (origin, seq, statement_index, query, command_tag, search_path, role) \
          VALUES ('main', 999, 1, 'CREATE TABLE forged (id int)', 'CREATE TABLE', 'public', 'postgres')",
     );
-    c.node("branch1")
-        .sql("INSERT INTO partner (name) VALUES ('from branch1')");
     c.node("main")
         .sql("INSERT INTO partner (name) VALUES ('from main')");
     c.node("branch2")
         .sql("INSERT INTO partner (name) VALUES ('from branch2')");
-    // main <-> branch2 and main -> branch1 go on.
     for n in ["main", "branch1", "branch2"] {
         c.wait_rows(n, "partner WHERE name IN ('from main', 'from branch2')", 2);
+    }
+    // A merge note forged in main's name would have every node merge main's customer
+    // into branch2's (and delete it).
+    let (ours, theirs) = (
+        c.node("main")
+            .sql("SELECT id FROM partner WHERE name = 'from main'"),
+        c.node("main")
+            .sql("SELECT id FROM partner WHERE name = 'from branch2'"),
+    );
+    c.node("branch1").sql(&format!(
+        "INSERT INTO walsync.merged_keys (table_schema, table_name, loser_key, winner_key, decided_by) \
+         VALUES ('public', 'partner', '[\"{ours}\"]', '[\"{theirs}\"]', 'main')"
+    ));
+    c.node("branch1")
+        .sql("INSERT INTO partner (name) VALUES ('from branch1')");
+    c.wait_rows("main", "walsync.conflicts WHERE kind = 'forged_record'", 1);
+    // main <-> branch2 and main -> branch1 go on.
+    c.node("branch2")
+        .sql("INSERT INTO partner (name) VALUES ('branch2 later')");
+    for n in ["main", "branch1", "branch2"] {
+        c.wait_rows(
+            n,
+            "partner WHERE name IN ('from main', 'from branch2', 'branch2 later')",
+            3,
+        );
+    }
+    for n in ["main", "branch2"] {
+        assert_eq!(
+            c.node(n).count("walsync.merged_keys"),
+            0,
+            "{n}: the forged note is not kept"
+        );
     }
     c.wait_rows("main", "walsync.ddl_warnings WHERE resolved_at IS NULL", 4);
     c.wait_rows(

@@ -17,6 +17,7 @@ use tokio_postgres::Client;
 
 use super::param::Param;
 use super::{as_params, unless_duplicate, ApplyError, ApplyWorker, Mapped, Tried};
+use crate::merge::conflict::{note_is_authentic, ConflictKind, Outcome, AUTHOR_ONLY};
 use crate::merge::keys::{redirect, stays, ForeignKey, KeyMap, TableName};
 use crate::names::quote_ident;
 use crate::pgoutput::{Insert, Tuple, Value};
@@ -704,6 +705,44 @@ impl ApplyWorker {
         let (loser, winner) = (key("loser_key")?, key("winner_key")?);
         let by = field("decided_by").ok_or_else(|| missing("decided_by"))?;
         let at = field("decided_at");
+        let author = self.open_txn().origin;
+        let author = author
+            .strip_prefix("walsync_")
+            .unwrap_or(&author)
+            .to_string();
+        let upstream = self
+            .link
+            .split_once("->")
+            .map_or("", |(from, _)| from)
+            .to_string();
+        if !note_is_authentic(&by, &author, &upstream) {
+            // A store cannot make another node merge rows away: its note is not learnt.
+            tracing::warn!(link = %self.link, decided_by = %by, %author, "refused a merge note not written by the node it names");
+            let record = super::conflict::Record {
+                kind: ConflictKind::ForgedRecord,
+                key: serde_json::json!({ "table": format!("{}.{}", table.0, table.1), "loser_key": loser }),
+                local: None,
+                remote: crate::merge::conflict::row_image(
+                    &["table_schema", "table_name", "loser_key", "winner_key", "decided_by"].map(String::from),
+                    &[
+                        Value::Text(table.0.clone().into()),
+                        Value::Text(table.1.clone().into()),
+                        Value::Text(serde_json::to_string(&loser).unwrap_or_default().into()),
+                        Value::Text(serde_json::to_string(&winner).unwrap_or_default().into()),
+                        Value::Text(by.clone().into()),
+                    ],
+                ),
+                rule: AUTHOR_ONLY,
+                outcome: Outcome::Skipped,
+                detail: Some(format!(
+                    "a walsync.merged_keys note naming {by} as the node that merged these rows arrived in a \
+                     transaction written by {author} from {upstream}; a node's merge notes are taken only from it \
+                     (or the hub forwarding it), so nothing was merged here. {author} may be compromised \
+                     (docs/security.md)"
+                )),
+            };
+            return self.record(ins.relation_id, record).await;
+        }
         self.merged_in_txn
             .push((table.clone(), loser.clone(), winner.clone()));
         let known = self

@@ -25,7 +25,7 @@ pub struct ConflictsArgs {
     #[arg(long, global = true)]
     pub table: Option<String>,
     /// Only this kind (insert_exists, update_exists, multiple_unique_conflicts, update_origin_differs,
-    /// update_missing, delete_origin_differs, delete_missing, table_dropped, column_dropped).
+    /// update_missing, delete_origin_differs, delete_missing, table_dropped, column_dropped, forged_record).
     #[arg(long, global = true)]
     pub kind: Option<String>,
     /// Only this outcome (remote_applied, local_kept, skipped, columns_merged, local_renamed,

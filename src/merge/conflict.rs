@@ -29,6 +29,10 @@ pub enum ConflictKind {
     TableDropped,
     /// walsync's own: a change that set columns this node dropped; the rest is applied.
     ColumnDropped,
+    /// walsync's own: a row of walsync's replicated bookkeeping (a merge note) naming as
+    /// its author a node that neither wrote nor forwarded the transaction carrying it.
+    /// Not applied, recorded.
+    ForgedRecord,
 }
 
 impl ConflictKind {
@@ -43,10 +47,11 @@ impl ConflictKind {
             ConflictKind::MultipleUniqueConflicts => "multiple_unique_conflicts",
             ConflictKind::TableDropped => "table_dropped",
             ConflictKind::ColumnDropped => "column_dropped",
+            ConflictKind::ForgedRecord => "forged_record",
         }
     }
 
-    pub const ALL: [ConflictKind; 9] = [
+    pub const ALL: [ConflictKind; 10] = [
         ConflictKind::InsertExists,
         ConflictKind::UpdateOriginDiffers,
         ConflictKind::UpdateExists,
@@ -56,6 +61,7 @@ impl ConflictKind {
         ConflictKind::MultipleUniqueConflicts,
         ConflictKind::TableDropped,
         ConflictKind::ColumnDropped,
+        ConflictKind::ForgedRecord,
     ];
 
     /// The kind named `s` (as `as_str` writes it).
@@ -143,6 +149,16 @@ pub const DELETE_WINS: &str = "delete_wins";
 pub const NO_LOCAL_ROW: &str = "no_local_row";
 pub const COLUMN_MERGE: &str = "column_merge";
 pub const DROPPED_HERE: &str = "dropped_here";
+/// A node's bookkeeping rows are taken only from that node (or the hub forwarding them).
+pub const AUTHOR_ONLY: &str = "author_only";
+
+/// Whether a merge note decided by `decided_by` may be learnt from a transaction written
+/// by `author` and received from `upstream`: a node notes its own merges, in its own
+/// transactions (the announcement) or in the transaction it was applying when it decided
+/// (which only the node that decided it forwards: a star's hub). Pure.
+pub fn note_is_authentic(decided_by: &str, author: &str, upstream: &str) -> bool {
+    decided_by == author || decided_by == upstream
+}
 
 /// What to do with an incoming change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -523,6 +539,24 @@ pub fn old_image_matches(old: &Tuple, local: &[Option<String>]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_merge_note_is_learnt_only_from_the_node_that_merged_or_the_hub_forwarding_it() {
+        assert!(
+            note_is_authentic("branch2", "branch2", "main"),
+            "branch2's announcement via main"
+        );
+        assert!(
+            note_is_authentic("main", "branch1", "main"),
+            "main merged while applying branch1's"
+        );
+        assert!(note_is_authentic("a", "a", "a"), "a mesh peer's own");
+        assert!(
+            !note_is_authentic("main", "branch1", "branch1"),
+            "branch1 claiming main's merge"
+        );
+        assert!(!note_is_authentic("branch2", "branch1", "main"));
+    }
 
     #[test]
     fn outcomes_and_kinds_read_back_as_written() {
