@@ -178,12 +178,16 @@ impl ApplyWorker {
             .batch_execute("RELEASE SAVEPOINT walsync_ddl")
             .await
             .map_err(SqlError::of("releasing the ddl's savepoint"))?;
-        if let Some((o, s)) = accepts.as_deref().and_then(|a| a.split_once('/')) {
+        let accepted = accepts
+            .as_deref()
+            .and_then(|a| a.split_once('/'))
+            .and_then(|(o, s)| Some((o, s.parse::<i64>().ok()?)));
+        if let Some((o, s)) = accepted {
             // Accepted where it was refused: this node's own record of the refusal is done.
             self.client
                 .execute(
                     "UPDATE walsync.ddl_warnings SET resolved_at = now() \
-                     WHERE origin = $1 AND seq = $2::text::int8 AND resolved_at IS NULL",
+                     WHERE origin = $1 AND seq = $2 AND resolved_at IS NULL",
                     &[&o, &s],
                 )
                 .await

@@ -55,7 +55,17 @@ impl ApplyWorker {
     /// DDL later in the transaction ([`ApplyWorker::insert_waiting_rows`]).
     async fn insert_into_target(&mut self, ins: &Insert) -> Result<(), ApplyError> {
         let id = ins.relation_id;
-        let target = match self.ensure_map(id).await {
+        // A table found missing earlier in the transaction stays so until its next DDL:
+        // its further rows are not looked up in the catalog one by one.
+        let known_missing = self.waiting_relations.contains(&id);
+        let found = if known_missing {
+            Err(ApplyError::MissingTable {
+                table: self.table_name(id),
+            })
+        } else {
+            self.ensure_map(id).await
+        };
+        let target = match found {
             Err(ApplyError::MissingTable { table }) => {
                 let bytes = ins
                     .new
@@ -68,6 +78,9 @@ impl ApplyWorker {
                 }
                 self.waiting_bytes += bytes;
                 self.waiting_for_table.push(ins.clone());
+                if !known_missing {
+                    self.waiting_relations.push(id);
+                }
                 return Ok(());
             }
             other => other?,
@@ -90,6 +103,7 @@ impl ApplyWorker {
         }
         let waiting = std::mem::take(&mut self.waiting_for_table);
         self.waiting_bytes = 0;
+        self.waiting_relations.clear();
         for ins in &waiting {
             self.insert_into_target(ins).await?;
         }

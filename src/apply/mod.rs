@@ -199,6 +199,8 @@ pub struct ApplyWorker {
     /// (`inserts::WAIT_FOR_TABLE_BYTES` bounds them).
     waiting_for_table: Vec<crate::pgoutput::Insert>,
     waiting_bytes: usize,
+    /// The relations of `waiting_for_table` (a few): known missing until the next DDL.
+    waiting_relations: Vec<u32>,
 }
 
 /// See [`ApplyWorker::order_statements`].
@@ -338,6 +340,7 @@ impl ApplyWorker {
             order_statements: None,
             waiting_for_table: Vec::new(),
             waiting_bytes: 0,
+            waiting_relations: Vec::new(),
         })
     }
 
@@ -434,6 +437,7 @@ impl ApplyWorker {
         }
         self.waiting_for_table.clear();
         self.waiting_bytes = 0;
+        self.waiting_relations.clear();
         if self.merged_stale {
             self.reload_merged().await?;
         }

@@ -69,9 +69,16 @@ const PEER_ASK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// The removal of this node as recorded on any peer this config reaches (a node removed
 /// by `remove-node` on a main whose config did not list it holds no record itself).
-/// Peers that cannot be reached in [`PEER_ASK_TIMEOUT`] are passed over.
+/// Peers that cannot be reached in [`PEER_ASK_TIMEOUT`] are passed over; a star's hub
+/// asks nobody.
 async fn removal_seen_by_peers(config: &Config) -> Option<crate::node::fence::Removal> {
     let me = config.this_node();
+    // The hub of a star is where nodes are removed from; it does not ask every store.
+    if config.cluster.topology == crate::config::Topology::Star
+        && config.cluster.hub.as_deref() == Some(me.name.as_str())
+    {
+        return None;
+    }
     let asks = config.peer_nodes().into_iter().map(|(peer, _)| {
         let name = me.name.to_string();
         async move {
