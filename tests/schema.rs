@@ -228,3 +228,54 @@ fn rows_written_under_an_old_column_or_table_name_during_a_cut_arrive_under_the_
     assert_no_link_stopped(&c);
     sale_reaches_everyone(&c, "branch1", "after the upgrade");
 }
+
+#[test]
+fn partitioned_tables_generated_columns_enums_and_truncate_replicate() {
+    let mut c = TestCluster::new(
+        "shapes",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    c.node("main").sql(
+        "CREATE TYPE order_state AS ENUM ('draft', 'paid'); \
+         CREATE TABLE sale_log (id serial, day date NOT NULL, state order_state NOT NULL DEFAULT 'draft', \
+           amount numeric NOT NULL, amount_taxed numeric GENERATED ALWAYS AS (amount * 1.2) STORED, \
+           PRIMARY KEY (id, day)) PARTITION BY RANGE (day); \
+         CREATE TABLE sale_log_2026 PARTITION OF sale_log FOR VALUES FROM ('2026-01-01') TO ('2027-01-01'); \
+         CREATE TABLE sale_log_2027 (LIKE sale_log INCLUDING DEFAULTS INCLUDING GENERATED); \
+         ALTER TABLE sale_log ATTACH PARTITION sale_log_2027 FOR VALUES FROM ('2027-01-01') TO ('2028-01-01')",
+    );
+    c.node("main")
+        .sql("ALTER TYPE order_state ADD VALUE 'refunded'");
+    c.node("main").sql(
+        "INSERT INTO sale_log (day, amount) VALUES ('2026-05-01', 10), ('2027-02-01', 20); \
+         UPDATE sale_log SET state = 'refunded' WHERE day = '2027-02-01'",
+    );
+    for n in ["branch1", "branch2"] {
+        c.wait_rows(n, "sale_log WHERE state = 'refunded'", 1);
+    }
+    c.node("branch1")
+        .sql("INSERT INTO sale_log (day, amount, state) VALUES ('2026-06-01', 5, 'paid')");
+    for n in ["main", "branch2"] {
+        c.wait_rows(n, "sale_log", 3);
+    }
+    c.wait_converged("sale_log");
+    assert_eq!(
+        c.node("branch2")
+            .sql("SELECT sum(amount_taxed)::int FROM sale_log"),
+        "42",
+        "generated columns computed on each node"
+    );
+    // TRUNCATE replicates (pgoutput carries it) and the links go on.
+    c.node("main").sql("TRUNCATE pos_order_line");
+    c.node("main")
+        .sql("INSERT INTO pos_order (name) VALUES ('before truncate')");
+    c.node("main").sql("TRUNCATE pos_order CASCADE");
+    sale_reaches_everyone(&c, "main", "after truncate");
+    for n in &c.nodes {
+        assert_eq!(n.count("pos_order"), 1, "{}", n.name);
+    }
+    assert_no_link_stopped(&c);
+}
