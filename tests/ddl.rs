@@ -711,6 +711,48 @@ fn a_stores_ddl_waits_on_main_for_a_person_and_a_forged_ddl_row_is_refused() {
         &["main", "branch1", "branch2"],
         RETAIL_SCHEMA,
     );
+    a_stolen_store_is_contained(&mut c);
+}
+
+/// The same with every sidecar (and the operator's `ddl-replay --accept` on main) as the
+/// unprivileged role `init --grant-to` makes, the tables owned by the application's
+/// role, and replayed DDL run as that role (`ddl_role`).
+#[test]
+fn a_stores_ddl_is_contained_with_least_privilege_sidecars() {
+    let prepare = |pg: &walsync_testkit::localpg::LocalCluster| owned_by_shop(pg, RETAIL_SCHEMA);
+    let mut c = TestCluster::new_in(
+        "ddl-contained-lp",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        "postgres",
+        &prepare,
+        "",
+    );
+    for n in &c.nodes {
+        n.sql("CREATE ROLE walsync LOGIN");
+        let (ok, out) = n.walsync(&["init", "--grant-to", "walsync"]);
+        assert!(ok, "{out}");
+    }
+    for n in &c.nodes {
+        let text = std::fs::read_to_string(&n.config).unwrap();
+        std::fs::write(&n.config, text.replace("user=postgres", "user=walsync")).unwrap();
+    }
+    c.set_cluster_option("ddl_role = \"shop\"");
+    a_stolen_store_is_contained(&mut c);
+    for n in &c.nodes {
+        assert_eq!(
+            n.sql(
+                "SELECT string_agg(DISTINCT usename::text, ',') FROM pg_stat_activity \
+                 WHERE application_name LIKE 'walsync%'"
+            ),
+            "walsync",
+            "{}: every walsync session runs as the unprivileged role",
+            n.name
+        );
+    }
+}
+
+fn a_stolen_store_is_contained(c: &mut TestCluster) {
     c.start();
     c.node("branch1").sql(
         "CREATE TABLE branch_audit (msg text, port int); \
