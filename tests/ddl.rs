@@ -728,28 +728,10 @@ fn a_stores_ddl_is_contained_with_least_privilege_sidecars() {
         &prepare,
         "",
     );
-    for n in &c.nodes {
-        n.sql("CREATE ROLE walsync LOGIN");
-        let (ok, out) = n.walsync(&["init", "--grant-to", "walsync"]);
-        assert!(ok, "{out}");
-    }
-    for n in &c.nodes {
-        let text = std::fs::read_to_string(&n.config).unwrap();
-        std::fs::write(&n.config, text.replace("user=postgres", "user=walsync")).unwrap();
-    }
+    c.run_as_walsync();
     c.set_cluster_option("ddl_role = \"shop\"");
     a_stolen_store_is_contained(&mut c);
-    for n in &c.nodes {
-        assert_eq!(
-            n.sql(
-                "SELECT string_agg(DISTINCT usename::text, ',') FROM pg_stat_activity \
-                 WHERE application_name LIKE 'walsync%'"
-            ),
-            "walsync",
-            "{}: every walsync session runs as the unprivileged role",
-            n.name
-        );
-    }
+    c.assert_sessions_are_walsyncs();
 }
 
 fn a_stolen_store_is_contained(c: &mut TestCluster) {

@@ -214,15 +214,7 @@ fn a_branch_joined_with_least_privilege_hands_out_its_own_ids_and_its_removal_re
         &prepare,
         "",
     );
-    for n in &c.nodes {
-        n.sql("CREATE ROLE walsync LOGIN");
-        let (ok, out) = n.walsync(&["init", "--grant-to", "walsync"]);
-        assert!(ok, "{out}");
-    }
-    for n in &mut c.nodes {
-        let text = std::fs::read_to_string(&n.config).unwrap();
-        std::fs::write(&n.config, text.replace("user=postgres", "user=walsync")).unwrap();
-    }
+    c.run_as_walsync();
     c.start();
     // Main has customers; every other sequence it partitioned at init was never called.
     c.node("main")

@@ -398,6 +398,39 @@ impl TestCluster {
         }
     }
 
+    /// `walsync init --grant-to walsync` on every node (as the superuser its config
+    /// names), then every config names `walsync`: sidecars and commands run as the
+    /// unprivileged role from then on. Returns each node's init output.
+    pub fn run_as_walsync(&mut self) -> Vec<String> {
+        let mut outputs = Vec::new();
+        for n in &self.nodes {
+            n.sql("CREATE ROLE walsync LOGIN");
+            let (ok, out) = n.walsync(&["init", "--grant-to", "walsync"]);
+            assert!(ok, "walsync init --grant-to on {}:\n{out}", n.name);
+            outputs.push(out);
+        }
+        for n in &mut self.nodes {
+            let text = std::fs::read_to_string(&n.config).unwrap();
+            std::fs::write(&n.config, text.replace("user=postgres", "user=walsync")).unwrap();
+        }
+        outputs
+    }
+
+    /// Every walsync session on every node runs as the unprivileged role `walsync`.
+    pub fn assert_sessions_are_walsyncs(&self) {
+        for n in &self.nodes {
+            assert_eq!(
+                n.sql(
+                    "SELECT string_agg(DISTINCT usename::text, ',') FROM pg_stat_activity \
+                     WHERE application_name LIKE 'walsync%'"
+                ),
+                "walsync",
+                "{}: every walsync session runs as the unprivileged role",
+                n.name
+            );
+        }
+    }
+
     /// Takes a node made outside the cluster (a joined branch) into it, its sidecar not
     /// started.
     pub fn adopt(&mut self, name: &str, id: u32, pg: LocalCluster, config: &std::path::Path) {
