@@ -2,7 +2,7 @@
 //!
 //! Commits are sent with `synchronous_commit = off` and do not wait for their WAL flush;
 //! the upstream may only be acknowledged up to a transaction whose target commit is
-//! flushed (DESIGN.md, "Apply"). A confirmed commit's WAL position is not known, so it is
+//! flushed (ARCHITECTURE.md, invariant 2). A confirmed commit's WAL position is not known, so it is
 //! bounded by a later read of the target's insert position (every commit answered before
 //! that read lies at or before it), and released once a read of the flush position
 //! reaches that bound. No I/O here: the applier feeds the answers in.

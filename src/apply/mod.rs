@@ -276,7 +276,7 @@ impl ApplyWorker {
             .await
             .map_err(SqlError::of("flushing the target's WAL"))?;
         // Commits need not wait for their flush: the upstream is acknowledged only up to
-        // what pg_current_wal_flush_lsn() shows durable (DESIGN.md, "Apply").
+        // what pg_current_wal_flush_lsn() shows durable (ARCHITECTURE.md, invariant 2).
         // Every statement walsync prepares writes the values bound or finds rows by a key
         // or a unique index, so its plan does not depend on the values: planned once, at
         // its first execution, rather than for each of its first five (PostgreSQL's

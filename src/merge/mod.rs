@@ -19,7 +19,7 @@ use crate::names::{NameError, NodeName, PgName};
 ///
 /// A transaction's author is its `Origin` message if present, else the upstream itself.
 /// A link never carries a transaction back to its author; it carries third nodes' writes
-/// only when the upstream is the hub of a star (DESIGN.md, "Data flow", step 2).
+/// only when the upstream is the hub of a star ([`crate::config::Topology::Star`]).
 #[derive(Debug, Clone)]
 pub struct OriginFilter {
     pub upstream: NodeName,
