@@ -85,19 +85,15 @@ async fn check_rights_and_fence(config: &crate::config::Config) -> Result<(), St
             missing.join("\n  - ")
         ))
     };
-    let peers = config.peer_nodes();
-    let fenced_by_peers = futures_util::future::join_all(peers.iter().map(|(p, _)| async {
-        let check = async {
-            let client = connect(&p.dsn, "walsync run check").await.ok()?;
-            crate::node::fence::removed(&client, &[name]).await.ok()?
-        };
-        tokio::time::timeout(std::time::Duration::from_secs(10), check)
-            .await
-            .ok()
-            .flatten()
-    }));
+    let peers: Vec<_> = config.peer_nodes().into_iter().map(|(p, _)| p).collect();
+    let fenced_by_peers = crate::node::fence::removal_seen_by(
+        &peers,
+        name,
+        "walsync run check",
+        std::time::Duration::from_secs(10),
+    );
     let (own, fenced) = tokio::join!(own, fenced_by_peers);
-    match fenced.into_iter().flatten().next() {
+    match fenced {
         Some(removal) => Err(removal.to_string()),
         None => own,
     }

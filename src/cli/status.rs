@@ -79,27 +79,14 @@ async fn removal_seen_by_peers(config: &Config) -> Option<crate::node::fence::Re
     {
         return None;
     }
-    let asks = config.peer_nodes().into_iter().map(|(peer, _)| {
-        let name = me.name.to_string();
-        async move {
-            let ask = async {
-                let client = connect(&peer.dsn, "walsync status").await.ok()?;
-                crate::node::fence::removed(&client, &[name.as_str()])
-                    .await
-                    .ok()
-                    .flatten()
-            };
-            tokio::time::timeout(PEER_ASK_TIMEOUT, ask)
-                .await
-                .ok()
-                .flatten()
-        }
-    });
-    futures_util::future::join_all(asks)
-        .await
-        .into_iter()
-        .flatten()
-        .next()
+    let peers: Vec<_> = config.peer_nodes().into_iter().map(|(p, _)| p).collect();
+    crate::node::fence::removal_seen_by(
+        &peers,
+        me.name.as_str(),
+        "walsync status",
+        PEER_ASK_TIMEOUT,
+    )
+    .await
 }
 
 /// A connection's encryption as the server sees it (`pg_stat_ssl`).

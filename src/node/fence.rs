@@ -3,7 +3,12 @@
 //! there is refused at both ends, and a removed node's sidecar exits instead of resuming.
 //! A fresh `walsync join` of the node clears the record.
 
+use std::time::Duration;
+
 use tokio_postgres::Client;
+
+use crate::config::NodeRef;
+use crate::node::connect::connect;
 
 /// A node recorded as removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +56,28 @@ pub async fn removed(
         removed_at: r.get(1),
         removed_on: r.get(2),
     }))
+}
+
+/// The removal of `node` as recorded on any of `peers`, asked all at once (as
+/// `application`); a peer that cannot answer within `timeout` is passed over.
+pub async fn removal_seen_by(
+    peers: &[NodeRef],
+    node: &str,
+    application: &str,
+    timeout: Duration,
+) -> Option<Removal> {
+    let asks = peers.iter().map(|peer| async move {
+        let ask = async {
+            let client = connect(&peer.dsn, application).await.ok()?;
+            removed(&client, &[node]).await.ok()?
+        };
+        tokio::time::timeout(timeout, ask).await.ok().flatten()
+    });
+    futures_util::future::join_all(asks)
+        .await
+        .into_iter()
+        .flatten()
+        .next()
 }
 
 /// Records `node` as removed by a command run on `removed_on`.
