@@ -204,7 +204,8 @@ pub async fn run(args: DdlReplayArgs) -> CliResult {
 /// Runs the refused statement `origin/seq` here in one transaction with a `ddl_log` row
 /// of this node's (`accepts` naming it, so that its author skips it and the nodes that
 /// refused it close their record), and closes this node's record of the refusal. The
-/// statement runs as captured (role, search_path); the capture trigger stays quiet.
+/// statement runs with its captured search_path, as `ddl_role` if given, else as its
+/// captured role.
 async fn accept(
     client: &tokio_postgres::Client,
     me: &str,
@@ -230,39 +231,35 @@ async fn accept(
     let (search_path, captured_role): (String, String) = (row.get(4), row.get(5));
     let role = ddl_role.unwrap_or(&captured_role).to_string();
     let statement = statement_to_replay(&query, index)?;
-    client
-        .batch_execute("BEGIN; SET LOCAL session_replication_role = replica")
-        .await?;
     let accepted = async {
-        crate::apply::run_captured_ddl(client, &search_path, &role, &statement)
-            .await
-            .map_err(|e| crate::apply::server_message(&e))?;
+        crate::apply::run_captured_ddl(client, &search_path, &role, &statement).await?;
         client
             .execute(
                 "INSERT INTO walsync.ddl_log (origin, seq, statement_index, query, command_tag, \
                    object_identities, search_path, role, accepts) \
                  VALUES ($1, nextval('walsync.ddl_log_seq'), 1, $2, $3, $4, $5, $6, $7)",
-                &[&me, &statement, &tag, &objects, &search_path, &role, &format!("{origin}/{seq}")],
+                &[
+                    &me,
+                    &statement,
+                    &tag,
+                    &objects,
+                    &search_path,
+                    &role,
+                    &format!("{origin}/{seq}"),
+                ],
             )
-            .await
-            .map_err(|e| crate::apply::server_message(&e))?;
+            .await?;
         client
             .execute(
                 "UPDATE walsync.ddl_warnings SET resolved_at = now() WHERE origin = $1 AND seq = $2",
                 &[&origin, &seq],
             )
-            .await
-            .map_err(|e| crate::apply::server_message(&e))?;
-        Ok::<(), String>(())
-    }
-    .await;
-    match accepted {
-        Ok(()) => Ok(client.batch_execute("COMMIT").await?),
-        Err(e) => {
-            let _ = client.batch_execute("ROLLBACK").await;
-            Err(format!("ddl {origin}/{seq} failed here: {e}; nothing was changed").into())
-        }
-    }
+            .await?;
+        Ok(())
+    };
+    in_replica_transaction(client, accepted)
+        .await
+        .map_err(|e| format!("ddl {origin}/{seq} failed here: {e}; nothing was changed").into())
 }
 
 fn origin_seq(id: &str, flag: &str) -> Result<(String, i64), String> {
@@ -297,13 +294,9 @@ async fn apply_one(
     role: Option<&str>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let statement = statement_to_replay(&p.query, p.statement_index)?;
-    client
-        .batch_execute("BEGIN; SET LOCAL session_replication_role = replica")
-        .await?;
     let applied = async {
         crate::apply::run_captured_ddl(client, &p.search_path, role.unwrap_or(&p.role), &statement)
-            .await
-            .map_err(|e| crate::apply::server_message(&e))?;
+            .await?;
         client
             .execute(
                 "INSERT INTO walsync.ddl_log (origin, seq, statement_index, query, command_tag, \
@@ -321,17 +314,29 @@ async fn apply_one(
                     &p.captured_at,
                 ],
             )
-            .await
-            .map_err(|e| crate::apply::server_message(&e))?;
-        Ok::<(), String>(())
-    }
-    .await;
-    match applied {
-        Ok(()) => client.batch_execute("COMMIT").await?,
+            .await?;
+        Ok(())
+    };
+    Ok(in_replica_transaction(client, applied).await?)
+}
+
+/// Runs `work` in one transaction in replica mode (the capture trigger stays quiet: what
+/// it runs is not captured again), committed if it succeeds and rolled back otherwise.
+/// A failure is the server's message.
+async fn in_replica_transaction(
+    client: &tokio_postgres::Client,
+    work: impl std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+) -> Result<(), String> {
+    let message = |e: tokio_postgres::Error| crate::apply::server_message(&e);
+    client
+        .batch_execute("BEGIN; SET LOCAL session_replication_role = replica")
+        .await
+        .map_err(message)?;
+    match work.await {
+        Ok(()) => client.batch_execute("COMMIT").await.map_err(message),
         Err(e) => {
             let _ = client.batch_execute("ROLLBACK").await;
-            return Err(e.into());
+            Err(message(e))
         }
     }
-    Ok(())
 }
