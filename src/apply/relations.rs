@@ -173,12 +173,17 @@ impl ApplyWorker {
         let (namespace, name) = (entry.source.namespace.clone(), entry.source.name.clone());
         let client = self.client.clone();
         let mut found = self.catalog.table(&client, &namespace, &name).await?;
-        if found.is_none() && !dropped::table_was_dropped(&self.client, &namespace, &name).await? {
+        let dropped_here =
+            found.is_none() && dropped::table_was_dropped(&self.client, &namespace, &name).await?;
+        // The captured renames, read once, only where a table or column is missing.
+        let mut renames = None;
+        if found.is_none() && !dropped_here {
             // Renamed here since the upstream wrote the change (a cut during the rename).
-            let renames = renamed::captured_renames(&self.client).await?;
-            if let Some(new) = crate::ddl::renamed_table(&renames, &namespace, &name) {
+            let captured = renamed::captured_renames(&self.client).await?;
+            if let Some(new) = crate::ddl::renamed_table(&captured, &namespace, &name) {
                 found = self.catalog.table(&client, &namespace, &new).await?;
             }
+            renames = Some(captured);
         }
         if let Some(target) = self.unchanged_after_ddl(relation_id, found.as_ref()) {
             return Ok(target);
@@ -188,7 +193,7 @@ impl ApplyWorker {
             per_node_columns,
         }) = found
         else {
-            if dropped::table_was_dropped(&self.client, &namespace, &name).await? {
+            if dropped_here {
                 self.set_gone(relation_id, Gone::Table);
                 return Ok(Target::Dropped);
             }
@@ -200,7 +205,10 @@ impl ApplyWorker {
         let (mut source, gone) =
             dropped::without_dropped_columns(&self.client, &entry.source, &target).await?;
         if renamed::lacks_a_column(&source, &target) {
-            let renames = renamed::captured_renames(&self.client).await?;
+            let renames = match renames {
+                Some(r) => r,
+                None => renamed::captured_renames(&self.client).await?,
+            };
             source = renamed::with_renamed_columns(source, &target, &renames);
         }
         let map = Arc::new(RelationMap::new(&source, target)?);
