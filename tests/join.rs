@@ -222,25 +222,13 @@ fn a_branch_joined_with_least_privilege_hands_out_its_own_ids_and_its_removal_re
     c.wait_converged("partner");
 
     // The new branch: the roles the copied objects belong to, and the sidecar's role.
-    let pg = LocalCluster::start(&c.dir.join("branch2"), "branch2").expect("start branch2");
+    let (pg, config) = new_branch2(&c);
     pg.psql("CREATE ROLE shop LOGIN; CREATE ROLE walsync LOGIN")
         .unwrap();
-    let config = c.dir.join("branch2.toml");
-    let main_as_walsync = c
-        .node("main")
-        .pg
-        .dsn()
-        .replace("user=postgres", "user=walsync");
-    std::fs::write(
-        &config,
-        format!(
-            "[cluster]\ntopology = \"star\"\nhub = \"main\"\n\n[node]\nname = \"branch2\"\nid = 3\ndsn = \"{}\"\n\n\
-             [apply]\nreconnect_min_ms = 100\nreconnect_max_ms = 1000\n\n\
-             [[peers]]\nname = \"main\"\nid = 1\ndsn = \"{main_as_walsync}\"\nlinks = \"both\"\n",
-            pg.dsn(),
-        ),
-    )
-    .unwrap();
+    let main_dsn = c.node("main").pg.dsn();
+    let main_as_walsync = main_dsn.replace("user=postgres", "user=walsync");
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, text.replace(&main_dsn, &main_as_walsync)).unwrap();
     // The new node's DSN is a superuser's for the join; main's is the sidecar's role.
     let (ok, joined) = walsync(&[
         "join",
