@@ -293,6 +293,11 @@ pub struct PeerConfig {
     pub dsn: Dsn,
     #[serde(default)]
     pub links: LinkRun,
+    /// The tables this peer's rows may change on this node (`merge::scope` patterns);
+    /// None: every replicated table. Enforced on the links into this node that this
+    /// sidecar runs.
+    #[serde(default)]
+    pub writes: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -352,6 +357,9 @@ pub struct LinkSpec {
     pub ddl_from: Option<Vec<String>>,
     /// `[cluster] ddl_role`: the role replayed DDL runs as on `to` (None: the captured one).
     pub ddl_role: Option<String>,
+    /// `[[peers]] writes` of `to`'s config: what each author may change on `to` (empty
+    /// on a link into a peer: the peer's own config sets what may be written there).
+    pub writes: crate::merge::scope::WriteScopes,
 }
 
 impl LinkSpec {
@@ -426,6 +434,20 @@ impl Config {
             if let Some(other) = seen_ids.insert(id, name.clone()) {
                 return Err(ConfigError::Invalid(format!(
                     "nodes {other:?} and {name:?} both have id {id}; ids are unique in the cluster"
+                )));
+            }
+        }
+        for p in &self.peers {
+            let Some(writes) = &p.writes else { continue };
+            crate::merge::scope::WriteScope::parse(writes)
+                .map_err(|e| ConfigError::Invalid(format!("peer {:?}: writes: {e}", p.name)))?;
+            if !p.links.pulls() {
+                return Err(ConfigError::Invalid(format!(
+                    "peer {:?}: writes is enforced by the sidecar that applies {0:?}'s rows on this node, \
+                     but with links = \"{}\" {0:?}'s own sidecar applies them; set links = \"pull\" or \"both\" here \
+                     (and the counterpart on {0:?}), or limit the tables {0:?}'s role may write here with GRANTs",
+                    p.name,
+                    p.links.as_str()
                 )));
             }
         }
@@ -552,6 +574,21 @@ impl Config {
         }
     }
 
+    /// What each peer may write on this node (`[[peers]] writes`), by its origin name.
+    pub fn write_scopes(&self) -> crate::merge::scope::WriteScopes {
+        let by_origin = self
+            .peers
+            .iter()
+            .filter_map(|p| {
+                let scope = crate::merge::scope::WriteScope::parse(p.writes.as_ref()?)
+                    .expect("validated in Config::validate");
+                let name = NodeName::parse(&p.name).expect("validated in Config::validate");
+                Some((crate::names::PgName::origin_of(&name), scope))
+            })
+            .collect();
+        crate::merge::scope::WriteScopes::new(by_origin)
+    }
+
     fn is_hub(&self, name: &str) -> bool {
         self.cluster.topology == Topology::Star && self.cluster.hub.as_deref() == Some(name)
     }
@@ -568,6 +605,7 @@ impl Config {
                     to: me.clone(),
                     ddl_from: self.ddl_from(),
                     ddl_role: self.cluster.ddl_role.clone(),
+                    writes: self.write_scopes(),
                 });
             }
             if run.pushes() {
@@ -577,6 +615,7 @@ impl Config {
                     to: peer,
                     ddl_from: self.ddl_from(),
                     ddl_role: self.cluster.ddl_role.clone(),
+                    writes: Default::default(),
                 });
             }
         }

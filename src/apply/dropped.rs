@@ -173,36 +173,57 @@ impl ApplyWorker {
         dropped_columns: &[usize],
     ) -> Result<(), ApplyError> {
         let source = &self.relations[&relation_id].source;
-        let names: Vec<String> = source.columns.iter().map(|c| c.name.clone()).collect();
-        let key_names: Vec<String> = source
-            .columns
-            .iter()
-            .filter(|c| c.is_key)
-            .map(|c| c.name.clone())
-            .collect();
-        let key_values: Vec<Value> = source
-            .columns
-            .iter()
-            .zip(&row.0)
-            .filter(|(c, _)| c.is_key)
-            .map(|(_, v)| v.clone())
-            .collect();
         let table = format!("{}.{}", source.namespace, source.name);
         let detail = if dropped_columns.is_empty() {
             format!("table {table} was dropped on this node; the change was not applied")
         } else {
-            let cols: Vec<&str> = dropped_columns.iter().map(|&i| names[i].as_str()).collect();
+            let cols: Vec<&str> = dropped_columns
+                .iter()
+                .map(|&i| source.columns[i].name.as_str())
+                .collect();
             format!(
                 "column(s) {} of {table} were dropped on this node; the rest of the change was applied",
                 cols.join(", ")
             )
+        };
+        self.record_row(relation_id, kind, DROPPED_HERE, row, detail)
+            .await
+    }
+
+    /// Records a change that was not applied (or not wholly), with its whole row as sent.
+    pub(super) async fn record_row(
+        &mut self,
+        relation_id: u32,
+        kind: ConflictKind,
+        rule: &'static str,
+        row: &Tuple,
+        detail: String,
+    ) -> Result<(), ApplyError> {
+        let entry = &self.relations[&relation_id];
+        let source = &entry.source;
+        let names: Vec<String> = source.columns.iter().map(|c| c.name.clone()).collect();
+        // The target's primary key where the table is mapped here; else the columns the
+        // source sent as its key (all of them under REPLICA IDENTITY FULL).
+        let mapped_key = entry.map.as_ref().and_then(|m| {
+            let values = m.key_values(None, Some(row)).ok()?;
+            Some((m.key_names(), values))
+        });
+        let (key_names, key_values): (Vec<String>, Vec<Value>) = match mapped_key {
+            Some(key) => key,
+            None => source
+                .columns
+                .iter()
+                .zip(&row.0)
+                .filter(|(c, _)| c.is_key)
+                .map(|(c, v)| (c.name.clone(), v.clone()))
+                .unzip(),
         };
         let record = Record {
             kind,
             key: row_image(&key_names, &key_values),
             local: None,
             remote: row_image(&names, &row.0),
-            rule: DROPPED_HERE,
+            rule,
             outcome: crate::merge::conflict::Outcome::Skipped,
             detail: Some(detail),
         };

@@ -41,6 +41,7 @@ mod param;
 pub mod pipeline;
 mod relations;
 mod renamed;
+mod scope;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -159,6 +160,8 @@ pub struct ApplyWorker {
     ddl_from: Option<Vec<String>>,
     /// `[cluster] ddl_role`: the role replayed DDL runs as here; None: the captured one.
     ddl_role: Option<String>,
+    /// `[[peers]] writes`: what each author may change here (`scope`).
+    writes: Arc<crate::merge::scope::WriteScopes>,
     /// The progress the next applied transaction builds on (see `record_progress`).
     last_progress: Lsn,
     /// The config's table policies per `(schema, table)`.
@@ -324,6 +327,7 @@ impl ApplyWorker {
             careful_txns: 0,
             ddl_from: None,
             ddl_role: None,
+            writes: Default::default(),
             last_progress: Lsn::ZERO,
             policies: HashMap::new(),
             merged: merged::SharedKeys::default(),
@@ -422,6 +426,16 @@ impl ApplyWorker {
 
     /// Applies one change of the open transaction.
     pub async fn apply_change(&mut self, change: &parallel::Change) -> Result<(), ApplyError> {
+        if !self.writes.is_empty() {
+            return match self.within_scope(change).await? {
+                Some(c) => self.apply_in_scope(&c).await,
+                None => Ok(()),
+            };
+        }
+        self.apply_in_scope(change).await
+    }
+
+    async fn apply_in_scope(&mut self, change: &parallel::Change) -> Result<(), ApplyError> {
         match change {
             parallel::Change::Insert(i) => self.insert(i).await,
             parallel::Change::Update(u) => self.update(u).await,

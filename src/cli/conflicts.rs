@@ -25,7 +25,7 @@ pub struct ConflictsArgs {
     #[arg(long, global = true)]
     pub table: Option<String>,
     /// Only this kind (insert_exists, update_exists, multiple_unique_conflicts, update_origin_differs,
-    /// update_missing, delete_origin_differs, delete_missing, table_dropped, column_dropped, forged_record).
+    /// update_missing, delete_origin_differs, delete_missing, table_dropped, column_dropped, forged_record, out_of_scope).
     #[arg(long, global = true)]
     pub kind: Option<String>,
     /// Only this outcome (remote_applied, local_kept, skipped, columns_merged, local_renamed,
@@ -337,8 +337,21 @@ async fn reapply(client: &mut tokio_postgres::Client, id: i64) -> CliResult {
     let table: String = row.get(5);
     let key = j["key"].as_object().cloned().unwrap_or_default();
     let qualified = format!("{}.{}", quote_ident(&schema), quote_ident(&table));
-    let losing_delete = j["kind"].as_str().is_some_and(|k| k.starts_with("delete_"))
-        && outcome == Some(Outcome::LocalKept);
+    let (kind, detail) = (
+        j["kind"].as_str().unwrap_or(""),
+        j["detail"].as_str().unwrap_or(""),
+    );
+    // A change outside its author's write scope (`out_of_scope`): its detail starts with
+    // what it was (`apply::scope`).
+    let out_of_scope = kind == ConflictKind::OutOfScope.as_str();
+    if out_of_scope && detail.starts_with("TRUNCATE") {
+        return Err(format!(
+            "conflict {id} is a TRUNCATE that was not applied ({detail}); run it by hand if it is wanted"
+        )
+        .into());
+    }
+    let losing_delete = (kind.starts_with("delete_") && outcome == Some(Outcome::LocalKept))
+        || (out_of_scope && detail.starts_with("DELETE "));
     let (sql, params, what) = if losing_delete {
         let cond: Vec<String> = key
             .keys()

@@ -332,3 +332,45 @@ fn a_setting_can_come_from_a_file_named_by_a_file_variable() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_peers_write_scope_applies_on_the_links_into_this_node_only() {
+    let scoped = BRANCH.replacen(
+        "links = \"both\"",
+        "links = \"both\"\nwrites = [\"pos_*\", \"stock.move\"]",
+        1,
+    );
+    let c = load(&scoped, &[]).unwrap();
+    let links = c.links();
+    assert_eq!(links[0].name(), "main->branch1");
+    assert!(!links[0]
+        .writes
+        .allows("walsync_main", "public", "res_users"));
+    assert!(links[0]
+        .writes
+        .allows("walsync_main", "public", "pos_order"));
+    assert!(links[0].writes.allows("walsync_main", "stock", "move"));
+    assert!(links[0]
+        .writes
+        .allows("walsync_branch2", "public", "res_users"));
+    assert!(
+        links[1].writes.is_empty(),
+        "main's own config says what may be written on main"
+    );
+
+    let err = load(&scoped.replace("links = \"both\"", "links = \"none\""), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("peer \"main\": writes is enforced by the sidecar that applies")
+            && err.contains("links = \"pull\""),
+        "{err}"
+    );
+    let err = load(&scoped.replace("stock.move", "a.b.c"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("peer \"main\": writes: \"a.b.c\" is not a table pattern"),
+        "{err}"
+    );
+}

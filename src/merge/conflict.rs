@@ -33,6 +33,9 @@ pub enum ConflictKind {
     /// its author a node that neither wrote nor forwarded the transaction carrying it.
     /// Not applied, recorded.
     ForgedRecord,
+    /// walsync's own: a change to a table its author may not write on this node
+    /// (`[[peers]] writes`). Not applied, recorded.
+    OutOfScope,
 }
 
 impl ConflictKind {
@@ -48,10 +51,11 @@ impl ConflictKind {
             ConflictKind::TableDropped => "table_dropped",
             ConflictKind::ColumnDropped => "column_dropped",
             ConflictKind::ForgedRecord => "forged_record",
+            ConflictKind::OutOfScope => "out_of_scope",
         }
     }
 
-    pub const ALL: [ConflictKind; 10] = [
+    pub const ALL: [ConflictKind; 11] = [
         ConflictKind::InsertExists,
         ConflictKind::UpdateOriginDiffers,
         ConflictKind::UpdateExists,
@@ -62,6 +66,7 @@ impl ConflictKind {
         ConflictKind::TableDropped,
         ConflictKind::ColumnDropped,
         ConflictKind::ForgedRecord,
+        ConflictKind::OutOfScope,
     ];
 
     /// The kind named `s` (as `as_str` writes it).
@@ -151,6 +156,8 @@ pub const COLUMN_MERGE: &str = "column_merge";
 pub const DROPPED_HERE: &str = "dropped_here";
 /// A node's bookkeeping rows are taken only from that node (or the hub forwarding them).
 pub const AUTHOR_ONLY: &str = "author_only";
+/// A peer's rows change only the tables its `[[peers]] writes` names.
+pub const WRITE_SCOPE: &str = "write_scope";
 
 /// Whether a merge note decided by `decided_by` may be learnt from a transaction written
 /// by `author` and received from `upstream`: a node notes its own merges, in its own

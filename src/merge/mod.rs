@@ -10,6 +10,7 @@
 
 pub mod conflict;
 pub mod keys;
+pub mod scope;
 pub mod statements;
 
 use crate::lsn::Lsn;

@@ -572,6 +572,7 @@ async fn open_applier(
         w.share_merges(with.merges.clone());
         w.set_ddl_from(spec.ddl_from.clone());
         w.set_ddl_role(spec.ddl_role.clone());
+        w.set_write_scopes(spec.writes.clone());
         Ok::<_, LinkError>(w)
     };
     let connect_target = || {

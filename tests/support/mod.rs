@@ -398,6 +398,19 @@ impl TestCluster {
         }
     }
 
+    /// Adds `line` (a `key = value`) to `peer`'s `[[peers]]` entry in `node`'s config.
+    pub fn set_peer_option(&self, node: &str, peer: &str, line: &str) {
+        let config = &self.node(node).config;
+        let text = std::fs::read_to_string(config).unwrap();
+        let entry = format!("[[peers]]\nname = \"{peer}\"\n");
+        assert!(text.contains(&entry), "{node}'s config has no peer {peer}");
+        std::fs::write(
+            config,
+            text.replacen(&entry, &format!("{entry}{line}\n"), 1),
+        )
+        .unwrap();
+    }
+
     /// `walsync init --grant-to walsync` on every node (as the superuser its config
     /// names), then every config names `walsync`: sidecars and commands run as the
     /// unprivileged role from then on. Returns each node's init output.
