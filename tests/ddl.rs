@@ -768,6 +768,18 @@ fn a_stolen_store_is_contained(c: &mut TestCluster) {
     c.node("branch1")
         .sql("INSERT INTO partner (name) VALUES ('from branch1')");
     c.wait_rows("main", "walsync.conflicts WHERE kind = 'forged_record'", 1);
+    // branch1's customer is set aside on main whole (its trigger wrote into a table main
+    // refused); the link from branch1 goes on with what does not wait behind it.
+    c.wait_rows("main", "walsync.set_aside", 1);
+    c.node("branch1")
+        .sql("INSERT INTO product (name, price) VALUES ('from branch1', 1)");
+    c.wait_rows("main", "product WHERE name = 'from branch1'", 1);
+    assert_eq!(
+        c.node("main")
+            .count("walsync.link_status WHERE state = 'stopped'"),
+        0,
+        "no link stops"
+    );
     // main <-> branch2 and main -> branch1 go on.
     c.node("branch2")
         .sql("INSERT INTO partner (name) VALUES ('branch2 later')");
@@ -822,7 +834,8 @@ fn a_stolen_store_is_contained(c: &mut TestCluster) {
     assert!(
         status.contains("accepts schema changes only from main")
             && status.contains("branch_audit")
-            && status.contains("claiming to be main's DDL"),
+            && status.contains("claiming to be main's DDL")
+            && status.contains("1 transaction(s) set aside, waiting for public.branch_audit"),
         "{status}"
     );
 
@@ -833,6 +846,7 @@ fn a_stolen_store_is_contained(c: &mut TestCluster) {
         .walsync(&["ddl-replay", "--accept", "branch1/1"]);
     assert!(ok, "{out}");
     c.wait_rows("branch2", "pg_tables WHERE tablename = 'branch_audit'", 1);
+    c.wait_rows("main", "walsync.set_aside", 0);
     for n in ["main", "branch2"] {
         c.wait_rows(n, "partner WHERE name = 'from branch1'", 1);
         c.wait_rows(n, "branch_audit", 1);

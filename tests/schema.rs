@@ -279,3 +279,69 @@ fn partitioned_tables_generated_columns_enums_and_truncate_replicate() {
     }
     assert_no_link_stopped(&c);
 }
+
+/// A store's rows for a table main does not have (its CREATE refused by `ddl_from`) are
+/// set aside on main whole, with every later change to the tables they touch, in order;
+/// everything else from the store flows meanwhile and no link stops. Once main has the
+/// table (a DBA creates it), they apply by themselves, in their order.
+#[test]
+fn rows_for_a_table_not_here_wait_set_aside_in_order_and_apply_once_it_is_here() {
+    let mut c = TestCluster::new(
+        "set-aside",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    let b1 = c.node("branch1");
+    b1.sql("CREATE TABLE till_log (id int PRIMARY KEY, msg text)");
+    b1.sql("INSERT INTO till_log VALUES (1, 'opened')");
+    b1.sql(
+        "BEGIN; INSERT INTO partner (name) VALUES ('regular'); \
+         INSERT INTO till_log VALUES (2, 'customer created'); COMMIT",
+    );
+    // Touches only a table that waits behind the one above: set aside too, after it.
+    b1.sql("UPDATE partner SET email = 'regular@example.com' WHERE name = 'regular'");
+    // Touches nothing that waits: applied at once.
+    b1.sql("INSERT INTO product (name, price) VALUES ('branch tea', 2)");
+    c.wait_rows("main", "product WHERE name = 'branch tea'", 1);
+    c.wait_rows("main", "walsync.set_aside", 3);
+    assert_eq!(
+        c.node("main").count("partner"),
+        0,
+        "the customer waits whole"
+    );
+    assert_no_link_stopped(&c);
+    sale_reaches_everyone(&c, "branch1", "B1/0001");
+    sale_reaches_everyone(&c, "branch2", "B2/0001");
+    let (_, status) = c.node("main").walsync(&["status"]);
+    assert!(
+        status.contains(
+            "link branch1->main: 3 transaction(s) set aside, waiting for public.till_log"
+        ),
+        "{status}"
+    );
+
+    // A DBA creates the table on main (the same definition): the set-aside transactions
+    // apply in order, and reach branch2 as branch1's.
+    c.node("main")
+        .sql("CREATE TABLE till_log (id int PRIMARY KEY, msg text)");
+    c.wait_rows("main", "walsync.set_aside", 0);
+    for n in ["main", "branch1", "branch2"] {
+        c.wait_rows(n, "till_log", 2);
+        c.wait_rows(
+            n,
+            "partner WHERE name = 'regular' AND email = 'regular@example.com'",
+            1,
+        );
+    }
+    assert_eq!(
+        c.node("main").count("walsync.conflicts"),
+        0,
+        "applied in their order, nothing met a conflict"
+    );
+    assert_no_link_stopped(&c);
+    sale_reaches_everyone(&c, "branch1", "B1/0002");
+    let (ok, status) = c.node("main").walsync(&["status"]);
+    assert!(!status.contains("set aside"), "{ok} {status}");
+}

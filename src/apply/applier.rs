@@ -111,4 +111,15 @@ impl Applier {
             Applier::Parallel(p) => p.wait_durable().await,
         }
     }
+
+    /// Lets go of the author's replication origin this applier's session holds between
+    /// transactions (PostgreSQL lets one session at a time have an origin set up), so
+    /// that another session may apply as that author. Parallel sessions hold one only
+    /// during a commit.
+    pub async fn release_origin(&mut self) -> Result<(), ApplyError> {
+        match self {
+            Applier::Serial(w) => w.release_origin().await,
+            Applier::Parallel(_) => Ok(()),
+        }
+    }
 }

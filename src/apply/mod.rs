@@ -42,6 +42,8 @@ pub mod pipeline;
 mod relations;
 mod renamed;
 mod scope;
+mod set_aside;
+pub use set_aside::SetAsideTxn;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -377,6 +379,19 @@ impl ApplyWorker {
         self.merged_stale = true;
     }
 
+    /// See [`Applier::release_origin`]; between transactions only.
+    pub async fn release_origin(&mut self) -> Result<(), ApplyError> {
+        if self.session_origin.take().is_some() {
+            self.send_batch(
+                "SELECT pg_replication_origin_session_reset()".into(),
+                "resetting the replication origin",
+            )
+            .await?;
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
     /// Parallel apply: the origin is set up at each commit, not for the session.
     pub fn set_origin_at_commit(&mut self) {
         self.origin_at_commit = true;
@@ -441,6 +456,7 @@ impl ApplyWorker {
             parallel::Change::Update(u) => self.update(u).await,
             parallel::Change::Delete(d) => self.delete(d).await,
             parallel::Change::Truncate(t) => self.truncate(t).await,
+            parallel::Change::SetAside(t) => self.set_aside(t).await,
         }
     }
 

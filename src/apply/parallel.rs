@@ -64,6 +64,8 @@ pub enum Change {
     Update(Update),
     Delete(Delete),
     Truncate(Truncate),
+    /// The whole source transaction, kept in `walsync.set_aside` (`apply::set_aside`).
+    SetAside(Box<super::SetAsideTxn>),
 }
 
 impl Change {
@@ -79,6 +81,7 @@ impl Change {
             Change::Update(u) => tuple(&u.new) + u.old.as_ref().map_or(0, old),
             Change::Delete(d) => old(&d.old),
             Change::Truncate(t) => t.relation_ids.len() * 4,
+            Change::SetAside(t) => t.bytes(),
         }
     }
 }
@@ -477,7 +480,7 @@ impl Parallel {
     /// Adds what `change` writes to the open transaction's write set.
     async fn write_set(&mut self, open: &mut Open, change: &Change) -> Result<(), ApplyError> {
         let id = match change {
-            Change::Truncate(_) => {
+            Change::Truncate(_) | Change::SetAside(_) => {
                 open.ws.all = true;
                 return Ok(());
             }
@@ -516,7 +519,7 @@ impl Parallel {
                 map.key_values(None, Some(&u.new)),
             ],
             Change::Delete(d) => vec![map.key_values(Some(&d.old), None)],
-            Change::Truncate(_) => unreachable!("handled above"),
+            Change::Truncate(_) | Change::SetAside(_) => unreachable!("handled above"),
         };
         for key in keys {
             match key {

@@ -38,12 +38,13 @@ impl ApplyWorker {
                 OldTuple::Key(t) | OldTuple::Full(t) => t,
             },
             Change::Truncate(t) => return self.truncate_within_scope(t).await,
+            Change::SetAside(_) => return Ok(Some(change.clone())),
         };
         let (id, verb) = match change {
             Change::Insert(i) => (i.relation_id, "INSERT"),
             Change::Update(u) => (u.relation_id, "UPDATE"),
             Change::Delete(d) => (d.relation_id, "DELETE"),
-            Change::Truncate(_) => unreachable!("returned above"),
+            Change::Truncate(_) | Change::SetAside(_) => unreachable!("returned above"),
         };
         if self.in_scope(id) {
             return Ok(Some(change.clone()));

@@ -146,6 +146,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "accepted_ddl",
         sql: include_str!("../../migrations/0019_accepted_ddl.sql"),
     },
+    Migration {
+        version: 20,
+        name: "set_aside",
+        sql: include_str!("../../migrations/0020_set_aside.sql"),
+    },
 ];
 
 impl SetupError {

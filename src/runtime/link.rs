@@ -25,6 +25,7 @@ use crate::node::slots;
 use crate::observability::error_chain;
 use crate::pgoutput::{self, DecodeError, Message};
 use crate::runtime::backoff::Backoff;
+use crate::runtime::set_aside::{self, Hint, Route, SetAside, SetAsideNeeded};
 use crate::spool::{self, SpoolError};
 use crate::sql_error::SqlError;
 use crate::status::link::{LinkState, StatusReporter, HEARTBEAT_EVERY};
@@ -40,6 +41,8 @@ const FINAL_ACK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Transactions applied carefully after a fast-path conflict: a burst of conflicting
 /// inserts (ids written on two nodes during a cut) costs one restart, not one each.
 const CAREFUL_TXNS: u32 = 1000;
+/// How often a link with set-aside transactions tries them again.
+const REAPPLY_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -73,6 +76,14 @@ pub enum LinkError {
     DeadStream(String),
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    /// A transaction must be set aside (it changes a table that waits), but some of it
+    /// was applied already: the session starts over and sets it aside whole.
+    #[error("{}", if .0.too_large() {
+        format!("the transaction ending after {} changes a table that is not here, and it is larger than {} MiB: too large to set aside; create the table (or apply the missing DDL) and the link resumes", .0.final_lsn, set_aside::SET_ASIDE_BYTES >> 20)
+    } else {
+        format!("the transaction at {} changes {}, which waits (not here yet, or behind set-aside transactions): setting it aside whole", .0.final_lsn, .0.table)
+    })]
+    SetAside(SetAsideNeeded),
 }
 
 /// What an error means for the link.
@@ -89,6 +100,9 @@ pub enum Disposition {
     /// One end was removed from the cluster: the link ends for good (a fresh join of
     /// that node and a restart of this sidecar bring it back).
     Fenced,
+    /// A transaction changes a table that is not here: start over at once, told to set
+    /// it aside ([`set_aside`]).
+    SetAside,
 }
 
 impl LinkError {
@@ -105,6 +119,7 @@ impl LinkError {
                 Disposition::RetryCarefully
             }
             LinkError::Removed(_) => Disposition::Fenced,
+            LinkError::SetAside(n) if !n.too_large() => Disposition::SetAside,
             LinkError::Connect(e) if e.is_permanent() => Disposition::HaltPeer,
             LinkError::Stream(e) if e.is_auth() || matches!(e, StreamError::Dsn(_)) => {
                 Disposition::HaltPeer
@@ -249,8 +264,11 @@ pub async fn run_link(
     // After an insert met an existing key, the next transactions are applied carefully.
     let mut careful_txns = 0;
     let mut status = StatusReporter::new(name.clone(), spec.to.dsn.clone());
+    // What the last session found must be set aside (`set_aside`).
+    let mut hint = Hint::default();
     loop {
         let mut healthy = false;
+        let given = std::mem::take(&mut hint);
         // A panic is a bug; it must not silently end the link: log it, and start over
         // from the recorded progress like after any failure.
         let with = ApplyWith {
@@ -264,6 +282,7 @@ pub async fn run_link(
             &mut shutdown,
             &mut healthy,
             careful_txns,
+            given.clone(),
             &mut status,
         );
         let result = match std::panic::AssertUnwindSafe(session).catch_unwind().await {
@@ -292,16 +311,40 @@ pub async fn run_link(
                 return;
             }
             Err(e) => {
-                let d = e.disposition();
+                let d = match (&e, e.disposition()) {
+                    // A table not here: the transaction is set aside by the next session,
+                    // unless that was tried already.
+                    (LinkError::Apply(ApplyError::MissingTable { table }), _)
+                        if !given.tables.contains(table) =>
+                    {
+                        hint = given;
+                        hint.tables.insert(table.clone());
+                        Disposition::SetAside
+                    }
+                    (LinkError::SetAside(n), Disposition::SetAside)
+                        if given.txn.as_ref().map(|(lsn, _)| *lsn) != Some(n.final_lsn) =>
+                    {
+                        hint = given;
+                        hint.tables.insert(n.table.clone());
+                        hint.txn = Some((n.final_lsn, n.table.clone()));
+                        Disposition::SetAside
+                    }
+                    (_, Disposition::SetAside) => Disposition::HaltPeer,
+                    (_, d) => d,
+                };
                 let wait = match d {
                     Disposition::HaltPeer => backoff.max(),
                     Disposition::Retry => backoff.next_wait(),
-                    Disposition::RetryCarefully | Disposition::Fenced => Duration::ZERO,
+                    Disposition::RetryCarefully | Disposition::Fenced | Disposition::SetAside => {
+                        Duration::ZERO
+                    }
                 };
                 let state = match d {
                     Disposition::HaltPeer => Some(LinkState::Stopped),
                     Disposition::Retry => Some(LinkState::Retrying),
-                    Disposition::RetryCarefully | Disposition::Fenced => None,
+                    Disposition::RetryCarefully | Disposition::Fenced | Disposition::SetAside => {
+                        None
+                    }
                 };
                 if let Some(state) = state {
                     status.state(state, Some(&error_chain(&e))).await;
@@ -316,6 +359,9 @@ pub async fn run_link(
                     }
                     Disposition::HaltPeer => {
                         error!(link = %name, error = %error_chain(&e), retry_in_ms = wait.as_millis() as u64, "link stopped: needs an operator")
+                    }
+                    Disposition::SetAside => {
+                        info!(link = %name, error = %error_chain(&e), "starting over to set a transaction aside")
                     }
                     Disposition::Fenced => {} // returned above
                 }
@@ -356,6 +402,9 @@ struct SourceTxn {
     origin: Option<(String, Lsn)>,
     /// Decided at the first change: apply it (`Some(txn)`) or let it pass (`None`).
     decision: Option<Option<RemoteTxn>>,
+    /// Whether any of its changes was applied (then it can be set aside only by starting
+    /// over).
+    applied_any: bool,
 }
 
 /// How the link applies on its target: on how many sessions, with which table policies,
@@ -373,6 +422,7 @@ async fn run_session(
     shutdown: &mut watch::Receiver<bool>,
     healthy: &mut bool,
     careful_txns: u32,
+    hint: Hint,
     status: &mut StatusReporter,
 ) -> Result<(), LinkError> {
     let link = spec.name();
@@ -393,6 +443,14 @@ async fn run_session(
     .await??;
     refuse_removed(&target, spec).await?;
     slots::end_stale_appliers(&target, &apply_app, &link).await?;
+    let mut sa = SetAside::load(&target, &link, hint).await?;
+    // A session of its own applies set-aside transactions again; it reads and deletes them.
+    let set_aside_target = within(
+        OPEN_TIMEOUT,
+        "connecting to the target",
+        connect(&spec.to.dsn, &apply_app),
+    )
+    .await??;
     let (mut apply, mut progress) =
         open_applier(spec, with, target, &link, &apply_app, careful_txns).await?;
     // A connection to the upstream for the whole session: it holds the slot's spool lock,
@@ -425,6 +483,7 @@ async fn run_session(
         &slot,
         &filter,
         &mut apply,
+        &mut sa,
         &mut progress,
         &link,
         status,
@@ -466,6 +525,9 @@ async fn run_session(
     // 100 ms keeps acknowledgements at most a few hundred ms behind.
     let mut flush_tick = tokio::time::interval(FLUSH_CHECK_EVERY);
     flush_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Set-aside transactions are tried again at the start and then this often.
+    let mut reapply_tick = tokio::time::interval(REAPPLY_EVERY);
+    reapply_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let result = loop {
         let step = tokio::select! {
             biased;
@@ -475,12 +537,22 @@ async fn run_session(
             r = apply.settle_next(), if apply.has_in_flight() => r.map_err(LinkError::from),
             // 3. how far the target has flushed: durable commits get acknowledged
             _ = flush_tick.tick(), if apply.needs_flush_check() => apply.check_flush().await.map_err(LinkError::from),
-            // 4. every few seconds: is the upstream still reachable? and this link's heartbeat
+            // 4. set-aside transactions, between transactions, once everything sent is settled
+            _ = reapply_tick.tick(), if sa.pending() > 0 && txn.is_none() && apply.is_settled() => {
+                match reapply(spec, with, &set_aside_target, &apply_app, &mut apply, &mut sa).await {
+                    Err(LinkError::Apply(e)) => {
+                        set_aside::warn_reapply_failed(&link, &e);
+                        Ok(())
+                    }
+                    other => other,
+                }
+            }
+            // 5. every few seconds: is the upstream still reachable? and this link's heartbeat
             _ = liveness.tick() => {
                 status.heartbeat().await;
                 liveness.check().await
             }
-            // 5. the next event of the stream
+            // 6. the next event of the stream
             ev = stream.recv() => match ev {
                 Ok(Some(ev)) => {
                     // The upstream's clock, from the send time of every keepalive and of
@@ -501,7 +573,7 @@ async fn run_session(
                     if let ReplicationEvent::KeepAlive { wal_end, .. } = &ev {
                         idle_end = Some((*wal_end).into());
                     }
-                    let handled = handle_event(ev, &filter, &mut apply, &mut txn, &mut skipped, &mut progress, &link).await;
+                    let handled = handle_event(ev, &filter, &mut apply, &mut sa, &mut txn, &mut skipped, &mut progress, &link).await;
                     // Heard; and silence counts from here: time spent applying is not the
                     // stream's (nothing else is polled meanwhile).
                     liveness.heard();
@@ -565,16 +637,7 @@ async fn open_applier(
     apply_app: &str,
     careful_txns: u32,
 ) -> Result<(Applier, Lsn), LinkError> {
-    let worker = |client| async {
-        let mut w =
-            ApplyWorker::new(client, link.to_string(), PgName::origin_of(&spec.to.name)).await?;
-        w.set_policies(with.tables);
-        w.share_merges(with.merges.clone());
-        w.set_ddl_from(spec.ddl_from.clone());
-        w.set_ddl_role(spec.ddl_role.clone());
-        w.set_write_scopes(spec.writes.clone());
-        Ok::<_, LinkError>(w)
-    };
+    let worker = |client| new_worker(spec, with, client, link);
     let connect_target = || {
         within(
             OPEN_TIMEOUT,
@@ -595,6 +658,51 @@ async fn open_applier(
     let catalog = connect_target().await??;
     let parallel = Parallel::start(workers, catalog, link, progress, careful_txns, with.tables);
     Ok((Applier::Parallel(Box::new(parallel)), progress))
+}
+
+/// An applier session for `spec`'s target on `client`, recording its progress as `link`.
+async fn new_worker(
+    spec: &LinkSpec,
+    with: ApplyWith<'_>,
+    client: tokio_postgres::Client,
+    link: &str,
+) -> Result<ApplyWorker, LinkError> {
+    let mut w =
+        ApplyWorker::new(client, link.to_string(), PgName::origin_of(&spec.to.name)).await?;
+    w.set_policies(with.tables);
+    w.share_merges(with.merges.clone());
+    w.set_ddl_from(spec.ddl_from.clone());
+    w.set_ddl_role(spec.ddl_role.clone());
+    w.set_write_scopes(spec.writes.clone());
+    Ok(w)
+}
+
+/// Applies the link's set-aside transactions again on a session of their own (connected
+/// as the link's applier, so that a restart ends it too), carefully, recording their
+/// progress apart from the link's.
+async fn reapply(
+    spec: &LinkSpec,
+    with: ApplyWith<'_>,
+    target: &tokio_postgres::Client,
+    apply_app: &str,
+    live: &mut Applier,
+    sa: &mut SetAside,
+) -> Result<(), LinkError> {
+    let client = within(
+        OPEN_TIMEOUT,
+        "connecting to the target",
+        connect(&spec.to.dsn, apply_app),
+    )
+    .await??;
+    let mut worker =
+        new_worker(spec, with, client, &set_aside::progress_link(&spec.name())).await?;
+    worker.progress().await?;
+    worker.set_careful(u32::MAX);
+    // Both sessions apply as the same authors: each sets an origin up only while it commits.
+    worker.set_origin_at_commit();
+    live.release_origin().await?;
+    sa.reapply(target, worker).await?;
+    Ok(())
 }
 
 /// Acknowledges on the stream what the target made durable: confirmed commits, and once
@@ -630,6 +738,7 @@ async fn replay_spool(
     slot: &str,
     filter: &OriginFilter,
     apply: &mut Applier,
+    sa: &mut SetAside,
     progress: &mut Lsn,
     link: &str,
     status: &mut StatusReporter,
@@ -677,7 +786,17 @@ async fn replay_spool(
             status.heartbeat().await;
             let events = reader.feed(&piece).map_err(|e| segment.damaged(slot, e))?;
             for event in events {
-                handle_event(event, filter, apply, &mut txn, &mut skipped, progress, link).await?;
+                handle_event(
+                    event,
+                    filter,
+                    apply,
+                    sa,
+                    &mut txn,
+                    &mut skipped,
+                    progress,
+                    link,
+                )
+                .await?;
             }
         }
         reader.finish().map_err(|e| segment.damaged(slot, e))?;
@@ -693,10 +812,12 @@ async fn replay_spool(
     Ok(())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle_event(
     event: ReplicationEvent,
     filter: &OriginFilter,
     apply: &mut Applier,
+    sa: &mut SetAside,
     txn: &mut Option<SourceTxn>,
     skipped: &mut Option<Lsn>,
     progress: &mut Lsn,
@@ -713,44 +834,58 @@ async fn handle_event(
                 commit_time_us: commit_time_micros,
                 origin: None,
                 decision: None,
+                applied_any: false,
             });
         }
-        ReplicationEvent::XLogData { data, .. } => match pgoutput::decode(&data)? {
-            Message::Origin(o) => {
-                let t = txn.as_mut().ok_or(LinkError::OutsideTransaction)?;
-                t.origin = Some((o.name, o.commit_lsn));
+        ReplicationEvent::XLogData { data, .. } => {
+            let (ids, change) = match pgoutput::decode(&data)? {
+                Message::Origin(o) => {
+                    let t = txn.as_mut().ok_or(LinkError::OutsideTransaction)?;
+                    t.origin = Some((o.name, o.commit_lsn));
+                    return Ok(());
+                }
+                Message::Relation(r) => {
+                    sa.described(r.id, &data, &r.namespace, &r.name);
+                    return Ok(apply.on_relation(r).await?);
+                }
+                Message::Type(_)
+                | Message::Begin(_)
+                | Message::Commit(_)
+                | Message::LogicalMessage(_) => return Ok(()),
+                Message::Insert(ins) => (vec![ins.relation_id], Change::Insert(ins)),
+                Message::Update(upd) => (vec![upd.relation_id], Change::Update(upd)),
+                Message::Delete(del) => (vec![del.relation_id], Change::Delete(del)),
+                Message::Truncate(t) if t.relation_ids.is_empty() => return Ok(()),
+                Message::Truncate(t) => (t.relation_ids.clone(), Change::Truncate(t)),
+            };
+            if !decide(txn, filter, apply, ids[0], *progress)? {
+                return Ok(());
             }
-            Message::Relation(r) => apply.on_relation(r).await?,
-            Message::Type(_)
-            | Message::Begin(_)
-            | Message::Commit(_)
-            | Message::LogicalMessage(_) => {}
-            Message::Insert(ins) => {
-                if decide(txn, filter, apply, ins.relation_id, *progress).await? {
-                    apply.change(Change::Insert(ins)).await?;
+            let t = txn.as_mut().ok_or(LinkError::OutsideTransaction)?;
+            match sa
+                .route(t.final_lsn, &ids, &data, t.applied_any)
+                .map_err(LinkError::SetAside)?
+            {
+                Route::Kept => {}
+                Route::Apply => {
+                    t.applied_any = true;
+                    if let Some(Some(remote)) = &t.decision {
+                        apply.begin(remote).await?;
+                    }
+                    apply.change(change).await?;
                 }
             }
-            Message::Update(upd) => {
-                if decide(txn, filter, apply, upd.relation_id, *progress).await? {
-                    apply.change(Change::Update(upd)).await?;
-                }
-            }
-            Message::Delete(del) => {
-                if decide(txn, filter, apply, del.relation_id, *progress).await? {
-                    apply.change(Change::Delete(del)).await?;
-                }
-            }
-            Message::Truncate(t) => {
-                let first = t.relation_ids.first().copied().unwrap_or(0);
-                if !t.relation_ids.is_empty()
-                    && decide(txn, filter, apply, first, *progress).await?
-                {
-                    apply.change(Change::Truncate(t)).await?;
-                }
-            }
-        },
+        }
         ReplicationEvent::Commit { end_lsn, .. } => {
             let end: Lsn = end_lsn.into();
+            if let Some(kept) = sa.finish(end) {
+                let remote = txn
+                    .as_ref()
+                    .and_then(|t| t.decision.clone().flatten())
+                    .ok_or(LinkError::OutsideTransaction)?;
+                apply.begin(&remote).await?;
+                apply.change(Change::SetAside(Box::new(kept))).await?;
+            }
             if apply.is_open() {
                 let changes = apply.commit(end).await?;
                 debug!(link = %link, lsn = %end, changes, "applied");
@@ -769,11 +904,12 @@ async fn handle_event(
     Ok(())
 }
 
-/// Whether this change is applied; opens the target transaction on the first applied change.
-async fn decide(
+/// Whether a change is applied (or set aside) here: its transaction is decided at its
+/// first change (`SourceTxn::decision`), and the change's relation must travel.
+fn decide(
     txn: &mut Option<SourceTxn>,
     filter: &OriginFilter,
-    apply: &mut Applier,
+    apply: &Applier,
     relation_id: u32,
     progress: Lsn,
 ) -> Result<bool, LinkError> {
@@ -790,14 +926,10 @@ async fn decide(
             progress,
         )?);
     }
-    let Some(Some(remote)) = &t.decision else {
-        return Ok(false);
-    };
-    if !apply.replicates(relation_id)? {
+    if !matches!(t.decision, Some(Some(_))) {
         return Ok(false);
     }
-    apply.begin(remote).await?;
-    Ok(true)
+    Ok(apply.replicates(relation_id)?)
 }
 
 /// Refuses the link if the node `client` is connected to records either end as removed.

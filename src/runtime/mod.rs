@@ -3,6 +3,7 @@
 pub mod backoff;
 pub mod guard;
 pub mod link;
+pub mod set_aside;
 
 use std::collections::HashMap;
 

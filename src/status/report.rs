@@ -54,10 +54,14 @@ pub async fn gather(
                      WHERE a.application_name = 'walsync ' || p.link || ' apply'), \
                     s.heartbeat_at::text, \
                     (SELECT bool_and(a.client_addr IS NULL) FROM pg_stat_activity a \
-                     WHERE a.application_name = 'walsync ' || p.link || ' apply') \
+                     WHERE a.application_name = 'walsync ' || p.link || ' apply'), \
+                    a.n, a.waits_for \
              FROM walsync.link_progress p LEFT JOIN walsync.link_status s USING (link) \
              CROSS JOIN LATERAL (SELECT s.state IS NOT NULL AND (s.state = 'down' OR s.heartbeat_at IS NULL \
                                   OR s.heartbeat_at < now() - make_interval(secs => $1)) AS down) l \
+             CROSS JOIN LATERAL (SELECT count(*) AS n, string_agg(DISTINCT w.waits_for, ', ') AS waits_for \
+                                 FROM walsync.set_aside w WHERE w.link = p.link) a \
+             WHERE p.link NOT LIKE '% set aside' \
              ORDER BY 1",
             &[&(HEARTBEAT_STALE_S as f64)],
         )
@@ -76,6 +80,9 @@ pub async fn gather(
                 "heartbeat_at": r.get::<_, Option<String>>(11),
                 // Whether that session came through a Unix socket (no network to encrypt).
                 "apply_local": r.get::<_, Option<bool>>(12),
+                // Source transactions set aside until their table is here (runtime::set_aside).
+                "set_aside": r.get::<_, i64>(13),
+                "set_aside_waits_for": r.get::<_, Option<String>>(14),
             })
         })
         .collect();
@@ -92,6 +99,14 @@ pub async fn gather(
         }
         let link = l["link"].as_str().unwrap_or("");
         let detail = l["detail"].as_str().unwrap_or("");
+        if let Some(n) = l["set_aside"].as_i64().filter(|n| *n > 0) {
+            let waits = l["set_aside_waits_for"].as_str().unwrap_or("");
+            problems.push(format!(
+                "link {link}: {n} transaction(s) set aside, waiting for {waits}: they apply by themselves, in order, \
+                 once it is here (create it, or accept the DDL that makes it: walsync ddl-replay --accept, see the DDL \
+                 warnings); later changes to the tables they change wait behind them (walsync.set_aside)"
+            ));
+        }
         let for_s = l["seconds_in_state"].as_f64().unwrap_or(0.0);
         match l["state"].as_str() {
             Some("stopped") => problems.push(format!("link {link} is stopped: {detail}")),
