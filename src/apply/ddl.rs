@@ -103,8 +103,8 @@ impl ApplyWorker {
             DdlVerdict::Refused => Some((true, format!(
                 "not run here: [cluster] ddl_from accepts schema changes only from {} (in a star, the hub, unless \
                  ddl_from names more); if the change is wanted, accept it on the hub with walsync ddl-replay --accept \
-                 {id} (it then replicates from there), or undo it on {origin}. Rows that need it stop only the link \
-                 from {origin}, naming what is missing",
+                 {id} (it then replicates from there), or undo it on {origin}. Rows that need it are set aside here \
+                 (walsync.set_aside) and apply by themselves once it runs here",
                 self.ddl_from.as_deref().unwrap_or_default().join(", ")
             ))),
             // A forged row is not kept: the real author's row of that number may come.

@@ -733,6 +733,7 @@ fn acknowledge(
 /// Applies what a spooler kept of the slot while this link was away (crate::spool), in
 /// stream order and through the same path as the live stream, then deletes it once it is
 /// durable here. The live stream then starts where the spool ended.
+#[allow(clippy::too_many_arguments)]
 async fn replay_spool(
     control: &tokio_postgres::Client,
     slot: &str,
