@@ -344,4 +344,23 @@ fn rows_for_a_table_not_here_wait_set_aside_in_order_and_apply_once_it_is_here()
     sale_reaches_everyone(&c, "branch1", "B1/0002");
     let (_, status) = c.node("main").walsync(&["status"]);
     assert!(!status.contains("transaction(s) set aside"), "{status}");
+
+    // A column main does not have: the same, until main has it.
+    let b1 = c.node("branch1");
+    b1.sql("ALTER TABLE product ADD COLUMN barcode text");
+    b1.sql("INSERT INTO product (name, price, barcode) VALUES ('scanned', 1, '4006381333931')");
+    c.wait_rows("main", "walsync.set_aside", 1);
+    sale_reaches_everyone(&c, "branch1", "B1/0003");
+    let (_, status) = c.node("main").walsync(&["status"]);
+    assert!(
+        status.contains("1 transaction(s) set aside, waiting for public.product (its column barcode)"),
+        "{status}"
+    );
+    c.node("main")
+        .sql("ALTER TABLE product ADD COLUMN barcode text");
+    c.wait_rows("main", "walsync.set_aside", 0);
+    for n in ["main", "branch1", "branch2"] {
+        c.wait_rows(n, "product WHERE barcode = '4006381333931'", 1);
+    }
+    assert_no_link_stopped(&c);
 }

@@ -74,6 +74,8 @@ pub enum ApplyError {
     Statement(#[from] StatementError),
     #[error("table {table} does not exist on this node; the schemas differ (create it, or apply the missing DDL), then the link resumes")]
     MissingTable { table: String },
+    #[error("column {column:?} of {table} exists on the upstream but not here; the schemas differ (apply the missing DDL here, then the link resumes)")]
+    MissingColumn { table: String, column: String },
     #[error("{0}")]
     Protocol(String),
     /// A captured DDL statement could not be replayed here: the link stops on it.
@@ -120,6 +122,18 @@ pub enum ApplyError {
 }
 
 impl ApplyError {
+    /// The source table (`schema.table`, as the upstream calls it) a change needs and
+    /// this node lacks, or lacks a column of, with what is missing.
+    pub fn missing(&self) -> Option<(&str, String)> {
+        match self {
+            ApplyError::MissingTable { table } => Some((table, table.clone())),
+            ApplyError::MissingColumn { table, column } => {
+                Some((table, format!("{table} (its column {column})")))
+            }
+            _ => None,
+        }
+    }
+
     /// SQLSTATE of the underlying server error, if any.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {

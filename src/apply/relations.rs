@@ -12,7 +12,7 @@ use crate::config::{MergeMode, TablePolicy};
 use crate::merge::conflict::Rule;
 use crate::merge::keys::ForeignKey;
 use crate::merge::relation_travels;
-use crate::merge::statements::{RelationMap, Shape};
+use crate::merge::statements::{RelationMap, Shape, StatementError};
 use crate::pgoutput::{Insert, Relation};
 use crate::sql_error::SqlError;
 
@@ -211,7 +211,13 @@ impl ApplyWorker {
             };
             source = renamed::with_renamed_columns(source, &target, &renames);
         }
-        let map = Arc::new(RelationMap::new(&source, target)?);
+        let map = Arc::new(RelationMap::new(&source, target).map_err(|e| match e {
+            StatementError::MissingColumn { column, .. } => ApplyError::MissingColumn {
+                table: format!("{namespace}.{name}"),
+                column,
+            },
+            e => e.into(),
+        })?);
         let key = (entry.source.namespace.clone(), entry.source.name.clone());
         let mut policy = match self.policies.get(&key) {
             Some(p) => RelationPolicy {

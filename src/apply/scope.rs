@@ -51,7 +51,7 @@ impl ApplyWorker {
         }
         // Mapped where the table is here, so that the record names its row by its key.
         match self.ensure_map(id).await {
-            Ok(_) | Err(ApplyError::MissingTable { .. }) => {}
+            Ok(_) | Err(ApplyError::MissingTable { .. } | ApplyError::MissingColumn { .. }) => {}
             Err(e) => return Err(e),
         }
         let detail = self.out_of_scope_detail(id, verb);

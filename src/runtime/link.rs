@@ -127,6 +127,7 @@ impl LinkError {
             LinkError::Apply(
                 ApplyError::Ddl { .. }
                 | ApplyError::MissingTable { .. }
+                | ApplyError::MissingColumn { .. }
                 | ApplyError::Statement(_)
                 | ApplyError::Conflict { .. },
             ) => Disposition::HaltPeer,
@@ -314,19 +315,20 @@ pub async fn run_link(
                 let d = match (&e, e.disposition()) {
                     // A table not here: the transaction is set aside by the next session,
                     // unless that was tried already.
-                    (LinkError::Apply(ApplyError::MissingTable { table }), _)
-                        if !given.tables.contains(table) =>
+                    (LinkError::Apply(a), _)
+                        if a.missing().is_some_and(|(t, _)| !given.tables.contains_key(t)) =>
                     {
+                        let (table, what) = a.missing().expect("matched above");
                         hint = given;
-                        hint.tables.insert(table.clone());
+                        hint.tables.insert(table.to_string(), what);
                         Disposition::SetAside
                     }
                     (LinkError::SetAside(n), Disposition::SetAside)
                         if given.txn.as_ref().map(|(lsn, _)| *lsn) != Some(n.final_lsn) =>
                     {
                         hint = given;
-                        hint.tables.insert(n.table.clone());
-                        hint.txn = Some((n.final_lsn, n.table.clone()));
+                        hint.txn = Some((n.final_lsn, n.waits_for.clone()));
+                        hint.tables.insert(n.table.clone(), n.waits_for.clone());
                         Disposition::SetAside
                     }
                     (_, Disposition::SetAside) => Disposition::HaltPeer,

@@ -31,8 +31,9 @@ pub const SET_ASIDE_BYTES: usize = 64 << 20;
 /// What a session that started over is told by the one before it.
 #[derive(Debug, Default, Clone)]
 pub struct Hint {
-    /// Tables found missing: a transaction whose first change is on one is set aside.
-    pub tables: HashSet<String>,
+    /// Tables found missing (or missing a column), with what is missing: a transaction
+    /// whose first change is on one is set aside.
+    pub tables: HashMap<String, String>,
     /// The transaction (its final LSN) to set aside from its first change, and the
     /// table it waits for.
     pub txn: Option<(Lsn, String)>,
@@ -88,8 +89,7 @@ impl SetAside {
             .await
             .map_err(SqlError::of_bookkeeping("reading walsync.set_aside"))?;
         let rows = waiting_tables(target, link).await?;
-        let mut waiting: HashMap<String, String> =
-            hint.tables.into_iter().map(|t| (t.clone(), t)).collect();
+        let mut waiting = hint.tables;
         waiting.extend(rows.iter().cloned());
         let pending = pending_count(target, link).await?;
         Ok(SetAside {
@@ -134,10 +134,12 @@ impl SetAside {
             return Ok(Route::Apply);
         }
         let ddl = ids.iter().any(|&id| self.table(id) == "walsync.ddl_log");
-        let waits = ids
-            .iter()
-            .find_map(|&id| self.waiting.get(self.table(id)))
-            .cloned();
+        // The first of its tables that waits, and what for.
+        let waits = ids.iter().find_map(|&id| {
+            let table = self.table(id);
+            let what = self.waiting.get(table)?;
+            Some((table.to_string(), what.clone()))
+        });
         if self.collecting.is_none() {
             let told = self
                 .next
@@ -152,13 +154,19 @@ impl SetAside {
                 // Told to set it aside, but its DDL came first and was applied: go on
                 // setting the rest aside below. Found waiting only now: start over.
                 match waits {
-                    Some(table) if !told_to => return Err(SetAsideNeeded { final_lsn, table }),
+                    Some((table, waits_for)) if !told_to => {
+                        return Err(SetAsideNeeded {
+                            final_lsn,
+                            table,
+                            waits_for,
+                        })
+                    }
                     _ if !told_to => return Ok(Route::Apply),
                     _ => {}
                 }
             }
             self.collecting = Some(Collecting {
-                waits_for: waits.or(told).unwrap_or_default(),
+                waits_for: waits.map(|(_, what)| what).or(told).unwrap_or_default(),
                 messages: Vec::new(),
                 described: HashSet::new(),
                 tables: BTreeSet::new(),
@@ -187,6 +195,7 @@ impl SetAside {
             return Err(SetAsideNeeded {
                 final_lsn,
                 table: String::new(),
+                waits_for: String::new(),
             });
         }
         Ok(Route::Kept)
@@ -244,8 +253,9 @@ impl SetAside {
             let messages: Vec<Vec<u8>> = row.get(4);
             match apply_one(&mut apply, &remote, messages, end).await {
                 Ok(()) => {}
-                Err(ApplyError::MissingTable { table }) => {
-                    info!(link = %self.link, %table, waiting = rows.len() - done,
+                Err(e) if e.missing().is_some() => {
+                    let missing = e.missing().map(|(_, what)| what).unwrap_or_default();
+                    info!(link = %self.link, %missing, waiting = rows.len() - done,
                           "set-aside transactions still wait for their table");
                     break;
                 }
@@ -340,6 +350,8 @@ pub struct SetAsideNeeded {
     pub final_lsn: Lsn,
     /// The table it changes that waits ("": it is too large to set aside).
     pub table: String,
+    /// What that table waits for.
+    pub waits_for: String,
 }
 
 impl SetAsideNeeded {
