@@ -353,8 +353,22 @@ fn rows_for_a_table_not_here_wait_set_aside_in_order_and_apply_once_it_is_here()
     sale_reaches_everyone(&c, "branch1", "B1/0003");
     let (_, status) = c.node("main").walsync(&["status"]);
     assert!(
-        status.contains("1 transaction(s) set aside, waiting for public.product (its column barcode)"),
+        status.contains(
+            "1 transaction(s) set aside, waiting for public.product (its column barcode)"
+        ),
         "{status}"
+    );
+    let cfg = c.node("main").config.to_str().unwrap().to_string();
+    let (ok, listed) = walsync(&["conflicts", "--config", &cfg, "set-aside"]);
+    assert!(
+        ok && listed.contains("branch1->main")
+            && listed.contains("public.product (its column barcode)"),
+        "{listed}"
+    );
+    let (_, conflicts) = c.node("main").walsync(&["conflicts"]);
+    assert!(
+        conflicts.contains("1 transaction(s) set aside, waiting for their table"),
+        "{conflicts}"
     );
     c.node("main")
         .sql("ALTER TABLE product ADD COLUMN barcode text");

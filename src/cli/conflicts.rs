@@ -50,6 +50,9 @@ pub enum ConflictsAction {
     Reapply { id: i64 },
     /// Mark a parked row as settled by hand, writing nothing (status stops showing it).
     Resolve { id: i64 },
+    /// List the source transactions set aside until their table (or column) is here;
+    /// they apply by themselves, in order, once it is.
+    SetAside,
 }
 
 const COLUMNS: &str = "id, detected_at::text, link, kind, table_schema, table_name, key::text, \
@@ -126,8 +129,15 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
                 super::print_out(&serde_json::to_string_pretty(&all)?);
                 return Ok(ExitCode::SUCCESS);
             }
+            let set_aside = set_aside_rows(&client).await?.len();
+            let footer = (set_aside > 0).then(|| {
+                format!(
+                    "{set_aside} transaction(s) set aside, waiting for their table: walsync conflicts set-aside"
+                )
+            });
             if rows.is_empty() {
                 println!("no conflicts on node {}", me.name);
+                footer.iter().for_each(|f| println!("{f}"));
                 return Ok(ExitCode::SUCCESS);
             }
             let mut table = vec![[
@@ -136,6 +146,44 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
             .map(String::from)];
             for r in &rows {
                 table.push(list_line(&row_json(r)));
+            }
+            for line in aligned(&table) {
+                super::print_out(&line);
+            }
+            footer.iter().for_each(|f| super::print_out(f));
+            Ok(ExitCode::SUCCESS)
+        }
+        ConflictsAction::SetAside => {
+            let all = set_aside_rows(&client).await?;
+            if args.json {
+                super::print_out(&serde_json::to_string_pretty(&all)?);
+                return Ok(ExitCode::SUCCESS);
+            }
+            if all.is_empty() {
+                println!("no transactions set aside on node {}", me.name);
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut table = vec![[
+                "link",
+                "end lsn",
+                "author",
+                "committed",
+                "changes",
+                "waits for",
+                "tables",
+            ]
+            .map(String::from)];
+            for j in &all {
+                let text = |k: &str| j[k].as_str().unwrap_or("").to_string();
+                table.push([
+                    text("link"),
+                    text("end_lsn"),
+                    text("author"),
+                    text("commit_time"),
+                    j["changes"].to_string(),
+                    text("waits_for"),
+                    text("tables"),
+                ]);
             }
             for line in aligned(&table) {
                 super::print_out(&line);
@@ -174,6 +222,36 @@ pub async fn run(args: ConflictsArgs) -> CliResult {
         }
         ConflictsAction::Reapply { id } => reapply(&mut client, id).await,
     }
+}
+
+/// The source transactions set aside on this node (`walsync.set_aside`), oldest first.
+async fn set_aside_rows(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<Json>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT link, end_lsn::text, origin, commit_time::text, set_aside_at::text, changes, \
+                    waits_for, array_to_string(tables, ', ') \
+             FROM walsync.set_aside ORDER BY link, end_lsn",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let origin: String = r.get(2);
+            json!({
+                "link": r.get::<_, String>(0),
+                "end_lsn": r.get::<_, String>(1),
+                "author": origin.strip_prefix("walsync_").unwrap_or(&origin),
+                "commit_time": r.get::<_, String>(3),
+                "set_aside_at": r.get::<_, String>(4),
+                "changes": r.get::<_, i32>(5),
+                "waits_for": r.get::<_, String>(6),
+                "tables": r.get::<_, String>(7),
+            })
+        })
+        .collect())
 }
 
 /// One conflict as a line of the list: the outcome says when the losing version was

@@ -316,7 +316,8 @@ pub async fn run_link(
                     // A table not here: the transaction is set aside by the next session,
                     // unless that was tried already.
                     (LinkError::Apply(a), _)
-                        if a.missing().is_some_and(|(t, _)| !given.tables.contains_key(t)) =>
+                        if a.missing()
+                            .is_some_and(|(t, _)| !given.tables.contains_key(t)) =>
                     {
                         let (table, what) = a.missing().expect("matched above");
                         hint = given;
