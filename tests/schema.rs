@@ -378,3 +378,58 @@ fn rows_for_a_table_not_here_wait_set_aside_in_order_and_apply_once_it_is_here()
     }
     assert_no_link_stopped(&c);
 }
+
+/// main builds a unique index while branch1, cut off, gives two customers one e-mail:
+/// after the heal every node renames the same one the same way (main and branch2 as the
+/// rows arrive, branch1 as the index arrives over them), the index is built everywhere
+/// and no link stops.
+#[test]
+fn a_unique_index_made_during_a_cut_over_rows_that_violate_it_settles_them_and_is_built() {
+    let mut c = TestCluster::new(
+        "unique-over-dups",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    c.node("main")
+        .sql("INSERT INTO partner (name, email) VALUES ('Bob', 'bob@example.com')");
+    for n in ["branch1", "branch2"] {
+        c.wait_rows(n, "partner", 1);
+    }
+    c.stop();
+    c.node("main")
+        .sql("CREATE UNIQUE INDEX partner_email ON partner (email)");
+    let b1 = c.node("branch1");
+    b1.sql("INSERT INTO partner (name, email) VALUES ('Ann', 'ann@example.com')");
+    b1.sql("INSERT INTO partner (name, email) VALUES ('Ann B.', 'ann@example.com')");
+    b1.sql("INSERT INTO partner (name, email) VALUES ('Bobby', 'bob@example.com')");
+    b1.sql("INSERT INTO partner (name, email) VALUES ('no mail', NULL), ('no mail', NULL)");
+    c.start();
+    for n in ["main", "branch1", "branch2"] {
+        c.wait_rows(n, "partner", 6);
+        c.wait_rows(n, "pg_indexes WHERE indexname = 'partner_email'", 1);
+        c.wait_rows(n, "partner WHERE email LIKE '%[conflict #%'", 2);
+    }
+    let emails = |n: &str| {
+        c.node(n)
+            .sql("SELECT string_agg(name || '=' || coalesce(email, '-'), ', ' ORDER BY name, id) FROM partner")
+    };
+    let on_main = emails("main");
+    for n in ["branch1", "branch2"] {
+        assert_eq!(emails(n), on_main, "{n} and main hold the same customers");
+    }
+    // The later of two commits keeps the value (decision 0004), as with any collision.
+    assert!(
+        on_main.contains("Ann B.=ann@example.com") && on_main.contains("Bobby=bob@example.com"),
+        "{on_main}"
+    );
+    assert_eq!(
+        c.node("branch1")
+            .count("walsync.conflicts WHERE outcome = 'local_renamed' AND detail LIKE '%replayed unique index%'"),
+        2,
+        "branch1 records what it renamed to build the index"
+    );
+    assert_no_link_stopped(&c);
+    sale_reaches_everyone(&c, "branch1", "B1/after");
+}

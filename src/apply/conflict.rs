@@ -853,8 +853,21 @@ impl ApplyWorker {
     }
 
     pub(super) async fn record(&mut self, relation_id: u32, r: Record) -> Result<(), ApplyError> {
+        // The source's names: they are the target's (tables are matched by name), and
+        // they still exist when the target was dropped here.
+        let source = &self.relations[&relation_id].source;
+        let table = (source.namespace.clone(), source.name.clone());
+        self.record_on(table, r).await
+    }
+
+    /// [`ApplyWorker::record`] for table `(schema, name)`.
+    pub(super) async fn record_on(
+        &mut self,
+        (schema, table): (String, String),
+        r: Record,
+    ) -> Result<(), ApplyError> {
         tracing::info!(
-            link = %self.link, table = %self.table_name(relation_id), conflict = r.kind.as_str(),
+            link = %self.link, table = %format!("{schema}.{table}"), conflict = r.kind.as_str(),
             outcome = r.outcome.as_str(), key = %r.key, "conflict decided"
         );
         if self.record_conflict.is_none() {
@@ -880,10 +893,6 @@ impl ApplyWorker {
             self.record_conflict = Some(stmt);
         }
         let stmt = self.record_conflict.clone().expect("prepared above");
-        // The source's names: they are the target's (tables are matched by name), and
-        // they still exist when the target was dropped here.
-        let source = &self.relations[&relation_id].source;
-        let (schema, table) = (source.namespace.clone(), source.name.clone());
         let txn = self.open_txn();
         let (local_row, local_origin, local_time) = match r.local {
             Some((img, v)) => (Some(img.to_string()), Some(v.origin), v.commit_time_us),

@@ -127,7 +127,8 @@ impl ApplyWorker {
             return Ok(keep_row);
         }
         // `[cluster] ddl_role`, where set, instead of whoever ran it on its author.
-        let replay_role = self.ddl_role.as_deref().unwrap_or(&role);
+        let replay_role = self.ddl_role.clone().unwrap_or(role);
+        let replay_role = replay_role.as_str();
         tracing::info!(link = %self.link, ddl = %id, role = %replay_role, statement = %redact_secrets(&statement), "replaying ddl");
         let savepoint = SqlError::of("setting a savepoint for the ddl");
         self.client
@@ -165,6 +166,36 @@ impl ApplyWorker {
                     )
                     .await
                     .map_err(SqlError::of("recording a ddl found here already"))?;
+            }
+            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+                // A unique index over rows this node wrote while cut off: settled as its
+                // author settled them, then built (`unique_index`).
+                self.client
+                    .batch_execute("ROLLBACK TO SAVEPOINT walsync_ddl")
+                    .await
+                    .map_err(SqlError::of("rolling back the failed ddl"))?;
+                let failed = |reason: String| ApplyError::Ddl {
+                    id: id.clone(),
+                    statement: redact_secrets(&statement),
+                    reason,
+                };
+                let first = super::server_message(&e);
+                let Some(index) = crate::ddl::unique_index(&statement) else {
+                    return Err(failed(first));
+                };
+                let renamed = match self.settle_for_unique_index(&search_path, &index).await? {
+                    Ok(n) => n,
+                    Err(why) => return Err(failed(format!("{first}; not settled here: {why}"))),
+                };
+                if let Err(e) =
+                    run_captured_ddl(&self.client, &search_path, replay_role, &statement).await
+                {
+                    return Err(failed(format!(
+                        "{first}; after renaming {renamed} duplicated value(s): {}",
+                        super::server_message(&e)
+                    )));
+                }
+                tracing::info!(link = %self.link, ddl = %id, renamed, "unique index built after renaming duplicated values (walsync conflicts)");
             }
             Err(e) => {
                 return Err(ApplyError::Ddl {

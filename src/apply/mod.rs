@@ -43,6 +43,7 @@ mod relations;
 mod renamed;
 mod scope;
 mod set_aside;
+mod unique_index;
 pub use set_aside::SetAsideTxn;
 
 use std::collections::HashMap;

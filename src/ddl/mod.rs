@@ -479,6 +479,79 @@ pub fn probe(statement: &str) -> Option<Probe> {
     })
 }
 
+/// A unique index or constraint a statement makes over plain columns, with no predicate:
+/// what a target's rows may violate, and what settling them there needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UniqueIndex {
+    /// The table as the statement named it (schema if written, name).
+    pub table: (Option<String>, String),
+    /// Its name as written ("" if the statement names none).
+    pub name: String,
+    pub columns: Vec<String>,
+}
+
+/// The [`UniqueIndex`] of `statement`: a `CREATE UNIQUE INDEX` on columns (no expression,
+/// no `WHERE`), or an `ALTER TABLE ... ADD [CONSTRAINT name] UNIQUE (columns)`.
+pub fn unique_index(statement: &str) -> Option<UniqueIndex> {
+    let parsed = pg_query::parse(statement, pg_query::ParserOptions::DEFAULT).ok()?;
+    if parsed.protobuf.stmts.len() != 1 {
+        return None;
+    }
+    let table_of = |rel: &protobuf::RangeVar| {
+        (
+            (!rel.schemaname.is_empty()).then(|| rel.schemaname.clone()),
+            rel.relname.clone(),
+        )
+    };
+    match parsed.protobuf.stmts[0].stmt.as_ref()?.node.as_ref()? {
+        N::IndexStmt(index) if index.unique && index.where_clause.is_none() => {
+            let columns = index
+                .index_params
+                .iter()
+                .map(|p| match p.node.as_ref()? {
+                    N::IndexElem(e) if e.expr.is_none() && !e.name.is_empty() => {
+                        Some(e.name.clone())
+                    }
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some(UniqueIndex {
+                table: table_of(index.relation.as_ref()?),
+                name: index.idxname.clone(),
+                columns,
+            })
+        }
+        N::AlterTableStmt(alter) if alter.cmds.len() == 1 => {
+            let Some(N::AlterTableCmd(cmd)) = alter.cmds[0].node.as_ref() else {
+                return None;
+            };
+            if cmd.subtype != protobuf::AlterTableType::AtAddConstraint as i32 {
+                return None;
+            }
+            let Some(N::Constraint(con)) = cmd.def.as_ref()?.node.as_ref() else {
+                return None;
+            };
+            if con.contype != protobuf::ConstrType::ConstrUnique as i32 || con.keys.is_empty() {
+                return None;
+            }
+            let columns = con
+                .keys
+                .iter()
+                .map(|k| match k.node.as_ref()? {
+                    N::String(s) => Some(s.sval.clone()),
+                    _ => None,
+                })
+                .collect::<Option<Vec<_>>>()?;
+            Some(UniqueIndex {
+                table: table_of(alter.relation.as_ref()?),
+                name: con.conname.clone(),
+                columns,
+            })
+        }
+        _ => None,
+    }
+}
+
 /// Whether the effect of a creating statement is here already: every item of the shape
 /// its probe gave (`probed`: columns, constraints and indexes as text), with the probe's
 /// names read as the statement's (`renames`), is one of the existing table's
@@ -496,6 +569,33 @@ pub fn already_here(probed: &[String], existing: &[String], renames: &[(&str, &s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_unique_index_or_constraint_on_columns_is_read_and_others_are_not() {
+        let idx =
+            unique_index("CREATE UNIQUE INDEX partner_email ON shop.partner (email, company_id)")
+                .unwrap();
+        assert_eq!(idx.table, (Some("shop".into()), "partner".into()));
+        assert_eq!(idx.name, "partner_email");
+        assert_eq!(idx.columns, ["email", "company_id"]);
+        let con = unique_index("ALTER TABLE partner ADD CONSTRAINT partner_login UNIQUE (login)")
+            .unwrap();
+        assert_eq!(con.table, (None, "partner".into()));
+        assert_eq!(
+            (con.name.as_str(), con.columns.as_slice()),
+            ("partner_login", &["login".to_string()][..])
+        );
+        for other in [
+            "CREATE INDEX partner_email ON partner (email)",
+            "CREATE UNIQUE INDEX partner_email ON partner (lower(email))",
+            "CREATE UNIQUE INDEX partner_email ON partner (email) WHERE active",
+            "ALTER TABLE partner ADD CONSTRAINT p CHECK (id > 0)",
+            "ALTER TABLE partner ADD CONSTRAINT partner_pkey PRIMARY KEY (id)",
+            "CREATE TABLE x (id int UNIQUE)",
+        ] {
+            assert_eq!(unique_index(other), None, "{other}");
+        }
+    }
 
     const ODOO_M2M: &str = "CREATE TABLE IF NOT EXISTS \"pos_config_product_category_rel\" (\"pos_config_id\" INTEGER NOT NULL REFERENCES \"pos_config\"(id) ON DELETE cascade, \"product_category_id\" INTEGER NOT NULL REFERENCES \"product_category\"(id) ON DELETE cascade, PRIMARY KEY(\"pos_config_id\",\"product_category_id\"));\n                    COMMENT ON TABLE \"pos_config_product_category_rel\" IS 'RELATION BETWEEN pos_config AND product_category';\n                    CREATE INDEX ON \"pos_config_product_category_rel\" (\"product_category_id\", \"pos_config_id\");";
 

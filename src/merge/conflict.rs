@@ -319,6 +319,21 @@ impl Rule {
     }
 }
 
+/// Of rows that hold one value of a unique key on this node when a unique index is
+/// built over it (`versions` in the order a peer applied them: commit time, then primary
+/// key), the one that keeps the value: each row in turn meets the one kept so far as an
+/// incoming row meets a local one, so a peer that met them one by one as inserts kept
+/// the same row. The others' values are renamed.
+pub fn keeps_the_value(rule: &Rule, versions: &[Version]) -> usize {
+    (1..versions.len()).fold(0, |kept, i| {
+        if rule.remote_wins(&versions[i], &versions[kept]).0 {
+            i
+        } else {
+            kept
+        }
+    })
+}
+
 /// What an update or a delete is decided against: the table's rule, the incoming
 /// version and the local row with its key, in source column order.
 pub struct Against<'a> {
@@ -546,6 +561,38 @@ pub fn old_image_matches(old: &Tuple, local: &[Option<String>]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_row_that_keeps_a_unique_value_is_the_one_a_peer_kept_inserting_them_in_turn() {
+        let v = |origin: &str, t: i64| Version {
+            origin: origin.into(),
+            commit_time_us: Some(t),
+        };
+        let rule = Rule::default();
+        // The later commit keeps it; on a tie the first applied does.
+        assert_eq!(
+            keeps_the_value(&rule, &[v("walsync_b1", 1), v("walsync_b1", 2)]),
+            1
+        );
+        assert_eq!(
+            keeps_the_value(&rule, &[v("walsync_b1", 5), v("walsync_b1", 5)]),
+            0
+        );
+        assert_eq!(
+            keeps_the_value(
+                &rule,
+                &[v("walsync_a", 5), v("walsync_b", 5), v("walsync_a", 4)]
+            ),
+            1
+        );
+        let prefer = Rule {
+            prefer: Some("walsync_a".into()),
+        };
+        assert_eq!(
+            keeps_the_value(&prefer, &[v("walsync_a", 1), v("walsync_b", 9)]),
+            0
+        );
+    }
 
     #[test]
     fn a_merge_note_is_learnt_only_from_the_node_that_merged_or_the_hub_forwarding_it() {
