@@ -433,3 +433,99 @@ fn a_unique_index_made_during_a_cut_over_rows_that_violate_it_settles_them_and_i
     assert_no_link_stopped(&c);
     sale_reaches_everyone(&c, "branch1", "B1/after");
 }
+
+/// More of what a DBA does on main while a branch is cut off and selling: a table made
+/// `LIKE` another, a materialized view, an extension Odoo asks for, a column's type
+/// widened under the branch's rows, and a second schema copied in with
+/// `pg_dump --schema-only | psql`. After the heal everything is on every node, the
+/// branch's sales in the new type, and no link stops.
+#[test]
+fn a_dbas_everyday_ddl_during_a_cut_reaches_every_node_and_no_link_stops() {
+    let mut c = TestCluster::new(
+        "dba-ddl",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    c.node("main")
+        .sql("INSERT INTO partner (name) VALUES ('Bob')");
+    for n in ["branch1", "branch2"] {
+        c.wait_rows(n, "partner", 1);
+    }
+    c.stop();
+    let main = c.node("main");
+    main.sql(
+        "CREATE TABLE partner_archive (LIKE partner INCLUDING ALL); \
+         INSERT INTO partner_archive SELECT * FROM partner",
+    );
+    main.sql(
+        "CREATE MATERIALIZED VIEW orders_per_partner AS \
+         SELECT partner_id, count(*) AS orders FROM pos_order GROUP BY partner_id",
+    );
+    main.sql("CREATE EXTENSION IF NOT EXISTS pg_trgm");
+    main.sql("ALTER TABLE pos_order ALTER COLUMN amount_total TYPE numeric(14,3)");
+    // A second schema's structure, dumped from another database and restored here.
+    main.pg.psql("CREATE DATABASE elsewhere").unwrap();
+    main.pg
+        .psql_in(
+            "elsewhere",
+            "CREATE SCHEMA reports; \
+             CREATE TABLE reports.daily (id serial PRIMARY KEY, day date NOT NULL UNIQUE, total numeric(12,2)); \
+             CREATE TABLE reports.daily_line (id bigserial PRIMARY KEY, \
+               daily_id int NOT NULL REFERENCES reports.daily(id) ON DELETE CASCADE, label text); \
+             CREATE INDEX ON reports.daily_line (daily_id)",
+        )
+        .unwrap();
+    let bin = walsync_testkit::localpg::bindir().unwrap();
+    let dump = std::process::Command::new(bin.join("pg_dump"))
+        .args(["--schema-only", "-n", "reports", "-d"])
+        .arg(main.pg.dsn_for("elsewhere"))
+        .output()
+        .unwrap();
+    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    let file = c.dir.join("reports.sql");
+    std::fs::write(&file, &dump.stdout).unwrap();
+    let restore = std::process::Command::new(bin.join("psql"))
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-d"])
+        .arg(main.pg.dsn_for(&c.db))
+        .arg("-f")
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        restore.status.success(),
+        "{}",
+        String::from_utf8_lossy(&restore.stderr)
+    );
+    // branch1 sells meanwhile, in the type it knows.
+    c.node("branch1")
+        .sql("INSERT INTO pos_order (name, partner_id, amount_total) SELECT 'cut sale', id, 12.5 FROM partner");
+    c.start();
+    c.node("main").sql(
+        "INSERT INTO reports.daily (day, total) VALUES ('2026-12-07', 12.5); \
+         INSERT INTO reports.daily_line (daily_id, label) SELECT id, 'cut sale' FROM reports.daily",
+    );
+    for n in ["main", "branch1", "branch2"] {
+        c.wait_rows(n, "reports.daily_line", 1);
+        c.wait_rows(n, "partner_archive", 1);
+        c.wait_rows(n, "pos_order WHERE name = 'cut sale' AND amount_total = 12.5", 1);
+        c.wait_rows(n, "pg_extension WHERE extname = 'pg_trgm'", 1);
+        c.wait_rows(n, "pg_matviews WHERE matviewname = 'orders_per_partner'", 1);
+        assert_eq!(
+            c.node(n).sql(
+                "SELECT format_type(atttypid, atttypmod) FROM pg_attribute \
+                 WHERE attrelid = 'pos_order'::regclass AND attname = 'amount_total'"
+            ),
+            "numeric(14,3)",
+            "{n}"
+        );
+    }
+    // The restored schema's sequences hand out each node's own ids, as every other's.
+    for n in ["main", "branch1", "branch2"] {
+        let (_, status) = c.node(n).walsync(&["status"]);
+        assert!(status.contains("(0 not partitioned for this node)"), "{n}: {status}");
+    }
+    assert_no_link_stopped(&c);
+    sale_reaches_everyone(&c, "branch1", "B1/after");
+}
