@@ -483,7 +483,11 @@ fn a_dbas_everyday_ddl_during_a_cut_reaches_every_node_and_no_link_stops() {
         .arg(main.pg.dsn_for("elsewhere"))
         .output()
         .unwrap();
-    assert!(dump.status.success(), "{}", String::from_utf8_lossy(&dump.stderr));
+    assert!(
+        dump.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dump.stderr)
+    );
     let file = c.dir.join("reports.sql");
     std::fs::write(&file, &dump.stdout).unwrap();
     let restore = std::process::Command::new(bin.join("psql"))
@@ -509,7 +513,11 @@ fn a_dbas_everyday_ddl_during_a_cut_reaches_every_node_and_no_link_stops() {
     for n in ["main", "branch1", "branch2"] {
         c.wait_rows(n, "reports.daily_line", 1);
         c.wait_rows(n, "partner_archive", 1);
-        c.wait_rows(n, "pos_order WHERE name = 'cut sale' AND amount_total = 12.5", 1);
+        c.wait_rows(
+            n,
+            "pos_order WHERE name = 'cut sale' AND amount_total = 12.5",
+            1,
+        );
         c.wait_rows(n, "pg_extension WHERE extname = 'pg_trgm'", 1);
         c.wait_rows(n, "pg_matviews WHERE matviewname = 'orders_per_partner'", 1);
         assert_eq!(
@@ -524,8 +532,49 @@ fn a_dbas_everyday_ddl_during_a_cut_reaches_every_node_and_no_link_stops() {
     // The restored schema's sequences hand out each node's own ids, as every other's.
     for n in ["main", "branch1", "branch2"] {
         let (_, status) = c.node(n).walsync(&["status"]);
-        assert!(status.contains("(0 not partitioned for this node)"), "{n}: {status}");
+        assert!(
+            status.contains("(0 not partitioned for this node)"),
+            "{n}: {status}"
+        );
     }
     assert_no_link_stopped(&c);
     sale_reaches_everyone(&c, "branch1", "B1/after");
+}
+
+/// main adds a CHECK (NOT VALID: the rows there are not checked) while branch1, cut off,
+/// writes a row that breaks it: on main that transaction is set aside, naming the
+/// constraint, and the rest of branch1's sales flow; once a person on main drops the
+/// constraint the row arrives everywhere.
+#[test]
+fn a_row_that_no_longer_fits_its_table_here_waits_set_aside_until_it_does() {
+    let mut c = TestCluster::new(
+        "does-not-fit",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        RETAIL_SCHEMA,
+    );
+    c.start();
+    c.wait_rows("branch1", "product", 0);
+    c.stop();
+    c.node("main")
+        .sql("ALTER TABLE product ADD CONSTRAINT price_not_negative CHECK (price >= 0) NOT VALID");
+    c.node("branch1")
+        .sql("INSERT INTO product (name, price) VALUES ('refund', -1)");
+    c.start();
+    c.wait_rows("main", "walsync.set_aside", 1);
+    sale_reaches_everyone(&c, "branch1", "B1/0001");
+    assert_no_link_stopped(&c);
+    let (_, status) = c.node("main").walsync(&["status"]);
+    assert!(
+        status.contains("waiting for public.product (a row does not fit:")
+            && status.contains("price_not_negative"),
+        "{status}"
+    );
+    c.node("main")
+        .sql("ALTER TABLE product DROP CONSTRAINT price_not_negative");
+    c.wait_rows("main", "walsync.set_aside", 0);
+    for n in ["main", "branch1", "branch2"] {
+        c.wait_rows(n, "product WHERE name = 'refund'", 1);
+    }
+    assert_no_link_stopped(&c);
 }

@@ -842,10 +842,10 @@ impl ApplyWorker {
         self.flush().await?;
         self.rows_in_txn += 1;
         let params: Vec<Param> = write.params.iter().map(Param).collect();
-        let what = format!("applying a change ({})", self.table_name(relation_id));
+        let table = self.table_name(relation_id);
         match super::unless_duplicate(&self.client, &stmt, &super::as_params(&params))
             .await
-            .map_err(SqlError::of(what))?
+            .map_err(|e| super::change_failed(table, e))?
         {
             super::Tried::Done(_) => Ok(None),
             super::Tried::Duplicate { message, .. } => Ok(Some(message)),

@@ -11,7 +11,6 @@ use super::{ApplyError, ApplyWorker, Mapped, Tried};
 use crate::merge::conflict::{ConflictKind, Outcome, NO_LOCAL_ROW};
 use crate::merge::statements::{RowWrite, StatementError};
 use crate::pgoutput::{Delete, Insert, OldTuple, Tuple, Update};
-use crate::sql_error::SqlError;
 
 use super::param::Param;
 
@@ -116,10 +115,10 @@ impl ApplyWorker {
         self.flush().await?;
         self.rows_in_txn += 1;
         let params: Vec<Param> = write.params.iter().map(Param).collect();
-        let what = format!("applying a change ({})", self.table_name(m.id));
+        let table = self.table_name(m.id);
         match super::unless_duplicate(&self.client, &stmt, &super::as_params(&params))
             .await
-            .map_err(SqlError::of(what))?
+            .map_err(|e| super::change_failed(table, e))?
         {
             Tried::Done(0) => self.record_keyless(m, missing, Some(old), new, None).await,
             Tried::Done(_) => Ok(()),

@@ -77,6 +77,10 @@ pub enum ApplyError {
     MissingTable { table: String },
     #[error("column {column:?} of {table} exists on the upstream but not here; the schemas differ (apply the missing DDL here, then the link resumes)")]
     MissingColumn { table: String, column: String },
+    /// A row's values do not fit the table here (a type narrowed, a NOT NULL or CHECK
+    /// added while its author was cut off): its transaction is set aside.
+    #[error("a row of {table} does not fit the table here: {reason}")]
+    DoesNotFit { table: String, reason: String },
     #[error("{0}")]
     Protocol(String),
     /// A captured DDL statement could not be replayed here: the link stops on it.
@@ -130,6 +134,9 @@ impl ApplyError {
             ApplyError::MissingTable { table } => Some((table, table.clone())),
             ApplyError::MissingColumn { table, column } => {
                 Some((table, format!("{table} (its column {column})")))
+            }
+            ApplyError::DoesNotFit { table, reason } => {
+                Some((table, format!("{table} (a row does not fit: {reason})")))
             }
             _ => None,
         }
@@ -710,19 +717,21 @@ impl ApplyWorker {
             {
                 return Err(self.fast_path_hit(relation_id, &e));
             }
+            // In a held transaction the table is not known: applied again carefully,
+            // change by change, where it is.
+            (Tag::Whole { .. }, Err(e)) if does_not_fit(&e) => {
+                return Err(ApplyError::FastPathHitUniqueKey {
+                    table: "a table of the transaction".into(),
+                    detail: server_message(&e),
+                });
+            }
             (
                 Tag::Insert { relation_id }
                 | Tag::Copy { relation_id }
                 | Tag::Row { relation_id, .. }
                 | Tag::Guarded { relation_id, .. },
                 Err(source),
-            ) => {
-                return Err(SqlError::new(
-                    format!("applying a change to {}", self.table_name(relation_id)),
-                    source,
-                )
-                .into())
-            }
+            ) => return Err(change_failed(self.table_name(relation_id), source)),
             // A held transaction in one statement: a guarded write that wrote too few rows
             // and a progress guard that refused both divide by zero. With a guarded write
             // in it, the transaction goes again carefully, where an out-of-order progress
@@ -1041,6 +1050,30 @@ impl ApplyWorker {
         .await?;
         Ok(self.rows_in_txn)
     }
+}
+
+/// The error of a change to `table` (as the upstream calls it) the target refused:
+/// values this table no longer takes (its type or constraints changed here while the
+/// author was cut off) set the transaction aside (`ApplyError::DoesNotFit`).
+fn change_failed(table: String, e: tokio_postgres::Error) -> ApplyError {
+    if does_not_fit(&e) {
+        return ApplyError::DoesNotFit {
+            table,
+            reason: server_message(&e),
+        };
+    }
+    SqlError::new(format!("applying a change ({table})"), e).into()
+}
+
+/// Whether a target's error says the row's values do not fit the table: a data
+/// exception (class 22: too long, out of range, not of the type), a NULL where NOT NULL,
+/// a CHECK violated.
+fn does_not_fit(e: &tokio_postgres::Error) -> bool {
+    e.code().is_some_and(|c| {
+        c.code().starts_with("22")
+            || *c == SqlState::NOT_NULL_VIOLATION
+            || *c == SqlState::CHECK_VIOLATION
+    })
 }
 
 /// How often the target is asked how far it flushed while confirmed commits wait for it

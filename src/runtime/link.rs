@@ -128,6 +128,7 @@ impl LinkError {
                 ApplyError::Ddl { .. }
                 | ApplyError::MissingTable { .. }
                 | ApplyError::MissingColumn { .. }
+                | ApplyError::DoesNotFit { .. }
                 | ApplyError::Statement(_)
                 | ApplyError::Conflict { .. },
             ) => Disposition::HaltPeer,

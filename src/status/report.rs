@@ -103,8 +103,9 @@ pub async fn gather(
             let waits = l["set_aside_waits_for"].as_str().unwrap_or("");
             problems.push(format!(
                 "link {link}: {n} transaction(s) set aside, waiting for {waits}: they apply by themselves, in order, \
-                 once it is here (create it, or accept the DDL that makes it: walsync ddl-replay --accept, see the DDL \
-                 warnings); later changes to the tables they change wait behind them (walsync.set_aside)"
+                 once it is here and their rows fit (create or change it, or accept the DDL that does: walsync ddl-replay \
+                 --accept, see the DDL warnings); later changes to the tables they change wait behind them \
+                 (walsync conflicts set-aside)"
             ));
         }
         let for_s = l["seconds_in_state"].as_f64().unwrap_or(0.0);
