@@ -591,7 +591,7 @@ fn run_on_a_node_that_was_never_initialised_says_so() {
 }
 
 #[test]
-fn status_shows_links_and_a_stopped_link_needs_a_human() {
+fn status_shows_links_and_what_needs_a_human() {
     let mut c = TestCluster::new(
         "status",
         Topology::Star,
@@ -622,24 +622,24 @@ fn status_shows_links_and_a_stopped_link_needs_a_human() {
     assert!(out.contains("(0 not partitioned for this node)"), "{out}");
 
     // A DDL statement that fails on the target (an object of that name exists there,
-    // made outside walsync): the link stops on it, says why, and status exits 1.
+    // made outside walsync): its transaction waits set aside, status says why and exits 1.
     c.node("branch1")
         .sql("SET session_replication_role = replica; CREATE TABLE clash (id int PRIMARY KEY)");
     c.node("main").sql("CREATE TABLE clash (id int PRIMARY KEY, note text); INSERT INTO clash VALUES (1, 'after the ddl')");
     wait_for(
-        "the link to stop",
+        "status to need a person",
         DEADLINE,
         || !walsync(&["status", "--config", &cfg]).0,
         || walsync(&["status", "--config", &cfg]).1,
     );
     let (_, out) = walsync(&["status", "--config", &cfg]);
     assert!(
-        out.contains("stopped")
-            && out.contains("CREATE TABLE clash")
-            && out.contains("already exists"),
+        out.contains("1 transaction(s) set aside, waiting for ddl main/")
+            && out.contains("relation \"clash\" already exists"),
         "{out}"
     );
-    // The operator removes the stray table: the link resumes by itself, nothing lost.
+    // The operator removes the stray table: the statement runs at the next try, nothing
+    // lost.
     c.node("branch1")
         .sql("SET session_replication_role = replica; DROP TABLE clash");
     c.wait_rows("branch1", "clash", 1);

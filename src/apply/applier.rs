@@ -112,6 +112,12 @@ impl Applier {
         }
     }
 
+    /// Whether changes are applied as they are handed over (one session): an error of a
+    /// change is then the handed-over transaction's.
+    pub fn is_serial(&self) -> bool {
+        matches!(self, Applier::Serial(_))
+    }
+
     /// Lets go of the author's replication origin this applier's session holds between
     /// transactions (PostgreSQL lets one session at a time have an origin set up), so
     /// that another session may apply as that author. Parallel sessions hold one only

@@ -479,6 +479,34 @@ pub fn probe(statement: &str) -> Option<Probe> {
     })
 }
 
+/// The table a DDL statement creates or changes (`schema.table`, `public` where it
+/// names no schema), for what waits behind it; `None` for other statements.
+pub fn statement_table(statement: &str) -> Option<String> {
+    let parsed = pg_query::parse(statement, pg_query::ParserOptions::DEFAULT).ok()?;
+    let rel = match parsed
+        .protobuf
+        .stmts
+        .first()?
+        .stmt
+        .as_ref()?
+        .node
+        .as_ref()?
+    {
+        N::CreateStmt(s) => s.relation.as_ref()?,
+        N::AlterTableStmt(s) => s.relation.as_ref()?,
+        N::IndexStmt(s) => s.relation.as_ref()?,
+        N::RenameStmt(s) => s.relation.as_ref()?,
+        N::CreateTableAsStmt(s) => s.into.as_ref()?.rel.as_ref()?,
+        _ => return None,
+    };
+    let schema = if rel.schemaname.is_empty() {
+        "public"
+    } else {
+        &rel.schemaname
+    };
+    Some(format!("{schema}.{}", rel.relname))
+}
+
 /// A unique index or constraint a statement makes over plain columns, with no predicate:
 /// what a target's rows may violate, and what settling them there needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -569,6 +597,29 @@ pub fn already_here(probed: &[String], existing: &[String], renames: &[(&str, &s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_a_statement_changes_is_read_with_public_as_its_default_schema() {
+        for (statement, table) in [
+            ("CREATE TABLE coupon (id int)", Some("public.coupon")),
+            (
+                "ALTER TABLE shop.partner ADD COLUMN vat text",
+                Some("shop.partner"),
+            ),
+            ("CREATE INDEX ON partner (email)", Some("public.partner")),
+            (
+                "ALTER TABLE partner RENAME COLUMN a TO b",
+                Some("public.partner"),
+            ),
+            ("CREATE TABLE copy AS SELECT 1", Some("public.copy")),
+            (
+                "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+                None,
+            ),
+        ] {
+            assert_eq!(statement_table(statement).as_deref(), table, "{statement}");
+        }
+    }
 
     #[test]
     fn a_unique_index_or_constraint_on_columns_is_read_and_others_are_not() {

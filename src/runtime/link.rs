@@ -78,10 +78,10 @@ pub enum LinkError {
     Spool(#[from] SpoolError),
     /// A transaction must be set aside (it changes a table that waits), but some of it
     /// was applied already: the session starts over and sets it aside whole.
-    #[error("{}", if .0.too_large() {
+    #[error("{}", if .0.too_large {
         format!("the transaction ending after {} changes a table that is not here, and it is larger than {} MiB: too large to set aside; create the table (or apply the missing DDL) and the link resumes", .0.final_lsn, set_aside::SET_ASIDE_BYTES >> 20)
     } else {
-        format!("the transaction at {} changes {}, which waits (not here yet, or behind set-aside transactions): setting it aside whole", .0.final_lsn, .0.table)
+        format!("the transaction at {} waits for {}: setting it aside whole", .0.final_lsn, .0.waits_for)
     })]
     SetAside(SetAsideNeeded),
 }
@@ -119,7 +119,7 @@ impl LinkError {
                 Disposition::RetryCarefully
             }
             LinkError::Removed(_) => Disposition::Fenced,
-            LinkError::SetAside(n) if !n.too_large() => Disposition::SetAside,
+            LinkError::SetAside(n) if !n.too_large => Disposition::SetAside,
             LinkError::Connect(e) if e.is_permanent() => Disposition::HaltPeer,
             LinkError::Stream(e) if e.is_auth() || matches!(e, StreamError::Dsn(_)) => {
                 Disposition::HaltPeer
@@ -326,11 +326,13 @@ pub async fn run_link(
                         Disposition::SetAside
                     }
                     (LinkError::SetAside(n), Disposition::SetAside)
-                        if given.txn.as_ref().map(|(lsn, _)| *lsn) != Some(n.final_lsn) =>
+                        if given.txn.as_ref().map(|t| t.final_lsn) != Some(n.final_lsn) =>
                     {
                         hint = given;
-                        hint.txn = Some((n.final_lsn, n.waits_for.clone()));
-                        hint.tables.insert(n.table.clone(), n.waits_for.clone());
+                        hint.txn = Some(n.told());
+                        if let Some(table) = &n.table {
+                            hint.tables.insert(table.clone(), n.waits_for.clone());
+                        }
                         Disposition::SetAside
                     }
                     (_, Disposition::SetAside) => Disposition::HaltPeer,
@@ -877,7 +879,26 @@ async fn handle_event(
                     if let Some(Some(remote)) = &t.decision {
                         apply.begin(remote).await?;
                     }
-                    apply.change(change).await?;
+                    let serial = apply.is_serial();
+                    match apply.change(change).await {
+                        Ok(()) => {}
+                        // A DDL that fails here: its transaction is set aside with every
+                        // later one of its table and every later DDL; the rest flows.
+                        Err(ApplyError::Ddl {
+                            id,
+                            statement,
+                            reason,
+                        }) if serial => {
+                            return Err(LinkError::SetAside(SetAsideNeeded {
+                                final_lsn: t.final_lsn,
+                                table: crate::ddl::statement_table(&statement),
+                                waits_for: format!("ddl {id} to run here (it fails: {reason})"),
+                                with_ddl: true,
+                                too_large: false,
+                            }))
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
         }

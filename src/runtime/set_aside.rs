@@ -34,14 +34,28 @@ pub struct Hint {
     /// Tables found missing (or missing a column), with what is missing: a transaction
     /// whose first change is on one is set aside.
     pub tables: HashMap<String, String>,
-    /// The transaction (its final LSN) to set aside from its first change, and the
-    /// table it waits for.
-    pub txn: Option<(Lsn, String)>,
+    /// The transaction to set aside from its first change.
+    pub txn: Option<Told>,
+}
+
+/// A transaction the session before could not set aside in time.
+#[derive(Debug, Clone)]
+pub struct Told {
+    pub final_lsn: Lsn,
+    /// What it waits for.
+    pub waits_for: String,
+    /// Its DDL failed here: its DDL rows are set aside with it (and every later DDL
+    /// waits behind it), not applied.
+    pub with_ddl: bool,
+    /// The table its failed DDL changes: later changes to it wait behind it too.
+    pub table: Option<String>,
 }
 
 /// The set-aside transaction being read from the stream.
 struct Collecting {
     waits_for: String,
+    /// Its DDL rows are set aside too (see [`Told::with_ddl`]).
+    with_ddl: bool,
     messages: Vec<Vec<u8>>,
     /// Relations whose Relation message is already in `messages`.
     described: HashSet<u32>,
@@ -56,9 +70,8 @@ pub struct SetAside {
     /// Tables a set-aside transaction changes or that were found missing, each with the
     /// missing table it waits for (itself, or the one an earlier transaction waits for).
     waiting: HashMap<String, String>,
-    /// The transaction the session before this one could not set aside in time, and
-    /// the table it waits for.
-    next: Option<(Lsn, String)>,
+    /// The transaction the session before this one could not set aside in time.
+    next: Option<Told>,
     /// Set-aside transactions not applied yet.
     pending: usize,
     /// The latest Relation message of each relation, as received, with its table.
@@ -133,7 +146,7 @@ impl SetAside {
         if self.collecting.is_none() && self.next.is_none() && self.waiting.is_empty() {
             return Ok(Route::Apply);
         }
-        let ddl = ids.iter().any(|&id| self.table(id) == "walsync.ddl_log");
+        let ddl = ids.iter().any(|&id| self.table(id) == DDL_LOG);
         // The first of its tables that waits, and what for.
         let waits = ids.iter().find_map(|&id| {
             let table = self.table(id);
@@ -144,8 +157,8 @@ impl SetAside {
             let told = self
                 .next
                 .as_ref()
-                .filter(|(lsn, _)| *lsn == final_lsn)
-                .map(|(_, table)| table.clone());
+                .filter(|t| t.final_lsn == final_lsn)
+                .cloned();
             let told_to = told.is_some();
             if waits.is_none() && !told_to {
                 return Ok(Route::Apply);
@@ -157,28 +170,38 @@ impl SetAside {
                     Some((table, waits_for)) if !told_to => {
                         return Err(SetAsideNeeded {
                             final_lsn,
-                            table,
+                            table: Some(table),
                             waits_for,
+                            with_ddl: false,
+                            too_large: false,
                         })
                     }
                     _ if !told_to => return Ok(Route::Apply),
                     _ => {}
                 }
             }
+            let with_ddl =
+                told.as_ref().is_some_and(|t| t.with_ddl) || self.waiting.contains_key(DDL_LOG);
+            let told_table = told.as_ref().and_then(|t| t.table.clone());
             self.collecting = Some(Collecting {
-                waits_for: waits.map(|(_, what)| what).or(told).unwrap_or_default(),
+                with_ddl,
+                tables: told_table.into_iter().collect(),
+                waits_for: waits
+                    .map(|(_, what)| what)
+                    .or(told.map(|t| t.waits_for))
+                    .unwrap_or_default(),
                 messages: Vec::new(),
                 described: HashSet::new(),
-                tables: BTreeSet::new(),
                 changes: 0,
                 bytes: 0,
             });
         }
-        // The DDL of a set-aside transaction is applied now, in stream order.
-        if ddl {
+        let c = self.collecting.as_mut().expect("collecting (above)");
+        // The DDL of a set-aside transaction is applied now, in stream order, unless a
+        // DDL failed here: then it waits behind that one.
+        if ddl && !c.with_ddl {
             return Ok(Route::Apply);
         }
-        let c = self.collecting.as_mut().expect("collecting (above)");
         for &id in ids {
             if c.described.insert(id) {
                 if let Some((rel, table)) = self.relations.get(&id) {
@@ -194,8 +217,10 @@ impl SetAside {
         if c.bytes > SET_ASIDE_BYTES {
             return Err(SetAsideNeeded {
                 final_lsn,
-                table: String::new(),
+                table: None,
                 waits_for: String::new(),
+                with_ddl: false,
+                too_large: true,
             });
         }
         Ok(Route::Kept)
@@ -253,8 +278,11 @@ impl SetAside {
             let messages: Vec<Vec<u8>> = row.get(4);
             match apply_one(&mut apply, &remote, messages, end).await {
                 Ok(()) => {}
-                Err(e) if e.missing().is_some() => {
-                    let missing = e.missing().map(|(_, what)| what).unwrap_or_default();
+                Err(e) if e.missing().is_some() || matches!(e, ApplyError::Ddl { .. }) => {
+                    let missing = e
+                        .missing()
+                        .map(|(_, what)| what)
+                        .unwrap_or_else(|| e.to_string());
                     info!(link = %self.link, %missing, waiting = rows.len() - done,
                           "set-aside transactions still wait for their table");
                     break;
@@ -348,17 +376,30 @@ pub fn progress_link(link: &str) -> String {
 #[derive(Debug)]
 pub struct SetAsideNeeded {
     pub final_lsn: Lsn,
-    /// The table it changes that waits ("": it is too large to set aside).
-    pub table: String,
-    /// What that table waits for.
+    /// The table it changes that waits (later transactions that change it wait too).
+    pub table: Option<String>,
+    /// What it waits for.
     pub waits_for: String,
+    /// Its DDL failed here (see [`Told::with_ddl`]).
+    pub with_ddl: bool,
+    /// It is larger than [`SET_ASIDE_BYTES`]: it cannot be set aside.
+    pub too_large: bool,
 }
 
 impl SetAsideNeeded {
-    pub fn too_large(&self) -> bool {
-        self.table.is_empty()
+    /// What the next session is told of it.
+    pub fn told(&self) -> Told {
+        Told {
+            final_lsn: self.final_lsn,
+            waits_for: self.waits_for.clone(),
+            with_ddl: self.with_ddl,
+            table: self.table.clone(),
+        }
     }
 }
+
+/// walsync's replicated DDL log, as the set-aside state names relations.
+const DDL_LOG: &str = "walsync.ddl_log";
 
 /// Logs a set-aside transaction that cannot be applied for a reason other than its table.
 pub fn warn_reapply_failed(link: &str, e: &ApplyError) {
