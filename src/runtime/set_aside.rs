@@ -1,18 +1,20 @@
 //! Transactions set aside by a link (decision 0014, migration 0020): a source transaction
-//! that changes a table not here (its DDL refused by `ddl_from`, failed, or still on its
-//! way from another node) does not stop the link. It is kept whole in
+//! that changes a table not here (its DDL refused by `ddl_from`, or still on its way
+//! from another node), sets a column not here, writes values the table no longer takes,
+//! or runs a DDL that fails here, does not stop the link. It is kept whole in
 //! `walsync.set_aside`, committed with the link's progress past it, and the link goes
 //! on; a later transaction that changes a table a set-aside one changes is set aside
-//! behind it (each table's changes stay in order). Every few seconds, and when the link
-//! starts, the set-aside transactions are applied again in order on a session of their
-//! own, as their author's, until one still lacks its table.
+//! behind it (each table's changes stay in order), and after a failed DDL so is every
+//! later DDL. Every few seconds, and when the link starts, the set-aside transactions
+//! are applied again in order on a session of their own, as their author's, until one
+//! still cannot be.
 //!
 //! Which transaction to set aside is known at its first change only when its table is
-//! already known to be missing; one found out later (after some of its changes were
-//! applied) makes the session start over (`LinkError::SetAside`), told to set that
-//! transaction aside from its first change ([`Hint`]). Its DDL rows are applied when it
-//! is set aside, as every DDL is applied in stream order: a refused statement is
-//! recorded for a person to accept.
+//! already known to wait; one found out later (after some of its changes were applied)
+//! makes the session start over (`LinkError::SetAside`), told to set that transaction
+//! aside from its first change ([`Hint`]). Its DDL rows are applied when it is set aside,
+//! as every DDL is applied in stream order (a refused statement is recorded for a person
+//! to accept), unless a DDL failed: then they wait with it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -127,10 +129,6 @@ impl SetAside {
 
     fn table(&self, id: u32) -> &str {
         self.relations.get(&id).map_or("", |(_, t)| t.as_str())
-    }
-
-    pub fn is_collecting(&self) -> bool {
-        self.collecting.is_some()
     }
 
     /// Where a change of transaction `final_lsn` on relations `ids` goes; `raw` is its
