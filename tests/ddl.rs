@@ -384,7 +384,8 @@ fn the_same_module_installed_on_two_nodes_during_a_cut_settles_itself() {
 }
 
 #[test]
-fn the_same_table_created_differently_on_two_nodes_during_a_cut_waits_for_a_person_while_the_rest_flows() {
+fn the_same_table_created_differently_on_two_nodes_during_a_cut_waits_for_a_person_while_the_rest_flows(
+) {
     let mut c = TestCluster::new("ddl-differ", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
     c.start();
     c.stop();
@@ -419,7 +420,8 @@ fn the_same_table_created_differently_on_two_nodes_during_a_cut_waits_for_a_pers
     for n in ["a", "b"] {
         c.wait_rows(n, "partner WHERE name LIKE 'meanwhile%'", 2);
         assert_eq!(
-            c.node(n).count("walsync.link_status WHERE state = 'stopped'"),
+            c.node(n)
+                .count("walsync.link_status WHERE state = 'stopped'"),
             0,
             "{n}"
         );

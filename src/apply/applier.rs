@@ -2,7 +2,8 @@
 //! time, pipelined) or several ([`Parallel`], `[apply] sessions` > 1). The link talks
 //! to either the same way.
 
-use super::parallel::{Change, Parallel};
+use super::parallel::Parallel;
+use super::Change;
 use super::{ApplyError, ApplyWorker, RemoteTxn};
 use crate::lsn::Lsn;
 use crate::pgoutput::Relation;

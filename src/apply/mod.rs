@@ -24,6 +24,8 @@
 
 mod applier;
 pub use applier::Applier;
+mod change;
+pub use change::Change;
 pub mod catalog;
 mod conflict;
 mod ddl;
@@ -118,10 +120,11 @@ pub enum ApplyError {
     #[error("a transaction waited {after} s for the one before it to start on another apply session, which waits on the target \
              (a local writer may hold what it needs); re-applying the next transactions one at a time")]
     OrderStalled { after: u64 },
-    #[error("{table}: {kind}: {detail}")]
+    /// A conflict no rule settles (the link waits for a person).
+    #[error("{table}: {}: {detail}", kind.as_str())]
     Conflict {
         table: String,
-        kind: &'static str,
+        kind: crate::merge::conflict::ConflictKind,
         detail: String,
     },
 }
@@ -462,7 +465,7 @@ impl ApplyWorker {
     }
 
     /// Applies one change of the open transaction.
-    pub async fn apply_change(&mut self, change: &parallel::Change) -> Result<(), ApplyError> {
+    pub async fn apply_change(&mut self, change: &Change) -> Result<(), ApplyError> {
         if !self.writes.is_empty() {
             return match self.within_scope(change).await? {
                 Some(c) => self.apply_in_scope(&c).await,
@@ -472,13 +475,13 @@ impl ApplyWorker {
         self.apply_in_scope(change).await
     }
 
-    async fn apply_in_scope(&mut self, change: &parallel::Change) -> Result<(), ApplyError> {
+    async fn apply_in_scope(&mut self, change: &Change) -> Result<(), ApplyError> {
         match change {
-            parallel::Change::Insert(i) => self.insert(i).await,
-            parallel::Change::Update(u) => self.update(u).await,
-            parallel::Change::Delete(d) => self.delete(d).await,
-            parallel::Change::Truncate(t) => self.truncate(t).await,
-            parallel::Change::SetAside(t) => self.set_aside(t).await,
+            Change::Insert(i) => self.insert(i).await,
+            Change::Update(u) => self.update(u).await,
+            Change::Delete(d) => self.delete(d).await,
+            Change::Truncate(t) => self.truncate(t).await,
+            Change::SetAside(t) => self.set_aside(t).await,
         }
     }
 
@@ -687,7 +690,7 @@ impl ApplyWorker {
             {
                 return Err(ApplyError::Conflict {
                     table: self.table_name(relation_id),
-                    kind: "update_exists",
+                    kind: crate::merge::conflict::ConflictKind::UpdateExists,
                     detail: format!(
                         "{}; the update would give this row a unique key another row here already has. \
                          Resolve it by hand (change one of the two rows), then the link resumes",

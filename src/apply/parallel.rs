@@ -34,12 +34,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
+use super::change::Change;
 use super::relations::travels;
 use super::{catalog, Answered, ApplyError, ApplyWorker, OrderLock, RemoteTxn, FLUSH_CHECK_EVERY};
 use crate::config::TablePolicy;
 use crate::lsn::Lsn;
 use crate::merge::statements::RelationMap;
-use crate::pgoutput::{Delete, Insert, Relation, Truncate, Update, Value};
+use crate::pgoutput::{Relation, Value};
 
 /// A transaction of more changes than this is not held: it runs alone, streamed.
 pub const HOLD_CHANGES: usize = 256;
@@ -56,35 +57,6 @@ const FAILURE_GATHERING: std::time::Duration = std::time::Duration::from_secs(3)
 /// would close a cycle no deadlock detector sees, so past this the link restarts and
 /// applies one transaction at a time (careful mode).
 const ORDER_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// One change of a source transaction.
-#[derive(Debug, Clone)]
-pub enum Change {
-    Insert(Insert),
-    Update(Update),
-    Delete(Delete),
-    Truncate(Truncate),
-    /// The whole source transaction, kept in `walsync.set_aside` (`apply::set_aside`).
-    SetAside(Box<super::SetAsideTxn>),
-}
-
-impl Change {
-    fn bytes(&self) -> usize {
-        let tuple = |t: &crate::pgoutput::Tuple| -> usize {
-            t.0.iter().map(|v| v.as_bytes_len() + 8).sum()
-        };
-        let old = |o: &crate::pgoutput::OldTuple| match o {
-            crate::pgoutput::OldTuple::Key(t) | crate::pgoutput::OldTuple::Full(t) => tuple(t),
-        };
-        64 + match self {
-            Change::Insert(i) => tuple(&i.new),
-            Change::Update(u) => tuple(&u.new) + u.old.as_ref().map_or(0, old),
-            Change::Delete(d) => old(&d.old),
-            Change::Truncate(t) => t.relation_ids.len() * 4,
-            Change::SetAside(t) => t.bytes(),
-        }
-    }
-}
 
 /// What a session is asked to do, in stream order.
 #[derive(Debug)]

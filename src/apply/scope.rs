@@ -3,7 +3,7 @@
 //! the transaction and of the link goes on. A stolen store's rows thus reach only the
 //! tables a store writes anyway.
 
-use super::parallel::Change;
+use super::Change;
 use super::{ApplyError, ApplyWorker};
 use crate::merge::conflict::{ConflictKind, WRITE_SCOPE};
 use crate::merge::scope::WriteScopes;

@@ -14,8 +14,8 @@ use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
 use crate::apply::merged::SharedKeys;
-use crate::apply::parallel::{Change, Parallel};
-use crate::apply::{Applier, ApplyError, ApplyWorker, RemoteTxn, FLUSH_CHECK_EVERY};
+use crate::apply::parallel::Parallel;
+use crate::apply::{Applier, ApplyError, ApplyWorker, Change, RemoteTxn, FLUSH_CHECK_EVERY};
 use crate::config::{ApplyConfig, LinkSpec, TablePolicy};
 use crate::lsn::Lsn;
 use crate::merge::{self, MergeError, OriginFilter};

@@ -21,8 +21,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
-use crate::apply::parallel::Change;
-use crate::apply::{Applier, ApplyError, ApplyWorker, RemoteTxn, SetAsideTxn};
+use crate::apply::{Applier, ApplyError, ApplyWorker, Change, RemoteTxn, SetAsideTxn};
 use crate::lsn::Lsn;
 use crate::pgoutput::{self, Message};
 use crate::sql_error::SqlError;
