@@ -211,6 +211,7 @@ pub fn render(node: &str, report: Option<&Json>) -> String {
         ("walsync_link_transactions_total", "counter", "Source transactions applied on this node over the link.", "transactions", 1.0),
         ("walsync_link_last_source_commit_age_seconds", "gauge", "Seconds since the commit time (on its author) of the last transaction applied over the link.", "seconds_since_last_source_commit", 1.0),
         ("walsync_link_clock_offset_seconds", "gauge", "The upstream's clock minus this sidecar's, measured on the link.", "clock_offset_ms", 0.001),
+        ("walsync_link_set_aside_transactions", "gauge", "Source transactions of the link set aside on this node until their table is here or their rows fit (walsync conflicts set-aside).", "set_aside", 1.0),
     ];
     for (name, kind, help, key, scale) in per_link {
         out.family(name, kind, help);
@@ -364,7 +365,7 @@ mod tests {
     fn a_report_renders_as_prometheus_text() {
         let report = json!({
             "links_in": [{"link": "branch1->main", "state": "retrying", "transactions": 42,
-                          "seconds_in_state": 7200.5, "clock_offset_ms": -250.0,
+                          "seconds_in_state": 7200.5, "clock_offset_ms": -250.0, "set_aside": 2,
                           "seconds_since_last_source_commit": null}],
             "slots": [{"slot": "walsync_to_branch1", "active": false, "wal_status": "lost",
                        "retained_wal_bytes": 1048576, "lag_bytes": 4096, "safe_wal_bytes": null,
@@ -381,6 +382,7 @@ mod tests {
             "walsync_link_state_seconds{link=\"branch1->main\"} 7200.5",
             "walsync_link_transactions_total{link=\"branch1->main\"} 42",
             "walsync_link_clock_offset_seconds{link=\"branch1->main\"} -0.25",
+            "walsync_link_set_aside_transactions{link=\"branch1->main\"} 2",
             "walsync_slot_retained_wal_bytes{slot=\"walsync_to_branch1\"} 1048576",
             "walsync_slot_lag_bytes{slot=\"walsync_to_branch1\"} 4096",
             "walsync_slot_wal_lost{slot=\"walsync_to_branch1\"} 1",
