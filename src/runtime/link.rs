@@ -411,6 +411,8 @@ struct SourceTxn {
     /// Whether any of its changes was applied (then it can be set aside only by starting
     /// over).
     applied_any: bool,
+    /// Whether a DDL of it was handed to the applier.
+    ddl: bool,
 }
 
 /// How the link applies on its target: on how many sessions, with which table policies,
@@ -842,6 +844,7 @@ async fn handle_event(
                 origin: None,
                 decision: None,
                 applied_any: false,
+                ddl: false,
             });
         }
         ReplicationEvent::XLogData { data, .. } => {
@@ -876,27 +879,14 @@ async fn handle_event(
                 Route::Kept => {}
                 Route::Apply => {
                     t.applied_any = true;
+                    t.ddl |= sa.is_ddl(&ids);
                     if let Some(Some(remote)) = &t.decision {
                         apply.begin(remote).await?;
                     }
                     let serial = apply.is_serial();
                     match apply.change(change).await {
                         Ok(()) => {}
-                        // A DDL that fails here: its transaction is set aside with every
-                        // later one of its table and every later DDL; the rest flows.
-                        Err(ApplyError::Ddl {
-                            id,
-                            statement,
-                            reason,
-                        }) if serial => {
-                            return Err(LinkError::SetAside(SetAsideNeeded {
-                                final_lsn: t.final_lsn,
-                                table: crate::ddl::statement_table(&statement),
-                                waits_for: format!("ddl {id} to run here (it fails: {reason})"),
-                                with_ddl: true,
-                                too_large: false,
-                            }))
-                        }
+                        Err(e) if serial => return Err(failed_ddl_set_aside(e, t.final_lsn)),
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -913,8 +903,23 @@ async fn handle_event(
                 apply.change(Change::SetAside(Box::new(kept))).await?;
             }
             if apply.is_open() {
-                let changes = apply.commit(end).await?;
+                // On several sessions a DDL runs alone: waiting for it ties its failure to
+                // its transaction, which is then set aside as with one session.
+                let ddl = txn
+                    .as_ref()
+                    .filter(|t| t.ddl && !apply.is_serial())
+                    .map(|t| t.final_lsn);
+                let changes = match (apply.commit(end).await, ddl) {
+                    (Ok(n), _) => n,
+                    (Err(e), Some(final_lsn)) => return Err(failed_ddl_set_aside(e, final_lsn)),
+                    (Err(e), None) => return Err(e.into()),
+                };
                 debug!(link = %link, lsn = %end, changes, "applied");
+                if let Some(final_lsn) = ddl {
+                    if let Err(e) = apply.wait_durable().await {
+                        return Err(failed_ddl_set_aside(e, final_lsn));
+                    }
+                }
             } else {
                 *skipped = Some(end);
             }
@@ -928,6 +933,26 @@ async fn handle_event(
         | ReplicationEvent::StoppedAt { .. } => {}
     }
     Ok(())
+}
+
+/// A DDL that failed here (`e`), in the transaction at `final_lsn`: the transaction is
+/// set aside with every later one of its table and every later DDL; the rest flows.
+/// Any other error stays what it is.
+fn failed_ddl_set_aside(e: ApplyError, final_lsn: Lsn) -> LinkError {
+    match e {
+        ApplyError::Ddl {
+            id,
+            statement,
+            reason,
+        } => LinkError::SetAside(SetAsideNeeded {
+            final_lsn,
+            table: crate::ddl::statement_table(&statement),
+            waits_for: format!("ddl {id} to run here (it fails: {reason})"),
+            with_ddl: true,
+            too_large: false,
+        }),
+        e => e.into(),
+    }
 }
 
 /// Whether a change is applied (or set aside) here: its transaction is decided at its

@@ -126,6 +126,11 @@ impl SetAside {
             .insert(id, (raw.to_vec(), format!("{namespace}.{name}")));
     }
 
+    /// Whether any of these relations is walsync's DDL log.
+    pub fn is_ddl(&self, ids: &[u32]) -> bool {
+        ids.iter().any(|&id| self.table(id) == DDL_LOG)
+    }
+
     fn table(&self, id: u32) -> &str {
         self.relations.get(&id).map_or("", |(_, t)| t.as_str())
     }
@@ -143,7 +148,7 @@ impl SetAside {
         if self.collecting.is_none() && self.next.is_none() && self.waiting.is_empty() {
             return Ok(Route::Apply);
         }
-        let ddl = ids.iter().any(|&id| self.table(id) == DDL_LOG);
+        let ddl = self.is_ddl(ids);
         // The first of its tables that waits, and what for.
         let waits = ids.iter().find_map(|&id| {
             let table = self.table(id);
