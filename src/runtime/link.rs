@@ -545,14 +545,18 @@ async fn run_session(
             r = apply.settle_next(), if apply.has_in_flight() => r.map_err(LinkError::from),
             // 3. how far the target has flushed: durable commits get acknowledged
             _ = flush_tick.tick(), if apply.needs_flush_check() => apply.check_flush().await.map_err(LinkError::from),
-            // 4. set-aside transactions, between transactions, once everything sent is settled
-            _ = reapply_tick.tick(), if sa.pending() > 0 && txn.is_none() && apply.is_settled() => {
-                match reapply(spec, with, &set_aside_target, &apply_app, &mut apply, &mut sa).await {
-                    Err(LinkError::Apply(e)) => {
-                        set_aside::warn_reapply_failed(&link, &e);
-                        Ok(())
-                    }
-                    other => other,
+            // 4. set-aside transactions, between transactions, once everything sent is
+            //    settled (waited for here, so that a busy link does not starve them)
+            _ = reapply_tick.tick(), if sa.pending() > 0 && txn.is_none() => {
+                match apply.wait_durable().await {
+                    Err(e) => Err(LinkError::from(e)),
+                    Ok(()) => match reapply(spec, with, &set_aside_target, &apply_app, &mut apply, &mut sa).await {
+                        Err(LinkError::Apply(e)) => {
+                            set_aside::warn_reapply_failed(&link, &e);
+                            Ok(())
+                        }
+                        other => other,
+                    },
                 }
             }
             // 5. every few seconds: is the upstream still reachable? and this link's heartbeat
