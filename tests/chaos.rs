@@ -429,7 +429,8 @@ fn a_node_whose_clock_runs_ahead_still_converges_and_the_skew_is_reported() {
 /// A seeded adversary of schema changes (decision 0014): main changes its schema at
 /// random (new tables with and without a key, tables made from a query, columns added,
 /// renamed, unique indexes) while the branches are cut off and healed at random and every
-/// node keeps writing into whatever tables it has, sales included. After the heal every
+/// node keeps writing into whatever tables it has (inserts; on tables with a key also
+/// updates and deletes racing with the other nodes'), sales included. After the heal every
 /// table is identical on every node, every sale is everywhere and no link stopped.
 /// Replay a failure with the printed `WALSYNC_CHAOS_SEED`.
 #[test]
@@ -480,13 +481,23 @@ fn seeded_schema_changes_on_main_amid_cuts_and_writes_everywhere_converge() {
             let _ = x.c.node("main").try_sql(&ddl);
         }
         for node in NODES {
-            for (t, _, text, _) in &made {
+            for (t, keyed, text, counter) in &made {
                 let value = format!("{node}-{round}-{}", x.rng.below(3));
-                // A node cut off before the table reached it does not have it yet.
-                let _ = x
-                    .c
-                    .node(node)
-                    .try_sql(&format!("INSERT INTO {t} ({text}) VALUES ('{value}')"));
+                let offset = x.rng.below(4);
+                // Inserts everywhere; on tables with a key also updates and deletes of
+                // rows other nodes may change or delete meanwhile. A node cut off before
+                // the table (or a renamed column) reached it does not have it yet.
+                let sql = match (keyed, x.rng.below(4)) {
+                    (true, 0) => format!(
+                        "UPDATE {t} SET {counter} = {counter} + 1, {text} = '{value}' \
+                         WHERE id = (SELECT id FROM {t} ORDER BY id OFFSET {offset} LIMIT 1)"
+                    ),
+                    (true, 1) => format!(
+                        "DELETE FROM {t} WHERE id = (SELECT id FROM {t} ORDER BY id OFFSET {offset} LIMIT 1)"
+                    ),
+                    _ => format!("INSERT INTO {t} ({text}) VALUES ('{value}')"),
+                };
+                let _ = x.c.node(node).try_sql(&sql);
             }
             let txns = x.rng.below(4) as u32;
             x.write_on(node, txns);
