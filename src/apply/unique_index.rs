@@ -19,7 +19,7 @@ use crate::merge::conflict::{
     keeps_the_value, renamed, row_image, ConflictKind, Outcome, Rule, Version,
 };
 use crate::merge::keys::{settlement, Settlement, UniquePolicy};
-use crate::names::quote_ident;
+use crate::names::{quote_ident, quote_literal};
 use crate::pgoutput::Value;
 use crate::sql_error::SqlError;
 
@@ -106,7 +106,8 @@ impl ApplyWorker {
             .iter()
             .map(|r| r.get(0))
             .collect();
-        let policy = self.policies.get(&(schema.clone(), name.clone()));
+        let policy = self.policies.get(&(schema.clone(), name.clone())).cloned();
+        let policy = policy.as_ref();
         let (park, merge) = policy
             .map(|p| (p.park_unique.as_slice(), p.merge_unique.as_slice()))
             .unwrap_or_default();
@@ -149,8 +150,18 @@ impl ApplyWorker {
             .map(|(i, k)| format!("pg_catalog.format('%s', {}) = ${}", quote_ident(k), i + 2))
             .collect::<Vec<_>>()
             .join(" AND ");
+        // What the table's `on_rename` gives a loser besides, as a collision's rename does.
+        let also: String = policy
+            .map(|p| {
+                p.on_rename
+                    .iter()
+                    .filter(|(c, _)| **c != renamed_column)
+                    .map(|(c, v)| format!(", {} = {}", quote_ident(c), quote_literal(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
         let update = format!(
-            "UPDATE {qualified} SET {} = $1 WHERE {set_by_key}",
+            "UPDATE {qualified} SET {} = $1{also} WHERE {set_by_key}",
             quote_ident(&renamed_column)
         );
         let types: Vec<Type> = vec![Type::TEXT; key.len() + 1];
@@ -182,7 +193,7 @@ impl ApplyWorker {
                 kind: ConflictKind::InsertExists,
                 key: row_image(&key, &key_values),
                 local: Some((row_image(&names, &local), h.version.clone())),
-                remote: row_image(&[renamed_column.clone()], &[text(&h.value)]),
+                remote: row_image(std::slice::from_ref(&renamed_column), &[text(&h.value)]),
                 rule: rule_name,
                 outcome: Outcome::LocalRenamed,
                 detail: Some(format!(
