@@ -584,19 +584,69 @@ pub fn unique_index(statement: &str) -> Option<UniqueIndex> {
 /// its probe gave (`probed`: columns, constraints and indexes as text), with the probe's
 /// names read as the statement's (`renames`), is one of the existing table's
 /// (`existing`). The existing table may hold more (later statements of the same install
-/// ran here first).
+/// ran here first), also on a column: a `NOT NULL` or a default a later statement gave it
+/// (`column NAME TYPE[ not null][ default EXPR]`, as `apply::ddl` reads them).
 pub fn already_here(probed: &[String], existing: &[String], renames: &[(&str, &str)]) -> bool {
     probed.iter().all(|item| {
         let item = renames.iter().fold(item.clone(), |text, (probe, name)| {
             text.replace(probe, name)
         });
-        existing.contains(&item)
+        existing.contains(&item) || existing.iter().any(|e| column_has_at_least(e, &item))
     })
+}
+
+/// Whether column item `existing` is column item `probed` with at most a `not null` and
+/// a default added (the ones `probed` has, it has too).
+fn column_has_at_least(existing: &str, probed: &str) -> bool {
+    let parts = |item: &str| {
+        let (head, default) = match item.split_once(" default ") {
+            Some((h, d)) => (h.to_string(), Some(d.to_string())),
+            None => (item.to_string(), None),
+        };
+        match head.strip_suffix(" not null") {
+            Some(h) => (h.to_string(), true, default),
+            None => (head, false, default),
+        }
+    };
+    if !existing.starts_with("column ") || !probed.starts_with("column ") {
+        return false;
+    }
+    let (e_head, e_not_null, e_default) = parts(existing);
+    let (p_head, p_not_null, p_default) = parts(probed);
+    e_head == p_head
+        && (e_not_null || !p_not_null)
+        && (p_default.is_none() || p_default == e_default)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_column_found_here_may_have_gained_a_not_null_or_default_from_a_later_statement() {
+        let existing = |items: &[&str]| items.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let here = existing(&["column company_id integer not null default 1"]);
+        for (probed, found) in [
+            ("column company_id integer", true),
+            ("column company_id integer not null", true),
+            ("column company_id integer default 1", true),
+            ("column company_id integer default 2", false),
+            ("column company_id bigint", false),
+            ("column company integer", false),
+        ] {
+            assert_eq!(
+                already_here(&[probed.to_string()], &here, &[]),
+                found,
+                "{probed}"
+            );
+        }
+        let plain = existing(&["column company_id integer"]);
+        assert!(!already_here(
+            &["column company_id integer not null".into()],
+            &plain,
+            &[]
+        ));
+    }
 
     #[test]
     fn the_table_a_statement_changes_is_read_with_public_as_its_default_schema() {
