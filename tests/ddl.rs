@@ -166,12 +166,7 @@ fn a_ddl_that_fails_on_a_target_waits_set_aside_with_its_table_until_skipped_and
         0,
         "the coupon waits behind its ddl"
     );
-    assert_eq!(
-        c.node("b")
-            .count("walsync.link_status WHERE state = 'stopped'"),
-        0,
-        "no link stops"
-    );
+    c.assert_no_link_stopped();
     let cfg = c.node("b").config.to_str().unwrap().to_string();
     let (ok, status) = walsync(&["status", "--config", &cfg]);
     assert!(
@@ -419,13 +414,8 @@ fn the_same_table_created_differently_on_two_nodes_during_a_cut_waits_for_a_pers
         .sql("INSERT INTO partner (name) VALUES ('meanwhile on b')");
     for n in ["a", "b"] {
         c.wait_rows(n, "partner WHERE name LIKE 'meanwhile%'", 2);
-        assert_eq!(
-            c.node(n)
-                .count("walsync.link_status WHERE state = 'stopped'"),
-            0,
-            "{n}"
-        );
     }
+    c.assert_no_link_stopped();
     // A person decides: each node keeps its own column type and skips the other's.
     for (cfg, other) in [(&cfg_a, "b"), (&cfg_b, "a")] {
         let (ok, out) = walsync(&[
@@ -796,12 +786,7 @@ fn a_stolen_store_is_contained(c: &mut TestCluster) {
     c.node("branch1")
         .sql("INSERT INTO product (name, price) VALUES ('from branch1', 1)");
     c.wait_rows("main", "product WHERE name = 'from branch1'", 1);
-    assert_eq!(
-        c.node("main")
-            .count("walsync.link_status WHERE state = 'stopped'"),
-        0,
-        "no link stops"
-    );
+    c.assert_no_link_stopped();
     // main <-> branch2 and main -> branch1 go on.
     c.node("branch2")
         .sql("INSERT INTO partner (name) VALUES ('branch2 later')");

@@ -6,19 +6,6 @@ mod support;
 
 use support::*;
 
-/// No link of any node is stopped.
-fn assert_no_link_stopped(c: &TestCluster) {
-    for n in &c.nodes {
-        assert_eq!(
-            n.sql("SELECT count(*) FROM walsync.link_status WHERE state = 'stopped'"),
-            "0",
-            "{}: a link stopped\n{}",
-            n.name,
-            c.logs()
-        );
-    }
-}
-
 /// A sale on `node` reaches every node: the links from it still flow.
 fn sale_reaches_everyone(c: &TestCluster, node: &str, name: &str) {
     c.node(node)
@@ -93,7 +80,7 @@ fn a_table_without_a_primary_key_replicates_and_a_row_not_found_is_recorded() {
     );
     assert_eq!(detail, "skipped changed on main");
     sale_reaches_everyone(&c, "branch1", "after the cut");
-    assert_no_link_stopped(&c);
+    c.assert_no_link_stopped();
 
     // An unlogged table writes no WAL: its schema replicates, its rows cannot, and
     // status says so by name.
@@ -171,7 +158,7 @@ fn a_table_made_from_a_query_arrives_as_its_structure_with_the_authors_rows() {
     );
     c.wait_converged("partner");
     sale_reaches_everyone(&c, "main", "after the copies");
-    assert_no_link_stopped(&c);
+    c.assert_no_link_stopped();
     for n in &c.nodes {
         assert_eq!(n.count("walsync.conflicts"), 0, "{}", n.name);
     }
@@ -225,7 +212,7 @@ fn rows_written_under_an_old_column_or_table_name_during_a_cut_arrive_under_the_
         5,
         "the new column's default"
     );
-    assert_no_link_stopped(&c);
+    c.assert_no_link_stopped();
     sale_reaches_everyone(&c, "branch1", "after the upgrade");
 }
 
@@ -277,7 +264,7 @@ fn partitioned_tables_generated_columns_enums_and_truncate_replicate() {
     for n in &c.nodes {
         assert_eq!(n.count("pos_order"), 1, "{}", n.name);
     }
-    assert_no_link_stopped(&c);
+    c.assert_no_link_stopped();
 }
 
 /// A store's rows for a table main does not have (its CREATE refused by `ddl_from`) are
@@ -311,7 +298,7 @@ fn rows_for_a_table_not_here_wait_set_aside_in_order_and_apply_once_it_is_here()
         0,
         "the customer waits whole"
     );
-    assert_no_link_stopped(&c);
+    c.assert_no_link_stopped();
     sale_reaches_everyone(&c, "branch1", "B1/0001");
     sale_reaches_everyone(&c, "branch2", "B2/0001");
     let (_, status) = c.node("main").walsync(&["status"]);
@@ -340,7 +327,7 @@ fn rows_for_a_table_not_here_wait_set_aside_in_order_and_apply_once_it_is_here()
         0,
         "applied in their order, nothing met a conflict"
     );
-    assert_no_link_stopped(&c);
+    c.assert_no_link_stopped();
     sale_reaches_everyone(&c, "branch1", "B1/0002");
     let (_, status) = c.node("main").walsync(&["status"]);
     assert!(!status.contains("transaction(s) set aside"), "{status}");
@@ -376,7 +363,7 @@ fn rows_for_a_table_not_here_wait_set_aside_in_order_and_apply_once_it_is_here()
     for n in ["main", "branch1", "branch2"] {
         c.wait_rows(n, "product WHERE barcode = '4006381333931'", 1);
     }
-    assert_no_link_stopped(&c);
+    c.assert_no_link_stopped();
 }
 
 /// main builds a unique index while branch1, cut off, gives two customers one e-mail:
@@ -430,7 +417,7 @@ fn a_unique_index_made_during_a_cut_over_rows_that_violate_it_settles_them_and_i
         2,
         "branch1 records what it renamed to build the index"
     );
-    assert_no_link_stopped(&c);
+    c.assert_no_link_stopped();
     sale_reaches_everyone(&c, "branch1", "B1/after");
 }
 
@@ -537,7 +524,7 @@ fn a_dbas_everyday_ddl_during_a_cut_reaches_every_node_and_no_link_stops() {
             "{n}: {status}"
         );
     }
-    assert_no_link_stopped(&c);
+    c.assert_no_link_stopped();
     sale_reaches_everyone(&c, "branch1", "B1/after");
 }
 
@@ -563,7 +550,7 @@ fn a_row_that_no_longer_fits_its_table_here_waits_set_aside_until_it_does() {
     c.start();
     c.wait_rows("main", "walsync.set_aside", 1);
     sale_reaches_everyone(&c, "branch1", "B1/0001");
-    assert_no_link_stopped(&c);
+    c.assert_no_link_stopped();
     let (_, status) = c.node("main").walsync(&["status"]);
     assert!(
         status.contains("waiting for public.product (a row does not fit:")
@@ -576,5 +563,5 @@ fn a_row_that_no_longer_fits_its_table_here_waits_set_aside_until_it_does() {
     for n in ["main", "branch1", "branch2"] {
         c.wait_rows(n, "product WHERE name = 'refund'", 1);
     }
-    assert_no_link_stopped(&c);
+    c.assert_no_link_stopped();
 }

@@ -398,6 +398,19 @@ impl TestCluster {
         }
     }
 
+    /// No link of any node is stopped.
+    pub fn assert_no_link_stopped(&self) {
+        for n in &self.nodes {
+            assert_eq!(
+                n.sql("SELECT count(*) FROM walsync.link_status WHERE state = 'stopped'"),
+                "0",
+                "{}: a link stopped\n{}",
+                n.name,
+                self.logs()
+            );
+        }
+    }
+
     /// Adds `line` (a `key = value`) to `peer`'s `[[peers]]` entry in `node`'s config.
     pub fn set_peer_option(&self, node: &str, peer: &str, line: &str) {
         let config = &self.node(node).config;
