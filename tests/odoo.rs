@@ -221,6 +221,70 @@ fn point_of_sale_installed_on_main_while_a_branch_is_cut_reaches_every_node() {
     }
 }
 
+/// Two stores install the Point of Sale while both are cut off (each with `ddl_from`
+/// naming every node): each store's install reaches main and the other store, where the
+/// same tables already exist. Each statement is recognised as already there, nothing is
+/// set aside, no link stops, and the schemas converge.
+#[test]
+fn point_of_sale_installed_on_two_branches_during_one_cut_converges() {
+    let mut c = TestCluster::new_in(
+        "odoo-pos-twice",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        "odoo",
+        &restore_odoo_base,
+        "",
+    );
+    c.set_cluster_option("ddl_from = [\"main\", \"branch1\", \"branch2\"]");
+    c.start();
+    c.stop();
+    for n in ["branch1", "branch2"] {
+        assert_eq!(install_point_of_sale(&c.node(n).pg), 2859);
+    }
+    c.start();
+
+    let deadline = std::time::Duration::from_secs(300);
+    let reference = || schema(&c.node("branch1").pg);
+    for n in ["main", "branch2"] {
+        let node = c.node(n);
+        wait_for(
+            &format!("{n}'s schema to equal branch1's"),
+            deadline,
+            || {
+                psql_odoo(&node.pg, "SELECT count(*) FROM walsync.set_aside") == "0"
+                    && schema(&node.pg) == reference()
+            },
+            || {
+                let (a, b) = (reference(), schema(&node.pg));
+                let diff: Vec<String> = a
+                    .lines()
+                    .zip(b.lines())
+                    .filter(|(x, y)| x != y)
+                    .take(10)
+                    .map(|(x, y)| format!("branch1: {x}\n{n}: {y}"))
+                    .collect();
+                format!(
+                    "{} vs {} lines; set aside: {}; first differences:\n{}\n{}",
+                    a.lines().count(),
+                    b.lines().count(),
+                    psql_odoo(&node.pg, "SELECT count(*) FROM walsync.set_aside"),
+                    diff.join("\n"),
+                    c.logs()
+                )
+            },
+        );
+    }
+    c.assert_no_link_stopped();
+    for n in &c.nodes {
+        assert_eq!(
+            psql_odoo(&n.pg, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"),
+            "441",
+            "{}",
+            n.name
+        );
+    }
+}
+
 /// docs/odoo.md's table policies, as every node's config carries them.
 const ODOO_POLICIES: &str = r#"
 [[tables]]

@@ -9,7 +9,7 @@
 
 use super::{ApplyError, ApplyWorker, Gone};
 use crate::ddl::{
-    altered_table, columns_filled_per_node, probe, redact_secrets, statement_to_replay, verdict,
+    altered_table, columns_filled_per_node, created_sequence, probe, redact_secrets, statement_to_replay, verdict,
     DdlVerdict, PROBE_TABLE,
 };
 use crate::names::quote_ident;
@@ -135,7 +135,24 @@ impl ApplyWorker {
             .batch_execute("SAVEPOINT walsync_ddl")
             .await
             .map_err(savepoint)?;
-        match run_captured_ddl(&self.client, &search_path, replay_role, &statement).await {
+        let mut outcome = run_captured_ddl(&self.client, &search_path, replay_role, &statement).await;
+        // Another session here made the same object at the same moment (two links
+        // replaying one module's install), or the two deadlocked: once the other one is
+        // through, the statement runs, or finds the object there.
+        for _ in 0..RACE_RETRIES {
+            match &outcome {
+                Err(e) if raced_another_session(e) => {
+                    tracing::info!(link = %self.link, ddl = %id, error = %super::server_message(e), "ddl raced another session here; running it again");
+                    self.client
+                        .batch_execute("ROLLBACK TO SAVEPOINT walsync_ddl")
+                        .await
+                        .map_err(SqlError::of("rolling back the failed ddl"))?;
+                    outcome = run_captured_ddl(&self.client, &search_path, replay_role, &statement).await;
+                }
+                _ => break,
+            }
+        }
+        match outcome {
             Ok(()) => {}
             Err(e) if creates_what_exists(&e) => {
                 // Two nodes made the same object while cut off (one module installed on
@@ -299,6 +316,22 @@ pub(crate) async fn run_captured_ddl(
     Ok(())
 }
 
+/// How many times a DDL that raced another session here is run again.
+const RACE_RETRIES: usize = 3;
+
+/// The statement lost a race with another session of this server, not with the schema:
+/// a deadlock, or the unique index of a catalog (`pg_type_typname_nsp_index`,
+/// `pg_class_relname_nsp_index`) when both created one name at once.
+fn raced_another_session(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    let Some(db) = e.as_db_error() else {
+        return false;
+    };
+    *db.code() == SqlState::T_R_DEADLOCK_DETECTED
+        || (*db.code() == SqlState::UNIQUE_VIOLATION
+            && db.constraint().is_some_and(|c| c.starts_with("pg_")))
+}
+
 /// The server refused a statement because what it creates exists: a relation (table,
 /// index, sequence), a column or another object (a constraint).
 fn creates_what_exists(e: &tokio_postgres::Error) -> bool {
@@ -327,14 +360,35 @@ const TABLE_ITEMS: &str = "WITH t AS (SELECT $1::text::regclass AS oid) \
 /// Whether a creating statement that failed because its object exists has its effect
 /// here already: run on the probe's names (`crate::ddl::Probe`, as the captured role,
 /// with the captured search_path, inside a savepoint rolled back at once), it makes
-/// nothing the existing table lacks (`crate::ddl::already_here`). Any failure of the
-/// probe answers no: the caller stops the link as before.
+/// nothing the existing table lacks (`crate::ddl::already_here`). A `CREATE SEQUENCE`
+/// has its effect here when a sequence of its name is here. Any failure of the probe
+/// answers no: the caller sets the transaction aside.
 async fn already_here(
     client: &tokio_postgres::Client,
     search_path: &str,
     role: &str,
     statement: &str,
 ) -> Result<bool, ApplyError> {
+    if let Some((schema, name)) = created_sequence(statement) {
+        let name = match schema {
+            Some(schema) => format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
+            None => quote_ident(&name),
+        };
+        let found = client
+            .query_one(
+                "SELECT pg_catalog.set_config('search_path', $1, true) IS NULL OR EXISTS \
+                   (SELECT 1 FROM pg_catalog.pg_class WHERE oid = pg_catalog.to_regclass($2) AND relkind = 'S')",
+                &[&search_path, &name],
+            )
+            .await
+            .map_err(SqlError::of("looking for a sequence a ddl creates"))?
+            .get::<_, bool>(0);
+        client
+            .batch_execute("RESET search_path")
+            .await
+            .map_err(SqlError::of("looking for a sequence a ddl creates"))?;
+        return Ok(found);
+    }
     let Some(p) = probe(statement) else {
         return Ok(false);
     };

@@ -479,6 +479,24 @@ pub fn probe(statement: &str) -> Option<Probe> {
     })
 }
 
+/// The sequence a `CREATE SEQUENCE` makes (schema if written, name); `None` for other
+/// statements. A sequence's position is each node's own (and walsync partitions it), so
+/// one of that name here is the statement's effect.
+pub fn created_sequence(statement: &str) -> Option<(Option<String>, String)> {
+    let parsed = pg_query::parse(statement, pg_query::ParserOptions::DEFAULT).ok()?;
+    if parsed.protobuf.stmts.len() != 1 {
+        return None;
+    }
+    match parsed.protobuf.stmts[0].stmt.as_ref()?.node.as_ref()? {
+        N::CreateSeqStmt(s) => {
+            let rel = s.sequence.as_ref()?;
+            let schema = (!rel.schemaname.is_empty()).then(|| rel.schemaname.clone());
+            Some((schema, rel.relname.clone()))
+        }
+        _ => None,
+    }
+}
+
 /// The table a DDL statement creates or changes (`schema.table`, `public` where it
 /// names no schema), for what waits behind it; `None` for other statements.
 pub fn statement_table(statement: &str) -> Option<String> {
@@ -586,13 +604,66 @@ pub fn unique_index(statement: &str) -> Option<UniqueIndex> {
 /// (`existing`). The existing table may hold more (later statements of the same install
 /// ran here first), also on a column: a `NOT NULL` or a default a later statement gave it
 /// (`column NAME TYPE[ not null][ default EXPR]`, as `apply::ddl` reads them).
+///
+/// A name PostgreSQL generated for the probe (`walsync_probe_tbl_pkey`, an unnamed
+/// index's `walsync_probe_tbl_a_b_idx`) stands for whatever name it generated for the
+/// existing table: that one may be cut short to 63 bytes, or carry a digit where the
+/// name was taken, and neither can be known from the probe's.
 pub fn already_here(probed: &[String], existing: &[String], renames: &[(&str, &str)]) -> bool {
     probed.iter().all(|item| {
-        let item = renames.iter().fold(item.clone(), |text, (probe, name)| {
-            text.replace(probe, name)
-        });
-        existing.contains(&item) || existing.iter().any(|e| column_has_at_least(e, &item))
+        let pieces: Vec<String> = split_generated_names(item)
+            .into_iter()
+            .map(|piece| {
+                renames
+                    .iter()
+                    .fold(piece, |text, (probe, name)| text.replace(probe, name))
+            })
+            .collect();
+        existing.iter().any(|e| matches_with_any_names(&pieces, e))
+            || (pieces.len() == 1 && existing.iter().any(|e| column_has_at_least(e, &pieces[0])))
     })
+}
+
+/// `item` cut around each name generated from [`PROBE_TABLE`] (`walsync_probe_tbl_`
+/// and identifier characters after it): the pieces between them.
+fn split_generated_names(item: &str) -> Vec<String> {
+    let generated = format!("{PROBE_TABLE}_");
+    let mut pieces = Vec::new();
+    let mut rest = item;
+    while let Some(at) = rest.find(&generated) {
+        pieces.push(rest[..at].to_string());
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
+            .unwrap_or(tail.len());
+        rest = &tail[end..];
+    }
+    pieces.push(rest.to_string());
+    pieces
+}
+
+/// Whether `text` is `pieces` with one name (an identifier, quoted or not) between each
+/// two.
+fn matches_with_any_names(pieces: &[String], text: &str) -> bool {
+    let Some((first, more)) = pieces.split_first() else {
+        return text.is_empty();
+    };
+    let Some(rest) = text.strip_prefix(first.as_str()) else {
+        return false;
+    };
+    if more.is_empty() {
+        return rest.is_empty();
+    }
+    let name_end = if let Some(quoted) = rest.strip_prefix('"') {
+        match quoted.find('"') {
+            Some(close) => close + 2,
+            None => return false,
+        }
+    } else {
+        rest.find(|c: char| !(c.is_alphanumeric() || c == '_' || c == '$'))
+            .unwrap_or(rest.len())
+    };
+    name_end > 0 && matches_with_any_names(more, &rest[name_end..])
 }
 
 /// Whether column item `existing` is column item `probed` with at most a `not null` and
@@ -646,6 +717,63 @@ mod tests {
             &plain,
             &[]
         ));
+    }
+
+    #[test]
+    fn a_name_generated_for_the_probe_matches_the_one_generated_here_cut_short_or_numbered() {
+        let table = "product_attribute_value_product_template_attribute_line_rel";
+        let renames = [(PROBE_TABLE, table)];
+        let probed = [
+            format!("constraint {PROBE_TABLE}_pkey PRIMARY KEY (a, b)"),
+            format!("CREATE UNIQUE INDEX {PROBE_TABLE}_pkey ON public.{PROBE_TABLE} USING btree (a, b)"),
+            format!("CREATE INDEX {PROBE_TABLE}_b_a_idx ON public.{PROBE_TABLE} USING btree (b, a)"),
+            "column a integer not null".to_string(),
+            format!("column c integer not null default nextval('{PROBE_TABLE}_c_seq'::regclass)"),
+        ];
+        let here = |pkey: &str, idx: &str| {
+            vec![
+                "column a integer not null".to_string(),
+                "column b integer not null".to_string(),
+                format!("column c integer not null default nextval('{table}_c_seq'::regclass)"),
+                format!("constraint {pkey} PRIMARY KEY (a, b)"),
+                format!("CREATE UNIQUE INDEX {pkey} ON public.{table} USING btree (a, b)"),
+                format!("CREATE INDEX {idx} ON public.{table} USING btree (b, a)"),
+            ]
+        };
+        let cut = here(
+            "product_attribute_value_product_template_attribute_line_re_pkey",
+            "product_attribute_value_produ_b_a_idx1",
+        );
+        assert!(already_here(&probed, &cut, &renames));
+        // The same names with another definition, or a definition on another table: no.
+        let other = here("x_pkey", "x_idx")
+            .into_iter()
+            .map(|i| i.replace("(b, a)", "(a, b)"))
+            .collect::<Vec<_>>();
+        assert!(!already_here(&probed, &other, &renames));
+        let elsewhere = cut
+            .iter()
+            .map(|i| i.replace(&format!("public.{table}"), "public.other"))
+            .collect::<Vec<_>>();
+        assert!(!already_here(&probed, &elsewhere, &renames));
+        // A name the statement wrote must be the same.
+        let named = [format!("constraint {PROBE_OBJECT} CHECK ((a > 0))")];
+        let check = |name: &str| vec![format!("constraint {name} CHECK ((a > 0))")];
+        assert!(already_here(&named, &check("a_positive"), &[(PROBE_OBJECT, "a_positive")]));
+        assert!(!already_here(&named, &check("other"), &[(PROBE_OBJECT, "a_positive")]));
+    }
+
+    #[test]
+    fn the_sequence_a_create_sequence_makes_is_read() {
+        assert_eq!(
+            created_sequence("CREATE SEQUENCE ir_sequence_001 INCREMENT BY 1 START WITH 1"),
+            Some((None, "ir_sequence_001".to_string()))
+        );
+        assert_eq!(
+            created_sequence("CREATE SEQUENCE shop.s"),
+            Some((Some("shop".to_string()), "s".to_string()))
+        );
+        assert_eq!(created_sequence("CREATE TABLE s (id int)"), None);
     }
 
     #[test]

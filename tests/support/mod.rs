@@ -402,7 +402,8 @@ impl TestCluster {
     pub fn assert_no_link_stopped(&self) {
         for n in &self.nodes {
             assert_eq!(
-                n.sql("SELECT count(*) FROM walsync.link_status WHERE state = 'stopped'"),
+                n.pg.psql_in(&self.db, "SELECT count(*) FROM walsync.link_status WHERE state = 'stopped'")
+                    .unwrap_or_else(|e| panic!("on {}: {e}", n.name)),
                 "0",
                 "{}: a link stopped\n{}",
                 n.name,
