@@ -271,10 +271,19 @@ pub struct ClusterConfig {
     /// role.
     #[serde(default)]
     pub ddl_role: Option<String>,
+    /// How long the keys of deleted rows are kept (`walsync.tombstones`): an update
+    /// from a node cut off longer than this, for a row deleted here, is recorded as
+    /// `update_missing` instead of being decided by time against the delete.
+    #[serde(default = "default_tombstone_days")]
+    pub tombstone_days: u32,
 }
 
 fn default_step() -> u32 {
     16
+}
+
+fn default_tombstone_days() -> u32 {
+    30
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -409,6 +418,12 @@ impl Config {
             return Err(ConfigError::Invalid(format!(
                 "cluster.step = {step}: must be between 2 and 1024 (it is fixed when the cluster is created; 16 is the default)"
             )));
+        }
+        if self.cluster.tombstone_days == 0 {
+            return Err(ConfigError::Invalid(
+                "cluster.tombstone_days = 0: must be at least 1, and longer than the longest cut a store may have (30 is the default)"
+                    .to_string(),
+            ));
         }
         for name in self.cluster.ddl_from.iter().flatten() {
             NodeName::parse(name)

@@ -401,55 +401,68 @@ fn sales_go_in_one_statement_each_and_their_conflicts_are_still_settled() {
     );
 }
 
+/// A delete and a concurrent update of one row are decided by their commit times, the
+/// same on both nodes (decision 0016): a later update brings the row back where it was
+/// deleted, a later delete stays. Two deletes of one row meet as nothing to do.
 #[test]
-fn delete_against_update_and_delete_against_delete_converge() {
+fn delete_against_update_by_time_and_delete_against_delete_converge() {
     let mut c = TestCluster::new("deletes", Topology::Mesh, &["a", "b"], RETAIL_SCHEMA);
     c.start();
     c.node("a")
-        .sql("INSERT INTO partner (id, name) VALUES (1, 'one'), (2, 'two')");
-    c.wait_rows("b", "partner", 2);
+        .sql("INSERT INTO partner (id, name) VALUES (1, 'one'), (2, 'two'), (3, 'three')");
+    c.wait_rows("b", "partner", 3);
     cut(&mut c);
     c.node("a").sql("DELETE FROM partner WHERE id = 1");
     c.node("b")
-        .sql("UPDATE partner SET name = 'one, edited' WHERE id = 1"); // later, still loses to the delete
+        .sql("UPDATE partner SET name = 'one, edited' WHERE id = 1"); // later: wins
+    c.node("b")
+        .sql("UPDATE partner SET name = 'three, edited' WHERE id = 3");
+    c.node("a").sql("DELETE FROM partner WHERE id = 3"); // later: wins
     c.node("a").sql("DELETE FROM partner WHERE id = 2");
     c.node("b").sql("DELETE FROM partner WHERE id = 2");
     heal(&mut c);
+    let names = |n: &str| {
+        c.node(n)
+            .sql("SELECT string_agg(id || ':' || name, ',' ORDER BY id) FROM partner")
+    };
     wait_for(
-        "both deletes to settle",
+        "the row updated last to be back on a, and the row deleted last gone from b",
         DEADLINE,
-        || c.node("a").count("partner") == 0 && c.node("b").count("partner") == 0,
-        || c.logs(),
+        || names("a") == "1:one, edited" && names("b") == "1:one, edited",
+        || format!("a: {}, b: {}\n{}", names("a"), names("b"), c.logs()),
     );
     wait_for(
         "the conflicts to be recorded",
         DEADLINE,
         || {
-            c.node("b").count("walsync.conflicts") >= 2
-                && c.node("a").count("walsync.conflicts") >= 2
+            c.node("b").count("walsync.conflicts") >= 3
+                && c.node("a").count("walsync.conflicts") >= 3
         },
         || c.logs(),
     );
     assert_eq!(
-        conflicts(c.node("a"), "update_missing"),
-        ["skipped|-|one, edited"]
+        conflicts(c.node("a"), "update_deleted"),
+        ["remote_applied|-|one, edited", "skipped|-|three, edited"]
     );
     assert_eq!(
         conflicts(c.node("b"), "delete_origin_differs"),
-        ["remote_applied|one, edited|one"]
+        [
+            "local_kept|one, edited|one",
+            "remote_applied|three, edited|three"
+        ]
     );
     assert_eq!(conflicts(c.node("a"), "delete_missing").len(), 1);
     assert_eq!(conflicts(c.node("b"), "delete_missing").len(), 1);
 
     // The losing edit can be brought back by hand, and it then replicates.
-    let id = c
-        .node("a")
-        .sql("SELECT id FROM walsync.conflicts WHERE kind = 'update_missing'");
+    let id = c.node("a").sql(
+        "SELECT id FROM walsync.conflicts WHERE kind = 'update_deleted' AND outcome = 'skipped'",
+    );
     let cfg = c.node("a").config.to_str().unwrap().to_string();
     let (ok, out) = walsync(&["conflicts", "--config", &cfg, "reapply", &id]);
     assert!(ok, "{out}");
-    c.wait_rows("b", "partner", 1);
-    assert_eq!(c.node("b").sql("SELECT name FROM partner"), "one, edited");
+    c.wait_rows("b", "partner", 2);
+    assert_eq!(names("b"), "1:one, edited,3:three, edited");
     // Twice would write over whatever was edited since: refused.
     let (ok, out) = walsync(&["conflicts", "--config", &cfg, "reapply", &id]);
     assert!(!ok && out.contains("already"), "{out}");

@@ -16,8 +16,9 @@ use super::param::Param;
 use super::pipeline::Tag;
 use super::{ApplyError, ApplyWorker, Mapped, RemoteTxn, Target};
 use crate::merge::conflict::{
-    as_unsent, changes_besides_counters, renamed, row_image, settle_update, without_local_columns,
-    Against, ConflictKind, Decision, Outcome, UpdatePlan, Version,
+    as_unsent, changes_besides_counters, renamed, row_image, settle_update, whole_new_row,
+    without_local_columns, Against, ConflictKind, Decision, Outcome, UpdatePlan, Version,
+    NOT_WHOLE,
 };
 use crate::merge::keys::{settlement, stays, Settlement, TableName, UniquePolicy};
 use crate::merge::statements::{RowWrite, Shape, UniqueKey};
@@ -288,6 +289,9 @@ impl ApplyWorker {
             }
         }
         let local = self.read_local(m, &key).await?;
+        if local.is_none() {
+            return self.update_of_a_row_not_here(m, upd, &key).await;
+        }
         let UpdatePlan { decision, mut new } = self.settle_against(m, local.as_ref(), |a| {
             settle_update(a, policy.merge_columns, upd.old.as_ref(), &upd.new)
         });
@@ -326,6 +330,75 @@ impl ApplyWorker {
         let write = m.update(upd.old.as_ref(), &new)?;
         self.carry_out(m, decision, write, &key, local, remote_image)
             .await
+    }
+
+    /// An update for a row that is not here (key `key`): decided against the delete's
+    /// tombstone, if one is kept (decision 0016). A later update brings the row back,
+    /// whole, as an insert; an earlier one, or one with nothing known of the row, is
+    /// recorded and not applied.
+    async fn update_of_a_row_not_here(
+        &mut self,
+        m: &Mapped,
+        upd: &Update,
+        key: &[Value],
+    ) -> Result<(), ApplyError> {
+        let deleted = self.tombstone(m, key).await?;
+        let remote = self.remote_version();
+        let mut decision = self
+            .policy_of(m.id)
+            .rule
+            .decide_update_deleted(&remote, deleted.as_ref());
+        let remote_image = m.source_image(&upd.new);
+        let mut write = None;
+        if matches!(decision, Decision::ApplyAndRecord(..)) {
+            match whole_new_row(upd.old.as_ref(), &upd.new) {
+                Some(row) => {
+                    let row = if self.is_careful() {
+                        let kind = ConflictKind::UpdateDeleted;
+                        match self.settle_unique_keys(m, row, key, kind).await? {
+                            Settled::Write(row) => row,
+                            Settled::Parked | Settled::Merged => return Ok(()),
+                        }
+                    } else {
+                        row
+                    };
+                    write = Some(m.insert(&row)?);
+                }
+                None => decision = Decision::SkipAndRecord(ConflictKind::UpdateDeleted, NOT_WHOLE),
+            }
+        }
+        self.carry_out(m, decision, write, key, None, remote_image)
+            .await
+    }
+
+    /// The version of the delete of the row with `key` here, if its tombstone is kept:
+    /// the deleting transaction's origin and commit time (its author's, for a delete
+    /// applied from a peer).
+    async fn tombstone(
+        &mut self,
+        m: &Mapped,
+        key: &[Value],
+    ) -> Result<Option<Version>, ApplyError> {
+        self.flush().await?;
+        let table = format!("{}.{}", m.target.schema, m.target.name);
+        let row = self
+            .client
+            .query_opt(
+                "SELECT o.roname, ((extract(epoch FROM c.timestamp) * 1000000)::int8 - 946684800000000) \
+                   FROM walsync.tombstones t \
+                   CROSS JOIN LATERAL pg_catalog.pg_xact_commit_timestamp_origin(t.xid::xid) c \
+                   LEFT JOIN pg_catalog.pg_replication_origin o ON o.roident = c.roident \
+                  WHERE t.table_name = $1 AND t.key = $2",
+                &[&table, &texts(key)],
+            )
+            .await
+            .map_err(SqlError::of(format!("reading the tombstone of a row of {table}")))?;
+        Ok(row.map(|r| Version {
+            origin: r
+                .get::<_, Option<String>>(0)
+                .unwrap_or_else(|| self.local_origin.clone()),
+            commit_time_us: r.get(1),
+        }))
     }
 
     /// An update of a table with counter columns: each counter moves by the change the
@@ -401,6 +474,9 @@ impl ApplyWorker {
         };
         let key = m.key_values(Some(&del.old), None)?;
         let write = m.delete(&del.old)?;
+        if let OldTuple::Full(old) = &del.old {
+            self.note_delete(m, &key, old).await?;
+        }
         if !self.is_careful() {
             if let Some(guarded) = self.guarded(m, write.clone(), Some(&del.old)) {
                 return self.push_guarded(m, guarded, vec![key]).await;
@@ -965,7 +1041,7 @@ impl Mapped {
         row_image(&self.source_column_names(), &tuple.0)
     }
 
-    fn key_image(&self, key: &[Value]) -> Json {
+    pub(super) fn key_image(&self, key: &[Value]) -> Json {
         row_image(&self.key_names(), key)
     }
 

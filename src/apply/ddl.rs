@@ -9,8 +9,8 @@
 
 use super::{ApplyError, ApplyWorker, Gone};
 use crate::ddl::{
-    altered_table, columns_filled_per_node, created_sequence, probe, redact_secrets, statement_to_replay, verdict,
-    DdlVerdict, PROBE_TABLE,
+    altered_table, columns_filled_per_node, created_sequence, probe, redact_secrets,
+    statement_to_replay, verdict, DdlVerdict, PROBE_TABLE,
 };
 use crate::names::quote_ident;
 use crate::pgoutput::Insert;
@@ -30,6 +30,7 @@ impl ApplyWorker {
             e.fks = None;
         }
         self.merge_targets.clear();
+        self.references.forget_checks();
     }
 
     pub(super) fn is_ddl_log(&self, relation_id: u32) -> bool {
@@ -135,7 +136,8 @@ impl ApplyWorker {
             .batch_execute("SAVEPOINT walsync_ddl")
             .await
             .map_err(savepoint)?;
-        let mut outcome = run_captured_ddl(&self.client, &search_path, replay_role, &statement).await;
+        let mut outcome =
+            run_captured_ddl(&self.client, &search_path, replay_role, &statement).await;
         // Another session here made the same object at the same moment (two links
         // replaying one module's install), or the two deadlocked: once the other one is
         // through, the statement runs, or finds the object there.
@@ -147,7 +149,8 @@ impl ApplyWorker {
                         .batch_execute("ROLLBACK TO SAVEPOINT walsync_ddl")
                         .await
                         .map_err(SqlError::of("rolling back the failed ddl"))?;
-                    outcome = run_captured_ddl(&self.client, &search_path, replay_role, &statement).await;
+                    outcome =
+                        run_captured_ddl(&self.client, &search_path, replay_role, &statement).await;
                 }
                 _ => break,
             }

@@ -41,6 +41,7 @@ pub mod merged;
 pub mod parallel;
 mod param;
 pub mod pipeline;
+mod references;
 mod relations;
 mod renamed;
 mod scope;
@@ -231,6 +232,8 @@ pub struct ApplyWorker {
     waiting_bytes: usize,
     /// The relations of `waiting_for_table` (a few): known missing until the next DDL.
     waiting_relations: Vec<u32>,
+    /// Deletes of rows other rows may still refer to here (`references`).
+    references: references::References,
 }
 
 /// See [`ApplyWorker::order_statements`].
@@ -372,6 +375,7 @@ impl ApplyWorker {
             waiting_for_table: Vec::new(),
             waiting_bytes: 0,
             waiting_relations: Vec::new(),
+            references: Default::default(),
         })
     }
 
@@ -491,6 +495,7 @@ impl ApplyWorker {
             return Ok(());
         }
         self.waiting_for_table.clear();
+        self.references.forget_transaction();
         self.waiting_bytes = 0;
         self.waiting_relations.clear();
         if self.merged_stale {
@@ -983,6 +988,9 @@ impl ApplyWorker {
         after: Option<OrderLock>,
     ) -> Result<u64, ApplyError> {
         self.no_rows_waiting_for_a_table()?;
+        if self.open.is_some() {
+            self.keep_referenced_rows().await?;
+        }
         self.end_runs().await?;
         let Some(txn) = self.open.take() else {
             return Ok(0);
@@ -1051,6 +1059,7 @@ impl ApplyWorker {
             client.batch_execute(&sql).await.map(|_| 0)
         })
         .await?;
+        self.resend_kept_rows().await?;
         Ok(self.rows_in_txn)
     }
 }

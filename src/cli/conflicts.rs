@@ -25,7 +25,8 @@ pub struct ConflictsArgs {
     #[arg(long, global = true)]
     pub table: Option<String>,
     /// Only this kind (insert_exists, update_exists, multiple_unique_conflicts, update_origin_differs,
-    /// update_missing, delete_origin_differs, delete_missing, table_dropped, column_dropped, forged_record, out_of_scope).
+    /// update_missing, update_deleted, delete_origin_differs, delete_missing, delete_referenced, table_dropped,
+    /// column_dropped, forged_record, out_of_scope).
     #[arg(long, global = true)]
     pub kind: Option<String>,
     /// Only this outcome (remote_applied, local_kept, skipped, columns_merged, local_renamed,
@@ -425,6 +426,14 @@ async fn reapply(client: &mut tokio_postgres::Client, id: i64) -> CliResult {
     if out_of_scope && detail.starts_with("TRUNCATE") {
         return Err(format!(
             "conflict {id} is a TRUNCATE that was not applied ({detail}); run it by hand if it is wanted"
+        )
+        .into());
+    }
+    if kind == ConflictKind::DeleteReferenced.as_str() {
+        return Err(format!(
+            "conflict {id} is a delete of a row that rows here still refer to ({detail}); deleting it would leave \
+             them pointing at nothing, so it is not reapplied: delete or re-point the referring rows first, \
+             then delete the row with SQL (it replicates)"
         )
         .into());
     }

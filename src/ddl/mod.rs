@@ -725,8 +725,12 @@ mod tests {
         let renames = [(PROBE_TABLE, table)];
         let probed = [
             format!("constraint {PROBE_TABLE}_pkey PRIMARY KEY (a, b)"),
-            format!("CREATE UNIQUE INDEX {PROBE_TABLE}_pkey ON public.{PROBE_TABLE} USING btree (a, b)"),
-            format!("CREATE INDEX {PROBE_TABLE}_b_a_idx ON public.{PROBE_TABLE} USING btree (b, a)"),
+            format!(
+                "CREATE UNIQUE INDEX {PROBE_TABLE}_pkey ON public.{PROBE_TABLE} USING btree (a, b)"
+            ),
+            format!(
+                "CREATE INDEX {PROBE_TABLE}_b_a_idx ON public.{PROBE_TABLE} USING btree (b, a)"
+            ),
             "column a integer not null".to_string(),
             format!("column c integer not null default nextval('{PROBE_TABLE}_c_seq'::regclass)"),
         ];
@@ -759,8 +763,16 @@ mod tests {
         // A name the statement wrote must be the same.
         let named = [format!("constraint {PROBE_OBJECT} CHECK ((a > 0))")];
         let check = |name: &str| vec![format!("constraint {name} CHECK ((a > 0))")];
-        assert!(already_here(&named, &check("a_positive"), &[(PROBE_OBJECT, "a_positive")]));
-        assert!(!already_here(&named, &check("other"), &[(PROBE_OBJECT, "a_positive")]));
+        assert!(already_here(
+            &named,
+            &check("a_positive"),
+            &[(PROBE_OBJECT, "a_positive")]
+        ));
+        assert!(!already_here(
+            &named,
+            &check("other"),
+            &[(PROBE_OBJECT, "a_positive")]
+        ));
     }
 
     #[test]

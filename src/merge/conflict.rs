@@ -5,8 +5,9 @@
 //! made on top of that very row (its old image, sent under REPLICA IDENTITY FULL, differs
 //! or is unknown), the two versions are concurrent. Between two writes a preferred node
 //! (table policy `prefer`) wins, else the later commit time, ties broken by origin name;
-//! a delete wins over a concurrent update whatever the times and preferences, because a
-//! node that deleted a row keeps no trace of when (decision 0003). Two rows that meet on
+//! a delete and a concurrent update too: the node that deleted keeps the delete's version
+//! in a tombstone, and a later update brings the row back there (decision 0016, which
+//! replaces decision 0003's "a delete always wins"). Two rows that meet on
 //! a unique key other than the primary key both stay: the loser's value is renamed
 //! ([`renamed`], decision 0004). Both versions are recorded, whoever wins.
 
@@ -36,6 +37,12 @@ pub enum ConflictKind {
     /// walsync's own: a change to a table its author may not write on this node
     /// (`[[peers]] writes`). Not applied, recorded.
     OutOfScope,
+    /// An update for a row deleted here (a tombstone holds the delete's time): decided
+    /// by time, a later update brings the row back whole (PostgreSQL 19's name).
+    UpdateDeleted,
+    /// walsync's own: a delete of a row that rows its author did not know still refer
+    /// to here. The row stays, and is sent again to every node (decision 0016).
+    DeleteReferenced,
 }
 
 impl ConflictKind {
@@ -52,10 +59,12 @@ impl ConflictKind {
             ConflictKind::ColumnDropped => "column_dropped",
             ConflictKind::ForgedRecord => "forged_record",
             ConflictKind::OutOfScope => "out_of_scope",
+            ConflictKind::UpdateDeleted => "update_deleted",
+            ConflictKind::DeleteReferenced => "delete_referenced",
         }
     }
 
-    pub const ALL: [ConflictKind; 11] = [
+    pub const ALL: [ConflictKind; 13] = [
         ConflictKind::InsertExists,
         ConflictKind::UpdateOriginDiffers,
         ConflictKind::UpdateExists,
@@ -67,6 +76,8 @@ impl ConflictKind {
         ConflictKind::ColumnDropped,
         ConflictKind::ForgedRecord,
         ConflictKind::OutOfScope,
+        ConflictKind::UpdateDeleted,
+        ConflictKind::DeleteReferenced,
     ];
 
     /// The kind named `s` (as `as_str` writes it).
@@ -150,7 +161,10 @@ pub struct Version {
 /// The rule that decided a conflict, as recorded in `walsync.conflicts.rule`.
 pub const LAST_WRITER_WINS: &str = "last_writer_wins";
 pub const PREFER_NODE: &str = "prefer_node";
-pub const DELETE_WINS: &str = "delete_wins";
+/// A row still referenced here is not deleted (decision 0016).
+pub const REFERENCED_ROW_STAYS: &str = "referenced_row_stays";
+/// An update that should bring a deleted row back, but did not send all of it.
+pub const NOT_WHOLE: &str = "row_not_whole";
 pub const NO_LOCAL_ROW: &str = "no_local_row";
 pub const COLUMN_MERGE: &str = "column_merge";
 pub const DROPPED_HERE: &str = "dropped_here";
@@ -301,12 +315,26 @@ impl Rule {
         if local.origin == remote.origin || (made_on_local && !made_before_local) {
             return Decision::Apply;
         }
-        if is_delete {
-            return Decision::ApplyAndRecord(differs, DELETE_WINS);
-        }
+        // A delete meets a concurrent update like any other write: the later one wins
+        // (decision 0016). The node that deleted decides the same with the delete's
+        // tombstone ([`Rule::decide_update_deleted`]).
         match self.remote_wins(remote, local) {
             (true, rule) => Decision::ApplyAndRecord(differs, rule),
             (false, rule) => Decision::SkipAndRecord(differs, rule),
+        }
+    }
+
+    /// An update for a row that is not here; `deleted`: the version of its delete here
+    /// (a tombstone), if one is kept. A later update brings the row back (applied as an
+    /// insert of its new image); a later delete stays. Without a tombstone nothing is
+    /// known of the row: recorded, as before tombstones.
+    pub fn decide_update_deleted(&self, remote: &Version, deleted: Option<&Version>) -> Decision {
+        let Some(deleted) = deleted else {
+            return Decision::SkipAndRecord(ConflictKind::UpdateMissing, NO_LOCAL_ROW);
+        };
+        match self.remote_wins(remote, deleted) {
+            (true, rule) => Decision::ApplyAndRecord(ConflictKind::UpdateDeleted, rule),
+            (false, rule) => Decision::SkipAndRecord(ConflictKind::UpdateDeleted, rule),
         }
     }
 
@@ -317,6 +345,29 @@ impl Rule {
             (false, rule) => Decision::SkipAndRecord(ConflictKind::InsertExists, rule),
         }
     }
+}
+
+/// The whole row an update leaves, to insert where the row was deleted: its new image,
+/// with each TOASTed value it did not touch (sent as unchanged) taken from the whole old
+/// image (REPLICA IDENTITY FULL). `None` if a value is known from neither.
+pub fn whole_new_row(old: Option<&OldTuple>, new: &Tuple) -> Option<Tuple> {
+    let old = match old {
+        Some(OldTuple::Full(old)) => Some(old),
+        _ => None,
+    };
+    let values = new
+        .0
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            Value::UnchangedToast => match old.and_then(|o| o.0.get(i)) {
+                Some(v @ (Value::Text(_) | Value::Binary(_) | Value::Null)) => Some(v.clone()),
+                _ => None,
+            },
+            v => Some(v.clone()),
+        })
+        .collect::<Option<Vec<Value>>>()?;
+    Some(Tuple(values))
 }
 
 /// Of rows that hold one value of a unique key on this node when a unique index is
@@ -670,15 +721,20 @@ mod tests {
             main.remote_wins(&v("walsync_b2", 9), &v("walsync_b1", 1)),
             (true, LAST_WRITER_WINS)
         );
-        // An update from main loses to a concurrent delete all the same (decision 0003).
+        // A delete by another node loses to a concurrent update from main, whatever the
+        // times, and so does the update at the node that deleted (its tombstone).
         assert_eq!(
             main.decide_change(
                 true,
-                &v("walsync_b1", 1),
-                Some(&v("walsync_main", 9)),
+                &v("walsync_b1", 9),
+                Some(&v("walsync_main", 1)),
                 false
             ),
-            Decision::ApplyAndRecord(ConflictKind::DeleteOriginDiffers, DELETE_WINS)
+            Decision::SkipAndRecord(ConflictKind::DeleteOriginDiffers, PREFER_NODE)
+        );
+        assert_eq!(
+            main.decide_update_deleted(&v("walsync_main", 1), Some(&v("walsync_b1", 9))),
+            Decision::ApplyAndRecord(ConflictKind::UpdateDeleted, PREFER_NODE)
         );
     }
 
@@ -700,18 +756,54 @@ mod tests {
     }
 
     #[test]
-    fn a_delete_wins_over_a_concurrent_update_on_both_nodes() {
-        // a deleted at 10, b updated at 20: a gets the update for a row it no longer has,
-        // b gets the delete for a row it changed. Both end without the row.
-        let at_a = LWW.decide_change(false, &v("walsync_b", 20), None, false);
-        let at_b = LWW.decide_change(true, &v("walsync_a", 10), Some(&v("walsync_b", 20)), false);
+    fn a_row_brought_back_by_an_update_takes_untouched_toast_values_from_the_old_image() {
+        let t = |s: &str| Value::Text(bytes::Bytes::copy_from_slice(s.as_bytes()));
+        let new = Tuple(vec![t("1"), Value::UnchangedToast, t("new")]);
+        let old = OldTuple::Full(Tuple(vec![t("1"), t("long text"), t("old")]));
         assert_eq!(
-            at_a,
-            Decision::SkipAndRecord(ConflictKind::UpdateMissing, NO_LOCAL_ROW)
+            whole_new_row(Some(&old), &new),
+            Some(Tuple(vec![t("1"), t("long text"), t("new")]))
         );
+        assert_eq!(whole_new_row(None, &new), None);
+        let key_only = OldTuple::Key(Tuple(vec![t("1"), Value::Null, Value::Null]));
+        assert_eq!(whole_new_row(Some(&key_only), &new), None);
+        let plain = Tuple(vec![t("1"), t("x"), t("y")]);
+        assert_eq!(whole_new_row(None, &plain), Some(plain.clone()));
+    }
+
+    #[test]
+    fn a_delete_and_a_concurrent_update_are_decided_by_time_the_same_on_both_nodes() {
+        // a deletes, b updates, concurrently: a gets the update for a row it deleted (its
+        // tombstone holds the delete's version), b gets the delete for a row it changed.
+        for (deleted_at, updated_at, row_stays) in [(10, 20, true), (20, 10, false)] {
+            let (delete, update) = (v("walsync_a", deleted_at), v("walsync_b", updated_at));
+            let at_a = LWW.decide_update_deleted(&update, Some(&delete));
+            let at_b = LWW.decide_change(true, &delete, Some(&update), false);
+            let kept_at_a = matches!(
+                at_a,
+                Decision::ApplyAndRecord(ConflictKind::UpdateDeleted, LAST_WRITER_WINS)
+            );
+            let deleted_at_b = matches!(
+                at_b,
+                Decision::ApplyAndRecord(ConflictKind::DeleteOriginDiffers, LAST_WRITER_WINS)
+            );
+            assert_eq!(kept_at_a, row_stays, "{at_a:?}");
+            assert_eq!(deleted_at_b, !row_stays, "{at_b:?}");
+            assert!(matches!(
+                at_a,
+                Decision::ApplyAndRecord(..)
+                    | Decision::SkipAndRecord(ConflictKind::UpdateDeleted, _)
+            ));
+            assert!(matches!(
+                at_b,
+                Decision::ApplyAndRecord(..)
+                    | Decision::SkipAndRecord(ConflictKind::DeleteOriginDiffers, _)
+            ));
+        }
+        // No tombstone (kept no longer, or a key of a kind not kept): as before.
         assert_eq!(
-            at_b,
-            Decision::ApplyAndRecord(ConflictKind::DeleteOriginDiffers, DELETE_WINS)
+            LWW.decide_update_deleted(&v("walsync_b", 20), None),
+            Decision::SkipAndRecord(ConflictKind::UpdateMissing, NO_LOCAL_ROW)
         );
     }
 

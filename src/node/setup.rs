@@ -151,6 +151,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "set_aside",
         sql: include_str!("../../migrations/0020_set_aside.sql"),
     },
+    Migration {
+        version: 21,
+        name: "tombstones",
+        sql: include_str!("../../migrations/0021_tombstones.sql"),
+    },
 ];
 
 impl SetupError {
@@ -217,6 +222,13 @@ pub async fn init_node(config: &Config) -> Result<SetupReport, SetupError> {
     if full > 0 {
         report.actions.push(format!(
             "set REPLICA IDENTITY FULL on {full} table(s): updates and deletes carry the row they were made on, so conflicts are told apart from edits made one after the other"
+        ));
+    }
+
+    let kept = keep_tombstones(&client, &me).await?;
+    if kept > 0 {
+        report.actions.push(format!(
+            "keeping tombstones of deleted rows on {kept} table(s): an update that arrives for a row deleted here is decided by time against the delete"
         ));
     }
 
@@ -509,6 +521,17 @@ pub async fn set_replica_identity_full(client: &Client, me: &NodeRef) -> Result<
             ))?;
     }
     Ok(rows.len())
+}
+
+/// Every replicated table keeps the keys of rows deleted from it (`walsync.tombstones`,
+/// decision 0016); returns on how many tables that was set up now.
+pub async fn keep_tombstones(client: &Client, me: &NodeRef) -> Result<usize, SetupError> {
+    let n: i32 = client
+        .query_one("SELECT walsync.keep_tombstones_everywhere()", &[])
+        .await
+        .map_err(sql_err(me, "setting up tombstones of deleted rows"))?
+        .get(0);
+    Ok(n as usize)
 }
 
 async fn run_migrations(

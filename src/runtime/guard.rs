@@ -18,7 +18,7 @@ use tracing::{debug, info};
 
 use crate::config::Config;
 use crate::node::connect::connect;
-use crate::node::setup::set_replica_identity_full;
+use crate::node::setup::{keep_tombstones, set_replica_identity_full};
 use crate::runtime::ShutdownRx;
 use crate::sequences::partition_all;
 
@@ -90,6 +90,22 @@ pub async fn run_guard(config: Config, mut shutdown: ShutdownRx) {
             Ok(0) => {}
             Ok(n) => info!(node = %me.name, tables = n, "set REPLICA IDENTITY FULL on new tables"),
             Err(e) => debug!(node = %me.name, error = %e, "guard could not set replica identity"),
+        }
+        match keep_tombstones(client, &me).await {
+            Ok(0) => {}
+            Ok(n) => {
+                info!(node = %me.name, tables = n, "keeping tombstones of deleted rows on new tables")
+            }
+            Err(e) => debug!(node = %me.name, error = %e, "guard could not set up tombstones"),
+        }
+        if let Err(e) = client
+            .execute(
+                "DELETE FROM walsync.tombstones WHERE deleted_at < now() - make_interval(days => $1)",
+                &[&(config.cluster.tombstone_days as i32)],
+            )
+            .await
+        {
+            debug!(node = %me.name, error = %e, "guard could not forget old tombstones");
         }
     }
 }

@@ -90,6 +90,39 @@ impl Node {
         ))
     }
 
+    /// Rows of database `db` that refer to a row that does not exist, over every
+    /// foreign key outside schema walsync: `constraint: count` for each key with any.
+    pub fn dangling_references_in(&self, db: &str) -> Vec<String> {
+        let sql = |q: &str| {
+            self.pg
+                .psql_in(db, q)
+                .unwrap_or_else(|e| panic!("on {}: {e}", self.name))
+        };
+        let checks = sql(
+            "SELECT pg_catalog.format('SELECT %L || '': '' || count(*) FROM %s c WHERE %s AND NOT EXISTS (SELECT 1 FROM %s p WHERE %s)', \
+                 con.conrelid::regclass || '.' || con.conname, con.conrelid::regclass, \
+                 string_agg(pg_catalog.format('c.%I IS NOT NULL', ca.attname), ' AND '), con.confrelid::regclass, \
+                 string_agg(pg_catalog.format('p.%I = c.%I', pa.attname, ca.attname), ' AND ')) \
+               FROM pg_catalog.pg_constraint con \
+               CROSS JOIN LATERAL unnest(con.conkey, con.confkey) k(c, p) \
+               JOIN pg_catalog.pg_attribute ca ON ca.attrelid = con.conrelid AND ca.attnum = k.c \
+               JOIN pg_catalog.pg_attribute pa ON pa.attrelid = con.confrelid AND pa.attnum = k.p \
+              WHERE con.contype = 'f' AND con.connamespace <> 'walsync'::regnamespace \
+              GROUP BY con.oid, con.conrelid, con.confrelid, con.conname",
+        );
+        checks
+            .lines()
+            .filter(|q| !q.is_empty())
+            .map(|q| sql(q))
+            .filter(|r| !r.ends_with(": 0"))
+            .collect()
+    }
+
+    /// [`Node::dangling_references_in`] the default database.
+    pub fn dangling_references(&self) -> Vec<String> {
+        self.dangling_references_in("postgres")
+    }
+
     /// Order-independent content checksum of a table.
     pub fn checksum(&self, table: &str) -> String {
         self.sql(&format!(
@@ -402,8 +435,11 @@ impl TestCluster {
     pub fn assert_no_link_stopped(&self) {
         for n in &self.nodes {
             assert_eq!(
-                n.pg.psql_in(&self.db, "SELECT count(*) FROM walsync.link_status WHERE state = 'stopped'")
-                    .unwrap_or_else(|e| panic!("on {}: {e}", n.name)),
+                n.pg.psql_in(
+                    &self.db,
+                    "SELECT count(*) FROM walsync.link_status WHERE state = 'stopped'"
+                )
+                .unwrap_or_else(|e| panic!("on {}: {e}", n.name)),
                 "0",
                 "{}: a link stopped\n{}",
                 n.name,
