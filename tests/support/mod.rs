@@ -113,7 +113,7 @@ impl Node {
         checks
             .lines()
             .filter(|q| !q.is_empty())
-            .map(|q| sql(q))
+            .map(sql)
             .filter(|r| !r.ends_with(": 0"))
             .collect()
     }
