@@ -380,8 +380,9 @@ fn copy(
             .arg(&source_dsn),
         &format!("pg_dump of {}", source.name),
     )?;
-    // Everything but what belongs to walsync on the source: its event triggers (their
-    // functions live in schema walsync) and its publication. Init makes this node's own.
+    // Everything but what belongs to walsync on the source: its event triggers and the
+    // tombstone triggers on each table (their functions live in schema walsync) and its
+    // publication. Init makes this node's own.
     let list = Command::new(pg_program("pg_restore"))
         .arg("--list")
         .arg(dump)
@@ -395,7 +396,11 @@ fn copy(
     }
     let keep: String = String::from_utf8_lossy(&list.stdout)
         .lines()
-        .filter(|l| !(l.contains(" EVENT TRIGGER ") || l.contains(" PUBLICATION ")))
+        .filter(|l| {
+            let tombstones =
+                l.contains(" TRIGGER ") && l.split_whitespace().any(|w| w == "walsync_tombstone");
+            !(l.contains(" EVENT TRIGGER ") || l.contains(" PUBLICATION ") || tombstones)
+        })
         .map(|l| format!("{l}\n"))
         .collect();
     let list_file = dump.with_extension("list");

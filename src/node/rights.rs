@@ -40,6 +40,8 @@ pub fn grant_statements(role: &str, app_roles: &[String]) -> Vec<String> {
             ORIGIN_FUNCTIONS.join(", ")
         ),
         format!("GRANT USAGE ON SCHEMA walsync TO {r}"),
+        // The guard gives tables made without the event trigger their tombstone trigger.
+        format!("GRANT EXECUTE ON FUNCTION walsync.keep_tombstones_everywhere() TO {r}"),
         format!("GRANT ALL ON ALL TABLES IN SCHEMA walsync TO {r}"),
         format!("GRANT ALL ON ALL SEQUENCES IN SCHEMA walsync TO {r}"),
         // What later migrations create (an upgrade's init, run by this same superuser).

@@ -305,8 +305,11 @@ impl Chaos {
                             self.rng.below(1000),
                             self.rng.below(5)
                         ),
+                        // A customer no sale here refers to, while another node,
+                        // cut off, may be selling to it (decision 0016).
                         _ => format!(
-                            "DELETE FROM partner WHERE id = (SELECT max(id) FROM partner WHERE name = '{node} customer')"
+                            "DELETE FROM partner WHERE id = (SELECT max(id) FROM partner p WHERE name = '{node} customer' \
+                             AND NOT EXISTS (SELECT 1 FROM pos_order o WHERE o.partner_id = p.id))"
                         ),
                     };
                     self.c.node(node).sql(&sql);
@@ -325,14 +328,16 @@ impl Chaos {
         }
     }
 
-    /// One order: the order, 3 lines, a payment, and product 1's stock moved (sold on a
-    /// branch, received on main), in one transaction.
+    /// One order (to the newest customer here, whichever node made it: another node may
+    /// be deleting it meanwhile), 3 lines, a payment, and product 1's stock moved (sold
+    /// on a branch, received on main), in one transaction.
     pub fn order_on(&mut self, node: &str) {
         self.order_no += 1;
         let moved: i64 = if node == "main" { 5 } else { -1 };
         self.c.node(node).sql(&format!(
             "BEGIN;
-             WITH o AS (INSERT INTO pos_order (name, amount_total) VALUES ('{node}/{n}', 30) RETURNING id),
+             WITH o AS (INSERT INTO pos_order (name, amount_total, partner_id)
+                        VALUES ('{node}/{n}', 30, (SELECT max(id) FROM partner)) RETURNING id),
                   l AS (INSERT INTO pos_order_line (order_id, product_id, qty, price_unit)
                         SELECT o.id, p, 1, 10 FROM o, generate_series(1, 3) p RETURNING 1)
              INSERT INTO pos_payment (order_id, amount) SELECT id, 30 FROM o;
@@ -479,6 +484,7 @@ impl Chaos {
         checks.push(("links", self.check_links()));
         checks.push(("slots", self.check_slots()));
         checks.push(("memory", self.check_memory()));
+        checks.push(("references", self.check_references()));
         let conflicts: i64 = self
             .c
             .nodes
@@ -520,6 +526,25 @@ impl Chaos {
             failed.join("\n"),
             tail(&self.c.logs(), 80)
         );
+    }
+
+    /// No row on any node refers to a row that does not exist there (decision 0016).
+    fn check_references(&self) -> Result<(), String> {
+        let dangling: Vec<String> = self
+            .c
+            .nodes
+            .iter()
+            .flat_map(|n| {
+                n.dangling_references()
+                    .into_iter()
+                    .map(move |d| format!("{}: {d}", n.name))
+            })
+            .collect();
+        if dangling.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("rows pointing at nothing: {}", dangling.join(", ")))
+        }
     }
 
     /// Every order the workload committed is on every node, with its lines and payment.
