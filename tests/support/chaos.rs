@@ -328,16 +328,18 @@ impl Chaos {
         }
     }
 
-    /// One order (to the newest customer here, whichever node made it: another node may
-    /// be deleting it meanwhile), 3 lines, a payment, and product 1's stock moved (sold
+    /// One order (to one of the 3 newest customers here, whichever node made it: another
+    /// node may be deleting it meanwhile), 3 lines, a payment, and product 1's stock moved (sold
     /// on a branch, received on main), in one transaction.
     pub fn order_on(&mut self, node: &str) {
         self.order_no += 1;
+        let customer = self.rng.below(3);
         let moved: i64 = if node == "main" { 5 } else { -1 };
         self.c.node(node).sql(&format!(
             "BEGIN;
              WITH o AS (INSERT INTO pos_order (name, amount_total, partner_id)
-                        VALUES ('{node}/{n}', 30, (SELECT max(id) FROM partner)) RETURNING id),
+                        VALUES ('{node}/{n}', 30, (SELECT id FROM partner ORDER BY id DESC OFFSET {customer} LIMIT 1))
+                        RETURNING id),
                   l AS (INSERT INTO pos_order_line (order_id, product_id, qty, price_unit)
                         SELECT o.id, p, 1, 10 FROM o, generate_series(1, 3) p RETURNING 1)
              INSERT INTO pos_payment (order_id, amount) SELECT id, 30 FROM o;
