@@ -14,7 +14,9 @@ fn id(out: String) -> String {
 /// cut main deletes them all (the order's line goes with it, ON DELETE CASCADE), while
 /// branch1 sells to the customer and adds a line to the order, and branch2 sells the
 /// product. After the heal every sale is on every node, and so is every row a sale
-/// refers to; the order's old line, which no store kept, stays deleted.
+/// refers to; the order's old line, which no store kept, stays deleted. Beside it, main
+/// deletes two more customers, one edited on branch1 after the delete (it comes back
+/// with the edit) and one edited on branch2 before it (it stays deleted).
 #[test]
 fn a_customer_and_a_product_deleted_on_main_while_stores_sell_them_come_back_everywhere() {
     let mut c = TestCluster::new(
@@ -38,10 +40,22 @@ fn a_customer_and_a_product_deleted_on_main_while_stores_sell_them_come_back_eve
             "INSERT INTO pos_order_line (order_id, product_id, qty, price_unit) VALUES ({order}, {product}, 1, 3) RETURNING id"
         ),
     ));
+    c.node("main")
+        .sql("INSERT INTO partner (name) VALUES ('edited later'), ('deleted later')");
     for n in ["branch1", "branch2"] {
         c.wait_rows(n, "pos_order_line", 1);
+        c.wait_rows(n, "partner", 3);
     }
     c.stop();
+    // A delete and an update racing, in both orders of commit time: the later one wins.
+    c.node("main")
+        .sql("DELETE FROM partner WHERE name = 'edited later'");
+    c.node("branch1")
+        .sql("UPDATE partner SET email = 'new@shop' WHERE name = 'edited later'");
+    c.node("branch2")
+        .sql("UPDATE partner SET email = 'old@shop' WHERE name = 'deleted later'");
+    c.node("main")
+        .sql("DELETE FROM partner WHERE name = 'deleted later'");
     c.node("main")
         .sql(&format!("DELETE FROM pos_order WHERE id = {order}"));
     c.node("main")
@@ -97,6 +111,12 @@ fn a_customer_and_a_product_deleted_on_main_while_stores_sell_them_come_back_eve
             n.name
         );
         assert_eq!(
+            n.sql("SELECT string_agg(name || ' ' || coalesce(email, '-'), ',' ORDER BY name) FROM partner WHERE name LIKE '%later'"),
+            "edited later new@shop",
+            "{}: the update made after the delete brought the row back; the delete made after the update stays",
+            n.name
+        );
+        assert_eq!(
             n.sql(&format!(
                 "SELECT count(*) FROM pos_order_line WHERE id = {old_line}"
             )),
@@ -126,5 +146,23 @@ fn a_customer_and_a_product_deleted_on_main_while_stores_sell_them_come_back_eve
             "{on_main}"
         );
     }
+    let race = |n: &str, kind: &str| {
+        c.node(n).sql(&format!(
+            "SELECT string_agg(remote_row->>'name' || ' ' || outcome, ',' ORDER BY remote_row->>'name') \
+             FROM walsync.conflicts WHERE kind = '{kind}' AND remote_row->>'name' LIKE '%later'"
+        ))
+    };
+    assert_eq!(
+        race("main", "update_deleted"),
+        "deleted later skipped,edited later remote_applied"
+    );
+    assert_eq!(
+        race("branch1", "delete_origin_differs"),
+        "edited later local_kept"
+    );
+    assert_eq!(
+        race("branch2", "delete_origin_differs"),
+        "deleted later remote_applied"
+    );
     c.assert_no_link_stopped();
 }
