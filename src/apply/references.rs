@@ -25,11 +25,14 @@ use crate::pgoutput::{Tuple, Value};
 use crate::sql_error::SqlError;
 
 /// For each foreign key into table `$1`: the referring table, and a query that tells
-/// whether a row of `$1` (given as `jsonb`, its columns by name) is referred to by it.
+/// which of some rows of `$1` (given as a `jsonb` array of rows, their columns by name)
+/// it refers to: their positions in the array, from 1.
 const REFERENCE_CHECKS: &str = "\
     SELECT con.conrelid::regclass::text, \
-           pg_catalog.format('SELECT EXISTS (SELECT 1 FROM %s c, pg_catalog.jsonb_populate_record(NULL::%s, $1::text::jsonb) r WHERE %s)', \
-             con.conrelid::regclass, con.confrelid::regclass, \
+           pg_catalog.format('SELECT x.i FROM pg_catalog.jsonb_array_elements($1::text::jsonb) WITH ORDINALITY x(e, i) \
+                                CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, x.e) r \
+                               WHERE EXISTS (SELECT 1 FROM %s c WHERE %s)', \
+             con.confrelid::regclass, con.conrelid::regclass, \
              (SELECT pg_catalog.string_agg(pg_catalog.format('c.%I = r.%I', ca.attname, pa.attname), ' AND ') \
                 FROM ROWS FROM (pg_catalog.unnest(con.conkey), pg_catalog.unnest(con.confkey)) k(c, p) \
                 JOIN pg_catalog.pg_attribute ca ON ca.attrelid = con.conrelid AND ca.attnum = k.c \
@@ -37,6 +40,11 @@ const REFERENCE_CHECKS: &str = "\
       FROM pg_catalog.pg_constraint con \
      WHERE con.contype = 'f' AND con.confrelid = $1::text::regclass \
      ORDER BY 1";
+
+/// The old rows a transaction's deletes keep for the check at most: a transaction that
+/// deletes more (a table emptied) is applied as it came, unchecked, with a warning, so
+/// that a sidecar's memory stays bounded (ARCHITECTURE.md, invariant 6).
+const DELETED_BYTES: usize = 32 << 20;
 
 /// A row the open transaction deleted from a table that foreign keys point at.
 struct Deleted {
@@ -52,6 +60,8 @@ pub(super) struct References {
     /// Per target table (quoted, qualified): the referring tables and their checks.
     checks: HashMap<String, Arc<Vec<(String, String)>>>,
     deleted: Vec<Deleted>,
+    /// The bytes of `deleted`'s rows; past [`DELETED_BYTES`], no more are kept.
+    deleted_bytes: usize,
     resend: Vec<String>,
 }
 
@@ -64,6 +74,7 @@ impl References {
     /// The open transaction is abandoned (applied again, or set aside).
     pub(super) fn forget_transaction(&mut self) {
         self.deleted.clear();
+        self.deleted_bytes = 0;
         self.resend.clear();
     }
 }
@@ -101,7 +112,19 @@ impl ApplyWorker {
         key: &[Value],
         old: &Tuple,
     ) -> Result<(), ApplyError> {
-        if self.reference_checks(m).await?.is_empty() {
+        if self.references.deleted_bytes > DELETED_BYTES
+            || self.reference_checks(m).await?.is_empty()
+        {
+            return Ok(());
+        }
+        self.references.deleted_bytes += old.0.iter().map(Value::as_bytes_len).sum::<usize>() + 64;
+        if self.references.deleted_bytes > DELETED_BYTES {
+            tracing::warn!(
+                link = %self.link, table = %m.target.qualified(),
+                "a transaction deletes more than {} MiB of rows that foreign keys may point at: the rest of its \
+                 deletes are applied without looking for rows that still refer to them (decision 0016)",
+                DELETED_BYTES >> 20
+            );
             return Ok(());
         }
         self.references.deleted.push(Deleted {
@@ -113,74 +136,86 @@ impl ApplyWorker {
     }
 
     /// Before the commit: each noted row that rows here still refer to is written back,
-    /// the conflict recorded, and the row kept to send again after the commit.
+    /// the conflict recorded, and the row kept to send again after the commit. One query
+    /// per foreign key into each table, for all the rows deleted from it.
     pub(super) async fn keep_referenced_rows(&mut self) -> Result<(), ApplyError> {
         if self.references.deleted.is_empty() {
             return Ok(());
         }
         self.flush_runs().await?;
         self.flush().await?;
-        for d in std::mem::take(&mut self.references.deleted) {
-            let Some(referring) = self.referred_to_by(&d).await? else {
-                continue;
-            };
-            let table = d.m.target.qualified();
-            let write = d.m.insert(&d.old)?;
-            let Shape::Insert { columns, .. } = write.shape else {
-                unreachable!("RelationMap::insert makes Shape::Insert");
-            };
-            let stmt = self
-                .statement(&d.m, Shape::InsertOrNothing { columns })
-                .await?;
-            let params: Vec<super::param::Param> =
-                write.params.iter().map(super::param::Param).collect();
-            let written = self
-                .client
-                .execute_raw(&stmt, params)
-                .await
-                .map_err(SqlError::of(format!(
-                    "writing back a referenced row of {table}"
-                )))?;
-            if written == 0 {
-                // The delete was not applied (a later update here won): nothing to do.
-                continue;
+        let mut deleted = std::mem::take(&mut self.references.deleted);
+        self.references.deleted_bytes = 0;
+        while !deleted.is_empty() {
+            let relation = deleted[0].m.id;
+            let (of_table, rest): (Vec<Deleted>, Vec<Deleted>) =
+                deleted.into_iter().partition(|d| d.m.id == relation);
+            deleted = rest;
+            let referring = self.referred_to(&of_table).await?;
+            for (d, referring) in of_table.iter().zip(referring) {
+                if let Some(referring) = referring {
+                    self.keep_row(d, &referring).await?;
+                }
             }
-            self.rows_in_txn += 1;
-            let record = Record {
-                kind: ConflictKind::DeleteReferenced,
-                key: d.m.key_image(&d.key),
-                local: None,
-                remote: d.m.source_image(&d.old),
-                rule: REFERENCED_ROW_STAYS,
-                outcome: Outcome::LocalKept,
-                detail: Some(format!(
-                    "rows of {referring} here still refer to it (written where the delete's author did not know them): \
-                     kept, and sent again to every node, where it comes back"
-                )),
-            };
-            self.record(d.m.id, record).await?;
-            self.references.resend.push(resend_sql(&d.m, &d.key));
         }
         Ok(())
     }
 
-    /// The first table whose rows refer to the deleted row `d`, if any.
-    async fn referred_to_by(&mut self, d: &Deleted) -> Result<Option<String>, ApplyError> {
-        let image = d.m.source_image(&d.old).to_string();
-        for (referring, check) in self.reference_checks(&d.m).await?.iter() {
-            let found: bool = self
+    /// For each of `rows` (all of one table), the first table whose rows refer to it.
+    async fn referred_to(&mut self, rows: &[Deleted]) -> Result<Vec<Option<String>>, ApplyError> {
+        let images = serde_json::Value::Array(rows.iter().map(|d| d.m.source_image(&d.old)).collect())
+            .to_string();
+        let mut referring = vec![None; rows.len()];
+        for (table, check) in self.reference_checks(&rows[0].m).await?.iter() {
+            let found = self
                 .client
-                .query_one(check.as_str(), &[&image])
+                .query(check.as_str(), &[&images])
                 .await
-                .map_err(SqlError::of(format!(
-                    "looking for rows of {referring} that refer to a deleted row"
-                )))?
-                .get(0);
-            if found {
-                return Ok(Some(referring.clone()));
+                .map_err(SqlError::of(format!("looking for rows of {table} that refer to deleted rows")))?;
+            for r in found {
+                let i = r.get::<_, i64>(0) as usize - 1;
+                if let Some(slot @ None) = referring.get_mut(i) {
+                    *slot = Some(table.clone());
+                }
             }
         }
-        Ok(None)
+        Ok(referring)
+    }
+
+    /// Writes the deleted row `d` back (rows of `referring` refer to it), records it, and
+    /// keeps it to send again. Nothing if the row is here (its delete was not applied).
+    async fn keep_row(&mut self, d: &Deleted, referring: &str) -> Result<(), ApplyError> {
+        let table = d.m.target.qualified();
+        let write = d.m.insert(&d.old)?;
+        let Shape::Insert { columns, .. } = write.shape else {
+            unreachable!("RelationMap::insert makes Shape::Insert");
+        };
+        let stmt = self.statement(&d.m, Shape::InsertOrNothing { columns }).await?;
+        let params: Vec<super::param::Param> = write.params.iter().map(super::param::Param).collect();
+        let written = self
+            .client
+            .execute_raw(&stmt, params)
+            .await
+            .map_err(SqlError::of(format!("writing back a referenced row of {table}")))?;
+        if written == 0 {
+            return Ok(());
+        }
+        self.rows_in_txn += 1;
+        let record = Record {
+            kind: ConflictKind::DeleteReferenced,
+            key: d.m.key_image(&d.key),
+            local: None,
+            remote: d.m.source_image(&d.old),
+            rule: REFERENCED_ROW_STAYS,
+            outcome: Outcome::LocalKept,
+            detail: Some(format!(
+                "rows of {referring} here still refer to it (written where the delete's author did not know them): \
+                 kept, and sent again to every node, where it comes back"
+            )),
+        };
+        self.record(d.m.id, record).await?;
+        self.references.resend.push(resend_sql(&d.m, &d.key));
+        Ok(())
     }
 
     /// After the commit: the rows kept are written once more as this node's own change,
