@@ -428,16 +428,20 @@ fn a_node_whose_clock_runs_ahead_still_converges_and_the_skew_is_reported() {
 
 /// A seeded adversary of schema changes (decision 0014): main changes its schema at
 /// random (new tables with and without a key, tables made from a query, columns added,
-/// renamed, unique indexes) while the branches are cut off and healed at random and every
-/// node keeps writing into whatever tables it has (inserts; on tables with a key also
-/// updates and deletes racing with the other nodes'), sales included. After the heal every
-/// table is identical on every node, every sale is everywhere and no link stopped.
+/// renamed, unique indexes, tables whose rows refer to another's with ON DELETE CASCADE,
+/// SET NULL or RESTRICT) while the branches are cut off and healed at random and every
+/// node keeps writing into whatever tables it has (inserts, children of the rows other
+/// nodes delete; on tables with a key also updates and deletes racing with the other nodes'),
+/// sales included. After the heal every table is identical on every node, every sale is
+/// everywhere, no row points at nothing and no link stopped.
 /// Replay a failure with the printed `WALSYNC_CHAOS_SEED`.
 #[test]
 fn seeded_schema_changes_on_main_amid_cuts_and_writes_everywhere_converge() {
     let mut x = Chaos::new("adversary-schema");
     // Tables made on main: (name, has a key, its text column, its counter column).
     let mut made: Vec<(String, bool, String, String)> = Vec::new();
+    // Tables with a foreign key into one of `made`'s keyed tables: (child, parent).
+    let mut children: Vec<(String, String)> = Vec::new();
     for round in 0..14 {
         let branch = NODES[1 + x.rng.below(2) as usize];
         if x.rng.below(3) == 0 {
@@ -447,7 +451,7 @@ fn seeded_schema_changes_on_main_amid_cuts_and_writes_everywhere_converge() {
         }
         let keyed: Vec<usize> = (0..made.len()).filter(|&i| made[i].1).collect();
         let pick = |x: &mut Chaos| keyed[x.rng.below(keyed.len() as u64) as usize];
-        let ddl = match x.rng.below(6) {
+        let ddl = match x.rng.below(7) {
             0 => {
                 made.push((format!("t{round}"), true, "v".into(), "n".into()));
                 format!("CREATE TABLE t{round} (id serial PRIMARY KEY, v text, n int DEFAULT 0)")
@@ -474,6 +478,18 @@ fn seeded_schema_changes_on_main_amid_cuts_and_writes_everywhere_converge() {
                 let t = &made[pick(&mut x)].0;
                 format!("CREATE UNIQUE INDEX {t}_v{round} ON {t} (v)")
             }
+            // A table whose rows refer to a keyed table's: the parent's deletes on one
+            // node race with new children on another (decision 0016).
+            6 if !keyed.is_empty() => {
+                let parent = made[pick(&mut x)].0.clone();
+                let action = ["CASCADE", "SET NULL", "RESTRICT"][x.rng.below(3) as usize];
+                made.push((format!("child{round}"), true, "v".into(), "n".into()));
+                children.push((format!("child{round}"), parent.clone()));
+                format!(
+                    "CREATE TABLE child{round} (id serial PRIMARY KEY, v text, n int DEFAULT 0, \
+                     parent_id int REFERENCES {parent} (id) ON DELETE {action})"
+                )
+            }
             _ => String::new(),
         };
         if !ddl.is_empty() {
@@ -495,7 +511,13 @@ fn seeded_schema_changes_on_main_amid_cuts_and_writes_everywhere_converge() {
                     (true, 1) => format!(
                         "DELETE FROM {t} WHERE id = (SELECT id FROM {t} ORDER BY id OFFSET {offset} LIMIT 1)"
                     ),
-                    _ => format!("INSERT INTO {t} ({text}) VALUES ('{value}')"),
+                    _ => match children.iter().find(|(c, _)| c == t) {
+                        Some((_, parent)) => format!(
+                            "INSERT INTO {t} ({text}, parent_id) \
+                             VALUES ('{value}', (SELECT id FROM {parent} ORDER BY id OFFSET {offset} LIMIT 1))"
+                        ),
+                        None => format!("INSERT INTO {t} ({text}) VALUES ('{value}')"),
+                    },
                 };
                 let _ = x.c.node(node).try_sql(&sql);
             }
