@@ -1059,7 +1059,7 @@ impl ApplyWorker {
             client.batch_execute(&sql).await.map(|_| 0)
         })
         .await?;
-        self.resend_kept_rows().await?;
+        self.resend_kept_rows(end_lsn).await?;
         Ok(self.rows_in_txn)
     }
 }

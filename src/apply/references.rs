@@ -218,14 +218,26 @@ impl ApplyWorker {
         Ok(())
     }
 
-    /// After the commit: the rows kept are written once more as this node's own change,
-    /// so that every node gets them again. The session's origin is released first (the
-    /// next transaction sets it up again).
-    pub(super) async fn resend_kept_rows(&mut self) -> Result<(), ApplyError> {
+    /// After the commit (sent, of the transaction that ends at `end` in the source): the
+    /// rows kept are written once more as this node's own change, so that every node gets
+    /// them again. Only if that commit moved the link's progress: requests are pipelined,
+    /// and a failed transaction's COMMIT is a ROLLBACK that lets what follows run (its
+    /// rows are then kept again when it is applied again). The session's origin is
+    /// released first (the next transaction sets it up again).
+    pub(super) async fn resend_kept_rows(&mut self, end: crate::lsn::Lsn) -> Result<(), ApplyError> {
         if self.references.resend.is_empty() {
             return Ok(());
         }
-        let updates = std::mem::take(&mut self.references.resend).join("; ");
+        let committed = format!(
+            "EXISTS (SELECT 1 FROM walsync.link_progress WHERE link = {} AND source_lsn >= {}::pg_lsn)",
+            quote_literal(&self.link),
+            quote_literal(&end.to_string())
+        );
+        let updates = std::mem::take(&mut self.references.resend)
+            .into_iter()
+            .map(|u| format!("{u} AND {committed}"))
+            .collect::<Vec<_>>()
+            .join("; ");
         self.release_origin().await?;
         self.send_batch(
             format!("BEGIN; {updates}; COMMIT"),
