@@ -581,3 +581,81 @@ fn collisions_odoo_makes_during_a_cut_are_renamed_or_merged_and_no_link_stops() 
     let (ok, init) = c.node("main").walsync(&["init"]);
     assert!(ok && init.contains("share the sale journal POSS"), "{init}");
 }
+
+/// A customer deleted on main (a duplicate cleaned up, unreferenced there) while a store,
+/// cut off, posts an entry for it, on the real Odoo 16 PoS schema with its hundreds of
+/// foreign keys into `res_partner` (decision 0016): after the heal the entry is on every
+/// node and so is its customer, and no row of any table points at nothing.
+#[test]
+fn a_customer_deleted_on_main_while_a_store_bills_it_comes_back_on_every_node() {
+    let mut c = TestCluster::new_in(
+        "odoo-references",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        "odoo",
+        &|pg: &LocalCluster| restore_odoo(pg, "odoo16_pos.sql.gz"),
+        ODOO_POLICIES,
+    );
+    c.start();
+    let customer = psql_odoo(
+        &c.node("main").pg,
+        "INSERT INTO res_partner (name, active, type) VALUES ('Duplicate customer', true, 'contact') RETURNING id",
+    );
+    let customer = customer.lines().next().unwrap().to_string();
+    let partner_there = format!("SELECT count(*) FROM res_partner WHERE id = {customer}");
+    for n in ["branch1", "branch2"] {
+        wait_for(
+            &format!("{n} to have the customer"),
+            DEADLINE,
+            || has(&c, n, &partner_there),
+            || c.logs(),
+        );
+    }
+    c.stop();
+    psql_odoo(
+        &c.node("main").pg,
+        &format!("DELETE FROM res_partner WHERE id = {customer}"),
+    );
+    psql_odoo(
+        &c.node("branch1").pg,
+        &format!(
+            "INSERT INTO account_move (journal_id, currency_id, company_id, state, move_type, auto_post, date, name, partner_id) \
+             SELECT j.id, co.currency_id, co.id, 'draft', 'entry', 'no', current_date, '/', {customer} \
+             FROM account_journal j JOIN res_company co ON co.id = j.company_id WHERE j.code = 'POSS'"
+        ),
+    );
+    c.start();
+    let entry_there = format!("SELECT count(*) FROM account_move WHERE partner_id = {customer}");
+    for n in ["main", "branch1", "branch2"] {
+        wait_for(
+            &format!("{n} to have the entry and its customer"),
+            DEADLINE,
+            || has(&c, n, &entry_there) && has(&c, n, &partner_there),
+            || c.logs(),
+        );
+    }
+    for n in &c.nodes {
+        assert_eq!(
+            n.dangling_references_in("odoo"),
+            Vec::<String>::new(),
+            "{}",
+            n.name
+        );
+    }
+    assert!(has(
+        &c,
+        "branch1",
+        "SELECT count(*) FROM walsync.conflicts WHERE kind = 'delete_referenced' AND table_name = 'res_partner'"
+    ));
+    assert!(has(
+        &c,
+        "main",
+        "SELECT count(*) FROM walsync.conflicts WHERE kind = 'update_deleted' AND table_name = 'res_partner' AND outcome = 'remote_applied'"
+    ));
+    c.assert_no_link_stopped();
+}
+
+/// Whether `sql` on `n`'s Odoo database answers 1.
+fn has(c: &TestCluster, n: &str, sql: &str) -> bool {
+    psql_odoo(&c.node(n).pg, sql) == "1"
+}

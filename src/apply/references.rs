@@ -163,15 +163,18 @@ impl ApplyWorker {
 
     /// For each of `rows` (all of one table), the first table whose rows refer to it.
     async fn referred_to(&mut self, rows: &[Deleted]) -> Result<Vec<Option<String>>, ApplyError> {
-        let images = serde_json::Value::Array(rows.iter().map(|d| d.m.source_image(&d.old)).collect())
-            .to_string();
+        let images =
+            serde_json::Value::Array(rows.iter().map(|d| d.m.source_image(&d.old)).collect())
+                .to_string();
         let mut referring = vec![None; rows.len()];
         for (table, check) in self.reference_checks(&rows[0].m).await?.iter() {
             let found = self
                 .client
                 .query(check.as_str(), &[&images])
                 .await
-                .map_err(SqlError::of(format!("looking for rows of {table} that refer to deleted rows")))?;
+                .map_err(SqlError::of(format!(
+                    "looking for rows of {table} that refer to deleted rows"
+                )))?;
             for r in found {
                 let i = r.get::<_, i64>(0) as usize - 1;
                 if let Some(slot @ None) = referring.get_mut(i) {
@@ -190,13 +193,18 @@ impl ApplyWorker {
         let Shape::Insert { columns, .. } = write.shape else {
             unreachable!("RelationMap::insert makes Shape::Insert");
         };
-        let stmt = self.statement(&d.m, Shape::InsertOrNothing { columns }).await?;
-        let params: Vec<super::param::Param> = write.params.iter().map(super::param::Param).collect();
+        let stmt = self
+            .statement(&d.m, Shape::InsertOrNothing { columns })
+            .await?;
+        let params: Vec<super::param::Param> =
+            write.params.iter().map(super::param::Param).collect();
         let written = self
             .client
             .execute_raw(&stmt, params)
             .await
-            .map_err(SqlError::of(format!("writing back a referenced row of {table}")))?;
+            .map_err(SqlError::of(format!(
+                "writing back a referenced row of {table}"
+            )))?;
         if written == 0 {
             return Ok(());
         }
@@ -224,7 +232,10 @@ impl ApplyWorker {
     /// and a failed transaction's COMMIT is a ROLLBACK that lets what follows run (its
     /// rows are then kept again when it is applied again). The session's origin is
     /// released first (the next transaction sets it up again).
-    pub(super) async fn resend_kept_rows(&mut self, end: crate::lsn::Lsn) -> Result<(), ApplyError> {
+    pub(super) async fn resend_kept_rows(
+        &mut self,
+        end: crate::lsn::Lsn,
+    ) -> Result<(), ApplyError> {
         if self.references.resend.is_empty() {
             return Ok(());
         }
