@@ -14,7 +14,7 @@ use crate::ddl::{
 };
 use crate::names::quote_ident;
 use crate::pgoutput::Insert;
-use crate::sql_error::SqlError;
+use crate::sql_error::{Refusal, SqlError};
 
 impl ApplyWorker {
     /// Tables here may have changed shape (a DDL replay, here or on another session of the
@@ -143,7 +143,7 @@ impl ApplyWorker {
         // through, the statement runs, or finds the object there.
         for _ in 0..RACE_RETRIES {
             match &outcome {
-                Err(e) if raced_another_session(e) => {
+                Err(e) if Refusal::RacedAnotherSession.is(e) => {
                     tracing::info!(link = %self.link, ddl = %id, error = %super::server_message(e), "ddl raced another session here; running it again");
                     self.client
                         .batch_execute("ROLLBACK TO SAVEPOINT walsync_ddl")
@@ -157,7 +157,7 @@ impl ApplyWorker {
         }
         match outcome {
             Ok(()) => {}
-            Err(e) if creates_what_exists(&e) => {
+            Err(e) if Refusal::Exists.is(&e) => {
                 // Two nodes made the same object while cut off (one module installed on
                 // two stores): if its effect is here already, the statement is done.
                 self.client
@@ -187,7 +187,7 @@ impl ApplyWorker {
                     .await
                     .map_err(SqlError::of("recording a ddl found here already"))?;
             }
-            Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
+            Err(e) if Refusal::Duplicate.is(&e) => {
                 // A unique index over rows this node wrote while cut off: settled as its
                 // author settled them, then built (`unique_index`).
                 self.client
@@ -321,30 +321,6 @@ pub(crate) async fn run_captured_ddl(
 
 /// How many times a DDL that raced another session here is run again.
 const RACE_RETRIES: usize = 3;
-
-/// The statement lost a race with another session of this server, not with the schema:
-/// a deadlock, or the unique index of a catalog (`pg_type_typname_nsp_index`,
-/// `pg_class_relname_nsp_index`) when both created one name at once.
-fn raced_another_session(e: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    let Some(db) = e.as_db_error() else {
-        return false;
-    };
-    *db.code() == SqlState::T_R_DEADLOCK_DETECTED
-        || (*db.code() == SqlState::UNIQUE_VIOLATION
-            && db.constraint().is_some_and(|c| c.starts_with("pg_")))
-}
-
-/// The server refused a statement because what it creates exists: a relation (table,
-/// index, sequence), a column or another object (a constraint).
-fn creates_what_exists(e: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    e.code().is_some_and(|c| {
-        *c == SqlState::DUPLICATE_TABLE
-            || *c == SqlState::DUPLICATE_COLUMN
-            || *c == SqlState::DUPLICATE_OBJECT
-    })
-}
 
 /// Columns, constraints and indexes of table `$1` (a name resolved with the session's
 /// search_path), each as one line of text.

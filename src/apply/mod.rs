@@ -63,7 +63,7 @@ pub use crate::merge::RemoteTxn;
 use crate::names::quote_literal;
 use crate::node::setup::ensure_origin;
 use crate::pgoutput::{Truncate, Value};
-use crate::sql_error::SqlError;
+use crate::sql_error::{Refusal, SqlError};
 use durability::Durability;
 use inserts::InsertRun;
 use param::Param;
@@ -727,7 +727,7 @@ impl ApplyWorker {
             }
             // In a held transaction the table is not known: applied again carefully,
             // change by change, where it is.
-            (Tag::Whole { .. }, Err(e)) if does_not_fit(&e) => {
+            (Tag::Whole { .. }, Err(e)) if Refusal::DoesNotFit.is(&e) => {
                 return Err(ApplyError::FastPathHitUniqueKey {
                     table: "a table of the transaction".into(),
                     detail: server_message(&e),
@@ -1068,24 +1068,13 @@ impl ApplyWorker {
 /// values this table no longer takes (its type or constraints changed here while the
 /// author was cut off) set the transaction aside (`ApplyError::DoesNotFit`).
 fn change_failed(table: String, e: tokio_postgres::Error) -> ApplyError {
-    if does_not_fit(&e) {
+    if Refusal::DoesNotFit.is(&e) {
         return ApplyError::DoesNotFit {
             table,
             reason: server_message(&e),
         };
     }
     SqlError::new(format!("applying a change ({table})"), e).into()
-}
-
-/// Whether a target's error says the row's values do not fit the table: a data
-/// exception (class 22: too long, out of range, not of the type), a NULL where NOT NULL,
-/// a CHECK violated.
-fn does_not_fit(e: &tokio_postgres::Error) -> bool {
-    e.code().is_some_and(|c| {
-        c.code().starts_with("22")
-            || *c == SqlState::NOT_NULL_VIOLATION
-            || *c == SqlState::CHECK_VIOLATION
-    })
 }
 
 /// How often the target is asked how far it flushed while confirmed commits wait for it
