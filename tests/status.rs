@@ -83,6 +83,17 @@ fn a_stopped_or_killed_sidecar_shows_down_everywhere_and_status_exits_1() {
     assert!(why.contains("walsync_to_b"), "{why}");
     let metrics = http_get(port, "/metrics").1;
     assert!(metrics.contains("walsync_problems 1"), "{metrics}");
+    // A peer away longer than the tombstones are kept (30 days by default) is told what
+    // that means for its updates of rows deleted meanwhile, and what to do.
+    c.node("a").sql(
+        "UPDATE walsync.slot_activity SET inactive_since = now() - interval '31 days' WHERE slot = 'walsync_to_b'",
+    );
+    let (ok, out) = c.node("a").walsync(&["status"]);
+    assert!(
+        !ok && out.contains("longer than [cluster] tombstone_days (30 days)")
+            && out.contains("walsync join"),
+        "{out}"
+    );
 
     // 2. Back: streaming again, `since` restarted, nothing to do.
     c.node_mut("b").start_sidecar();

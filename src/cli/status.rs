@@ -41,7 +41,7 @@ pub async fn run(args: StatusArgs) -> CliResult {
     }
     let me = config.this_node();
     let client = connect(&me.dsn, "walsync status").await?;
-    let mut report = gather(&client, config.cluster.step, config.status.alert_after_s).await?;
+    let mut report = gather(&client, &config).await?;
     report["setup"] = crate::advice::gather(&client, &config).await?;
     if let Some(removal) = removal_seen_by_peers(&config).await {
         let text = json!(removal.to_string());
@@ -235,10 +235,10 @@ struct NodeView {
     ddl: HashSet<String>,
 }
 
-async fn view(name: String, dsn: &Dsn, step: u32, alert_after_s: u64) -> NodeView {
+async fn view(name: String, dsn: &Dsn, config: &Config) -> NodeView {
     let read = async {
         let client = connect(dsn, "walsync status").await?;
-        let report = gather(&client, step, alert_after_s).await?;
+        let report = gather(&client, config).await?;
         let ddl: HashSet<String> = client
             .query("SELECT origin || '/' || seq FROM walsync.ddl_log", &[])
             .await?
@@ -268,11 +268,9 @@ async fn view(name: String, dsn: &Dsn, step: u32, alert_after_s: u64) -> NodeVie
 
 async fn cluster(config: &Config, as_json: bool) -> CliResult {
     let me = config.this_node();
-    let step = config.cluster.step;
-    let alert = config.status.alert_after_s;
-    let mut views = vec![view(me.name.to_string(), &me.dsn, step, alert).await];
+    let mut views = vec![view(me.name.to_string(), &me.dsn, config).await];
     for (p, _) in config.peer_nodes() {
-        views.push(view(p.name.to_string(), &p.dsn, step, alert).await);
+        views.push(view(p.name.to_string(), &p.dsn, config).await);
     }
     // DDL a node lacks: logged on some reachable node, authored elsewhere, not here.
     let all: HashSet<&String> = views.iter().flat_map(|v| &v.ddl).collect();

@@ -54,9 +54,7 @@ async fn report(config: &Config, cache: &SharedCache) -> Result<Json, String> {
         cache.client = connect(&me.dsn, "walsync metrics").await.ok();
     }
     let r = match &cache.client {
-        Some(client) => gather(client, config.cluster.step, config.status.alert_after_s)
-            .await
-            .map_err(|e| e.to_string()),
+        Some(client) => gather(client, config).await.map_err(|e| e.to_string()),
         None => Err(format!(
             "cannot reach node {}'s database",
             config.this_node().name

@@ -19,9 +19,10 @@ const HEADROOM_WARN: f64 = 0.10;
 /// `alert_after_s` is a problem, as is a stopped link or a parked row.
 pub async fn gather(
     client: &Client,
-    step: u32,
-    alert_after_s: u64,
+    config: &crate::config::Config,
 ) -> Result<Json, Box<dyn std::error::Error + Send + Sync>> {
+    let (step, alert_after_s) = (config.cluster.step, config.status.alert_after_s);
+    let tombstone_s = u64::from(config.cluster.tombstone_days) * 86_400;
     let mut problems: Vec<String> = Vec::new();
     let initialised: bool = client
         .query_one("SELECT to_regclass('walsync.node') IS NOT NULL", &[])
@@ -165,6 +166,19 @@ pub async fn gather(
             problems.push(format!(
                 "slot {} has had no reader for {idle:.0} s: its peer's link is down (see that node's status)",
                 s["slot"].as_str().unwrap_or("")
+            ));
+        }
+        if s["inactive_seconds"]
+            .as_f64()
+            .is_some_and(|i| i > tombstone_s as f64)
+        {
+            problems.push(format!(
+                "slot {} has had no reader for longer than [cluster] tombstone_days ({} days): the keys of rows \
+                 deleted here since are forgotten, so its peer's updates of them will be recorded as update_missing \
+                 instead of being decided by time (decision 0016); raise tombstone_days before it returns, or join \
+                 it again (walsync remove-node, then walsync join) if what it wrote meanwhile is not needed",
+                s["slot"].as_str().unwrap_or(""),
+                config.cluster.tombstone_days
             ));
         }
         if s["wal_status"] == "unreserved" {
