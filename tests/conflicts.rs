@@ -1080,6 +1080,63 @@ fn a_merge_reaches_the_node_that_moved_its_losing_row_away_from_the_key() {
     assert!(announced >= 1, "the deciding node announced the merge");
 }
 
+/// A store updates its row after main merged it away, before it hears of the merge.
+/// Which row main met first decides what the update finds there: if main merged the
+/// store's row as it arrived (it never held it, so it keeps no tombstone), the update is
+/// recorded (`update_missing`); if main held it and merged it away when the other
+/// arrived, its delete left a tombstone, and the later update brings the row back, to be
+/// merged again. One row stays, everywhere.
+#[test]
+fn an_update_of_a_row_merged_away_elsewhere_is_recorded_and_one_row_stays() {
+    let schema = format!("{RETAIL_SCHEMA}{INDEXES}");
+    let mut c = TestCluster::new(
+        "merged-then-updated",
+        Topology::Star,
+        &["main", "branch1", "branch2"],
+        &schema,
+    );
+    c.start();
+    cut(&mut c);
+    c.node("branch1")
+        .sql("INSERT INTO res_users_settings (user_id, lang) VALUES (7, 'branch1')");
+    c.node("branch2")
+        .sql("INSERT INTO res_users_settings (user_id, lang) VALUES (7, 'branch2')");
+    // Only main's sidecar runs: it pulls both rows and merges them; the branches hear
+    // nothing.
+    c.node_mut("main").start_sidecar();
+    c.wait_rows("main", "walsync.merged_keys", 1);
+    c.node("branch2")
+        .sql("UPDATE res_users_settings SET lang = 'branch2, later' WHERE user_id = 7");
+    for n in ["branch1", "branch2"] {
+        c.node_mut(n).start_sidecar();
+    }
+    c.wait_converged("res_users_settings");
+    let kept = c
+        .node("branch1")
+        .sql("SELECT id FROM res_users_settings WHERE lang = 'branch1'");
+    for n in &c.nodes {
+        assert_eq!(
+            n.sql("SELECT string_agg(id || ':' || user_id, ',') FROM res_users_settings"),
+            format!("{kept}:7"),
+            "{}: one row for the user, branch1's",
+            n.name
+        );
+    }
+    let on_main = c.node("main").sql(
+        "SELECT string_agg(kind || ' ' || outcome, ',' ORDER BY id) FROM walsync.conflicts \
+         WHERE table_name = 'res_users_settings' AND link = 'branch2->main'",
+    );
+    assert!(
+        [
+            "insert_exists merged,update_missing skipped",
+            "update_deleted merged"
+        ]
+        .contains(&on_main.as_str()),
+        "{on_main}"
+    );
+    c.assert_no_link_stopped();
+}
+
 /// Two links into one node settle the same unique value at the same time: the careful
 /// insert's lookup runs while another session's commit is still to come, and that
 /// commit lands a colliding row between the lookup and the insert. The row is settled
