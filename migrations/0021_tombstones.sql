@@ -67,7 +67,8 @@ END
 $walsync$;
 REVOKE ALL ON FUNCTION walsync.keep_tombstones_of(regclass) FROM PUBLIC;
 
--- Every replicated table (init and the guard): how many got the trigger now.
+-- Every replicated table that lacks the trigger (init, and the guard every pass: one
+-- catalog query when all have it): how many got it now.
 CREATE FUNCTION walsync.keep_tombstones_everywhere() RETURNS integer
 LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $walsync$
     SELECT pg_catalog.count(*) FILTER (WHERE walsync.keep_tombstones_of(c.oid))::integer
@@ -75,6 +76,8 @@ LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog AS $walsync$
      WHERE c.relkind = 'r' AND c.relpersistence = 'p'
        AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'walsync')
        AND n.nspname NOT LIKE 'pg\_%'
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t
+                        WHERE t.tgrelid = c.oid AND t.tgname = 'walsync_tombstone')
 $walsync$;
 REVOKE ALL ON FUNCTION walsync.keep_tombstones_everywhere() FROM PUBLIC;
 

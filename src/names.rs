@@ -99,6 +99,15 @@ pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
+/// A relation's name as a statement wrote it: `"schema"."name"`, or `"name"` alone where
+/// no schema was written (the search_path finds it).
+pub fn quote_written(schema: Option<&str>, name: &str) -> String {
+    match schema {
+        Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(name)),
+        None => quote_ident(name),
+    }
+}
+
 /// `s` as an SQL string literal (`'it''s'`); for the few statements that cannot take
 /// parameters.
 pub fn quote_literal(s: &str) -> String {
@@ -108,6 +117,12 @@ pub fn quote_literal(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_written_relation_name_is_quoted_with_its_schema_if_it_had_one() {
+        assert_eq!(quote_written(Some("shop"), "Sale"), r#""shop"."Sale""#);
+        assert_eq!(quote_written(None, "a\"b"), r#""a""b""#);
+    }
 
     #[test]
     fn derived_names_fit_postgres_identifiers() {

@@ -88,6 +88,32 @@ fn schema(pg: &LocalCluster) -> String {
         .join("\n")
 }
 
+/// How `other_schema` (node `other`) differs from `reference` (node `name`): their
+/// lengths and the first 10 lines that differ.
+fn schema_differences(name: &str, reference: &str, other: &str, other_schema: &str) -> String {
+    let diff: Vec<String> = reference
+        .lines()
+        .zip(other_schema.lines())
+        .filter(|(x, y)| x != y)
+        .take(10)
+        .map(|(x, y)| format!("{name}: {x}\n{other}: {y}"))
+        .collect();
+    format!(
+        "{} vs {} lines; first differences:\n{}",
+        reference.lines().count(),
+        other_schema.lines().count(),
+        diff.join("\n")
+    )
+}
+
+/// The tables of schema public (441 once the Point of Sale is installed).
+fn pos_tables(pg: &LocalCluster) -> String {
+    psql_odoo(
+        pg,
+        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' AND table_type = 'BASE TABLE'",
+    )
+}
+
 /// Replays the corpus on `pg` as Odoo sent it: one simple-query call per string, grouped
 /// in one transaction per xid, skipping the 4 strings that need data Odoo filled first.
 fn install_point_of_sale(pg: &LocalCluster) -> usize {
@@ -184,31 +210,13 @@ fn point_of_sale_installed_on_main_while_a_branch_is_cut_reaches_every_node() {
             deadline,
             || schema(&node.pg) == main_schema(),
             || {
-                let (a, b) = (main_schema(), schema(&node.pg));
-                let diff: Vec<String> = a
-                    .lines()
-                    .zip(b.lines())
-                    .filter(|(x, y)| x != y)
-                    .take(10)
-                    .map(|(x, y)| format!("main: {x}\n{n}: {y}"))
-                    .collect();
-                format!(
-                    "{} vs {} lines; first differences:\n{}\n{}",
-                    a.lines().count(),
-                    b.lines().count(),
-                    diff.join("\n"),
-                    c.logs()
-                )
+                let differences = schema_differences("main", &main_schema(), n, &schema(&node.pg));
+                format!("{differences}\n{}", c.logs())
             },
         );
     }
     for n in &c.nodes {
-        assert_eq!(
-            psql_odoo(&n.pg, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"),
-            "441",
-            "{}",
-            n.name
-        );
+        assert_eq!(pos_tables(&n.pg), "441", "{}", n.name);
         let unpartitioned = psql_odoo(
             &n.pg,
             "SELECT count(*) FROM pg_sequences WHERE schemaname = 'public' AND increment_by <> 16",
@@ -255,20 +263,10 @@ fn point_of_sale_installed_on_two_branches_during_one_cut_converges() {
                     && schema(&node.pg) == reference()
             },
             || {
-                let (a, b) = (reference(), schema(&node.pg));
-                let diff: Vec<String> = a
-                    .lines()
-                    .zip(b.lines())
-                    .filter(|(x, y)| x != y)
-                    .take(10)
-                    .map(|(x, y)| format!("branch1: {x}\n{n}: {y}"))
-                    .collect();
                 format!(
-                    "{} vs {} lines; set aside: {}; first differences:\n{}\n{}",
-                    a.lines().count(),
-                    b.lines().count(),
+                    "set aside: {}; {}\n{}",
                     psql_odoo(&node.pg, "SELECT count(*) FROM walsync.set_aside"),
-                    diff.join("\n"),
+                    schema_differences("branch1", &reference(), n, &schema(&node.pg)),
                     c.logs()
                 )
             },
@@ -276,12 +274,7 @@ fn point_of_sale_installed_on_two_branches_during_one_cut_converges() {
     }
     c.assert_no_link_stopped();
     for n in &c.nodes {
-        assert_eq!(
-            psql_odoo(&n.pg, "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public' AND table_type = 'BASE TABLE'"),
-            "441",
-            "{}",
-            n.name
-        );
+        assert_eq!(pos_tables(&n.pg), "441", "{}", n.name);
     }
 }
 

@@ -12,7 +12,7 @@ use crate::ddl::{
     altered_table, columns_filled_per_node, created_sequence, probe, redact_secrets,
     statement_to_replay, verdict, DdlVerdict, PROBE_TABLE,
 };
-use crate::names::quote_ident;
+use crate::names::quote_written;
 use crate::pgoutput::Insert;
 use crate::sql_error::{Refusal, SqlError};
 
@@ -256,13 +256,9 @@ impl ApplyWorker {
             );
             tracing::warn!(link = %self.link, ddl = %id, %warning, "ddl leaves rows different from the author's");
             // The table as the statement named it, found with the captured search_path.
-            let table = match altered_table(&statement) {
-                Some((Some(schema), name)) => {
-                    format!("{}.{}", quote_ident(&schema), quote_ident(&name))
-                }
-                Some((None, name)) => quote_ident(&name),
-                None => String::new(),
-            };
+            let table = altered_table(&statement)
+                .map(|(schema, name)| quote_written(schema.as_deref(), &name))
+                .unwrap_or_default();
             self.client
                 .execute(
                     "SELECT pg_catalog.set_config('search_path', $1, true)",
@@ -349,10 +345,7 @@ async fn already_here(
     statement: &str,
 ) -> Result<bool, ApplyError> {
     if let Some((schema, name)) = created_sequence(statement) {
-        let name = match schema {
-            Some(schema) => format!("{}.{}", quote_ident(&schema), quote_ident(&name)),
-            None => quote_ident(&name),
-        };
+        let name = quote_written(schema.as_deref(), &name);
         let found = client
             .query_one(
                 "SELECT pg_catalog.set_config('search_path', $1, true) IS NULL OR EXISTS \
@@ -371,10 +364,7 @@ async fn already_here(
     let Some(p) = probe(statement) else {
         return Ok(false);
     };
-    let qualified = |name: &str| match &p.table.0 {
-        Some(schema) => format!("{}.{}", quote_ident(schema), quote_ident(name)),
-        None => quote_ident(name),
-    };
+    let qualified = |name: &str| quote_written(p.table.0.as_deref(), name);
     let (table, probe_table) = (qualified(&p.table.1), qualified(PROBE_TABLE));
     let items =
         |rows: Vec<tokio_postgres::Row>| -> Vec<String> { rows.iter().map(|r| r.get(0)).collect() };

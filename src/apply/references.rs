@@ -57,8 +57,8 @@ struct Deleted {
 /// transaction, the rows kept to send again after its commit.
 #[derive(Default)]
 pub(super) struct References {
-    /// Per target table (quoted, qualified): the referring tables and their checks.
-    checks: HashMap<String, Arc<Vec<(String, String)>>>,
+    /// Per relation (its target table's): the referring tables and their checks.
+    checks: HashMap<u32, Arc<Vec<(String, String)>>>,
     deleted: Vec<Deleted>,
     /// The bytes of `deleted`'s rows; past [`DELETED_BYTES`], no more are kept.
     deleted_bytes: usize,
@@ -85,10 +85,10 @@ impl ApplyWorker {
         &mut self,
         m: &Mapped,
     ) -> Result<Arc<Vec<(String, String)>>, ApplyError> {
-        let table = m.target.qualified();
-        if let Some(c) = self.references.checks.get(&table) {
+        if let Some(c) = self.references.checks.get(&m.id) {
             return Ok(c.clone());
         }
+        let table = m.target.qualified();
         self.flush_runs().await?;
         self.flush().await?;
         let rows = self
@@ -100,7 +100,7 @@ impl ApplyWorker {
             )))?;
         let checks: Arc<Vec<(String, String)>> =
             Arc::new(rows.iter().map(|r| (r.get(0), r.get(1))).collect());
-        self.references.checks.insert(table, checks.clone());
+        self.references.checks.insert(m.id, checks.clone());
         Ok(checks)
     }
 

@@ -19,7 +19,7 @@ use crate::merge::conflict::{
     keeps_the_value, renamed, row_image, ConflictKind, Outcome, Rule, Version,
 };
 use crate::merge::keys::{settlement, Settlement, UniquePolicy};
-use crate::names::{quote_ident, quote_literal};
+use crate::names::{quote_ident, quote_literal, quote_written};
 use crate::pgoutput::Value;
 use crate::sql_error::SqlError;
 
@@ -40,10 +40,7 @@ impl ApplyWorker {
     ) -> Result<Result<usize, String>, ApplyError> {
         let sql = |what: &'static str| SqlError::of(what);
         let (schema, name) = &index.table;
-        let written = match schema {
-            Some(s) => format!("{}.{}", quote_ident(s), quote_ident(name)),
-            None => quote_ident(name),
-        };
+        let written = quote_written(schema.as_deref(), name);
         // The table as the statement's search_path finds it.
         self.client
             .query(
